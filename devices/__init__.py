@@ -1,0 +1,1 @@
+"""Device profiles and the memory planner (installed as edge_mmm.devices)."""

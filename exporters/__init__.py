@@ -1,0 +1,1 @@
+"""Exporters: ONNX, TensorRT, bundles (installed as edge_mmm.exporters)."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their PyTorch references (installed as edge_mmm.kernels)."""
