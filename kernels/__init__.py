@@ -1,1 +1,16 @@
-"""Triton kernels and their PyTorch references (installed as edge_mmm.kernels)."""
+"""Triton kernels and their PyTorch references (installed as edge_mmm.kernels).
+
+Every op checks its inputs, then runs our Triton kernel on CUDA tensors and the reference elsewhere;
+`set_kernel_mode("reference")` forces the reference everywhere (see dispatch.py). Triton itself is
+imported only when a kernel is first launched.
+"""
+
+from edge_mmm.kernels.dispatch import get_kernel_mode, kernel_mode, set_kernel_mode
+from edge_mmm.kernels.activations import gelu_tanh, gelu_tanh_reference, swiglu, swiglu_reference
+from edge_mmm.kernels.rms_norm import rms_norm, rms_norm_reference
+
+__all__ = [
+    "set_kernel_mode", "get_kernel_mode", "kernel_mode",
+    "rms_norm", "rms_norm_reference",
+    "swiglu", "swiglu_reference", "gelu_tanh", "gelu_tanh_reference",
+]
