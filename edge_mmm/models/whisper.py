@@ -1,0 +1,178 @@
+"""Whisper as plain nn.Modules: config dataclass, blocks, encoder, decoder with an explicit KV cache.
+
+Parameter names follow openai-whisper's `model.py`, so its checkpoints load as they are. The decoder is a
+pure function of (tokens, offset, cross K/V, past self K/V) -> (logits, new self K/V): the same code runs
+eagerly and exports to ONNX. Cross-attention K/V are computed once per 30 s window by `cross_kv`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class WhisperConfig:
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 384
+    n_audio_head: int = 6
+    n_audio_layer: int = 4
+    n_vocab: int = 51864
+    n_text_ctx: int = 448
+    n_text_state: int = 384
+    n_text_head: int = 6
+    n_text_layer: int = 4
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.n_vocab - 51765 - int(self.is_multilingual)
+
+
+PRESETS = {
+    "tiny": WhisperConfig(80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4),
+    "base": WhisperConfig(80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6),
+    "small": WhisperConfig(80, 1500, 768, 12, 12, 51865, 448, 768, 12, 12),
+    "medium": WhisperConfig(80, 1500, 1024, 16, 24, 51865, 448, 1024, 16, 24),
+    "large-v3": WhisperConfig(128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32),
+}
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention over [B, T, D] projections; `mask` is a bool [Tq, Tk] (True = may attend) or None."""
+        b, tq, d = q.shape
+        h = self.n_head
+        q = q.view(b, tq, h, d // h).transpose(1, 2)
+        k = k.view(b, k.shape[1], h, d // h).transpose(1, 2)
+        v = v.view(b, v.shape[1], h, d // h).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(a.transpose(1, 2).reshape(b, tq, d))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, n_state * 4), nn.GELU(), nn.Linear(n_state * 4, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.attn_ln(x)
+        x = x + self.attn.attend(self.attn.query(h), self.attn.key(h), self.attn.value(h))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head)
+        self.cross_attn_ln = LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, n_state * 4), nn.GELU(), nn.Linear(n_state * 4, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor, mask: Tensor, cross_k: Tensor, cross_v: Tensor,
+                past_k: Tensor, past_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        h = self.attn_ln(x)
+        k = torch.cat([past_k, self.attn.key(h)], dim=1)
+        v = torch.cat([past_v, self.attn.value(h)], dim=1)
+        x = x + self.attn.attend(self.attn.query(h), k, v, mask)
+        x = x + self.cross_attn.attend(self.cross_attn.query(self.cross_attn_ln(x)), cross_k, cross_v)
+        x = x + self.mlp(self.mlp_ln(x))
+        return x, k, v
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.n_audio_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.n_audio_state, cfg.n_audio_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", torch.zeros(cfg.n_audio_ctx, cfg.n_audio_state))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.n_audio_state, cfg.n_audio_head)
+                                    for _ in range(cfg.n_audio_layer))
+        self.ln_post = LayerNorm(cfg.n_audio_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel [B, n_mels, 2*n_audio_ctx] -> audio features [B, n_audio_ctx, n_audio_state]."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.n_vocab, cfg.n_text_state)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.n_text_ctx, cfg.n_text_state))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg.n_text_state, cfg.n_text_head)
+                                    for _ in range(cfg.n_text_layer))
+        self.ln = LayerNorm(cfg.n_text_state)
+
+    def cross_kv(self, audio_features: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cross-attention K and V of every layer, stacked: two [L, B, n_audio_ctx, D] tensors."""
+        ks = [blk.cross_attn.key(audio_features) for blk in self.blocks]
+        vs = [blk.cross_attn.value(audio_features) for blk in self.blocks]
+        return torch.stack(ks), torch.stack(vs)
+
+    def forward(self, tokens: Tensor, offset: Tensor, cross_k: Tensor, cross_v: Tensor,
+                self_k: Tensor, self_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """tokens [B, T] at positions offset..offset+T-1; self_k/v [L, B, offset, D] (the cache so far).
+
+        Returns float32 logits [B, T, n_vocab] and the cache extended by T positions.
+        """
+        t = tokens.shape[1]
+        positions = offset + torch.arange(t, device=tokens.device)
+        x = self.token_embedding(tokens) + F.embedding(positions, self.positional_embedding)
+        x = x.to(cross_k.dtype)
+        total = self_k.shape[2] + t
+        # query i (absolute position offset+i) may attend to keys 0..offset+i
+        mask = torch.arange(total, device=tokens.device)[None, :] <= positions[:, None]
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, mask, cross_k[i], cross_v[i], self_k[i], self_v[i])
+            new_k.append(k)
+            new_v.append(v)
+        x = self.ln(x)
+        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+class Whisper(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = AudioEncoder(cfg)
+        self.decoder = TextDecoder(cfg)
+
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """An empty self-attention cache: two [L, batch, 0, D] tensors."""
+        cfg = self.config
+        shape = (cfg.n_text_layer, batch, 0, cfg.n_text_state)
+        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)

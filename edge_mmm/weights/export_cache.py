@@ -1,0 +1,64 @@
+"""A content-addressed cache of exported files: keyed by the source weights' sha256 and an exporter version,
+each file's sha256 recorded in a manifest, verified on every use, rebuilt when stale or corrupt.
+Builds happen in a temp directory that is renamed into place, so a crash never leaves a half cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_root() -> Path:
+    """~/.cache/edge-mmm (or $XDG_CACHE_HOME/edge-mmm)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-mmm"
+
+
+def cached_build(root: Path, kind: str, source: Path, version: str,
+                 build: Callable[[Path], None], files: Iterable[str]) -> Path:
+    """Return a verified directory holding `files` built by `build(tmp_dir)` for this source + version."""
+    files = list(files)
+    key = f"{sha256_file(source)[:24]}-{version}"
+    entry = Path(root) / kind / key
+    if verify_entry(entry, files):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+    try:
+        build(tmp)
+        manifest = {"source": str(source), "version": version,
+                    "files": {name: sha256_file(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def verify_entry(entry: Path, files: Iterable[str]) -> bool:
+    """True if the entry's manifest lists `files` and every file's sha256 matches."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        recorded = manifest["files"]
+        return all(name in recorded and sha256_file(entry / name) == recorded[name] for name in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -1,0 +1,118 @@
+"""ONNX export of Whisper: an encoder graph (mel -> cross-attention K/V of every decoder layer) and a decoder
+graph with explicit self-attention KV-cache inputs/outputs. Checked against the eager model on export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_mmm.audio.constants import N_FRAMES
+from edge_mmm.errors import ModelFileError
+from edge_mmm.models.whisper import Whisper
+
+OPSET = 17
+EXPORTER_VERSION = "whisper-onnx-1"  # bump when the graphs change: invalidates cached exports
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+
+class _EncoderWithCrossKV(nn.Module):
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel):
+        return self.model.decoder.cross_kv(self.model.encoder(mel))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, offset, cross_k, cross_v, self_k, self_v):
+        return self.decoder(tokens, offset, cross_k, cross_v, self_k, self_v)
+
+
+@dataclass
+class ExportCheck:
+    encoder_max_abs_err: float
+    decoder_max_abs_err: float
+
+
+def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True) -> ExportCheck | None:
+    """Write encoder.onnx and decoder.onnx (fp32) to `out_dir` and compare them with eager on random inputs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    model = model.float().eval()
+    mel = torch.randn(1, cfg.n_mels, N_FRAMES)
+    enc = _EncoderWithCrossKV(model)
+    dec = _Decoder(model)
+    with torch.no_grad():
+        cross_k, cross_v = enc(mel)
+    tokens = torch.tensor([[min(50257, cfg.n_vocab - 1)] * 3])
+    past = (cfg.n_text_layer, 1, 2, cfg.n_text_state)
+    self_k, self_v = torch.randn(past), torch.randn(past)
+    offset = torch.tensor(2, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],
+                          output_names=["cross_k", "cross_v"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"mel": {0: "batch"}, "cross_k": {1: "batch"}, "cross_v": {1: "batch"}})
+        torch.onnx.export(dec, (tokens, offset, cross_k, cross_v, self_k, self_v), str(out_dir / DECODER_FILE),
+                          input_names=["tokens", "offset", "cross_k", "cross_v", "self_k", "self_v"],
+                          output_names=["logits", "new_self_k", "new_self_v"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"tokens": {0: "batch", 1: "new"},
+                                        "cross_k": {1: "batch"}, "cross_v": {1: "batch"},
+                                        "self_k": {1: "batch", 2: "past"}, "self_v": {1: "batch", 2: "past"},
+                                        "logits": {0: "batch", 1: "new"},
+                                        "new_self_k": {1: "batch", 2: "total"}, "new_self_v": {1: "batch", 2: "total"}})
+    if not check:
+        return None
+    return check_whisper_onnx(model, out_dir)
+
+
+def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0) -> ExportCheck:
+    """Max abs error of the ONNX graphs vs eager on fresh random inputs (new shapes, not the export ones)."""
+    import onnxruntime as ort
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    mel = torch.randn(1, cfg.n_mels, N_FRAMES, generator=g)
+    enc_sess = ort.InferenceSession(str(Path(out_dir) / ENCODER_FILE), providers=["CPUExecutionProvider"])
+    dec_sess = ort.InferenceSession(str(Path(out_dir) / DECODER_FILE), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ck, cv = model.decoder.cross_kv(model.encoder(mel))
+        sk, sv = model.empty_cache(2)
+        ck2, cv2 = ck.repeat(1, 2, 1, 1), cv.repeat(1, 2, 1, 1)
+        tokens = torch.randint(0, cfg.n_vocab, (2, 4), generator=g)
+        logits, nk, nv = model.decoder(tokens, torch.tensor(0), ck2, cv2, sk, sv)
+        step = torch.randint(0, cfg.n_vocab, (2, 1), generator=g)
+        logits2, _, _ = model.decoder(step, torch.tensor(4), ck2, cv2, nk, nv)
+    ok, ov = enc_sess.run(None, {"mel": mel.numpy()})
+    enc_err = max(np.abs(ok - ck.numpy()).max(), np.abs(ov - cv.numpy()).max())
+    feeds = {"tokens": tokens.numpy(), "offset": np.array(0, np.int64), "cross_k": ck2.numpy(),
+             "cross_v": cv2.numpy(), "self_k": sk.numpy(), "self_v": sv.numpy()}
+    ol, onk, onv = dec_sess.run(None, feeds)
+    feeds.update(tokens=step.numpy(), offset=np.array(4, np.int64), self_k=onk, self_v=onv)
+    ol2 = dec_sess.run(None, feeds)[0]
+    dec_err = max(np.abs(ol - logits.numpy()).max(), np.abs(ol2 - logits2.numpy()).max())
+    return ExportCheck(float(enc_err), float(dec_err))
+
+
+def onnx_files(out_dir: Path) -> Dict[str, Path]:
+    return {"encoder": Path(out_dir) / ENCODER_FILE, "decoder": Path(out_dir) / DECODER_FILE}
+
+
+def require_files(out_dir: Path) -> None:
+    for name, path in onnx_files(out_dir).items():
+        if not path.exists():
+            raise ModelFileError(f"ONNX {name} missing: {path}")
