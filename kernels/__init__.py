@@ -7,10 +7,15 @@ imported only when a kernel is first launched.
 
 from edge_mmm.kernels.dispatch import get_kernel_mode, kernel_mode, set_kernel_mode
 from edge_mmm.kernels.activations import gelu_tanh, gelu_tanh_reference, swiglu, swiglu_reference
+from edge_mmm.kernels.quant_matmul import (MatmulConfig, w4a16_matmul, w4a16_matmul_reference, w8a16_matmul,
+                                           w8a16_matmul_reference)
 from edge_mmm.kernels.rms_norm import rms_norm, rms_norm_reference
+from edge_mmm.kernels.rope import rope, rope_reference
 
 __all__ = [
     "set_kernel_mode", "get_kernel_mode", "kernel_mode",
     "rms_norm", "rms_norm_reference",
+    "rope", "rope_reference",
+    "w4a16_matmul", "w4a16_matmul_reference", "w8a16_matmul", "w8a16_matmul_reference", "MatmulConfig",
     "swiglu", "swiglu_reference", "gelu_tanh", "gelu_tanh_reference",
 ]

@@ -120,6 +120,16 @@ def jit(fn) -> _LazyKernel:
     return _LazyKernel(fn)
 
 
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether `tl.dot` on `dtype` operands must run in float32 ("ieee" precision).
+
+    Always for float32 (TF32 would lose the reference's accuracy). For bfloat16 only in the interpreter:
+    Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bits, so the tests upcast there; on a
+    GPU the bf16 tiles go to the tensor cores.
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
