@@ -165,7 +165,9 @@ def load_image(src: ImageLike) -> Image.Image:
             img.load()
         except InputError:
             raise
-        except (Image.UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"image {name} is too large ({exc}); the limit is {MAX_INPUT_PIXELS} pixels") from exc
+        except Image.UnidentifiedImageError as exc:
             raise InputError(f"image {name}: not a readable image ({exc.__class__.__name__})") from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise InputError(f"image {name}: cannot decode ({exc})") from exc
