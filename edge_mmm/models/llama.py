@@ -1,0 +1,292 @@
+"""Llama-architecture causal LM (SmolLM2, Llama 3.x, Qwen2): config, blocks, model, explicit KV cache.
+
+One RoPE convention serves every weight source: the Hugging Face "rotate_half" form (the two halves of
+each head are the pairs). GGUF loaders undo llama.cpp's Q/K row permutation at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_mmm.errors import InputError, ModelFileError
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3 frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama's attention_bias also sets out_bias)
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFileError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+def llama_param_shapes(cfg: LlamaConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter name of `Llama` and its shape (`lm_head.weight` only when untied)."""
+    h, d, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
+        if cfg.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (cfg.intermediate_size,),
+                           p + "mlp.up_proj.bias": (cfg.intermediate_size,), p + "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+class KVCache:
+    """Preallocated keys/values `[layers, batch, kv_heads, max_len, head_dim]`; `length` positions are valid."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_config(cls, cfg: LlamaConfig, max_len: int, batch: int = 1, dtype=torch.float32, device=None):
+        return cls(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v `[batch, kv_heads, T, head_dim]` at `pos`; return the keys/values of positions `[0, pos+T)`."""
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise InputError(f"KV cache overflow: position {end} exceeds the cache length {self.max_len}")
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions (a reused prefix); later writes overwrite the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies as transformers computes them (default or llama3 scaling)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions `[start, start+T)`; `inv_freq` may be overridden (GGUF `rope_freqs`)."""
+
+    def __init__(self, cfg: LlamaConfig, inv_freq: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg) if inv_freq is None else inv_freq, persistent=False)
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.attention_out_bias)
+
+    def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        s = k.shape[2]
+        if t == 1:
+            mask, causal = None, False  # one new query sees every cached position
+        elif s == t:
+            mask, causal = None, True
+        else:  # a chunk after a cached prefix: query i sees keys [0, s - t + i]
+            mask = torch.arange(s, device=x.device)[None, :] <= torch.arange(s - t, s, device=x.device)[:, None]
+            causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache], start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.index, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. `forward` takes token ids or embeddings and returns logits `[batch, T, vocab]`."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, start_pos: Optional[int] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Run positions `[start_pos, start_pos+T)` (default: right after `cache.length`), appending to `cache`.
+
+        `last_only` computes logits for the last position only (prefill).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        start = start_pos if start_pos is not None else (cache.length if cache is not None else 0)
+        cos, sin = self.rotary(start, x.shape[1], x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + x.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def build_llama(cfg: LlamaConfig, state: Mapping[str, object], dtype: torch.dtype = torch.float32) -> Llama:
+    """Assemble a model from a loader's state dict without random init.
+
+    Values are tensors, or ready `nn.Module`s keyed by module path (quantized linears, bias included)
+    that replace the matching `nn.Linear`. An optional `rope_freq_factors` entry divides the RoPE
+    frequencies (GGUF `rope_freqs`, llama.cpp's form of Llama-3 scaling).
+    """
+    state = dict(state)
+    rope_freq_factors = state.pop("rope_freq_factors", None)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.to(dtype) if value.is_floating_point() else value
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if not isinstance(getattr(parent, child, None), nn.Linear):
+            raise ModelFileError(f"quantized tensor {name} does not belong to a linear layer")
+        setattr(parent, child, value)
+    expected = llama_param_shapes(cfg)
+    for name, shape in expected.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ModelFileError(f"tensor {name} has shape {tuple(tensors[name].shape)}, config expects {shape}")
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    real = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    materialized = {n for n, p in real if p.device.type != "meta"}
+    if cfg.tie_word_embeddings:
+        materialized.add("lm_head.weight")  # tied below
+    missing = [m for m in missing if m not in materialized]
+    if missing or unexpected:
+        raise ModelFileError(f"weights do not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.embed_tokens.weight
+    inv_freq = rope_inv_freq(cfg) if rope_freq_factors is None else rope_inv_freq(cfg) / rope_freq_factors.float()
+    model.rotary = Rotary(cfg, inv_freq)
+    return model.eval()
+

