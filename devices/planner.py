@@ -301,6 +301,33 @@ def cheapest_fix(request: PlanRequest, profile: DeviceProfile, current: Optional
     return None
 
 
+def _all_fixes(request: PlanRequest, profile: DeviceProfile):
+    """Apply the changes cumulatively (each kind at its most aggressive) until the plan fits or none is left."""
+    flags: List[str] = []
+    req, cur = request, plan(request, profile)
+    while not cur.fits:
+        options = []
+        for desc, cand in _candidates(req, cur):
+            try:
+                options.append((desc, cand, plan(cand, profile)))
+            except InputError:
+                continue  # e.g. a context too small for the image tokens
+        if not options:
+            break
+        kind = options[0][0].split()[0]
+        desc, req, cur = [o for o in options if o[0].split()[0] == kind][-1]
+        flags = [f for f in flags if f.split()[0] != kind] + [desc]
+    if cur.fits and req.context != request.context:  # give back as much context as still fits
+        c = (request.context or profile.default_context) // 2
+        while c > req.context:
+            bigger = plan(replace(req, context=c), profile)
+            if bigger.fits:
+                flags = [f"--context {c}" if f.startswith("--context") else f for f in flags]
+                return flags, bigger
+            c //= 2
+    return flags, cur
+
+
 def check_fits(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
     """Plan and return it if it fits; otherwise raise DeviceError with the numbers and the cheapest fix."""
     p = plan(request, profile)
@@ -315,7 +342,12 @@ def check_fits(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         desc, fp = fix
         msg += f"; cheapest change that fits: {desc} ({fp.total_bytes / MIB:,.0f} MiB)"
     else:
-        msg += "; no single change (smaller context, --quant int4, smaller ASR/VLM, --vision-batch 1) makes it fit"
+        flags, fp = _all_fixes(request, profile)
+        if fp.fits:
+            msg += f"; no single change fits, together these do: {' '.join(flags)} ({fp.total_bytes / MIB:,.0f} MiB)"
+        else:
+            msg += (f"; nothing fits: even with {' '.join(flags) or 'the smallest settings'} it needs "
+                    f"{fp.total_bytes / MIB:,.0f} MiB - choose a smaller model or a larger device")
     err = DeviceError(msg)
     err.plan = p  # type: ignore[attr-defined]
     raise err

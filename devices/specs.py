@@ -293,14 +293,15 @@ def spec_from_file(path: Union[str, Path], kind: str):
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{cfg_path}: cannot read model config ({exc})") from exc
     where = str(cfg_path)
+    name = path.name if path.is_dir() else (path.parent.name if path.name == "config.json" else path.stem)
     if kind == "asr":
         if "dims" in cfg:
-            return whisper_spec_from_dims(cfg["dims"], path.stem)
-        return whisper_spec_from_hf_config(cfg, path.stem if path.is_file() else path.name, where)
+            return whisper_spec_from_dims(cfg["dims"], name)
+        return whisper_spec_from_hf_config(cfg, name, where)
     if kind == "vlm":
-        return vlm_spec_from_hf_config(cfg, path.parent.name if path.is_file() else path.name, where)
+        return vlm_spec_from_hf_config(cfg, name, where)
     if kind == "llm":
-        return llama_spec_from_hf_config(cfg, path.parent.name if path.is_file() else path.name, where)
+        return llama_spec_from_hf_config(cfg, name, where)
     raise InputError(f"unknown model kind '{kind}'")
 
 

