@@ -50,7 +50,7 @@ def _emit_json(obj) -> None:
 # --------------------------------------------------------------------------------------------
 @app.command()
 def transcribe(
-    audio: List[Path] = typer.Argument(..., help="Audio files (wav, flac, mp3, ogg, m4a, ...)."),
+    audio: Optional[List[Path]] = typer.Argument(None, help="Audio files (wav, flac, mp3, ogg, m4a, ...)."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Whisper model: a directory (CTranslate2 model.bin, HF safetensors), an openai-whisper .pt "
@@ -63,9 +63,28 @@ def transcribe(
     timestamps: bool = typer.Option(True, "--timestamps/--no-timestamps", help="Predict segment timestamps."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
+    example: bool = typer.Option(False, "--example",
+                                 help="Transcribe a built-in example sentence synthesized with espeak-ng."),
 ) -> None:
     """Transcribe speech in audio files with Whisper."""
+    import tempfile
+
     from edge_mmm.asr.api import TranscribeOptions, load_asr
+    from edge_mmm.audio.synth import EXAMPLE_SENTENCE, synthesize
+    from edge_mmm.errors import InputError
+
+    audio = list(audio or [])
+    if example:
+        clip = Path(tempfile.mkdtemp(prefix="edge-mmm-")) / "example.wav"
+        synthesize(EXAMPLE_SENTENCE, clip)
+        if not json_out:
+            typer.echo(f"example clip: {clip}\nspoken text: {EXAMPLE_SENTENCE}", err=True)
+        audio.append(clip)
+    if not audio:
+        raise InputError("no audio files given (pass AUDIO paths, or --example)")
+    for p in audio:
+        if not Path(p).exists():
+            raise InputError(f"audio file not found: {p}")
 
     asr = load_asr(model, backend=backend, threads=threads)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
@@ -191,6 +210,8 @@ def chat(
 
     if json_out and prompt is None:
         raise InputError("--json needs --prompt (the interactive chat streams plain text)")
+    if prompt is not None and not prompt.strip():
+        raise InputError("the prompt is empty")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     gen.validate()
     lm = load_lm(model, backend=backend, context_length=context, dequantize=dequantize, threads=threads)

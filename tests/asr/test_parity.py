@@ -1,0 +1,98 @@
+"""Our Whisper vs openai-whisper on the same weights (the shipped tiny.en, CTranslate2 format).
+
+Tolerances: log-mel max abs error < 1e-4; encoder output max abs error < 1e-4 (torch) and < 1e-3 (ONNX,
+different kernels); greedy and beam-search token sequences identical on every clip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+whisper = pytest.importorskip("whisper")
+
+from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend  # noqa: E402
+from edge_mmm.asr.decoding import DecodingOptions, decode_window  # noqa: E402
+from edge_mmm.asr.tokenizer import WhisperTokenizer  # noqa: E402
+from edge_mmm.audio.mel import log_mel_spectrogram  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_en_ckpt):
+    cfg = tiny_en_ckpt.config
+    return WhisperTokenizer.from_file(tiny_en_ckpt.tokenizer_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
+
+
+@pytest.fixture(scope="module")
+def torch_backend(tiny_en_ckpt):
+    return TorchWhisperBackend(tiny_en_ckpt.build())
+
+
+@pytest.fixture(scope="module")
+def onnx_backend(tiny_en_ckpt, tmp_path_factory):
+    from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
+
+    out = tmp_path_factory.mktemp("onnx")
+    check = export_whisper_onnx(tiny_en_ckpt.build(), out)
+    print(f"ONNX export check: encoder max abs err {check.encoder_max_abs_err:.2e}, "
+          f"decoder logits max abs err {check.decoder_max_abs_err:.2e}")
+    assert check.encoder_max_abs_err < 1e-3 and check.decoder_max_abs_err < 1e-3
+    return OnnxWhisperBackend(out, tiny_en_ckpt.config, threads=2)
+
+
+@pytest.fixture(scope="module")
+def mels(speech_clips):
+    """The 30 s window mel of each clip, from openai-whisper's own front end (the shared input)."""
+    return [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(a))) for _, _, a in speech_clips]
+
+
+def test_log_mel_matches_openai(speech_clips):
+    for _, _, audio in speech_clips:
+        for n_mels in (80, 128):
+            ref = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels=n_mels, padding=whisper.audio.N_SAMPLES)
+            ours = log_mel_spectrogram(audio, n_mels=n_mels, padding=whisper.audio.N_SAMPLES)
+            assert ours.shape == ref.shape
+            assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_tokenizer_specials_match_openai(tokenizer):
+    ref = whisper.tokenizer.get_tokenizer(False)
+    assert tokenizer.non_speech_tokens == ref.non_speech_tokens
+    for name in ("sot", "eot", "no_timestamps", "timestamp_begin", "no_speech", "sot_prev", "transcribe"):
+        assert getattr(tokenizer, name) == getattr(ref, name), name
+    for text in ["Hello world, it's 3 o'clock.", " naïve café — 42%", "  two  spaces"]:
+        assert tokenizer.encode(text) == ref.encode(text)
+
+
+def test_encoder_matches_openai(openai_model, torch_backend, onnx_backend, mels):
+    for mel in mels[:3]:
+        with torch.no_grad():
+            ref = openai_model.encoder(mel[None])
+            ours = torch_backend.model.encoder(mel[None])
+            ref_k = torch.stack([b.cross_attn.key(ref) for b in openai_model.decoder.blocks])
+        assert (ours - ref).abs().max().item() < 1e-4
+        onnx_k, _ = onnx_backend.encode(mel[None].numpy())
+        assert np.abs(onnx_k - ref_k.numpy()).max() < 1e-3
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_greedy_tokens_identical(openai_model, tokenizer, torch_backend, onnx_backend, mels, timestamps):
+    opts = whisper.DecodingOptions(language="en", without_timestamps=not timestamps, fp16=False)
+    ours_opts = DecodingOptions(language="en", timestamps=timestamps)
+    for i, mel in enumerate(mels):
+        ref = whisper.decode(openai_model, mel, opts).tokens
+        got = decode_window(torch_backend, tokenizer, torch_backend.encode(mel[None].numpy()), ours_opts).tokens
+        assert got == ref, f"clip {i}: torch tokens differ"
+        got_onnx = decode_window(onnx_backend, tokenizer, onnx_backend.encode(mel[None].numpy()), ours_opts).tokens
+        assert got_onnx == ref, f"clip {i}: onnxruntime tokens differ"
+
+
+def test_beam_search_tokens_identical(openai_model, tokenizer, onnx_backend, mels):
+    opts = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, beam_size=5)
+    ours_opts = DecodingOptions(language="en", timestamps=False, beam_size=5)
+    for i, mel in enumerate(mels[:4]):
+        ref = whisper.decode(openai_model, mel, opts)
+        got = decode_window(onnx_backend, tokenizer, onnx_backend.encode(mel[None].numpy()), ours_opts)
+        assert got.tokens == ref.tokens, f"clip {i}: beam-search tokens differ"
+        assert got.avg_logprob == pytest.approx(ref.avg_logprob, abs=1e-3)
