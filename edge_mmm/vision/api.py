@@ -1,0 +1,231 @@
+"""`load_vlm`: a SmolVLM / Idefics3 model that answers questions about images.
+
+`VisionLanguageModel.generate(messages, config)` takes OpenAI-style chat messages whose content parts are
+`{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": path | data URL}}` or
+`{"type": "image", "image": path | PIL image | OpenCV BGR array}`. Image features go through an
+`ImageEmbeddingCache`, so a second question about the same image skips the vision encoder. The vision
+part runs on torch or onnxruntime (an ONNX export built once and cached); the LM on torch, with the
+shared generation loop of `edge_mmm.text.generation`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from edge_mmm.errors import InputError
+from edge_mmm.text.generation import Generation, GenerationConfig, TokenStream, check_prompt
+from edge_mmm.vision.embedding_cache import ImageEmbeddingCache, pixels_key
+from edge_mmm.vision.processor import Idefics3ImageProcessor, ImageLike
+from edge_mmm.vision.prompt import Idefics3Processor
+
+BACKENDS = ("torch", "onnxruntime")
+DEFAULT_CONTEXT = 8192
+VISION_ONNX_VERSION = "vision-v1"  # bump when the exported graph changes
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class PreparedPrompt:
+    ids: List[int]
+    features: Optional[torch.Tensor]
+    timings: Dict[str, float]
+
+
+def _image_from_url(url: str) -> ImageLike:
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header or not payload:
+            raise InputError("image data URL must be base64 encoded (data:image/...;base64,...)")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(f"image data URL is not valid base64: {exc}") from exc
+    if url.startswith(("http://", "https://")):
+        raise InputError(f"image URL {url}: remote images are not fetched; download it and pass a path")
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def split_messages(messages: Messages) -> Tuple[List[Dict[str, Any]], List[ImageLike]]:
+    """OpenAI-style messages -> (template messages with `{"type": "image"}` parts, images in order)."""
+    if not messages:
+        raise InputError("the conversation has no messages")
+    out, images = [], []
+    for m in messages:
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise InputError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, Mapping) else ref
+                if not isinstance(url, str) or not url:
+                    raise InputError("image_url part needs a url")
+                images.append(_image_from_url(url))
+                parts.append({"type": "image"})
+            elif kind == "image":
+                if part.get("image") is None:
+                    raise InputError("image part needs an 'image' (path, PIL image or array)")
+                images.append(part["image"])
+                parts.append({"type": "image"})
+            else:
+                raise InputError(f"unsupported content part {part!r} (text, image_url, image)")
+        out.append({"role": m["role"], "content": parts})
+    return out, images
+
+
+class VLMBackend:
+    """The LM backend for one generation: prefill splices this turn's image features into the prompt."""
+
+    def __init__(self, model, context_length: int):
+        self.model = model
+        self.context_length = context_length
+        self.features: Optional[torch.Tensor] = None
+        self.prefill_s = 0.0
+
+    def new_cache(self):
+        from edge_mmm.models.llama import KVCache
+
+        dtype = next(self.model.lm.norm.parameters()).dtype
+        return KVCache.for_config(self.model.config.text, self.context_length, dtype=dtype)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
+        t0 = time.perf_counter()
+        emb = self.model.embed(torch.tensor([list(ids)], dtype=torch.long), self.features)
+        logits = self.model.lm(inputs_embeds=emb, cache=cache, last_only=True)[0, -1].float()
+        self.prefill_s = time.perf_counter() - t0
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token_id: int, cache) -> torch.Tensor:
+        return self.model.lm(torch.tensor([[token_id]], dtype=torch.long), cache=cache)[0, -1].float()
+
+
+class VisionLanguageModel:
+    """Images + chat -> text. See the module docstring for the message format."""
+
+    def __init__(self, model, files, encoder, context_length: int = DEFAULT_CONTEXT,
+                 cache: Optional[ImageEmbeddingCache] = None, load_s: float = 0.0, model_id: str = ""):
+        self.model = model
+        self.files = files
+        self.tokenizer = files.tokenizer
+        self.processor = Idefics3Processor(Idefics3ImageProcessor(files.image_processor), files.tokenizer)
+        self.encoder = encoder
+        self.cache = cache if cache is not None else ImageEmbeddingCache()
+        self.backend = VLMBackend(model, min(context_length, model.config.text.max_position_embeddings))
+        self.load_s = load_s
+        self.model_id = model_id or str(files.root)
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.context_length
+
+    def image_features(self, images: Sequence[ImageLike]) -> Tuple[torch.Tensor, Any, Dict[str, float]]:
+        """Preprocess, then encode through the embedding cache: (features, processed, timings)."""
+        t0 = time.perf_counter()
+        processed = self.processor.process_images(images)
+        t1 = time.perf_counter()
+        key = pixels_key(self.model_id, processed.pixel_values, processed.pixel_attention_mask)
+        feats, hit = self.cache.get_or_compute(key, lambda: self.encoder.encode(
+            torch.from_numpy(processed.pixel_values), torch.from_numpy(processed.pixel_attention_mask)))
+        t2 = time.perf_counter()
+        return feats, processed, {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "image_cache_hit": float(hit),
+                                  "image_tiles": float(processed.pixel_values.shape[1])}
+
+    def prepare(self, messages: Messages) -> PreparedPrompt:
+        """Messages -> token ids + image features, with preprocessing / vision timings."""
+        tmpl_msgs, images = split_messages(messages)
+        text = self.processor.apply_chat_template(tmpl_msgs, add_generation_prompt=True)
+        timings: Dict[str, float] = {"preprocess_s": 0.0, "vision_s": 0.0}
+        feats, processed = None, None
+        if images:
+            feats, processed, timings = self.image_features(images)
+        inputs = self.processor(images, text, processed=processed)
+        return PreparedPrompt(inputs.input_ids[0].tolist(), feats, timings)
+
+    def stream(self, messages: Messages, config: Optional[GenerationConfig] = None) -> TokenStream:
+        """Text deltas as decoded; `stream.result` is the `Generation` (its timings lack vision_s)."""
+        prepared = self.prepare(messages)
+        return self._stream(prepared, config)
+
+    def _stream(self, prepared: PreparedPrompt, config: Optional[GenerationConfig]) -> TokenStream:
+        config = config or GenerationConfig()
+        config.validate()
+        check_prompt(len(prepared.ids), self.context_length)
+        self.backend.features = prepared.features
+        cache = self.backend.new_cache()
+        return TokenStream(self.backend, self.tokenizer, prepared.ids, config, cache, reuse=0, load_s=self.load_s)
+
+    def generate(self, messages: Messages, config: Optional[GenerationConfig] = None) -> Generation:
+        """Answer the conversation. Timings: preprocess_s, vision_s, prefill_s, ttft_s (from the call),
+        decode_tok_s, image_cache_hit."""
+        t0 = time.perf_counter()
+        prepared = self.prepare(messages)
+        t_prep = time.perf_counter() - t0
+        result = self._stream(prepared, config).consume()
+        result.timings.update(prepared.timings)
+        result.timings["prefill_s"] = self.backend.prefill_s
+        result.timings["ttft_s"] = t_prep + result.timings["ttft_s"]
+        return result
+
+
+def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int):
+    from edge_mmm.exporters.onnx_vision import export_vision
+    from edge_mmm.vision.backends import OrtVisionEncoder
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+    from edge_mmm.weights.hf_lm import safetensors_files
+
+    index = files.root / "model.safetensors.index.json"
+    source = index if index.is_file() else safetensors_files(files.root)[0]
+
+    def build(tmp: Path) -> None:
+        export_vision(model.vision, tmp, "fp32", check=True)
+
+    entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), "vision-onnx", source,
+                         VISION_ONNX_VERSION, build, ["vision_fp32.onnx"])
+    return OrtVisionEncoder(entry / "vision_fp32.onnx", patch_size=model.vision.patch_size, threads=threads)
+
+
+def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Optional[str] = None,
+             context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32, threads: int = 0,
+             cache: Optional[ImageEmbeddingCache] = None, onnx_cache_dir: Optional[Path] = None,
+             vision_onnx: Optional[Path] = None) -> VisionLanguageModel:
+    """Load a SmolVLM/Idefics3 directory or cached HF repo id. `backend` picks the vision runtime
+    (torch | onnxruntime: `vision_onnx`, or an export built once under `onnx_cache_dir`);
+    `quantize` (int4 | int8) applies weight-only quantization to the LM."""
+    from edge_mmm.vision.backends import TorchVisionEncoder
+    from edge_mmm.weights.hub import resolve_model_path
+    from edge_mmm.weights.idefics3 import REQUIRED_FILES, load_idefics3
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown vision backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    root = resolve_model_path(str(path_or_id), required=REQUIRED_FILES)
+    model, files = load_idefics3(root, dtype=dtype, quantize=quantize)
+    if backend == "onnxruntime" and vision_onnx is not None:
+        from edge_mmm.vision.backends import OrtVisionEncoder
+
+        encoder = OrtVisionEncoder(Path(vision_onnx), patch_size=model.vision.patch_size, threads=threads)
+    elif backend == "onnxruntime":
+        encoder = _onnx_encoder(model, files, onnx_cache_dir, threads)
+    else:
+        encoder = TorchVisionEncoder(model.vision)
+    return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
+                               model_id=str(root))
