@@ -1,0 +1,106 @@
+"""Bad input through the CLI: exit code 2, one line on stderr naming the file, nothing written half-way."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from edge_mmm.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+def _write_wav(path, seconds):
+    import wave
+
+    n = int(16000 * seconds)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.zeros(n, np.int16)).tobytes())
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "transcribe", str(tmp_path / "nope.wav"))
+    assert_one_line_error(code, err, "nope.wav")
+
+
+def test_non_audio_file(capsys, tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio at all\n" * 50)
+    code, _, err = run_cli(capsys, "transcribe", str(bad), "--backend", "torch")
+    assert_one_line_error(code, err, "notes.wav")
+
+
+def test_empty_file(capsys, tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    code, _, err = run_cli(capsys, "transcribe", str(empty), "--backend", "torch")
+    assert_one_line_error(code, err, "empty.wav")
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.1])
+def test_too_short_file(capsys, tmp_path, seconds):
+    short = tmp_path / "short.wav"
+    _write_wav(short, seconds)
+    code, _, err = run_cli(capsys, "transcribe", str(short), "--backend", "torch")
+    assert_one_line_error(code, err, "short.wav")
+
+
+def test_truncated_model(capsys, tmp_path, tiny_en_dir):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(tiny_en_dir / "tokenizer.json", model / "tokenizer.json")
+    data = (tiny_en_dir / "model.bin").read_bytes()
+    (model / "model.bin").write_bytes(data[: len(data) // 3])
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--model", str(model))
+    assert_one_line_error(code, err, "model.bin")
+
+
+def test_model_dir_with_wrong_config(capsys, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "whisper", "d_model": "big"}')
+    (model / "model.safetensors").write_bytes(b"")
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--model", str(model))
+    assert_one_line_error(code, err, "config.json")
+
+
+def test_unknown_model_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--model", "someone/whisper-nothing")
+    assert_one_line_error(code, err, "edge-mmm pull someone/whisper-nothing")
+
+
+def test_bad_backend_flag(capsys, tmp_path):
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--backend", "tensorflow")
+    assert_one_line_error(code, err, "--backend")
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--debug", "transcribe", str(tmp_path / "nope.wav"))
+    assert code == 2 and "Traceback" in err

@@ -1,0 +1,91 @@
+"""Whisper checkpoint formats: HF safetensors (vs transformers), openai .pt round trip, CT2 int8 scales."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edge_mmm.errors import ModelFileError
+from edge_mmm.weights.whisper import load_whisper_checkpoint, save_openai_checkpoint
+
+
+def test_openai_pt_round_trip(tiny_en_ckpt, tiny_en_dir, tmp_path):
+    pt = tmp_path / "tiny.en.pt"
+    save_openai_checkpoint(tiny_en_ckpt, pt)
+    shutil.copy(tiny_en_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    back = load_whisper_checkpoint(pt)
+    assert back.format == "openai" and back.config == tiny_en_ckpt.config
+    for k, v in tiny_en_ckpt.state_dict.items():
+        assert torch.equal(back.state_dict[k], v), k
+
+
+def test_openai_pt_without_tokenizer_is_clear(tiny_en_ckpt, tmp_path):
+    pt = tmp_path / "model.pt"
+    save_openai_checkpoint(tiny_en_ckpt, pt)
+    with pytest.raises(ModelFileError, match="tokenizer.json"):
+        load_whisper_checkpoint(pt)
+
+
+def test_hf_safetensors_matches_transformers(tiny_en_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=51864, num_mel_bins=80, d_model=64, encoder_layers=2,
+                                     decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=1500,
+                                     max_target_positions=448)
+    hf = transformers.WhisperForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    shutil.copy(tiny_en_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    ckpt = load_whisper_checkpoint(tmp_path)
+    assert ckpt.format == "hf"
+    model = ckpt.build()
+    mel = torch.randn(1, 80, 3000)
+    tokens = torch.tensor([[50257, 50362, 440, 2068, 7586]])
+    with torch.no_grad():
+        ref = hf(input_features=mel, decoder_input_ids=tokens).logits
+        ck, cv = model.decoder.cross_kv(model.encoder(mel))
+        sk, sv = model.empty_cache(1)
+        ours, _, _ = model.decoder(tokens, torch.tensor(0), ck, cv, sk, sv)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_hf_wrong_config_is_clear(tiny_en_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.WhisperConfig(vocab_size=51864, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_ffn_dim=128, decoder_ffn_dim=128)
+    transformers.WhisperForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    shutil.copy(tiny_en_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["d_model"] = 96  # disagrees with the stored weights
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFileError, match="shape"):
+        load_whisper_checkpoint(tmp_path).build()
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="config.json"):
+        load_whisper_checkpoint(tmp_path)
+
+
+def test_ct2_truncated_is_clear(tiny_en_dir, tmp_path):
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(tiny_en_dir / name, tmp_path / name)
+    data = (tiny_en_dir / "model.bin").read_bytes()
+    for cut in (3, 1000, len(data) // 2, len(data) - 1):
+        (tmp_path / "model.bin").write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match="model.bin"):
+            load_whisper_checkpoint(tmp_path)
+
+
+def test_ct2_garbage_is_clear(tmp_path):
+    (tmp_path / "model.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFileError):
+        load_whisper_checkpoint(tmp_path)
+
+
+def test_empty_dir_is_clear(tmp_path):
+    with pytest.raises(ModelFileError, match="no Whisper weights"):
+        load_whisper_checkpoint(tmp_path)
