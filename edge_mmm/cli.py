@@ -256,6 +256,61 @@ def chat(
         history.append({"role": "assistant", "content": stream.result.text})
 
 
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question about the image(s)."),
+    model: str = typer.Option(..., "--model", "-m", help="SmolVLM/Idefics3 directory or cached HF repo id."),
+    image: List[str] = typer.Option([], "--image", "-i", help="Image file (repeat for several)."),
+    backend: str = typer.Option("torch", "--backend", "-b", help="Vision runtime: torch | onnxruntime"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="LM weights: int4 | int8 (default float)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object: text, token_ids, timings."),
+) -> None:
+    """Answer a question about images with a SmolVLM / Idefics3 model."""
+    from edge_mmm.errors import InputError
+    from edge_mmm.text.generation import GenerationConfig
+    from edge_mmm.vision.api import load_vlm
+    from edge_mmm.vision.processor import load_image
+
+    if not question.strip():
+        raise InputError("the question is empty")
+    images = [load_image(p) for p in image]  # fail on a bad image before loading the model
+    vlm = load_vlm(model, backend=backend, quantize=quantize, threads=threads)
+    content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": question}]
+    result = vlm.generate([{"role": "user", "content": content}],
+                          GenerationConfig(max_tokens=max_tokens, temperature=temperature))
+    if json_out:
+        _emit_json({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+                    "finish_reason": result.finish_reason, "timings": result.timings})
+        return
+    sys.stdout.write(result.text.strip() + "\n")
+    t = result.timings
+    sys.stderr.write(f"[vision {t['vision_s']:.2f}s{' (cached)' if t.get('image_cache_hit') else ''}, prefill "
+                     f"{t['prefill_s']:.2f}s, first token {t['ttft_s']:.2f}s, {t['decode_tok_s']:.1f} tok/s]\n")
+
+
+@app.command()
+def pull(
+    repo_id: str = typer.Argument(..., help="Hugging Face repo id, e.g. HuggingFaceTB/SmolVLM-256M-Instruct"),
+    include: List[str] = typer.Option([], "--include", help="Glob of files to fetch (repeat); default: "
+                                      "configs, safetensors, tokenizer and processor files."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache root (default: HF_HUB_CACHE)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object: repo_id, path, files."),
+) -> None:
+    """Download a model into the Hugging Face cache (resumable); other commands then accept its repo id."""
+    from edge_mmm.weights.pull import pull_model
+
+    path = pull_model(repo_id, include=include or None, cache_dir=cache_dir, revision=revision)
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    if json_out:
+        _emit_json({"repo_id": repo_id, "path": str(path), "files": files})
+    else:
+        sys.stdout.write(f"{repo_id}: {len(files)} files in {path}\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
