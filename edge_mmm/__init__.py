@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_asr": ("edge_mmm.asr.api", "load_asr"),
     "load_lm": ("edge_mmm.text.api", "load_lm"),
+    "load_vlm": ("edge_mmm.vision.api", "load_vlm"),
 }
 
 
