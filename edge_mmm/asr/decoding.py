@@ -5,6 +5,8 @@ Works on numpy logits from any backend (`edge_mmm.asr.backends`), so torch and o
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,10 +51,10 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return e - np.log(np.exp(e).sum(axis=-1, keepdims=True))
 
 
-class LogitFilter:
+class LogitFilter(abc.ABC):
+    @abc.abstractmethod
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
         """Mask `logits` [B, V] in place given the tokens so far [B, T]."""
-        raise NotImplementedError
 
 
 @dataclass
