@@ -160,7 +160,10 @@ class TextDecoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
         x = self.ln(x)
-        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        # F.linear on 2-D input exports as one Gemm(transB=1) that shares the embedding initializer,
+        # instead of a second, transposed 80 MB copy of it (tiny.en) in the ONNX file.
+        weight = self.token_embedding.weight.to(x.dtype)
+        logits = F.linear(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[0], t, -1).float()
         return logits, torch.stack(new_k), torch.stack(new_v)
 
 
