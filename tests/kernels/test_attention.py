@@ -45,6 +45,18 @@ def test_flash_attention_image_blocks_and_views():
     assert not torch.allclose(got, flash_attention_reference(q, k, v, causal=True, scale=0.3), atol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_key_mask(causal):
+    """SigLIP-style padded keys (holes anywhere), and a batch row whose queries see no key at all."""
+    torch.manual_seed(2)
+    q, k, v = _qkv(2, 2, 2, 20, 20, 16, torch.float32)
+    key_mask = torch.rand(2, 20, device=DEVICE) > 0.3
+    key_mask[1, :] = False
+    got = flash_attention(q, k, v, causal=causal, key_mask=key_mask)
+    assert_close(got, flash_attention_reference(q, k, v, causal=causal, key_mask=key_mask), 1e-4, 1e-4)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
 @pytest.mark.parametrize("b,hq,hkv,s_max,d,lens", [(1, 4, 4, 1, 16, [1]), (2, 6, 2, 150, 32, [150, 67]),
                                                   (3, 3, 1, 90, 24, [1, 64, 89])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
