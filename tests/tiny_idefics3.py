@@ -42,10 +42,15 @@ def build_tokenizer():
 
 
 def build_tiny_vlm(out: Path, seed: int = 0, longest_edge: int = 256, tile: int = 64, splitting: bool = True,
-                   tie: bool = False):
-    """Save a tiny random Idefics3ForConditionalGeneration + processor to `out`; returns (model, processor)."""
+                   tie: bool = False, arch: str = "idefics3"):
+    """Save a tiny random Idefics3ForConditionalGeneration (or SmolVLM2's SmolVLMForConditionalGeneration,
+    `arch="smolvlm"`) + an Idefics3 processor to `out`; returns (model, processor)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    if arch == "smolvlm":
+        from transformers import SmolVLMConfig as Idefics3Config  # noqa: F811  same fields, same layout
+        from transformers import SmolVLMForConditionalGeneration as Idefics3ForConditionalGeneration  # noqa: F811
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = build_tokenizer()

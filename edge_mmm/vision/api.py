@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from edge_mmm.errors import InputError
 from edge_mmm.text.generation import Generation, GenerationConfig, TokenStream, check_prompt
-from edge_mmm.vision.embedding_cache import ImageEmbeddingCache, pixels_key
-from edge_mmm.vision.processor import Idefics3ImageProcessor, ImageLike
+from edge_mmm.vision.embedding_cache import ImageEmbeddingCache, SourceEntry, content_key, pixels_key
+from edge_mmm.vision.processor import Idefics3ImageProcessor, ImageLike, ProcessedImages, load_image
 from edge_mmm.vision.prompt import Idefics3Processor
 
 BACKENDS = ("torch", "onnxruntime")
@@ -130,21 +131,36 @@ class VisionLanguageModel:
         self.backend = VLMBackend(model, min(context_length, model.config.text.max_position_embeddings))
         self.load_s = load_s
         self.model_id = model_id or str(files.root)
+        self._source_tag = f"{self.model_id}|{files.image_processor!r}"  # same image, same settings
 
     @property
     def context_length(self) -> int:
         return self.backend.context_length
 
     def image_features(self, images: Sequence[ImageLike]) -> Tuple[torch.Tensor, Any, Dict[str, float]]:
-        """Preprocess, then encode through the embedding cache: (features, processed, timings)."""
+        """Decode, preprocess, encode, all through the embedding cache: (features, processed, timings).
+
+        A decoded image seen before skips preprocessing and the encoder; new pixels that match cached
+        preprocessed pixels skip the encoder.
+        """
         t0 = time.perf_counter()
-        processed = self.processor.process_images(images)
+        decoded = [load_image(im) for im in images]
+        source = content_key(self._source_tag, *[np.asarray(im) for im in decoded])
+        known = self.cache.lookup_source(source)
         t1 = time.perf_counter()
+        if known is not None:
+            entry, feats = known
+            processed = ProcessedImages(None, None, entry.rows, entry.cols)
+            return feats, processed, {"preprocess_s": t1 - t0, "vision_s": 0.0, "image_cache_hit": 1.0,
+                                      "image_tiles": float(feats.shape[0] // self.processor.image_seq_len)}
+        processed = self.processor.process_images(decoded)
+        t2 = time.perf_counter()
         key = pixels_key(self.model_id, processed.pixel_values, processed.pixel_attention_mask)
         feats, hit = self.cache.get_or_compute(key, lambda: self.encoder.encode(
             torch.from_numpy(processed.pixel_values), torch.from_numpy(processed.pixel_attention_mask)))
-        t2 = time.perf_counter()
-        return feats, processed, {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "image_cache_hit": float(hit),
+        self.cache.remember_source(source, SourceEntry(key, processed.rows, processed.cols))
+        t3 = time.perf_counter()
+        return feats, processed, {"preprocess_s": t2 - t0, "vision_s": t3 - t2, "image_cache_hit": float(hit),
                                   "image_tiles": float(processed.pixel_values.shape[1])}
 
     def prepare(self, messages: Messages) -> PreparedPrompt:

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from edge_mmm.errors import ModelFileError, require
+from edge_mmm.errors import ModelFileError
 from edge_mmm.models.idefics3 import Idefics3Vision, real_tiles
 
 
@@ -39,7 +39,7 @@ class OrtVisionEncoder:
     name = "onnxruntime"
 
     def __init__(self, path: Path, patch_size: Optional[int] = None, threads: int = 0, providers=None):
-        ort = require("onnxruntime", "dev", "the onnxruntime vision backend")
+        import onnxruntime as ort
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"ONNX vision model {path} is missing")

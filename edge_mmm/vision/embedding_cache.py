@@ -3,6 +3,11 @@
 The key is BLAKE2b over the model id, the tensor shapes and the bytes of `pixel_values` and
 `pixel_attention_mask` (after resize/split/normalize), so the same picture asked about twice, or an
 unchanged camera scene, skips the vision encoder. Bounded LRU by entry count and by total bytes.
+
+Preprocessing a large photo (LANCZOS resizes, up to 17 tiles) costs more than hashing it, so the cache also
+keeps a small index from the decoded source image (+ processor settings) to its pixel key and tile grid:
+a repeat of the same decoded image skips preprocessing as well. The index only points into the main
+cache; an evicted entry is recomputed from the pixels as usual.
 """
 
 from __future__ import annotations
@@ -10,17 +15,17 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
 
-def pixels_key(model_id: str, pixel_values, pixel_attention_mask=None) -> str:
-    """Content hash of preprocessed pixels (numpy or torch) for one model."""
+def content_key(tag: str, *arrays) -> str:
+    """BLAKE2b-128 of `tag` and each array's dtype, shape and bytes (numpy or torch; None allowed)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(model_id.encode())
-    for arr in (pixel_values, pixel_attention_mask):
+    h.update(tag.encode())
+    for arr in arrays:
         if arr is None:
             h.update(b"none")
             continue
@@ -29,6 +34,20 @@ def pixels_key(model_id: str, pixel_values, pixel_attention_mask=None) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
+
+
+def pixels_key(model_id: str, pixel_values, pixel_attention_mask=None) -> str:
+    """Content hash of preprocessed pixels for one model: the cache key."""
+    return content_key(model_id, pixel_values, pixel_attention_mask)
+
+
+@dataclass
+class SourceEntry:
+    """What preprocessing a known source image produced: its pixel key and tile grid."""
+
+    pixel_key: str
+    rows: List[int]
+    cols: List[int]
 
 
 @dataclass
@@ -45,6 +64,7 @@ class ImageEmbeddingCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._sources: "OrderedDict[str, SourceEntry]" = OrderedDict()
         self._bytes = 0
         self.stats = CacheStats()
 
@@ -86,8 +106,23 @@ class ImageEmbeddingCache:
         self.put(key, value)
         return value, False
 
+    def remember_source(self, source_key: str, entry: SourceEntry) -> None:
+        self._sources[source_key] = entry
+        self._sources.move_to_end(source_key)
+        while len(self._sources) > 4 * max(self.max_entries, 1):
+            self._sources.popitem(last=False)
+
+    def lookup_source(self, source_key: str) -> Optional["tuple[SourceEntry, torch.Tensor]"]:
+        """(entry, features) when this source image was processed before and its features are cached."""
+        entry = self._sources.get(source_key)
+        if entry is None or entry.pixel_key not in self._items:
+            return None
+        self._sources.move_to_end(source_key)
+        return entry, self.get(entry.pixel_key)
+
     def clear(self) -> None:
         self._items.clear()
+        self._sources.clear()
         self._bytes = 0
 
     @staticmethod

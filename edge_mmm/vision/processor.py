@@ -82,8 +82,8 @@ class ImageProcessorConfig:
 class ProcessedImages:
     """Model inputs for one prompt: tiles of every image, their pixel mask and each image's tile grid."""
 
-    pixel_values: np.ndarray  # (1, n_tiles, 3, H, W) float32
-    pixel_attention_mask: np.ndarray  # (1, n_tiles, H, W) int64
+    pixel_values: Optional[np.ndarray]  # (1, n_tiles, 3, H, W) float32; None when features are cached
+    pixel_attention_mask: Optional[np.ndarray]  # (1, n_tiles, H, W) int64
     rows: List[int] = field(default_factory=list)  # per image; 0 = not split
     cols: List[int] = field(default_factory=list)
 

@@ -111,3 +111,18 @@ def test_quantized_lm_stays_close(tiny):
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree > 0.9, agree
     assert np.isfinite(b.numpy()).all()
+
+
+def test_smolvlm2_architecture_loads_and_matches(tmp_path):
+    """SmolVLM2 (model_type smolvlm) has the Idefics3 layout: same loader, same logits."""
+    from PIL import Image
+
+    hf, proc = build_tiny_vlm(tmp_path, seed=11, arch="smolvlm")
+    assert type(hf).__name__ == "SmolVLMForConditionalGeneration"
+    ours, _ = load_idefics3(tmp_path)
+    text = "<|im_start|>User:<image>what?<end_of_utterance>\nAssistant:"
+    x = proc(images=[Image.fromarray(skdata.rocket())], text=text, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(**x).logits
+        got = ours(x["input_ids"], x["pixel_values"], x["pixel_attention_mask"])
+    assert (got - ref).abs().max().item() < ATOL
