@@ -33,21 +33,17 @@ class WhisperTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ModelFileError(f"{path}: cannot read tokenizer ({exc})") from exc
-        eot = tok.token_to_id("<|endoftext|>")
-        if eot is None:
-            raise ModelFileError(f"{path}: not a Whisper tokenizer (no <|endoftext|> token)")
-        # Specials follow openai-whisper's fixed order after <|endoftext|>, whatever the file lists.
+        # Whisper's vocabulary ends with: <|endoftext|> <|startoftranscript|> <|lang|>*N <|translate|>
+        # <|transcribe|> <|startoflm|> <|startofprev|> <|nospeech|> <|notimestamps|> and 1501 timestamps.
+        eot = n_vocab - 1501 - 1 - (num_languages + 7)
+        file_eot = tok.token_to_id("<|endoftext|>")
+        if file_eot != eot:
+            raise ModelFileError(f"{path}: <|endoftext|> has id {file_eot}, but a Whisper vocabulary of {n_vocab} "
+                                 f"puts it at {eot}: the tokenizer does not belong to these weights")
         names = ["<|startoftranscript|>"] + [f"<|{c}|>" for c in LANGUAGES[:num_languages]] + [
             "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
         special = {name: eot + 1 + i for i, name in enumerate(names)}
         special["<|endoftext|>"] = eot
-        sot_file = tok.token_to_id("<|startoftranscript|>")
-        if sot_file is not None and sot_file != special["<|startoftranscript|>"]:
-            raise ModelFileError(f"{path}: <|startoftranscript|> has id {sot_file}, expected "
-                                 f"{special['<|startoftranscript|>']} for this model's vocabulary")
-        if special["<|notimestamps|>"] + 1 + 1501 != n_vocab:
-            raise ModelFileError(f"{path}: tokenizer does not fit a Whisper vocabulary of {n_vocab} "
-                                 f"(timestamps would end at {special['<|notimestamps|>'] + 1501})")
         return cls(tok, n_vocab, multilingual, num_languages, special)
 
     # ---- special ids
