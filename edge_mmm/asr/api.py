@@ -16,6 +16,7 @@ from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.audio.io import AudioInput, resolve_audio
 from edge_mmm.errors import ModelFileError
 from edge_mmm.weights.hub import resolve_model_path
+from edge_mmm.models.whisper import WhisperConfig
 from edge_mmm.weights.whisper import load_whisper_checkpoint
 
 __all__ = ["load_asr", "ASRModel", "Transcript", "Segment", "TranscribeOptions", "default_asr_model"]
@@ -91,19 +92,34 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
     t0 = time.perf_counter()
     check_backend(backend)
     path = default_asr_model() if model is None else resolve_model_path(str(model))
-    ckpt = load_whisper_checkpoint(path)
-    cfg = ckpt.config
-    tok = WhisperTokenizer.from_file(ckpt.tokenizer_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
     if backend == "torch":
+        ckpt = load_whisper_checkpoint(path)
+        cfg, tok_file = ckpt.config, ckpt.tokenizer_file
         be = TorchWhisperBackend(ckpt.build(), threads)
     else:
-        from edge_mmm.exporters.onnx_whisper import DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, export_whisper_onnx
-        from edge_mmm.weights.export_cache import cached_build, default_cache_root
-
-        def build(tmp: Path) -> None:
-            export_whisper_onnx(ckpt.build(), tmp, check=False)
-
-        onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", ckpt.source, EXPORTER_VERSION,
-                                build, [ENCODER_FILE, DECODER_FILE])
+        cfg, tok_file, onnx_dir = _cached_onnx(path, cache_dir)
         be = OnnxWhisperBackend(onnx_dir, cfg, threads)
+    tok = WhisperTokenizer.from_file(tok_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
     return ASRModel(be, tok, time.perf_counter() - t0, str(path))
+
+
+def _cached_onnx(path: Path, cache_dir: Optional[Path]):
+    """(config, tokenizer file, verified ONNX dir); the weights are only parsed when the cache misses."""
+    import json
+
+    from edge_mmm.exporters.onnx_whisper import DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, export_whisper_onnx
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+    from edge_mmm.weights.whisper import locate_whisper_files, tokenizer_file_for
+
+    files = locate_whisper_files(path)
+    tok_file = tokenizer_file_for(files)
+
+    def build(tmp: Path) -> None:
+        ckpt = load_whisper_checkpoint(path)
+        export_whisper_onnx(ckpt.build(), tmp, check=False)
+        (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))
+
+    onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", files.source, EXPORTER_VERSION,
+                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"])
+    cfg = WhisperConfig(**json.loads((onnx_dir / "whisper_config.json").read_text()))
+    return cfg, tok_file, onnx_dir

@@ -45,24 +45,45 @@ class WhisperCheckpoint:
         return model.to(dtype).eval()
 
 
-def load_whisper_checkpoint(path: Path) -> WhisperCheckpoint:
-    """Detect the format of `path` (file or directory) and load it."""
+@dataclass
+class WhisperFiles:
+    format: str  # "ct2" | "hf" | "openai"
+    location: Path  # the model directory (ct2, hf) or the .pt file (openai)
+    source: Path  # the file whose bytes define the weights
+
+
+def locate_whisper_files(path: Path) -> WhisperFiles:
+    """Detect the checkpoint format of `path` (file or directory) without reading the weights."""
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":
-        return _load_openai(path)
+        return WhisperFiles("openai", path, path)
     if path.is_file() and path.name == "model.bin":
         path = path.parent
     if path.is_dir():
         if (path / "model.bin").exists():
-            return _load_ct2(path)
-        if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
-            return _load_hf(path)
+            return WhisperFiles("ct2", path, path / "model.bin")
+        if (path / "model.safetensors").exists():
+            return WhisperFiles("hf", path, path / "model.safetensors")
+        if (path / "model.safetensors.index.json").exists():
+            return WhisperFiles("hf", path, path / "model.safetensors.index.json")
         pts = sorted(path.glob("*.pt"))
         if len(pts) == 1:
-            return _load_openai(pts[0])
+            return WhisperFiles("openai", pts[0], pts[0])
         raise ModelFileError(f"{path}: no Whisper weights found (expected model.bin, model.safetensors "
                              f"+ config.json, or one openai-whisper .pt file)")
     raise ModelFileError(f"{path}: not a Whisper model file or directory")
+
+
+def load_whisper_checkpoint(path: Path) -> WhisperCheckpoint:
+    """Detect the format of `path` (file or directory) and load it."""
+    files = locate_whisper_files(path)
+    loader = {"ct2": _load_ct2, "hf": _load_hf, "openai": _load_openai}[files.format]
+    return loader(files.location)
+
+
+def tokenizer_file_for(files: WhisperFiles) -> Path:
+    directory = files.location if files.location.is_dir() else files.location.parent
+    return _tokenizer_file(directory, files.source)
 
 
 def _tokenizer_file(directory: Path, weights: Path) -> Path:
