@@ -1,0 +1,157 @@
+"""onnxruntime backend for the LM: the exported graph (exporters/onnx_lm.py) with a preallocated KV cache.
+
+The ONNX file is built once per model file and cached under `<cache>/onnx-lm/<sha256>-<version>/`
+(edge_mmm.weights.export_cache: sha256 manifest verified on every load, rebuilt when stale or corrupt,
+built in a temp dir and renamed into place). On a cache hit the torch model is never built.
+
+The KV cache is one `[1, kv_heads, context, head_dim]` OrtValue per layer and per k/v, bound as both
+`past_key_values.*` and `present.*` (GroupQueryAttention's shared-buffer mode): nothing is copied per
+token, and truncating the cache to reuse a prefix only moves `length`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from edge_mmm.errors import InputError, ModelFileError
+
+KIND = "onnx-lm"
+ONNX_FILE = "model.onnx"
+IO_FILE = "lm_io.json"  # the shapes the backend needs without building the torch model
+
+
+class OrtKVCache:
+    """Per-layer key/value OrtValues `[1, kv_heads, max_len, head_dim]`; `length` positions are valid."""
+
+    def __init__(self, session, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, vocab: int):
+        import onnxruntime as ort
+
+        self.max_len = max_len
+        self.length = 0
+        self.binding = session.io_binding()
+        self._buffers = []
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, num_kv_heads, max_len, head_dim), np.float32))
+                self._buffers.append(buf)
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab), np.float32))
+        self.binding.bind_ortvalue_output("logits", self.logits)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions; later writes overwrite the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+
+class OrtBackend:
+    """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
+
+    def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelFileError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+        self.io = io
+        self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
+
+    def new_cache(self) -> OrtKVCache:
+        io = self.io
+        return OrtKVCache(self.session, io["num_layers"], io["num_kv_heads"], self.context_length,
+                          io["head_dim"], io["vocab_size"])
+
+    def _run(self, ids: Sequence[int], cache: OrtKVCache) -> torch.Tensor:
+        start, n = cache.length, len(ids)
+        if n == 0:
+            raise InputError("no tokens to run")
+        if start + n > cache.max_len:
+            raise InputError(f"KV cache overflow: position {start + n} exceeds the context length {cache.max_len}")
+        b = cache.binding
+        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
+        self.session.run_with_iobinding(b)
+        cache.length = start + n
+        return torch.from_numpy(cache.logits.numpy()[0, -1].copy())
+
+    def prefill(self, ids: Sequence[int], cache: OrtKVCache) -> torch.Tensor:
+        return self._run(list(ids), cache)
+
+    def decode(self, token_id: int, cache: OrtKVCache) -> torch.Tensor:
+        return self._run([int(token_id)], cache)
+
+
+def _source_and_digest(path: Path) -> Tuple[Path, str]:
+    """The file `cached_build` hashes, and an extra digest for directory sources (every weight file)."""
+    if path.is_file():
+        return path, ""
+    from edge_mmm.weights.export_cache import sha256_file
+
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return path / "config.json", h.hexdigest()[:16]
+
+
+def ensure_onnx(model_path: Path, cache_root: Optional[Path] = None, accuracy_level: int = 4) -> Tuple[Path, dict]:
+    """The cached, verified ONNX export of a GGUF file or HF directory (built if missing/stale/corrupt)."""
+    from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OnnxLMOptions, export_llama_onnx
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+
+    options = OnnxLMOptions(accuracy_level=accuracy_level)
+    source, digest = _source_and_digest(Path(model_path))
+    version = f"{EXPORTER_VERSION}-acc{accuracy_level}" + (f"-{digest}" if digest else "")
+
+    def build(tmp: Path) -> None:
+        from edge_mmm.text.api import load_model_files
+
+        model, _ = load_model_files(Path(model_path))
+        cfg = model.config
+        export_llama_onnx(model, tmp / ONNX_FILE, options)
+        io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+              "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+              "accuracy_level": accuracy_level}
+        (tmp / IO_FILE).write_text(json.dumps(io))
+
+    entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), KIND, source, version, build,
+                         [ONNX_FILE, IO_FILE])
+    return entry / ONNX_FILE, json.loads((entry / IO_FILE).read_text())
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a GGUF file (from its metadata) or HF directory, without loading weights."""
+    from edge_mmm.text.tokenizer import TextTokenizer
+
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelFileError(f"{path}: expected config.json + safetensors or exactly one .gguf file")
+        path = ggufs[0]
+    if path.is_file():
+        from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
+
+        return TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(path), path)), path
+    return TextTokenizer.from_dir(path), path
+
+
+def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, cache_root: Optional[Path] = None,
+                             accuracy_level: int = 4):
+    """(OrtBackend, TextTokenizer) for a model file or directory; exports on first use."""
+    tokenizer, source = load_tokenizer(Path(path))
+    onnx_path, io = ensure_onnx(source, cache_root, accuracy_level)
+    return OrtBackend(onnx_path, io, context_length, threads), tokenizer

@@ -1,0 +1,317 @@
+"""Export a `Llama` (edge_mmm.models.llama) to ONNX for onnxruntime's CPU EP, built node by node.
+
+Graph (per layer): SkipSimplifiedLayerNormalization -> MatMulNBits(q|k|v fused) -> GroupQueryAttention
+(RoPE + KV append inside) -> MatMulNBits(o) -> SkipSimplifiedLayerNormalization -> MatMulNBits(gate|up)
+-> SiLU * up -> MatMulNBits(down). Quantized linears map onto `com.microsoft::MatMulNBits` as in
+docs/quantization.md, with one change for speed: an offset (asymmetric, e.g. GGUF Q4_1) weight
+`W = q*s + z` is split into `(q - 8)*s` (MatMulNBits with its default zero point, the fast path) plus
+`(8*s + z)` times the per-group sums of `x` (a small dense MatMul), because onnxruntime's CPU kernel
+for float zero points dequantizes the whole matrix on every call (~30x slower). This is how llama.cpp
+computes Q4_1 too. INT8 uses MatMulNBits bits=8 (codes + 128, default zero point 128).
+
+I/O: `input_ids` [batch, seq] int64; `position_ids` [batch, seq] int64 (batch rows are unpadded and
+contiguous: GroupQueryAttention derives every position from the last one, `seqlens_k = last`);
+`past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim]; outputs `logits` [batch, 1 or seq,
+vocab] and `present.{i}.key/value` [batch, kv_heads, past + seq, head_dim]. A caller may bind past and
+present to one preallocated buffer (GroupQueryAttention's shared-buffer mode); then `past` is the
+buffer length and `position_ids` says how much of it is valid.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from edge_mmm.errors import InputError
+from edge_mmm.models.llama import Llama
+from edge_mmm.quant.linear import QuantLinear
+from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO, PackedWeight
+from edge_mmm.quant.quantize import quantize_weight
+
+EXPORTER_VERSION = "onnx-lm-1"
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class OnnxLMOptions:
+    """Export choices. `accuracy_level` 4 lets MatMulNBits quantize activations to int8 per block
+    (as llama.cpp does; ~4x faster on CPU), 0 keeps fp32 activations for 4-bit weights (8-bit
+    weights always use 4, see `_accuracy`). `head_bits` quantizes a float
+    LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
+    `all_logits` returns logits for every position (else only the last one)."""
+
+    accuracy_level: int = 4
+    head_bits: Optional[int] = 8
+    head_group_size: int = 32
+    all_logits: bool = False
+
+    def __post_init__(self):
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.head_bits not in (None, 4, 8):
+            raise InputError(f"head_bits must be 4, 8 or None, got {self.head_bits}")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class _Graph:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self):
+        self.nodes: List[onnx.NodeProto] = []
+        self.inits: List[onnx.TensorProto] = []
+        self._n = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "", name: str = "",
+           outputs: Optional[Sequence[str]] = None, **attrs) -> Union[str, List[str]]:
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = list(outputs) if outputs is not None else [f"{base}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _fusable(packs: Sequence[PackedWeight]) -> bool:
+    first = packs[0]
+    return all(p.bits == first.bits and p.group_size == first.group_size and p.symmetric == first.symmetric
+               and p.in_features == first.in_features for p in packs)
+
+
+def _concat_packed(packs: Sequence[PackedWeight]) -> PackedWeight:
+    if len(packs) == 1:
+        return packs[0]
+    zeros = None if packs[0].zeros is None else torch.cat([p.zeros.float() for p in packs])
+    return PackedWeight(torch.cat([p.qweight for p in packs]), torch.cat([p.scales.float() for p in packs]),
+                        zeros, packs[0].bits, packs[0].group_size,
+                        (sum(p.out_features for p in packs), packs[0].in_features))
+
+
+def _check_block(packed: PackedWeight, name: str) -> None:
+    gs = packed.group_size
+    if gs < 16 or gs & (gs - 1):
+        raise InputError(f"{name}: group_size {gs} cannot be exported to MatMulNBits "
+                         f"(needs a power of two >= 16)")
+
+
+class _Builder:
+    def __init__(self, model: Llama, opts: OnnxLMOptions):
+        self.model, self.cfg, self.opts = model, model.config, opts
+        self.g = _Graph()
+        self._gsum_cache = {}
+        self._made = set()
+
+    # ------------------------------------------------------------------ linears
+    def _group_sums(self, x: str, k: int, group_size: int) -> str:
+        """[rows, K] -> [rows, ceil(K/group)] sums of x over each group, as one MatMul with a 0/1 matrix."""
+        key = (x, group_size)
+        if key not in self._gsum_cache:
+            n_groups = -(-k // group_size)
+            member = (np.arange(k)[:, None] // group_size == np.arange(n_groups)[None, :]).astype(np.float32)
+            self._gsum_cache[key] = self.g.op("MatMul", [x, self.g.const(f"{x}_groups{group_size}", member)])
+        return self._gsum_cache[key]
+
+    def _nbits_initializers(self, packed: PackedWeight, name: str) -> None:
+        """`{name}.B` and `{name}.scales` in MatMulNBits' layout (same bytes as ours; INT8 codes + 128)."""
+        _check_block(packed, name)
+        if f"{name}.B" in self._made:
+            return
+        self._made.add(f"{name}.B")
+        n, n_groups, gs = packed.out_features, packed.n_groups, packed.group_size
+        if packed.bits == 8:
+            b = (packed.qweight.to(torch.int16) + 128).to(torch.uint8).view(n, n_groups, gs)
+        else:
+            b = packed.qweight.view(n, n_groups, gs // 2)
+        self.g.const(f"{name}.B", _np(b))
+        self.g.const(f"{name}.scales", _np(packed.scales.float().reshape(-1)))
+
+    def _matmul_nbits(self, x: str, packed: PackedWeight, name: str) -> str:
+        g = self.g
+        self._nbits_initializers(packed, name)
+        n, k = packed.shape
+        gs = packed.group_size
+        y = g.op("MatMulNBits", [x, f"{name}.B", f"{name}.scales"], domain=MS_DOMAIN, name=name, K=k, N=n,
+                 bits=packed.bits, block_size=gs, accuracy_level=self._accuracy(packed.bits))
+        if packed.zeros is None:
+            return y
+        # W = q*s + z = (q - 8)*s + (8*s + z): the second term is per-group, so it acts on group sums.
+        offset = (SYMMETRIC_INT4_ZERO * packed.scales.float() + packed.zeros.float()).t().contiguous()  # [G, N]
+        return g.op("Gemm", [self._group_sums(x, k, gs), g.const(f"{name}.group_offsets", _np(offset)), y])
+
+    def linear(self, x: str, modules: Sequence[nn.Module], name: str) -> str:
+        """`x @ [W_1; W_2; ...].T (+ biases)`: one fused node when the weights share a format."""
+        g = self.g
+        biases = [m.bias for m in modules]
+        if all(isinstance(m, QuantLinear) for m in modules) and _fusable([m.packed for m in modules]):
+            y = self._matmul_nbits(x, _concat_packed([m.packed for m in modules]), name)
+        elif all(type(m) is nn.Linear for m in modules):
+            w = torch.cat([m.weight.detach().float() for m in modules]).t().contiguous()
+            y = g.op("MatMul", [x, g.const(f"{name}.weight_t", _np(w))])
+        else:
+            parts = [self.linear(x, [m], f"{name}.{i}") for i, m in enumerate(modules)]
+            return g.op("Concat", parts, axis=-1)
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features)
+                              for b, m in zip(biases, modules)])
+            y = g.op("Add", [y, g.const(f"{name}.bias", _np(bias))])
+        return y
+
+    # ------------------------------------------------------------------ head / embedding
+    def head_and_embedding(self):
+        """The LM head as a module, and whether the embedding can gather from its INT8 codes."""
+        head = self.model.lm_head
+        emb = self.model.embed_tokens.weight.detach()
+        if type(head) is nn.Linear and self.opts.head_bits is not None:
+            packed = quantize_weight(head.weight.detach().float(), self.opts.head_bits, self.opts.head_group_size,
+                                     symmetric=True)
+            head = QuantLinear.from_packed(packed)
+        shares = (isinstance(head, QuantLinear) and head.bits == 8 and head.packed.shape == tuple(emb.shape)
+                  and torch.equal(head.packed.dequantize(torch.float32), emb.float()))
+        return head, shares
+
+    def embedding(self, ids: str, head: nn.Module, shares: bool, head_name: str) -> str:
+        g = self.g
+        if not shares:
+            table = g.const("embed_tokens.weight", _np(self.model.embed_tokens.weight.float()))
+            return g.op("Gather", [table, ids], axis=0)
+        # Rows of the INT8 head are the embedding: gather codes + scales, dequantize the few rows.
+        packed = head.packed
+        codes = g.op("Gather", [f"{head_name}.B", ids], axis=0)                     # [b, t, G, gs] uint8
+        scales = g.op("Reshape", [f"{head_name}.scales", g.const("embed.scale_shape",
+                                                                  np.array([packed.out_features, -1, 1],
+                                                                           np.int64))])
+        s = g.op("Gather", [scales, ids], axis=0)                                    # [b, t, G, 1]
+        q = g.op("Sub", [g.op("Cast", [codes], to=TensorProto.FLOAT), g.const("embed.zero", np.float32(128))])
+        w = g.op("Mul", [q, s])
+        return g.op("Reshape", [w, g.const("embed.out_shape", np.array([0, 0, -1], np.int64))])
+
+    # ------------------------------------------------------------------ graph
+    def build(self) -> onnx.ModelProto:
+        cfg, g, m = self.cfg, self.g, self.model
+        nl, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", "seq" if self.opts.all_logits else 1, cfg.vocab_size])]
+        for i in range(nl):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                            ["batch", nkv, "past_seq", hd]))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                             ["batch", nkv, "total_seq", hd]))
+
+        # GroupQueryAttention bookkeeping: seqlens_k = last position, total = max(last) + 1.
+        last = g.op("Gather", ["position_ids", g.const("last_index", np.array(-1, np.int64))], axis=1)
+        seqlens_k = g.op("Cast", [last], to=TensorProto.INT32)
+        total = g.op("Cast", [g.op("Add", [g.op("ReduceMax", [last], keepdims=0),
+                                           g.const("one", np.array(1, np.int64))])], to=TensorProto.INT32)
+        freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)[:, None] * m.rotary.inv_freq.float()[None]
+        cos = g.const("rope.cos", _np(freqs.cos()))
+        sin = g.const("rope.sin", _np(freqs.sin()))
+
+        head, shares = self.head_and_embedding()
+        head_name = "lm_head"
+        if shares:  # the embedding gathers rows of the head's initializers
+            self._nbits_initializers(head.packed, head_name)
+        # Rows = batch * seq: linears and norms run on 2-D tensors (Gemm folds the offset term).
+        bt = g.op("Shape", ["input_ids"])
+        shape_3d = g.op("Concat", [bt, g.const("minus_one", np.array([-1], np.int64))], axis=0)
+        shape_2d = g.const("rows_shape", np.array([-1, cfg.hidden_size], np.int64))
+        x = g.op("Reshape", [self.embedding("input_ids", head, shares, head_name), shape_2d])
+        residual, pending = x, None
+        for i, layer in enumerate(m.layers):
+            p = f"layers.{i}"
+            h, residual = self.norm(residual, pending, layer.input_layernorm, f"{p}.input_layernorm")
+            at = layer.self_attn
+            qkv = self.linear(h, [at.q_proj, at.k_proj, at.v_proj], f"{p}.attn.qkv")
+            qkv = g.op("Reshape", [qkv, shape_3d])
+            attn = g.op("GroupQueryAttention",
+                        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
+                         cos, sin], domain=MS_DOMAIN, name=f"{p}.attn",
+                        outputs=[f"{p}.attn_out", f"present.{i}.key", f"present.{i}.value"],
+                        num_heads=cfg.num_heads, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
+                        scale=float(hd) ** -0.5)[0]
+            attn = g.op("Reshape", [attn, g.const(f"{p}.attn_rows", np.array([-1, cfg.num_heads * hd], np.int64))])
+            o = self.linear(attn, [at.o_proj], f"{p}.attn.o")
+            h, residual = self.norm(residual, o, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+            mlp = layer.mlp
+            gate_up = self.linear(h, [mlp.gate_proj, mlp.up_proj], f"{p}.mlp.gate_up")
+            gate, up = g.op("Split", [gate_up, g.const(f"{p}.mlp.split", np.array(
+                [cfg.intermediate_size, cfg.intermediate_size], np.int64))], n_out=2, axis=-1)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+            pending = self.linear(act, [mlp.down_proj], f"{p}.mlp.down")
+        residual = g.op("Reshape", [residual, shape_3d])
+        pending = g.op("Reshape", [pending, shape_3d])
+        if not self.opts.all_logits:
+            residual = self._last(residual)
+            pending = self._last(pending)
+        h, _ = self.norm(residual, pending, m.norm, "norm")
+        logits = self.linear(h, [head], head_name)
+        g.op("Identity", [logits], outputs=["logits"])
+
+        graph = helper.make_graph(g.nodes, "edge_mmm_llama", inputs, outputs, g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="edge-mmm", producer_version=EXPORTER_VERSION)
+        model.ir_version = 8
+        return model
+
+    def _last(self, x: str) -> str:
+        g = self.g
+        return g.op("Slice", [x, g.const(f"{x}_s", np.array([-1], np.int64)),
+                              g.const(f"{x}_e", np.array([np.iinfo(np.int64).max], np.int64)),
+                              g.const(f"{x}_a", np.array([1], np.int64))])
+
+    def _accuracy(self, bits: int) -> int:
+        # onnxruntime 1.32's CPU MatMulNBits has no fp32-activation kernel for 8-bit weights: it would
+        # dequantize the whole matrix on every call (~50x slower), so 8-bit always takes the int8 path.
+        return 4 if bits == 8 else self.opts.accuracy_level
+
+    def norm(self, residual: str, add: Optional[str], module: nn.Module, name: str):
+        """RMSNorm of `residual + add` -> (normalized, new residual)."""
+        g = self.g
+        gamma = g.const(f"{name}.weight", _np(module.weight.float()))
+        if add is None:
+            return g.op("SimplifiedLayerNormalization", [residual, gamma], name=name, axis=-1,
+                        epsilon=float(module.eps)), residual
+        outs = g.op("SkipSimplifiedLayerNormalization", [residual, add, gamma], domain=MS_DOMAIN, name=name,
+                    outputs=[f"{name}_out", "", "", f"{name}_sum"], epsilon=float(module.eps))
+        return outs[0], outs[3]
+
+
+def build_llama_onnx(model: Llama, options: Optional[OnnxLMOptions] = None) -> onnx.ModelProto:
+    """The ONNX graph of `model` (float or with QuantLinear layers) as a ModelProto."""
+    model = model.eval()
+    with torch.no_grad():
+        return _Builder(model, options or OnnxLMOptions()).build()
+
+
+def export_llama_onnx(model: Llama, path: Union[str, Path], options: Optional[OnnxLMOptions] = None) -> Path:
+    """Write the model's ONNX to `path` atomically (temp file, then os.replace)."""
+    path = Path(path)
+    proto = build_llama_onnx(model, options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,83 @@
+"""ONNX LM export (MatMulNBits + GroupQueryAttention) against the torch Llama on tiny random models.
+
+Tolerances: fp32 activations (accuracy_level 0) and a float head: logits within 1e-4 * max|logit|;
+int8 activations (accuracy_level 4, llama.cpp's scheme): within 1e-2 * max|logit|.
+"""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edge_mmm.errors import InputError
+from edge_mmm.exporters.onnx_lm import OnnxLMOptions, build_llama_onnx
+from edge_mmm.models.llama import KVCache, Llama, LlamaConfig
+from edge_mmm.quant import quantize_model, quantize_weight
+
+
+def _model(tied=True, attention_bias=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=6,
+                      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=tied,
+                      attention_bias=attention_bias, max_position_embeddings=64)
+    return Llama(cfg).eval()
+
+
+def _run_chunks(model, opts, chunks=(5, 1, 3)):
+    """Feed the same ids chunk by chunk to torch (KVCache) and ORT (past/present); max |diff|, max |ref|."""
+    cfg = model.config
+    sess = ort.InferenceSession(build_llama_onnx(model, opts).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    ids = torch.randint(0, cfg.vocab_size, (1, sum(chunks)), generator=torch.Generator().manual_seed(1))
+    cache = KVCache.for_config(cfg, 64)
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    pos, err, scale = 0, 0.0, 0.0
+    for n in chunks:
+        chunk = ids[:, pos:pos + n]
+        with torch.no_grad():
+            ref = model(chunk, cache=cache, last_only=not opts.all_logits).numpy()
+        out = dict(zip(names, sess.run(None, {"input_ids": chunk.numpy(),
+                                              "position_ids": np.arange(pos, pos + n)[None], **past})))
+        past = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"]
+                for i in range(cfg.num_layers) for k in ("key", "value")}
+        assert out["logits"].shape == ref.shape
+        err, scale = max(err, float(np.abs(out["logits"] - ref).max())), max(scale, float(np.abs(ref).max()))
+        pos += n
+    assert out["present.0.key"].shape[2] == pos
+    return err, scale
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False),
+                                                         (8, 32, True)])
+def test_quantized_matches_torch_fp32_activations(bits, group_size, symmetric):
+    model = quantize_model(_model(), bits, group_size, symmetric)
+    err, scale = _run_chunks(model, OnnxLMOptions(accuracy_level=0, head_bits=None, all_logits=True))
+    assert err <= (1e-4 if bits == 4 else 1e-2) * scale  # 8-bit MatMulNBits always quantizes activations
+
+
+def test_float_model_with_biases_untied():
+    model = _model(tied=False, attention_bias=True)
+    err, scale = _run_chunks(model, OnnxLMOptions(accuracy_level=0, head_bits=None))
+    assert err <= 1e-4 * scale
+
+
+def test_int8_activations_and_shared_int8_embedding():
+    model = quantize_model(_model(), 4, 32, False)
+    # An embedding that is exactly INT8 g32 (as GGUF Q8_0): the head is quantized losslessly and the
+    # embedding gathers from the head's codes instead of storing a float table.
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(quantize_weight(model.embed_tokens.weight, 8, 32, True).dequantize())
+    opts = OnnxLMOptions(accuracy_level=4)
+    proto = build_llama_onnx(model, opts)
+    assert "embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
+    err, scale = _run_chunks(model, opts)
+    assert err <= 1e-2 * scale
+
+
+def test_unexportable_group_size():
+    model = _model()
+    quantize_model(model, 8, None, True)  # per-channel INT8: K=96 is not a MatMulNBits block size
+    with pytest.raises(InputError, match="group_size 96"):
+        build_llama_onnx(model, OnnxLMOptions())
