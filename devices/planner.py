@@ -4,8 +4,10 @@ on a device, decided before anything is loaded.
 Method (docs/devices.md has the derivation and the CPU validation):
 - weights: parameter counts from architecture dims (`specs.py`) x bytes per weight. LM linears use the
   packed layout of docs/quantization.md (INT4: 4 bit codes + a scale, and an offset when `zeros`, per
-  `group_size` weights; INT8: 8 bit codes + a scale per group); scales are fp16 on GPUs, fp32 on CPU.
-  Token embeddings of a quantized LM are INT8 (GGUF keeps them Q8_0). Norms stay in the activation dtype.
+  `group_size` weights; INT8: 8 bit codes + a scale per group); scales fp16 by default (GGUF's own,
+  kept by the loader on CPU too; `quant.quantize_model` uses fp32: `scale_dtype`). The token embedding
+  and an untied LM head stay dense in the activation dtype (the GGUF loader dequantizes the Q8_0 table
+  once for the lookup; `quantize_model` skips the head). Norms stay in the activation dtype.
 - KV cache: LM `2 x layers x kv_heads x head_dim x context`; Whisper self-attention KV over its 448
   text positions per beam plus the cross-attention KV of one 30 s window.
 - activations: the largest set of tensors alive inside one transformer block (flash attention: no
@@ -30,7 +32,6 @@ from .specs import SILERO_VAD, WHISPER, LlamaSpec, VLMSpec, WhisperSpec, resolve
 LM_QUANTS = ("fp32", "fp16", "int8", "int4")
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
-INT8_EMBEDDING_GROUP = 32  # GGUF Q8_0 blocks
 CPU_DEQUANT_BYTES_PER_WEIGHT = 12  # fp32 q, q*s and w alive together in PackedWeight.dequantize
 ASR_SMALLER = {"small": "base", "base": "tiny", "small.en": "base.en", "base.en": "tiny.en"}
 VLM_SMALLER = {"smolvlm-500m": "smolvlm-256m"}
@@ -48,6 +49,7 @@ class PlanRequest:
     quant: str = "int4"  # LM weights
     group_size: int = 32
     zeros: bool = True  # INT4 scale + offset (GGUF Q4_1 style); False = scale only (Q4_0 style)
+    scale_dtype: str = "fp16"  # GGUF files and GPUs: fp16; quant.quantize_model on CPU: fp32
     context: Optional[int] = None
     encoder_precision: Optional[str] = None  # Whisper + vision tower; default = activation dtype
     asr_beams: int = 1
@@ -178,7 +180,9 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         raise InputError(f"unknown encoder precision '{enc}'; use one of {', '.join(ENCODER_PRECISIONS)}")
     _check_precision(profile, enc, "the encoders")
     _check_precision(profile, request.quant, "LM weights")
-    scale_bytes = 4 if act == "fp32" else 2
+    if request.scale_dtype not in ("fp16", "fp32"):
+        raise InputError(f"scale dtype must be fp16 or fp32, got {request.scale_dtype}")
+    scale_bytes = DTYPE_BYTES[request.scale_dtype]
     context = request.context or profile.default_context
     chunk = min(context, request.prefill_chunk or profile.prefill_chunk)
     lm: Optional[LlamaSpec] = vlm.text if vlm is not None else llm
@@ -227,21 +231,23 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
     if lm is not None:
         q = request.quant
         quantized = q in ("int8", "int4")
-        lin = lm.linear_params() + lm.lm_head_params()
-        w = _weight_bytes(lin, q, request.group_size, request.zeros, scale_bytes)
-        emb_q = "int8" if quantized else q
-        w_emb = _weight_bytes(lm.embedding_params(), emb_q, INT8_EMBEDDING_GROUP, False, scale_bytes)
+        w = _weight_bytes(lm.linear_params(), q, request.group_size, request.zeros, scale_bytes)
+        # embedding (and an untied head) stay dense: the GGUF loader dequantizes the Q8_0 table once for
+        # the lookup, and quantize_model skips the LM head
+        emb_q = act if quantized else q
+        w_emb = _weight_bytes(lm.embedding_params() + lm.lm_head_params(), emb_q, request.group_size, False,
+                              scale_bytes)
         w_rest = (lm.norm_params() + lm.bias_params()) * ab
         qdesc = f"{q} g{request.group_size}{'+zero' if request.zeros and q == 'int4' else ''}" if quantized else q
         add("lm", "weights", w + w_emb + w_rest,
-            f"{lm.name}: {lm.param_count() / 1e6:.1f}M params; linears {qdesc}, embeddings {emb_q}")
+            f"{lm.name}: {lm.param_count() / 1e6:.1f}M params; linears {qdesc}, embedding+head {emb_q}")
         add("lm", "kv_cache", context * lm.kv_bytes_per_token(ab),
             f"{context} tokens x {lm.kv_bytes_per_token(ab) / 1024:.1f} KiB/token ({act})")
         elems = _block_activation_elems(chunk, lm.hidden, lm.heads * lm.head_dim, lm.kv_heads * lm.head_dim,
                                         lm.intermediate, True)
         add("lm", "activations", elems * ab + lm.vocab * 4, f"prefill chunk of {chunk} tokens + last-token logits")
         if quantized and not gpu:
-            largest = max(lm.hidden * lm.intermediate, lm.vocab * lm.hidden)
+            largest = max(lm.hidden * lm.intermediate, lm.hidden * lm.heads * lm.head_dim)
             add("lm", "workspace", largest * CPU_DEQUANT_BYTES_PER_WEIGHT,
                 f"torch CPU reference dequantizes one weight at a time ({largest / 1e6:.1f}M x 12 B)")
 
