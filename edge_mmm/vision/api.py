@@ -98,11 +98,13 @@ class VLMBackend:
         self.features: Optional[torch.Tensor] = None
         self.prefill_s = 0.0
 
-    def new_cache(self):
+    def new_cache(self, max_len: Optional[int] = None):
+        """A KV cache for `max_len` positions (default: the whole context)."""
         from edge_mmm.models.llama import KVCache
 
         dtype = next(self.model.lm.norm.parameters()).dtype
-        return KVCache.for_config(self.model.config.text, self.context_length, dtype=dtype)
+        n = self.context_length if max_len is None else min(max_len, self.context_length)
+        return KVCache.for_config(self.model.config.text, n, dtype=dtype)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
@@ -184,7 +186,8 @@ class VisionLanguageModel:
         config.validate()
         check_prompt(len(prepared.ids), self.context_length)
         self.backend.features = prepared.features
-        cache = self.backend.new_cache()
+        # sized to this answer, not the whole context: SmolVLM's 8k context would be ~380 MB per call
+        cache = self.backend.new_cache(len(prepared.ids) + config.max_tokens)
         return TokenStream(self.backend, self.tokenizer, prepared.ids, config, cache, reuse=0, load_s=self.load_s)
 
     def generate(self, messages: Messages, config: Optional[GenerationConfig] = None) -> Generation:

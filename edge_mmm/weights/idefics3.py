@@ -131,7 +131,10 @@ def load_idefics3(root, dtype: torch.dtype = torch.float32, quantize: Optional[s
     if quantize not in (None, "int4", "int8"):
         raise ModelFileError(f"unknown quantization {quantize!r} (use int4 or int8)")
     cfg = files.config
-    vis_state, lm_state = split_state(read_safetensors(safetensors_files(files.root)), cfg, str(files.root))
+    tensors = read_safetensors(safetensors_files(files.root))
+    if "lm_head.weight" not in tensors:  # a tied head is not saved (configs disagree on where the flag lives)
+        cfg.text.tie_word_embeddings = True
+    vis_state, lm_state = split_state(tensors, cfg, str(files.root))
     lm = build_llama(cfg.text, lm_state, dtype=dtype)
     with torch.device("meta"):
         vision = Idefics3Vision(cfg)

@@ -102,7 +102,11 @@ def test_quantized_lm_stays_close(tiny):
     from PIL import Image
 
     _, proc, ours, _, d = tiny
+    from edge_mmm.quant.linear import QuantLinear
+
     q, _ = load_idefics3(d, quantize="int8")
+    assert isinstance(q.lm.layers[0].self_attn.q_proj, QuantLinear)
+    assert not any(isinstance(m, QuantLinear) for m in q.vision.modules())  # vision stays float
     text = "<|im_start|>User:<image>x<end_of_utterance>\nAssistant:"
     x = proc(images=[Image.fromarray(skdata.coffee())], text=text, return_tensors="pt")
     with torch.no_grad():
@@ -126,3 +130,15 @@ def test_smolvlm2_architecture_loads_and_matches(tmp_path):
         ref = hf(**x).logits
         got = ours(x["input_ids"], x["pixel_values"], x["pixel_attention_mask"])
     assert (got - ref).abs().max().item() < ATOL
+
+
+def test_tied_head_checkpoint(tmp_path):
+    from PIL import Image
+
+    hf, proc = build_tiny_vlm(tmp_path, seed=2, tie=True)
+    ours, files = load_idefics3(tmp_path)
+    assert files.config.text.tie_word_embeddings
+    text = "<|im_start|>User:<image>x<end_of_utterance>\nAssistant:"
+    x = proc(images=[Image.fromarray(skdata.coffee())], text=text, return_tensors="pt")
+    with torch.no_grad():
+        assert (ours(x["input_ids"], x["pixel_values"], x["pixel_attention_mask"]) - hf(**x).logits).abs().max() < ATOL
