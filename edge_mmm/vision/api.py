@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -35,8 +35,10 @@ Messages = Sequence[Mapping[str, Any]]
 @dataclass
 class PreparedPrompt:
     ids: List[int]
-    features: Optional[torch.Tensor]
+    features: Optional[torch.Tensor]  # (n_image_tokens, D), in prompt order
     timings: Dict[str, float]
+    image_keys: List[str] = field(default_factory=list)  # content key of each image, in prompt order
+    image_tokens: List[int] = field(default_factory=list)  # `<image>` tokens of each image
 
 
 def _image_from_url(url: str) -> ImageLike:
@@ -108,8 +110,11 @@ class VLMBackend:
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
+        """`ids` is the prompt after the reused prefix: its image tokens take the last features."""
         t0 = time.perf_counter()
-        emb = self.model.embed(torch.tensor([list(ids)], dtype=torch.long), self.features)
+        n_img = sum(1 for t in ids if t == self.model.config.image_token_id)
+        feats = None if self.features is None or n_img == 0 else self.features[self.features.shape[0] - n_img:]
+        emb = self.model.embed(torch.tensor([list(ids)], dtype=torch.long), feats)
         logits = self.model.lm(inputs_embeds=emb, cache=cache, last_only=True)[0, -1].float()
         self.prefill_s = time.perf_counter() - t0
         return logits
@@ -134,27 +139,30 @@ class VisionLanguageModel:
         self.load_s = load_s
         self.model_id = model_id or str(files.root)
         self._source_tag = f"{self.model_id}|{files.image_processor!r}"  # same image, same settings
+        self.reset()
 
     @property
     def context_length(self) -> int:
         return self.backend.context_length
 
-    def image_features(self, images: Sequence[ImageLike]) -> Tuple[torch.Tensor, Any, Dict[str, float]]:
-        """Decode, preprocess, encode, all through the embedding cache: (features, processed, timings).
+    def image_features(self, images: Sequence[ImageLike]
+                       ) -> Tuple[torch.Tensor, ProcessedImages, Dict[str, float], List[str]]:
+        """Decode, preprocess, encode, all through the embedding cache.
 
-        A decoded image seen before skips preprocessing and the encoder; new pixels that match cached
-        preprocessed pixels skip the encoder.
+        Returns (features, processed, timings, per-image content keys). A decoded image set seen before
+        skips preprocessing and the encoder; new pixels equal to cached preprocessed pixels skip the encoder.
         """
         t0 = time.perf_counter()
         decoded = [load_image(im) for im in images]
-        source = content_key(self._source_tag, *[np.asarray(im) for im in decoded])
+        keys = [content_key(self._source_tag, np.asarray(im)) for im in decoded]
+        source = content_key("|".join(keys))
         known = self.cache.lookup_source(source)
         t1 = time.perf_counter()
         if known is not None:
             entry, feats = known
             processed = ProcessedImages(None, None, entry.rows, entry.cols)
             return feats, processed, {"preprocess_s": t1 - t0, "vision_s": 0.0, "image_cache_hit": 1.0,
-                                      "image_tiles": float(feats.shape[0] // self.processor.image_seq_len)}
+                                      "image_tiles": float(feats.shape[0] // self.processor.image_seq_len)}, keys
         processed = self.processor.process_images(decoded)
         t2 = time.perf_counter()
         key = pixels_key(self.model_id, processed.pixel_values, processed.pixel_attention_mask)
@@ -163,36 +171,75 @@ class VisionLanguageModel:
         self.cache.remember_source(source, SourceEntry(key, processed.rows, processed.cols))
         t3 = time.perf_counter()
         return feats, processed, {"preprocess_s": t2 - t0, "vision_s": t3 - t2, "image_cache_hit": float(hit),
-                                  "image_tiles": float(processed.pixel_values.shape[1])}
+                                  "image_tiles": float(processed.pixel_values.shape[1])}, keys
 
     def prepare(self, messages: Messages) -> PreparedPrompt:
         """Messages -> token ids + image features, with preprocessing / vision timings."""
         tmpl_msgs, images = split_messages(messages)
         text = self.processor.apply_chat_template(tmpl_msgs, add_generation_prompt=True)
         timings: Dict[str, float] = {"preprocess_s": 0.0, "vision_s": 0.0}
-        feats, processed = None, None
+        feats, processed, keys, counts = None, None, [], []
         if images:
-            feats, processed, timings = self.image_features(images)
+            feats, processed, timings, keys = self.image_features(images)
+            counts = [(r * c + 1 if r or c else 1) * self.processor.image_seq_len
+                      for r, c in zip(processed.rows, processed.cols)]
         inputs = self.processor(images, text, processed=processed)
-        return PreparedPrompt(inputs.input_ids[0].tolist(), feats, timings)
+        return PreparedPrompt(inputs.input_ids[0].tolist(), feats, timings, keys, counts)
 
     def stream(self, messages: Messages, config: Optional[GenerationConfig] = None) -> TokenStream:
         """Text deltas as decoded; `stream.result` is the `Generation` (its timings lack vision_s)."""
-        prepared = self.prepare(messages)
-        return self._stream(prepared, config)
+        return self._stream(self.prepare(messages), config)
+
+    def reset(self) -> None:
+        """Forget the cached conversation KV (image features stay in the embedding cache)."""
+        self._kv, self._kv_prompt, self._kv_images, self._last_stream = None, [], [], None
+
+    def _reusable_prefix(self, prepared: PreparedPrompt) -> int:
+        """How many leading positions of the KV cache are valid for this prompt: equal token ids, and
+        every image whose tokens fall inside the prefix is the same image as last time."""
+        if self._kv is None:
+            return 0
+        seen = self._kv_prompt + (self._last_stream.token_ids if self._last_stream is not None else [])
+        seen = seen[: self._kv.length]
+        n = 0
+        for a, b in zip(seen, prepared.ids):
+            if a != b:
+                break
+            n += 1
+        image_pos = [i for i, t in enumerate(prepared.ids) if t == self.model.config.image_token_id]
+        start = 0
+        for j, (key, count) in enumerate(zip(prepared.image_keys, prepared.image_tokens)):
+            if start >= len(image_pos) or image_pos[start] >= n:
+                break
+            if j >= len(self._kv_images) or self._kv_images[j] != key:
+                return min(n, image_pos[start])
+            start += count
+        return n
 
     def _stream(self, prepared: PreparedPrompt, config: Optional[GenerationConfig]) -> TokenStream:
         config = config or GenerationConfig()
         config.validate()
         check_prompt(len(prepared.ids), self.context_length)
         self.backend.features = prepared.features
-        # sized to this answer, not the whole context: SmolVLM's 8k context would be ~380 MB per call
-        cache = self.backend.new_cache(len(prepared.ids) + config.max_tokens)
-        return TokenStream(self.backend, self.tokenizer, prepared.ids, config, cache, reuse=0, load_s=self.load_s)
+        reuse = self._reusable_prefix(prepared)
+        # sized to this answer, grown on demand: SmolVLM's full 8k context would be ~380 MB
+        need = min(len(prepared.ids) + config.max_tokens, self.context_length)
+        if self._kv is None or self._kv.max_len < need:
+            old, self._kv = self._kv, self.backend.new_cache(need)
+            if old is not None and reuse > 0:
+                self._kv.k[:, :, :, :reuse] = old.k[:, :, :, :reuse]
+                self._kv.v[:, :, :, :reuse] = old.v[:, :, :, :reuse]
+                self._kv.length = reuse
+            else:
+                reuse = 0
+        self._kv_prompt, self._kv_images = list(prepared.ids), list(prepared.image_keys)
+        self._last_stream = TokenStream(self.backend, self.tokenizer, prepared.ids, config, self._kv,
+                                        reuse=reuse, load_s=self.load_s)
+        return self._last_stream
 
     def generate(self, messages: Messages, config: Optional[GenerationConfig] = None) -> Generation:
         """Answer the conversation. Timings: preprocess_s, vision_s, prefill_s, ttft_s (from the call),
-        decode_tok_s, image_cache_hit."""
+        decode_tok_s, image_cache_hit, prompt_reused (KV positions reused from the previous call)."""
         t0 = time.perf_counter()
         prepared = self.prepare(messages)
         t_prep = time.perf_counter() - t0

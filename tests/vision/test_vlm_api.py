@@ -90,3 +90,25 @@ def test_bad_messages(tiny):
         vlm.generate([])
     text_only = vlm.generate([{"role": "user", "content": "hello"}], GenerationConfig(max_tokens=2))
     assert text_only.prompt_tokens > 0
+
+
+def test_kv_prefix_reuse_is_exact(tiny):
+    """A second question about the same image reuses the image's KV positions; answers equal a fresh model's.
+    A different image must not reuse its predecessor's image positions."""
+    _, _, d = tiny
+    cat, cup = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
+    cfg = GenerationConfig(max_tokens=6)
+
+    def msgs(img, q):
+        return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+
+    vlm = load_vlm(d)
+    vlm.generate(msgs(cat, "What animal?"), cfg)
+    second = vlm.generate(msgs(cat, "What color?"), cfg)
+    n_image_tokens = sum(vlm.prepare(msgs(cat, "x")).image_tokens)
+    assert second.timings["prompt_reused"] > n_image_tokens
+    assert second.token_ids == load_vlm(d).generate(msgs(cat, "What color?"), cfg).token_ids
+    third = vlm.generate(msgs(cup, "What color?"), cfg)
+    first_image_pos = vlm.prepare(msgs(cup, "x")).ids.index(vlm.model.config.image_token_id)
+    assert third.timings["prompt_reused"] <= first_image_pos
+    assert third.token_ids == load_vlm(d).generate(msgs(cup, "What color?"), cfg).token_ids
