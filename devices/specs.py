@@ -77,6 +77,15 @@ class LlamaSpec:
     tie_embeddings: bool
     max_context: int
     qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, name: str) -> "LlamaSpec":
+        """From our `models.llama.LlamaConfig` (what the HF and GGUF loaders produce)."""
+        return cls(name, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                   cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings, cfg.max_position_embeddings,
+                   cfg.attention_bias, cfg.attention_out_bias, cfg.mlp_bias)
 
     def linear_params(self) -> int:
         """Weights of the per-layer projections (what weight-only quantization packs)."""
@@ -86,7 +95,10 @@ class LlamaSpec:
         return self.layers * (attn + mlp)
 
     def bias_params(self) -> int:
-        return self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        out = self.hidden if self.out_bias else 0
+        mlp = 2 * self.intermediate + self.hidden if self.mlp_bias else 0
+        return self.layers * (qkv + out + mlp)
 
     def norm_params(self) -> int:
         return (2 * self.layers + 1) * self.hidden
@@ -145,6 +157,14 @@ class VLMSpec:
     scale_factor: int
     max_tiles: int  # image splitting: up to N x N local tiles + 1 global tile
 
+    @classmethod
+    def from_config(cls, cfg, name: str, max_tiles: int = 17) -> "VLMSpec":
+        """From our `models.idefics3.Idefics3Config` (SigLIP vision config + LlamaConfig)."""
+        v = cfg.vision
+        vision = VisionSpec(f"{name}-vision", v.hidden_size, v.num_hidden_layers, v.num_attention_heads,
+                            v.intermediate_size, v.image_size, v.patch_size, v.num_channels)
+        return cls(name, vision, LlamaSpec.from_config(cfg.text, f"{name}-text"), cfg.scale_factor, max_tiles)
+
     @property
     def tokens_per_tile(self) -> int:
         return self.vision.tokens // self.scale_factor ** 2
@@ -197,33 +217,18 @@ def _need(cfg: dict, key: str, where: str):
 
 
 def llama_spec_from_hf_config(cfg: dict, name: str = "llm", where: str = "config.json") -> LlamaSpec:
-    """A LlamaSpec from a Hugging Face LlamaConfig/Qwen2Config dict."""
-    hidden = _need(cfg, "hidden_size", where)
-    heads = _need(cfg, "num_attention_heads", where)
-    return LlamaSpec(
-        name=name, hidden=hidden, layers=_need(cfg, "num_hidden_layers", where), heads=heads,
-        kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or hidden // heads,
-        intermediate=_need(cfg, "intermediate_size", where), vocab=_need(cfg, "vocab_size", where),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        max_context=cfg.get("max_position_embeddings", 2048),
-        qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
+    """A LlamaSpec from a Hugging Face config dict, parsed by the LM loader (`weights.hf_lm`)."""
+    from edge_mmm.weights.hf_lm import lm_config_from_hf
 
-
-def vision_spec_from_hf_config(cfg: dict, name: str = "vision", where: str = "config.json") -> VisionSpec:
-    return VisionSpec(name, _need(cfg, "hidden_size", where), _need(cfg, "num_hidden_layers", where),
-                      _need(cfg, "num_attention_heads", where), _need(cfg, "intermediate_size", where),
-                      _need(cfg, "image_size", where), _need(cfg, "patch_size", where), cfg.get("num_channels", 3))
+    return LlamaSpec.from_config(lm_config_from_hf(cfg, where), name)
 
 
 def vlm_spec_from_hf_config(cfg: dict, name: str = "vlm", where: str = "config.json") -> VLMSpec:
-    """A VLMSpec from an Idefics3/SmolVLM config.json (`vision_config` + `text_config`)."""
-    text = dict(_need(cfg, "text_config", where))
-    text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
-    vision = vision_spec_from_hf_config(_need(cfg, "vision_config", where), f"{name}-vision", where)
-    llm = llama_spec_from_hf_config(text, f"{name}-text", where)
-    scale = cfg.get("scale_factor", 4)
+    """A VLMSpec from an Idefics3/SmolVLM config.json, parsed by the VLM loader (`weights.idefics3`)."""
+    from edge_mmm.weights.idefics3 import idefics3_config_from_hf
+
     # processor default: longest edge 4 x tile -> up to 4 x 4 tiles + 1 global
-    return VLMSpec(name, vision, llm, scale, 17)
+    return VLMSpec.from_config(idefics3_config_from_hf(cfg, where), name, 17)
 
 
 def whisper_spec_from_hf_config(cfg: dict, name: str = "whisper", where: str = "config.json") -> WhisperSpec:
@@ -245,41 +250,15 @@ def whisper_spec_from_dims(dims: dict, name: str = "whisper") -> WhisperSpec:
 
 
 def llama_spec_from_gguf(path, name: Optional[str] = None) -> LlamaSpec:
-    """A LlamaSpec from GGUF metadata (`llama.*` keys) of a path or an open `gguf.GGUFReader`."""
+    """A LlamaSpec from GGUF metadata (path or open `gguf.GGUFReader`), parsed by `weights.gguf_lm`."""
     from gguf import GGUFReader
 
-    if isinstance(path, GGUFReader):
-        reader, path = path, Path(str(path.data.filename))
-    else:
-        path = Path(path)
-        try:
-            reader = GGUFReader(str(path))
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+    from edge_mmm.weights.gguf_lm import gguf_metadata, lm_config_from_gguf, open_gguf
 
-    def field(key: str, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            if default is None:
-                raise ModelFileError(f"{path}: GGUF metadata has no '{key}'")
-            return default
-        return f.contents()
-
-    arch = field("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ModelFileError(f"{path}: GGUF architecture '{arch}' is not a Llama-family LM")
-    hidden = int(field(f"{arch}.embedding_length"))
-    heads = int(field(f"{arch}.attention.head_count"))
-    vocab_f = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(field(f"{arch}.vocab_size", len(vocab_f.data) if vocab_f is not None else 0))
-    names = {t.name for t in reader.tensors}
-    return LlamaSpec(
-        name=name or path.stem, hidden=hidden, layers=int(field(f"{arch}.block_count")), heads=heads,
-        kv_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(field(f"{arch}.rope.dimension_count", hidden // heads)),
-        intermediate=int(field(f"{arch}.feed_forward_length")), vocab=vocab,
-        tie_embeddings="output.weight" not in names, max_context=int(field(f"{arch}.context_length", 2048)),
-        qkv_bias="blk.0.attn_q.bias" in names)
+    reader = path if isinstance(path, GGUFReader) else open_gguf(path)
+    path = Path(str(reader.data.filename)) if isinstance(path, GGUFReader) else Path(path)
+    cfg = lm_config_from_gguf(gguf_metadata(reader, path), {t.name for t in reader.tensors})
+    return LlamaSpec.from_config(cfg, name or path.stem)
 
 
 def spec_from_file(path: Union[str, Path], kind: str):

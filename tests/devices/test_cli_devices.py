@@ -28,7 +28,7 @@ def test_plan_fits(capsys):
 
 def test_plan_refused_exits_2_with_numbers(capsys, tmp_path):
     cfg = tmp_path / "llama8b.json"  # Llama-3.1-8B dims
-    cfg.write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                                "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
                                "tie_word_embeddings": False, "max_position_embeddings": 131072}))
     code = main(["plan", "--device", "orin-nano-8gb", "--llm", str(cfg), "--quant", "fp16", "--json"])

@@ -44,11 +44,11 @@ def test_gguf_spec_matches_tensor_elements():
 
 
 def test_specs_from_configs(tmp_path):
-    cfg = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    cfg = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
            "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
            "max_position_embeddings": 8192}
     assert llama_spec_from_hf_config(cfg, "smollm2-135m") == LLM["smollm2-135m"]
-    vcfg = {"scale_factor": 4, "text_config": dict(cfg, vocab_size=49280, tie_word_embeddings=False),
+    vcfg = {"model_type": "idefics3", "scale_factor": 4, "text_config": dict(cfg, vocab_size=49280, tie_word_embeddings=False),
             "vision_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                               "intermediate_size": 3072, "image_size": 512, "patch_size": 16}}
     assert vlm_spec_from_hf_config(vcfg).param_count() == VLM["smolvlm-256m"].param_count()
@@ -136,7 +136,7 @@ def test_nothing_fits_says_so():
 
 
 # Llama-3.2-3B dims (HF config.json of meta-llama/Llama-3.2-3B-Instruct)
-LLAMA_3B = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+LLAMA_3B = {"model_type": "llama", "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
             "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128,
             "max_position_embeddings": 131072}
 
