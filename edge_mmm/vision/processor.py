@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from edge_mmm.errors import InputError
+from edge_mmm.errors import InputError, ModelFileError
 
 # Special tokens of the Idefics3 prompt format, named once.
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -62,7 +62,7 @@ class ImageProcessorConfig:
         mis = d.get("max_image_size") or {}
         resample = d.get("resample", 1)
         if resample not in (1, None):  # PILImageResampling.LANCZOS == 1
-            raise InputError(f"preprocessor_config.json: resample={resample} is not supported (only LANCZOS=1)")
+            raise ModelFileError(f"preprocessor_config.json: resample={resample} is not supported (LANCZOS=1)")
         return cls(
             longest_edge=int(size.get("longest_edge", cls.longest_edge)),
             max_image_size=int(mis.get("longest_edge", cls.max_image_size)),

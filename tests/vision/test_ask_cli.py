@@ -147,3 +147,14 @@ def test_model_dir_missing_a_file_exits_2(env, capsys, tmp_path, missing):
     (dst / missing).unlink()
     code, _, err = _run(capsys, "ask", "--model", str(dst), "--image", str(env["photo"]), "What?")
     assert code == 2 and missing in err
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "bad_config_json"])
+def test_corrupt_model_file_exits_2_naming_it(env, capsys, tmp_path, damage):
+    dst = tmp_path / "corrupt"
+    shutil.copytree(env["model"], dst)
+    name = "model.safetensors" if damage == "truncated_weights" else "config.json"
+    data = (dst / name).read_bytes()
+    (dst / name).write_bytes(data[: len(data) // 2])
+    code, _, err = _run(capsys, "ask", "--model", str(dst), "--image", str(env["photo"]), "What?")
+    assert code == 2 and name in err and err.count("\n") == 1
