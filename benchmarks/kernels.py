@@ -8,6 +8,8 @@ ideal traffic: packed weights + activations once), compute-bound ones TFLOP/s. A
 torch (our references or the model's own code), torch.compile of the same (unless --no-compile),
 F.scaled_dot_product_attention, dense fp16 F.linear, and torch's int4 tinygemm
 (aten._weight_int4pack_mm) when this torch has it. Times: triton.testing.do_bench medians.
+`e2e` runs whole models (random weights, LM int4) with kernels on vs off in the same run: LM decode
+tok/s (and whether the greedy tokens agree), prefill, Whisper-tiny and SigLIP encoder latency.
 Every case is independent: a failure is recorded in the table and the JSON, and the run goes on.
 Exits with status 2 and a message when there is no CUDA device (the kernels are verified on CPU by
 `pytest tests/kernels`, under the Triton interpreter).
@@ -279,9 +281,138 @@ def bench_front_ends(ctx) -> List[dict]:
     return rows
 
 
+def _wall_ms(ctx, fn, repeats: int = 3) -> float:
+    """Median wall time of `fn` in ms (synchronized), after one warm-up call."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+E2E_DTYPE = None  # torch.float16, set in bench_e2e (torch is imported lazily)
+E2E_TOKENS = (128, 64)  # prompt length, greedy decode steps
+E2E_LMS = {
+    "SmolLM2-135M shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                               num_kv_heads=3, rope_theta=100000.0, tie_word_embeddings=True),
+    "SmolLM2-360M shape": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_layers=32, num_heads=15,
+                               num_kv_heads=5, rope_theta=100000.0, tie_word_embeddings=True),
+}
+E2E_ENCODERS = True
+
+
+def bench_e2e(ctx) -> List[dict]:
+    """Whole models with random weights, kernels on ("auto") vs off ("reference"), in the same run.
+
+    LM: SmolLM2-135M / 360M shapes, INT4 g64 (fp16 scales), fp16 activations: prefill 128 tokens, then
+    64 greedy decode steps; pct_peak is weight bytes x tok/s over the measured copy bandwidth. Encoders:
+    Whisper tiny encoder on a 30 s window, SigLIP (SmolVLM's 768-wide, 512 px) on one tile.
+    Rows for "kernels on" also say how many greedy tokens equal the "kernels off" run.
+    """
+    import torch
+    from edge_mmm.kernels import kernel_mode
+    from edge_mmm.models.llama import KVCache, Llama, LlamaConfig
+    from edge_mmm.quant import quantize_model
+
+    rows = []
+    dt = E2E_DTYPE or torch.float16
+    lms = {name: LlamaConfig(**kw) for name, kw in E2E_LMS.items()}
+    prompt_len, new_tokens = E2E_TOKENS
+    for name, cfg in lms.items():
+        try:
+            torch.manual_seed(0)
+            model = Llama(cfg).to(device=ctx.device, dtype=dt).eval()
+            quantize_model(model, bits=4, group_size=64, scale_dtype=dt)
+            model.to(ctx.device)
+            weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+            prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=ctx.device)
+            tokens_by_mode = {}
+            for mode, impl in (("auto", "kernels on (Triton)"), ("reference", "kernels off (torch)")):
+                with kernel_mode(mode), torch.inference_mode():
+                    def prefill():
+                        cache = KVCache.for_config(cfg, prompt_len + new_tokens + 1, dtype=dt, device=ctx.device)
+                        return cache, model(prompt, cache=cache, last_only=True)
+
+                    def decode():
+                        cache, logits = prefill()
+                        out = []
+                        for _ in range(new_tokens):
+                            nxt = logits[:, -1].argmax(-1, keepdim=True)
+                            out.append(nxt)
+                            logits = model(nxt, cache=cache)
+                        return torch.cat(out, 1)
+
+                    prefill_ms = _wall_ms(ctx, prefill)
+                    total_ms = _wall_ms(ctx, decode, repeats=1)
+                    tokens_by_mode[mode] = decode().cpu()
+                decode_ms = max(total_ms - prefill_ms, 1e-6) / new_tokens
+                tok_s = 1e3 / decode_ms
+                row = {"op": "e2e LM decode", "shape": f"{name}, int4 g64, prompt {prompt_len}", "impl": impl,
+                       "ms": decode_ms, "metric": "tok/s", "value": tok_s,
+                       "pct_peak": 100.0 * weight_bytes * tok_s / 1e9 / ctx.peak_gbs}
+                rows.append(row)
+                rows.append({"op": "e2e LM prefill", "shape": f"{name}, {prompt_len} tokens", "impl": impl,
+                             "ms": prefill_ms, "metric": "tok/s", "value": prompt_len * 1e3 / prefill_ms})
+            same = int((tokens_by_mode["auto"] == tokens_by_mode["reference"]).cumprod(1).sum())
+            rows[-4]["impl"] += f" [greedy tokens equal to kernels off: first {same}/{new_tokens}]"
+            rows[-4]["speedup"] = rows[-4]["value"] / rows[-2]["value"]
+            rows[-3]["speedup"] = rows[-1]["ms"] / rows[-3]["ms"]
+            del model
+        except Exception as exc:
+            rows.append({"op": "e2e LM", "shape": name, "impl": f"[failed: {type(exc).__name__}: {exc}]"[:200]})
+            if ctx.verbose:
+                traceback.print_exc()
+
+    encoders = []
+    if not E2E_ENCODERS:
+        return rows
+    try:
+        from edge_mmm.models.whisper import PRESETS, Whisper
+
+        whisper = Whisper(PRESETS["tiny"]).to(device=ctx.device, dtype=dt).eval()
+        mel = torch.randn(1, 80, 3000, device=ctx.device, dtype=dt)
+        encoders.append(("e2e Whisper tiny encoder", "30 s window fp16", lambda: whisper.encoder(mel)))
+    except Exception as exc:
+        rows.append({"op": "e2e Whisper", "impl": f"[failed: {type(exc).__name__}: {exc}]"[:200]})
+    try:
+        from edge_mmm.models.siglip import SiglipVisionConfig, SiglipVisionTransformer
+
+        siglip = SiglipVisionTransformer(SiglipVisionConfig()).to(device=ctx.device, dtype=dt).eval()
+        pixels = torch.randn(1, 3, 512, 512, device=ctx.device, dtype=dt)
+        encoders.append(("e2e SigLIP encoder", "768w x 12 layers, 512 px tile fp16", lambda: siglip(pixels)))
+    except Exception as exc:
+        rows.append({"op": "e2e SigLIP", "impl": f"[failed: {type(exc).__name__}: {exc}]"[:200]})
+    for op, shape, fn in encoders:
+        timed = []
+        for mode, impl in (("auto", "kernels on (Triton)"), ("reference", "kernels off (torch)")):
+            try:
+                with kernel_mode(mode), torch.inference_mode():
+                    ms = _wall_ms(ctx, fn, repeats=5)
+                timed.append({"op": op, "shape": shape, "impl": impl, "ms": ms, "metric": "ms"})
+            except Exception as exc:
+                timed.append({"op": op, "shape": shape, "impl": f"{impl} [failed: {type(exc).__name__}: {exc}]"[:200]})
+        if len(timed) == 2 and "ms" in timed[0] and "ms" in timed[1]:
+            timed[0]["speedup"] = timed[1]["ms"] / timed[0]["ms"]
+        rows += timed
+    return rows
+
+
 BENCHES: Dict[str, Callable] = {
     "w4a16": bench_quant_matmul, "rms_norm": bench_rms_norm, "elementwise": bench_elementwise, "rope": bench_rope,
-    "attention": bench_attention, "front_ends": bench_front_ends,
+    "attention": bench_attention, "front_ends": bench_front_ends, "e2e": bench_e2e,
 }
 
 
