@@ -37,7 +37,7 @@ from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO, PackedWeight
 from edge_mmm.quant.quantize import quantize_weight
 
-EXPORTER_VERSION = "onnx-lm-2"
+EXPORTER_VERSION = "onnx-lm-3"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
@@ -48,7 +48,8 @@ class OnnxLMOptions:
     (as llama.cpp does; ~4x faster on CPU), 0 keeps fp32 activations for 4-bit weights (8-bit
     weights always use 4, see `_accuracy`). `head_bits` quantizes a float
     LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
-    `all_logits` returns logits for every position (else only the last one)."""
+    `all_logits` returns logits for every position (else only the last one). A float head is a Gemm
+    on the (tied) embedding table itself, so it costs no extra memory."""
 
     accuracy_level: int = 4
     head_bits: Optional[int] = 8
@@ -115,6 +116,7 @@ class _Builder:
         self.g = _Graph()
         self._gsum_cache = {}
         self._made = set()
+        self._float_names = {}
 
     # ------------------------------------------------------------------ linears
     def _group_sums(self, x: str, k: int, group_size: int) -> str:
@@ -125,6 +127,12 @@ class _Builder:
             member = (np.arange(k)[:, None] // group_size == np.arange(n_groups)[None, :]).astype(np.float32)
             self._gsum_cache[key] = self.g.op("MatMul", [x, self.g.const(f"{x}_groups{group_size}", member)])
         return self._gsum_cache[key]
+
+    def _float_weight(self, weight: torch.Tensor, name: str) -> str:
+        """One float initializer per parameter object (a tied head and the embedding share it)."""
+        if id(weight) not in self._float_names:
+            self._float_names[id(weight)] = self.g.const(name, _np(weight.float()))
+        return self._float_names[id(weight)]
 
     def _nbits_initializers(self, packed: PackedWeight, name: str) -> None:
         """`{name}.B` and `{name}.scales` in MatMulNBits' layout (same bytes as ours; INT8 codes + 128)."""
@@ -160,8 +168,11 @@ class _Builder:
         if all(isinstance(m, QuantLinear) for m in modules) and _fusable([m.packed for m in modules]):
             y = self._matmul_nbits(x, _concat_packed([m.packed for m in modules]), name)
         elif all(type(m) is nn.Linear for m in modules):
-            w = torch.cat([m.weight.detach().float() for m in modules]).t().contiguous()
-            y = g.op("MatMul", [x, g.const(f"{name}.weight_t", _np(w))])
+            if len(modules) == 1:
+                w = self._float_weight(modules[0].weight, f"{name}.weight")
+            else:
+                w = g.const(f"{name}.weight", _np(torch.cat([m.weight.detach().float() for m in modules])))
+            y = g.op("Gemm", [x, w], transB=1)  # [N, K] as stored: a tied head shares the embedding table
         else:
             parts = [self.linear(x, [m], f"{name}.{i}") for i, m in enumerate(modules)]
             return g.op("Concat", parts, axis=-1)
@@ -187,7 +198,7 @@ class _Builder:
     def embedding(self, ids: str, head: nn.Module, shares: bool, head_name: str) -> str:
         g = self.g
         if not shares:
-            table = g.const("embed_tokens.weight", _np(self.model.embed_tokens.weight.float()))
+            table = self._float_weight(self.model.embed_tokens.weight, "embed_tokens.weight")
             return g.op("Gather", [table, ids], axis=0)
         # Rows of the INT8 head are the embedding: gather codes + scales, dequantize the few rows.
         packed = head.packed

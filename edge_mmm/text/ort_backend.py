@@ -128,7 +128,9 @@ def ensure_onnx(model_path: Path, cache_root: Optional[Path] = None, accuracy_le
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OnnxLMOptions, export_llama_onnx
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
 
-    options = OnnxLMOptions(accuracy_level=accuracy_level)
+    # fp32 activations (accuracy_level 0) keep the head float too: 8-bit MatMulNBits always quantizes
+    # activations, which flips near-tie tokens; int8 activations (4) get the INT8 head, as llama.cpp.
+    options = OnnxLMOptions(accuracy_level=accuracy_level, head_bits=8 if accuracy_level == 4 else None)
     source, digest = _source_and_digest(Path(model_path))
     version = f"{EXPORTER_VERSION}-acc{accuracy_level}" + (f"-{digest}" if digest else "")
 

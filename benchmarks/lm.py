@@ -1,0 +1,145 @@
+"""LM speed on CPU: llama.cpp (llama-cpp-python) vs ours (onnxruntime, torch) on the same GGUF, one run.
+
+Prefill: one ~200-token prompt (English text, same ids for every engine). Decode: 128 greedy tokens,
+one token per call, argmax in Python for every engine (llama.cpp: `eval` + argmax of its logits).
+Engines are interleaved for `--rounds` rounds and medians reported, because this machine is shared.
+"ours torch (packed)" is the QuantLinear reference that dequantizes per call: only a few decode steps.
+
+    python benchmarks/lm.py [--model GGUF] [--threads 2] [--rounds 3] [--prompt-tokens 200] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, print_table, write_json  # noqa: E402
+from quant_quality import english_text  # noqa: E402
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, n_ctx):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=512, verbose=False)
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def decode(self, tok):
+        self.llm.eval([tok])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+
+class Ours:
+    def __init__(self, name, backend):
+        self.name, self.backend, self.cache = name, backend, None
+
+    def prefill(self, ids):
+        self.cache = self.backend.new_cache()
+        return int(self.backend.prefill(ids, self.cache).argmax())
+
+    def decode(self, tok):
+        return int(self.backend.decode(tok, self.cache).argmax())
+
+
+def run_once(engine, prompt, new_tokens):
+    t0 = time.perf_counter()
+    tok = engine.prefill(prompt)
+    t1 = time.perf_counter()
+    out = [tok]
+    for _ in range(new_tokens - 1):
+        out.append(engine.decode(out[-1]))
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else 0.0, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--packed-new-tokens", type=int, default=4, help="decode steps for the packed torch path")
+    ap.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level (4: int8 act.)")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from edge_mmm.text.api import default_lm_path, load_model_files
+    from edge_mmm.text.generation import TorchBackend
+    from edge_mmm.text.ort_backend import load_onnxruntime_backend
+
+    path = args.model or default_lm_path()
+    n_ctx = 1024
+    t0 = time.perf_counter()
+    ort_backend, tokenizer = load_onnxruntime_backend(path, n_ctx, threads=args.threads, cache_root=args.cache_dir,
+                                                      accuracy_level=args.accuracy_level)
+    loads = {"ours onnxruntime": time.perf_counter() - t0}
+    prompt = tokenizer.encode(english_text(), add_special_tokens=False)[:args.prompt_tokens]
+    engines = [Ours("ours onnxruntime", ort_backend)]
+    t0 = time.perf_counter()
+    packed_model, _ = load_model_files(path)
+    loads["ours torch (packed)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    float_model, _ = load_model_files(path, dequantize=True)
+    loads["ours torch (dequantized fp32)"] = time.perf_counter() - t0
+    engines.append(Ours("ours torch (dequantized fp32)", TorchBackend(float_model, n_ctx)))
+    packed = Ours("ours torch (packed)", TorchBackend(packed_model, n_ctx))
+    try:
+        t0 = time.perf_counter()
+        engines.insert(0, LlamaCpp(path, args.threads, n_ctx))
+        loads["llama.cpp"] = time.perf_counter() - t0
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row")
+
+    results = {e.name: {"prefill": [], "decode": [], "ids": None} for e in engines + [packed]}
+    for r in range(args.rounds):
+        for e in engines:
+            pf, dc, ids = run_once(e, prompt, args.new_tokens)
+            results[e.name]["prefill"].append(pf)
+            results[e.name]["decode"].append(dc)
+            results[e.name]["ids"] = ids
+            print(f"round {r}: {e.name}: prefill {pf:.1f} tok/s, decode {dc:.1f} tok/s")
+    pf, dc, ids = run_once(packed, prompt, args.packed_new_tokens)
+    results[packed.name].update(prefill=[pf], decode=[dc], ids=ids)
+
+    ref = results.get("llama.cpp")
+    rows = []
+    for name, res in results.items():
+        row = {"engine": name, "prefill_tok_s": statistics.median(res["prefill"]),
+               "decode_tok_s": statistics.median(res["decode"]), "load_s": loads.get(name)}
+        if ref is not None:
+            row["prefill_vs_llama.cpp"] = row["prefill_tok_s"] / statistics.median(ref["prefill"])
+            row["decode_vs_llama.cpp"] = row["decode_tok_s"] / statistics.median(ref["decode"])
+            n = min(len(ref["ids"]), len(res["ids"]))
+            same = next((i for i in range(n) if ref["ids"][i] != res["ids"][i]), n)
+            row["ids_equal_llama.cpp_prefix"] = f"{same}/{len(res['ids'])}"
+        rows.append(row)
+    print()
+    print_table(rows, list(rows[0]))
+    out = write_json("lm.json", {"model": str(path), "threads": args.threads, "rounds": args.rounds,
+                                 "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                                 "accuracy_level": args.accuracy_level, "rows": rows,
+                                 "raw": {k: {"prefill": v["prefill"], "decode": v["decode"]}
+                                         for k, v in results.items()},
+                                 "machine": machine_info()})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
