@@ -11,9 +11,10 @@ Method (docs/devices.md has the derivation and the CPU validation):
 - KV cache: LM `2 x layers x kv_heads x head_dim x context`; Whisper self-attention KV over its 448
   text positions per beam plus the cross-attention KV of one 30 s window.
 - activations: the largest set of tensors alive inside one transformer block (flash attention: no
-  T x T score matrix) for Whisper's 30 s window, one vision batch of image tiles and one LM prefill
-  chunk, plus last-token fp32 logits. On CPU the torch reference dequantizes one weight at a time in
-  fp32 (`PackedWeight.dequantize`: codes -> q, q*s, w), so the largest packed matrix x 12 bytes is added.
+  T x T score matrix) for Whisper's 30 s window (or its fp32 log-mel front end, if larger), one vision
+  batch of image tiles and one LM prefill chunk, plus last-token fp32 logits. On CPU the torch reference
+  dequantizes one weight at a time in fp32 (`PackedWeight.dequantize`: codes -> q, q*s, w), so the
+  largest packed matrix x 12 bytes is added.
 - workspace: TensorRT tactic workspace (profile) for the engines; the onnxruntime session for VAD.
 - overhead: CUDA context, libraries and the interpreter (profile, measured for CPU).
 All stages are assumed resident at once (the live runtime keeps them loaded and runs them in parallel).
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Union
 
+from edge_mmm.audio.constants import HOP_LENGTH, N_FFT, N_SAMPLES
 from edge_mmm.errors import DeviceError, InputError
 
 from .profile import MIB, DeviceProfile
@@ -152,6 +154,15 @@ def _block_activation_elems(tokens: int, hidden: int, q_width: int, kv_width: in
     return max(attn, mlp)
 
 
+def _log_mel_elems(n_mels: int) -> int:
+    """fp32 elements alive in `audio.mel.log_mel_spectrogram` for one 30 s window + its 30 s of padding:
+    the waveform and its padded copy, the STFT frames, the complex STFT, |.| and |.|^2, the mel output."""
+    samples = 2 * N_SAMPLES
+    frames = samples // HOP_LENGTH + 1
+    bins = N_FFT // 2 + 1
+    return 2 * samples + frames * N_FFT + frames * bins * 2 + 2 * frames * bins + n_mels * frames
+
+
 def _check_precision(profile: DeviceProfile, precision: str, what: str) -> None:
     if precision in ("int8", "int4") and what == "LM weights":
         return  # weight-only: dequantized into the activation dtype, runs everywhere
@@ -207,8 +218,9 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         da, T = asr.n_audio_state, asr.n_audio_ctx
         enc_elems = max(2 * T * 2 * da, _block_activation_elems(T, da, da, da, 4 * da, False)) + asr.n_mels * 2 * T
         dec_elems = request.asr_beams * (asr.n_vocab + 10 * d)
-        add("asr", "activations", enc_elems * ab + dec_elems * 4,
-            f"encoder block over one 30 s window ({T} frames) + decoder logits")
+        # the log-mel front end (fp32) runs before the encoder and is freed: the peak is the larger
+        add("asr", "activations", max(enc_elems * ab, _log_mel_elems(asr.n_mels) * 4) + dec_elems * 4,
+            f"max(log-mel front end, encoder block) over one 30 s window ({T} frames) + decoder logits")
 
     if vlm is not None:
         v = vlm.vision
