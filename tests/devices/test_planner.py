@@ -192,3 +192,22 @@ def test_bad_requests():
 def test_discrete_gpu_keeps_vad_off_the_gpu_budget():
     p = plan(PlanRequest(), get_profile("x86-cuda-h100-80gb"))
     assert sum(i.bytes for i in p.items if i.component == "vad") == 0
+
+
+@pytest.mark.slow
+def test_vlm_spec_counts_equal_our_idefics3_model(tmp_path):
+    """SigLIP + connector + LM counts from config.json = the parameters of the model our loader builds."""
+    import sys
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_idefics3 import build_tiny_vlm
+
+    from edge_mmm.weights.idefics3 import load_idefics3
+
+    build_tiny_vlm(tmp_path, seed=5)
+    model, _ = load_idefics3(tmp_path)
+    spec = resolve_spec(str(tmp_path), "vlm")
+    vision = sum(t.numel() for t in list(model.vision.parameters()) + list(model.vision.buffers()))
+    assert vision == spec.vision.param_count() + spec.connector_params()
+    assert sum(t.numel() for t in model.lm.parameters()) == spec.text.param_count()
