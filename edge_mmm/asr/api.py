@@ -112,7 +112,6 @@ def _cached_onnx(path: Path, cache_dir: Optional[Path]):
     from edge_mmm.weights.whisper import locate_whisper_files, tokenizer_file_for
 
     files = locate_whisper_files(path)
-    tok_file = tokenizer_file_for(files)
 
     def build(tmp: Path) -> None:
         ckpt = load_whisper_checkpoint(path)
@@ -120,6 +119,7 @@ def _cached_onnx(path: Path, cache_dir: Optional[Path]):
         (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))
 
     onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", files.source, EXPORTER_VERSION,
-                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"])
+                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"],
+                            extra_sources=[files.location / "config.json"] if files.format == "hf" else [])
     cfg = WhisperConfig(**json.loads((onnx_dir / "whisper_config.json").read_text()))
-    return cfg, tok_file, onnx_dir
+    return cfg, tokenizer_file_for(files), onnx_dir

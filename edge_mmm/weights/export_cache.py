@@ -31,10 +31,17 @@ def default_cache_root() -> Path:
 
 
 def cached_build(root: Path, kind: str, source: Path, version: str,
-                 build: Callable[[Path], None], files: Iterable[str]) -> Path:
-    """Return a verified directory holding `files` built by `build(tmp_dir)` for this source + version."""
+                 build: Callable[[Path], None], files: Iterable[str], extra_sources: Iterable[Path] = ()) -> Path:
+    """Return a verified directory holding `files` built by `build(tmp_dir)` for this source + version.
+
+    `extra_sources` (e.g. a config.json beside the weights) are hashed into the key too.
+    """
     files = list(files)
-    key = f"{sha256_file(source)[:24]}-{version}"
+    digest = sha256_file(source)
+    extras = [p for p in extra_sources if Path(p).exists()]
+    if extras:
+        digest = hashlib.sha256((digest + "".join(sha256_file(p) for p in extras)).encode()).hexdigest()
+    key = f"{digest[:24]}-{version}"
     entry = Path(root) / kind / key
     if verify_entry(entry, files):
         return entry

@@ -89,8 +89,9 @@ def tokenizer_file_for(files: WhisperFiles) -> Path:
 def _tokenizer_file(directory: Path, weights: Path) -> Path:
     tok = directory / "tokenizer.json"
     if not tok.exists():
-        raise ModelFileError(f"{weights}: tokenizer.json not found next to it in {directory} (openai .pt "
-                             f"checkpoints carry no tokenizer: put the model's Hugging Face tokenizer.json beside it)")
+        hint = (" (openai .pt checkpoints carry no tokenizer: put the model's Hugging Face tokenizer.json beside it)"
+                if weights.suffix == ".pt" else "")
+        raise ModelFileError(f"{directory}: tokenizer.json missing (needed with {weights.name}){hint}")
     return tok
 
 
