@@ -68,10 +68,15 @@ def _wxa16_matmul_kernel(X, QW, S, Z, OUT, M, N, K, K_PER_SPLIT,
             k_ok = kk < K
             w_mask = n_mask[:, None] & k_ok[None, :]
             packed = tl.load(QW + w_rows + (kk // 2)[None, :], mask=w_mask, other=0)
-            s = tl.load(S + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(Z + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            if GROUP % BLOCK_K == 0:  # the whole tile lies in one group: one scale per row
+                s = tl.load(S + s_rows + k0 // GROUP, mask=n_mask[:, None], other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(Z + s_rows + k0 // GROUP, mask=n_mask[:, None], other=0.0).to(tl.float32)
             else:
+                s = tl.load(S + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(Z + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            if not HAS_ZEROS:
                 z = -8.0 * s  # SYMMETRIC_INT4_ZERO (kernels may only read constexpr globals)
             w_even = (packed & 0xF).to(tl.float32) * s + z
             w_odd = (packed >> 4).to(tl.float32) * s + z
@@ -92,7 +97,10 @@ def _wxa16_matmul_kernel(X, QW, S, Z, OUT, M, N, K, K_PER_SPLIT,
             k_ok = kk < K
             w_mask = n_mask[:, None] & k_ok[None, :]
             q = tl.load(QW + w_rows + kk[None, :], mask=w_mask, other=0)
-            s = tl.load(S + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            if GROUP % BLOCK_K == 0:
+                s = tl.load(S + s_rows + k0 // GROUP, mask=n_mask[:, None], other=0.0).to(tl.float32)
+            else:
+                s = tl.load(S + s_rows + (kk // GROUP)[None, :], mask=w_mask, other=0.0).to(tl.float32)
             w = q.to(tl.float32) * s
             x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
             if USE_DOT:

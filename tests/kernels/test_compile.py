@@ -88,6 +88,10 @@ def _cases():
     w4 = [t.to(DEVICE) if t is not None else None for t in (p4.qweight, p4.scales, p4.zeros)]
     w4s = [t.to(DEVICE) if t is not None else None for t in (p4s.qweight, p4s.scales, p4s.zeros)]
     w8 = [t.to(DEVICE) for t in (p8.qweight, p8.scales)]
+    p128 = quantize_weight(0.05 * torch.randn(32, 256), bits=4, group_size=128, scale_dtype=torch.float16)
+    w128 = [p128.qweight, p128.scales, p128.zeros]  # one group per K tile: the per-row scale load
+    p8g64 = quantize_weight(0.05 * torch.randn(32, 128), bits=8, group_size=64, symmetric=True)
+    w8g64 = [p8g64.qweight, p8g64.scales]
     cos, sin = d(8, 16), d(8, 16)
     lens = torch.tensor([5], device=DEVICE)
     ids = torch.zeros(1, 20, dtype=torch.long, device=DEVICE)
@@ -99,10 +103,12 @@ def _cases():
                                 gelu_tanh(d(70, dtype=torch.bfloat16))),
         "rope": lambda: rope(d(1, 4, 3, 16, dtype=torch.float16), d(1, 2, 3, 16, dtype=torch.float16), cos, sin,
                              torch.tensor([1, 2, 3], device=DEVICE)),
-        "w4a16 gemv": lambda: w4a16_matmul(d(1, 64, dtype=torch.float16), *w4, 32),
+        "w4a16 gemv": lambda: (w4a16_matmul(d(1, 64, dtype=torch.float16), *w4, 32),
+                               w4a16_matmul(d(3, 256, dtype=torch.bfloat16), *w128, 128)),
         "w4a16 gemm": lambda: (w4a16_matmul(d(20, 64, dtype=torch.bfloat16), *w4s, 32),
                                w4a16_matmul(d(20, 64), *w4s, 32)),
         "w8a16": lambda: (w8a16_matmul(d(2, 64, dtype=torch.float16), *w8, None, 32),
+                          w8a16_matmul(d(20, 128, dtype=torch.float16), *w8g64, None, 64),
                           w8a16_matmul(d(20, 64, dtype=torch.float16), *w8, None, 32)),
         "flash_attention": lambda: (flash_attention(*(d(1, 2, 20, 64, dtype=torch.float16) for _ in range(3)),
                                                     causal=True, image_block_ids=ids),

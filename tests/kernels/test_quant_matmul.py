@@ -27,7 +27,10 @@ def _packed(n, k, bits, group, symmetric, scale_dtype=torch.float32):
 
 # (M, N, K, group): M=1..4 take the split-K GEMV path, larger M the tl.dot GEMM path; N and K odd sizes
 # (K=200 with group 64 leaves a partial, padded last group).
-SHAPES = [(1, 33, 128, 32), (3, 50, 200, 64), (4, 16, 96, 32), (20, 40, 160, 32)]
+# Group 128 with the GEMV's 128-wide K tile and group 64 with the GEMM's 64-wide tile take the
+# one-scale-per-tile load; the others gather a scale per column.
+SHAPES = [(1, 33, 128, 32), (3, 50, 200, 64), (4, 16, 96, 32), (20, 40, 160, 32), (2, 24, 256, 128),
+          (17, 20, 128, 64)]
 
 
 @pytest.mark.parametrize("m,n,k,group", SHAPES)
