@@ -384,7 +384,7 @@ def bench_e2e(ctx) -> List[dict]:
 
         whisper = Whisper(PRESETS["tiny"]).to(device=ctx.device, dtype=dt).eval()
         mel = torch.randn(1, 80, 3000, device=ctx.device, dtype=dt)
-        encoders.append(("e2e Whisper tiny encoder", "30 s window fp16", lambda: whisper.encoder(mel)))
+        encoders.append(("e2e Whisper tiny encoder", f"30 s window {str(dt)[6:]}", lambda: whisper.encoder(mel)))
     except Exception as exc:
         rows.append({"op": "e2e Whisper", "impl": f"[failed: {type(exc).__name__}: {exc}]"[:200]})
     try:
@@ -392,7 +392,7 @@ def bench_e2e(ctx) -> List[dict]:
 
         siglip = SiglipVisionTransformer(SiglipVisionConfig()).to(device=ctx.device, dtype=dt).eval()
         pixels = torch.randn(1, 3, 512, 512, device=ctx.device, dtype=dt)
-        encoders.append(("e2e SigLIP encoder", "768w x 12 layers, 512 px tile fp16", lambda: siglip(pixels)))
+        encoders.append(("e2e SigLIP encoder", f"768w x 12 layers, 512 px tile {str(dt)[6:]}", lambda: siglip(pixels)))
     except Exception as exc:
         rows.append({"op": "e2e SigLIP", "impl": f"[failed: {type(exc).__name__}: {exc}]"[:200]})
     for op, shape, fn in encoders:
