@@ -42,9 +42,10 @@ def build_tokenizer():
 
 
 def build_tiny_vlm(out: Path, seed: int = 0, longest_edge: int = 256, tile: int = 64, splitting: bool = True,
-                   tie: bool = False, arch: str = "idefics3"):
+                   tie: bool = False, arch: str = "idefics3", real_dims: bool = False):
     """Save a tiny random Idefics3ForConditionalGeneration (or SmolVLM2's SmolVLMForConditionalGeneration,
-    `arch="smolvlm"`) + an Idefics3 processor to `out`; returns (model, processor)."""
+    `arch="smolvlm"`) + an Idefics3 processor to `out`; returns (model, processor). `real_dims` uses
+    SmolVLM-256M-Instruct's vision/text dimensions (random weights, the tiny tokenizer's vocabulary)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
@@ -55,12 +56,18 @@ def build_tiny_vlm(out: Path, seed: int = 0, longest_edge: int = 256, tile: int 
 
     tokenizer = build_tokenizer()
     image_size, patch, scale = tile, 8, 2
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_theta=10000.0)
+    if real_dims:
+        image_size, patch, scale, tile, longest_edge = 512, 16, 4, 512, 2048
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, rope_theta=100000.0)
     cfg = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=patch),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        vision_config=dict(**vision, image_size=image_size, patch_size=patch),
+        text_config=dict(model_type="llama", **text, vocab_size=len(tokenizer),
+                         max_position_embeddings=8192, rms_norm_eps=1e-5,
                          tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         scale_factor=scale, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie,
@@ -70,7 +77,7 @@ def build_tiny_vlm(out: Path, seed: int = 0, longest_edge: int = 256, tile: int 
     with torch.no_grad():  # random init is tiny-std; widen it so logits actually depend on the image
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2 if "embed" in name or "position" in name else 0.08)
+                p.normal_(0.0, 0.2 if "embed" in name or "position" in name else 0.02 if real_dims else 0.08)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_seq_len = (image_size // patch) ** 2 // scale ** 2

@@ -142,3 +142,23 @@ def test_tied_head_checkpoint(tmp_path):
     x = proc(images=[Image.fromarray(skdata.coffee())], text=text, return_tensors="pt")
     with torch.no_grad():
         assert (ours(x["input_ids"], x["pixel_values"], x["pixel_attention_mask"]) - hf(**x).logits).abs().max() < ATOL
+
+
+@pytest.mark.slow
+def test_smolvlm_256m_dimensions_match_transformers(tmp_path):
+    """SmolVLM-256M-Instruct's real dimensions (random weights): 512 px tiles, 32x32 patch grid, scale 4,
+    30-layer GQA 9/3 LM. One split photo (13 tiles), logits within 1e-4."""
+    from PIL import Image
+
+    hf, proc = build_tiny_vlm(tmp_path, seed=0, real_dims=True)
+    ours, files = load_idefics3(tmp_path)
+    assert files.config.image_seq_len == 64 and files.image_processor.max_image_size == 512
+    text = "<|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:"
+    x = proc(images=[Image.fromarray(skdata.coffee())], text=text, return_tensors="pt")
+    assert x["pixel_values"].shape[1] == 13
+    with torch.no_grad():
+        ref = hf(**x).logits
+        got = ours(x["input_ids"], x["pixel_values"], x["pixel_attention_mask"])
+    err = (got - ref).abs().max().item()
+    print(f"SmolVLM-256M dims: max abs logit error {err:.3g}")
+    assert err < ATOL
