@@ -18,7 +18,7 @@ from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import Whisper
 
 OPSET = 17
-EXPORTER_VERSION = "whisper-onnx-2"  # bump when the graphs change: invalidates cached exports
+EXPORTER_VERSION = "whisper-onnx-4"  # bump when the graphs change: invalidates cached exports
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 
@@ -29,16 +29,23 @@ class _EncoderWithCrossKV(nn.Module):
         self.model = model
 
     def forward(self, mel):
-        return self.model.decoder.cross_kv(self.model.encoder(mel))
+        ks, vs = self.model.decoder.cross_kv(self.model.encoder(mel))
+        return (*ks, *vs)
 
 
 class _Decoder(nn.Module):
     def __init__(self, model: Whisper):
         super().__init__()
         self.decoder = model.decoder
+        self.n_layer = model.config.n_text_layer
 
-    def forward(self, tokens, offset, cross_k, cross_v, self_k, self_v):
-        return self.decoder(tokens, offset, cross_k, cross_v, self_k, self_v)
+    def forward(self, tokens, offset, self_k, self_v, *cross):
+        return self.decoder(tokens, offset, cross[: self.n_layer], cross[self.n_layer :], self_k, self_v)
+
+
+def cross_names(n_layer: int):
+    """Graph names of the per-layer cross-attention K^T and V tensors."""
+    return [f"cross_k_{i}" for i in range(n_layer)], [f"cross_v_{i}" for i in range(n_layer)]
 
 
 @dataclass
@@ -57,21 +64,22 @@ def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True) -> Ex
     enc = _EncoderWithCrossKV(model)
     dec = _Decoder(model)
     with torch.no_grad():
-        cross_k, cross_v = enc(mel)
+        cross = enc(mel)
     tokens = torch.tensor([[min(50257, cfg.n_vocab - 1)] * 3])
     past = (cfg.n_text_layer, 1, 2, cfg.n_text_state)
     self_k, self_v = torch.randn(past), torch.randn(past)
     offset = torch.tensor(2, dtype=torch.int64)
+    k_names, v_names = cross_names(cfg.n_text_layer)
+    batch_axes = {name: {0: "batch"} for name in k_names + v_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],
-                          output_names=["cross_k", "cross_v"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"mel": {0: "batch"}, "cross_k": {1: "batch"}, "cross_v": {1: "batch"}})
-        torch.onnx.export(dec, (tokens, offset, cross_k, cross_v, self_k, self_v), str(out_dir / DECODER_FILE),
-                          input_names=["tokens", "offset", "cross_k", "cross_v", "self_k", "self_v"],
+                          output_names=k_names + v_names, opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"mel": {0: "batch"}, **batch_axes})
+        torch.onnx.export(dec, (tokens, offset, self_k, self_v, *cross), str(out_dir / DECODER_FILE),
+                          input_names=["tokens", "offset", "self_k", "self_v"] + k_names + v_names,
                           output_names=["logits", "new_self_k", "new_self_v"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"tokens": {0: "batch", 1: "new"},
-                                        "cross_k": {1: "batch"}, "cross_v": {1: "batch"},
+                          dynamic_axes={"tokens": {0: "batch", 1: "new"}, **batch_axes,
                                         "self_k": {1: "batch", 2: "past"}, "self_v": {1: "batch", 2: "past"},
                                         "logits": {0: "batch", 1: "new"},
                                         "new_self_k": {1: "batch", 2: "total"}, "new_self_v": {1: "batch", 2: "total"}})
@@ -120,15 +128,16 @@ def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0) -> ExportCh
     with torch.no_grad():
         ck, cv = model.decoder.cross_kv(model.encoder(mel))
         sk, sv = model.empty_cache(2)
-        ck2, cv2 = ck.repeat(1, 2, 1, 1), cv.repeat(1, 2, 1, 1)
+        ck2, cv2 = [k.repeat(2, 1, 1, 1) for k in ck], [v.repeat(2, 1, 1, 1) for v in cv]
         tokens = torch.randint(0, cfg.n_vocab, (2, 4), generator=g)
         logits, nk, nv = model.decoder(tokens, torch.tensor(0), ck2, cv2, sk, sv)
         step = torch.randint(0, cfg.n_vocab, (2, 1), generator=g)
         logits2, _, _ = model.decoder(step, torch.tensor(4), ck2, cv2, nk, nv)
-    ok, ov = enc_sess.run(None, {"mel": mel.numpy()})
-    enc_err = max(np.abs(ok - ck.numpy()).max(), np.abs(ov - cv.numpy()).max())
-    feeds = {"tokens": tokens.numpy(), "offset": np.array(0, np.int64), "cross_k": ck2.numpy(),
-             "cross_v": cv2.numpy(), "self_k": sk.numpy(), "self_v": sv.numpy()}
+    outs = enc_sess.run(None, {"mel": mel.numpy()})
+    enc_err = max(np.abs(o - t.numpy()).max() for o, t in zip(outs, [*ck, *cv]))
+    k_names, v_names = cross_names(cfg.n_text_layer)
+    feeds = {"tokens": tokens.numpy(), "offset": np.array(0, np.int64), "self_k": sk.numpy(), "self_v": sv.numpy(),
+             **{n: t.numpy() for n, t in zip(k_names + v_names, [*ck2, *cv2])}}
     ol, onk, onv = dec_sess.run(None, feeds)
     feeds.update(tokens=step.numpy(), offset=np.array(4, np.int64), self_k=onk, self_v=onv)
     ol2 = dec_sess.run(None, feeds)[0]

@@ -47,8 +47,9 @@ class TorchWhisperBackend:
     def new_state(self, audio, group: int) -> DecoderState:
         ck, cv = audio
         if group > 1:
-            ck, cv = ck.expand(-1, group, -1, -1).contiguous(), cv.expand(-1, group, -1, -1).contiguous()
-        sk, sv = self.model.empty_cache(ck.shape[1])
+            ck = [k.expand(group, -1, -1, -1).contiguous() for k in ck]
+            cv = [v.expand(group, -1, -1, -1).contiguous() for v in cv]
+        sk, sv = self.model.empty_cache(ck[0].shape[0])
         return DecoderState(ck, cv, sk, sv)
 
     @torch.inference_mode()
@@ -86,20 +87,27 @@ class OnnxWhisperBackend:
             raise ModelFileError(f"cannot load ONNX Whisper from {onnx_dir}: {exc}") from exc
 
     def encode(self, mel: np.ndarray):
-        return tuple(self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)}))
+        out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})
+        n = self.config.n_text_layer
+        return out[:n], out[n:]
 
     def new_state(self, audio, group: int) -> DecoderState:
         ck, cv = audio
         if group > 1:
-            ck, cv = np.repeat(ck, group, axis=1), np.repeat(cv, group, axis=1)
+            ck, cv = [np.repeat(k, group, axis=0) for k in ck], [np.repeat(v, group, axis=0) for v in cv]
         cfg = self.config
-        empty = np.zeros((cfg.n_text_layer, ck.shape[1], 0, cfg.n_text_state), np.float32)
+        empty = np.zeros((cfg.n_text_layer, ck[0].shape[0], 0, cfg.n_text_state), np.float32)
         return DecoderState(ck, cv, empty, empty.copy())
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        logits, state.self_k, state.self_v = self.decoder.run(None, {
-            "tokens": np.ascontiguousarray(tokens, dtype=np.int64), "offset": np.array(state.offset, np.int64),
-            "cross_k": state.cross_k, "cross_v": state.cross_v, "self_k": state.self_k, "self_v": state.self_v})
+        from edge_mmm.exporters.onnx_whisper import cross_names
+
+        feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), "offset": np.array(state.offset, np.int64),
+                 "self_k": state.self_k, "self_v": state.self_v}
+        k_names, v_names = cross_names(self.config.n_text_layer)
+        feeds.update(zip(k_names, state.cross_k))
+        feeds.update(zip(v_names, state.cross_v))
+        logits, state.self_k, state.self_v = self.decoder.run(None, feeds)
         state.offset += tokens.shape[1]
         return logits
 

@@ -8,7 +8,7 @@ eagerly and exports to ONNX. Cross-attention K/V are computed once per 30 s wind
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,23 @@ class MultiHeadAttention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(a.transpose(1, 2).reshape(b, tq, d))
 
+    def split_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """K and V of `x` [B, S, D] in attention layout: K^T [B, H, Dh, S] and V [B, H, S, Dh]."""
+        b, s, d = x.shape
+        h = self.n_head
+        k = self.key(x).view(b, s, h, d // h).permute(0, 2, 3, 1)
+        v = self.value(x).view(b, s, h, d // h).transpose(1, 2)
+        return k.contiguous(), v.contiguous()
+
+    def attend_split(self, q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
+        """Attention of q [B, T, D] over keys/values already in `split_kv` layout (no per-step transposes)."""
+        b, tq, d = q.shape
+        h = self.n_head
+        q = q.view(b, tq, h, d // h).transpose(1, 2)
+        scores = torch.matmul(q * (d // h) ** -0.5, k_t)
+        a = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self.out(a.transpose(1, 2).reshape(b, tq, d))
+
 
 class EncoderBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int):
@@ -101,7 +118,7 @@ class DecoderBlock(nn.Module):
         k = torch.cat([past_k, self.attn.key(h)], dim=1)
         v = torch.cat([past_v, self.attn.value(h)], dim=1)
         x = x + self.attn.attend(self.attn.query(h), k, v, mask)
-        x = x + self.cross_attn.attend(self.cross_attn.query(self.cross_attn_ln(x)), cross_k, cross_v)
+        x = x + self.cross_attn.attend_split(self.cross_attn.query(self.cross_attn_ln(x)), cross_k, cross_v)
         x = x + self.mlp(self.mlp_ln(x))
         return x, k, v
 
@@ -135,22 +152,24 @@ class TextDecoder(nn.Module):
                                     for _ in range(cfg.n_text_layer))
         self.ln = LayerNorm(cfg.n_text_state)
 
-    def cross_kv(self, audio_features: Tensor) -> Tuple[Tensor, Tensor]:
-        """Cross-attention K and V of every layer, stacked: two [L, B, n_audio_ctx, D] tensors."""
-        ks = [blk.cross_attn.key(audio_features) for blk in self.blocks]
-        vs = [blk.cross_attn.value(audio_features) for blk in self.blocks]
-        return torch.stack(ks), torch.stack(vs)
+    def cross_kv(self, audio_features: Tensor) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per layer, cross-attention K^T [B, H, Dh, n_audio_ctx] and V [B, H, n_audio_ctx, Dh], computed once
+        per window in the layout the decoder multiplies with directly (one tensor per layer: an ONNX graph
+        then reads them in place instead of slicing a stacked copy every step)."""
+        kv = [blk.cross_attn.split_kv(audio_features) for blk in self.blocks]
+        return [k for k, _ in kv], [v for _, v in kv]
 
-    def forward(self, tokens: Tensor, offset: Tensor, cross_k: Tensor, cross_v: Tensor,
+    def forward(self, tokens: Tensor, offset: Tensor, cross_k: Sequence[Tensor], cross_v: Sequence[Tensor],
                 self_k: Tensor, self_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """tokens [B, T] at positions offset..offset+T-1; self_k/v [L, B, offset, D] (the cache so far).
+        """tokens [B, T] at positions offset..offset+T-1; cross_k/v from `cross_kv`; self_k/v [L, B, offset, D]
+        (the cache so far).
 
         Returns float32 logits [B, T, n_vocab] and the cache extended by T positions.
         """
         t = tokens.shape[1]
         positions = offset + torch.arange(t, device=tokens.device)
         x = self.token_embedding(tokens) + F.embedding(positions, self.positional_embedding)
-        x = x.to(cross_k.dtype)
+        x = x.to(cross_k[0].dtype)
         total = self_k.shape[2] + t
         # query i (absolute position offset+i) may attend to keys 0..offset+i
         mask = torch.arange(total, device=tokens.device)[None, :] <= positions[:, None]
