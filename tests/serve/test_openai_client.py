@@ -1,0 +1,67 @@
+"""The official `openai` client against our server: chat (plain and streamed) and transcription."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_mmm.text.generation import GenerationConfig
+
+from .conftest import API_KEY
+
+openai = pytest.importorskip("openai")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _ = server
+    return openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_models_listed(client, models):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == models.lm_id and models.asr_id in ids
+
+
+def test_chat_equals_local_greedy_generation(client, models):
+    out = client.chat.completions.create(model=models.lm_id, messages=QUESTION, max_tokens=12, temperature=0)
+    local = models.lm.generate(QUESTION, GenerationConfig(max_tokens=12))
+    assert out.choices[0].message.content == local.text and local.text.strip()
+    assert out.choices[0].finish_reason == local.finish_reason
+    assert out.usage.completion_tokens == len(local.token_ids)
+    assert out.usage.prompt_tokens == local.prompt_tokens
+
+
+def test_chat_streaming(client, models):
+    stream = client.chat.completions.create(model=models.lm_id, messages=QUESTION, max_tokens=12,
+                                            temperature=0, stream=True)
+    chunks = list(stream)  # the client stops at `data: [DONE]`
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for d in deltas if d) >= 2  # text arrived in pieces
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    plain = client.chat.completions.create(model=models.lm_id, messages=QUESTION, max_tokens=12, temperature=0)
+    assert "".join(deltas) == plain.choices[0].message.content
+
+
+def test_max_tokens_capped(client, models, server):
+    _, settings = server
+    out = client.chat.completions.create(model=models.lm_id, max_tokens=10_000, temperature=0,
+                                         messages=[{"role": "user", "content": "Count from 1 to 500."}])
+    assert out.usage.completion_tokens <= settings.max_tokens
+
+
+def test_transcription_of_espeak_clip(client, models, tmp_path):
+    from edge_mmm.audio.synth import SENTENCES, have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    path = synthesize(SENTENCES[7], tmp_path / "meeting.wav", lead_silence=0.3, trail_silence=0.3)
+    with open(path, "rb") as f:
+        out = client.audio.transcriptions.create(model="whisper-tiny.en", file=f)
+    assert out.text == models.asr.transcribe(path).text
+    assert "meeting has been moved to thursday" in out.text.lower()
+    with open(path, "rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, response_format="text")
+    assert text.strip() == out.text
