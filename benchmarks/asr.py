@@ -45,11 +45,11 @@ def systems(model_dir: Path, threads: int, beam: int):
 
     torch.set_num_threads(threads)
 
-    def ours(backend):
+    def ours(backend, precision="fp32"):
         from edge_mmm.asr.api import TranscribeOptions, load_asr
 
         opts = TranscribeOptions(language="en", beam_size=beam, temperatures=(0.0,))
-        return (lambda: load_asr(model_dir, backend=backend, threads=threads),
+        return (lambda: load_asr(model_dir, backend=backend, threads=threads, precision=precision),
                 lambda m, a: m.transcribe(a, opts).text)
 
     def faster(compute_type):
@@ -79,7 +79,8 @@ def systems(model_dir: Path, threads: int, beam: int):
                                       fp16=False, beam_size=beam if beam > 1 else None)["text"].strip()
         return load, run
 
-    return {"ours-onnxruntime": ours("onnxruntime"), "ours-torch": ours("torch"),
+    return {"ours-onnxruntime": ours("onnxruntime"), "ours-onnxruntime-int8": ours("onnxruntime", "int8"),
+            "ours-torch": ours("torch"),
             "faster-whisper-int8": faster("int8"), "faster-whisper-float32": faster("float32"),
             "openai-whisper": openai()}
 

@@ -116,6 +116,27 @@ def _share_tied_embedding(path: Path, embedding: str) -> None:
     onnx.save(proto, str(path))
 
 
+PRECISIONS = ("fp32", "int8")
+
+
+def quantize_whisper_onnx(src_dir: Path, out_dir: Path) -> None:
+    """INT8 weights for every weight MatMul/Gemm of both graphs (onnxruntime dynamic quantization,
+    per-channel int8; activations quantized per call). Attention (activation x activation) stays fp32."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint on the root logger
+    try:
+        for name in (ENCODER_FILE, DECODER_FILE):
+            quantize_dynamic(str(Path(src_dir) / name), str(Path(out_dir) / name), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
+    finally:
+        root.setLevel(level)
+
+
 def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0) -> ExportCheck:
     """Max abs error of the ONNX graphs vs eager on fresh random inputs (new shapes, not the export ones)."""
     import onnxruntime as ort

@@ -54,3 +54,26 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     asr2 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
     assert asr2.transcribe(audio, TranscribeOptions(temperatures=(0.0,))).text == first.text
     assert "fox" in first.text.lower() or "dog" in first.text.lower()
+
+
+def test_int8_precision(tmp_path, tiny_en_dir, speech_clips):
+    """INT8 ONNX: a separate cache entry, smaller encoder, transcripts close to the spoken words."""
+    import jiwer
+
+    from edge_mmm.asr.api import TranscribeOptions, load_asr
+    from edge_mmm.errors import InputError
+
+    with pytest.raises(InputError, match="onnxruntime"):
+        load_asr(tiny_en_dir, backend="torch", precision="int8")
+    fp32 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
+    int8 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2, precision="int8")
+    entries = sorted((tmp_path / "whisper-onnx").iterdir())
+    assert len(entries) == 2
+    sizes = [(e / "encoder.onnx").stat().st_size for e in entries]
+    assert min(sizes) < 0.5 * max(sizes)
+    opts = TranscribeOptions(temperatures=(0.0,))
+    refs = [text.lower() for _, text, _ in speech_clips[:4]]
+    clean = lambda s: "".join(c for c in s.lower() if c.isalnum() or c.isspace())  # noqa: E731
+    w32 = jiwer.wer([clean(r) for r in refs], [clean(fp32.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
+    w8 = jiwer.wer([clean(r) for r in refs], [clean(int8.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
+    assert w8 <= w32 + 0.15, (w32, w8)
