@@ -138,3 +138,27 @@ def test_fifty_concurrent_requests_bounded(server):
     assert health == {"status": "ok", "in_flight": 0}
     r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=_chat("Hello"))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_model_level_errors_are_400(server):
+    url, _ = server
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=_chat("hello " * 3000))  # > 2048-token context
+    _assert_error(r, 400)
+    assert "context holds" in r.json()["error"]["message"]
+
+
+def test_dropped_stream_frees_its_slot(server):
+    url, _ = server
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", url + "/v1/chat/completions", headers=AUTH,
+                      json=_chat("Tell me a long story.", stream=True, max_tokens=64)) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # read the first event, then hang up
+    import time
+
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/health", headers=AUTH).json()["in_flight"] != 0:
+        assert time.monotonic() < deadline, "the dropped stream never released the model"
+        time.sleep(0.2)
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=_chat("Hello"))
+    assert r.status_code == 200
