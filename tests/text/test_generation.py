@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_llama import SMOLLM2_GGUF, tiny_hf_model  # noqa: E402
+from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer, tiny_hf_model  # noqa: E402
 
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.text.api import LanguageModel, load_lm  # noqa: E402
@@ -22,10 +22,7 @@ CHAT = [{"role": "user", "content": "Hello there"}]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from edge_mmm.text.tokenizer import TextTokenizer
-    from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
-
-    tok = TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(SMOLLM2_GGUF), SMOLLM2_GGUF))
+    tok = smollm2_tokenizer()
     d = tmp_path_factory.mktemp("tinylm")
     tiny_hf_model("llama", vocab_size=tok.vocab_size, tie_word_embeddings=True, eos_token_id=2,
                   max_position_embeddings=256).save_pretrained(d)

