@@ -58,6 +58,11 @@ def save_quantized(model: nn.Module, out_dir: Path, meta: Dict) -> Path:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=1))
         (tmp / QUANT).write_text(json.dumps({"format": FORMAT, **meta, "modules": modules}, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # mkdtemp/save_file create private files; use the usual umask instead
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
