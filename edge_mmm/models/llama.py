@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm import kernels  # Triton ops on CUDA (kernels.use_triton); the torch code below otherwise
 
 
 @dataclass
@@ -118,6 +119,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -178,10 +181,18 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        triton = kernels.use_triton(x)
+        q, k = kernels.rope(q, k, cos, sin) if triton else (apply_rope(q, cos, sin), apply_rope(k, cos, sin))
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         s = k.shape[2]
+        if triton:  # split-KV decode for one token, flash attention (causal, last t of s) otherwise
+            if t == 1:
+                lens = torch.full((b,), s, dtype=torch.int32, device=x.device)
+                out = kernels.decode_attention(q[:, :, 0], k, v, lens)[:, :, None]
+            else:
+                out = kernels.flash_attention(q, k, v, causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         mask = None
         if t > 1:  # query i (absolute position s - t + i) sees keys [0, s - t + i]
             mask = torch.arange(s, device=x.device)[None, :] <= torch.arange(s - t, s, device=x.device)[:, None]
@@ -207,6 +218,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x):
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

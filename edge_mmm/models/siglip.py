@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_mmm import kernels  # Triton attention / GELU on CUDA (kernels.use_triton); the torch code otherwise
+
 
 @dataclass
 class SiglipVisionConfig:
@@ -88,7 +90,11 @@ class SiglipAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kernels.use_triton(x) and (mask is None or tuple(mask.shape) == (b, 1, 1, t)):
+            # the additive key-padding bias is 0 on real patches
+            out = kernels.flash_attention(q, k, v, key_mask=None if mask is None else mask.reshape(b, t) == 0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -96,11 +102,13 @@ class SiglipMLP(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig):
         super().__init__()
         self.act = _ACTS[cfg.hidden_act]
+        self.tanh_gelu = cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_new")
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(kernels.gelu_tanh(h) if self.tanh_gelu and kernels.use_triton(h) else self.act(h))
 
 
 class SiglipEncoderLayer(nn.Module):

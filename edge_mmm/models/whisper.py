@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edge_mmm import kernels  # Triton attention on CUDA (kernels.use_triton); the torch code otherwise
+
 
 @dataclass
 class WhisperConfig:
@@ -67,7 +69,11 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, tq, h, d // h).transpose(1, 2)
         k = k.view(b, k.shape[1], h, d // h).transpose(1, 2)
         v = v.view(b, v.shape[1], h, d // h).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kernels.use_triton(q):
+            # the only mask callers pass is the decoder's causal one (query i sees keys <= Tk - Tq + i)
+            a = kernels.flash_attention(q, k, v, causal=mask is not None)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(a.transpose(1, 2).reshape(b, tq, d))
 
     def split_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:

@@ -23,6 +23,11 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
         raise InputError(f"quant_matmul: input has {x.shape[-1]} features, weight expects {packed.in_features}")
     if not x.is_floating_point():
         raise InputError(f"quant_matmul: input must be floating point, got {x.dtype}")
+    from edge_mmm.kernels import use_triton, w4a16_matmul, w8a16_matmul  # lazy: kernels import this package
+
+    if use_triton(x):  # CUDA (or a forced kernel mode): fused-dequant Triton GEMV/GEMM
+        op = w4a16_matmul if packed.bits == 4 else w8a16_matmul
+        return op(x, packed.qweight, packed.scales, packed.zeros, packed.group_size)
     return F.linear(x, packed.dequantize(x.dtype))
 
 
