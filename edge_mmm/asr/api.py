@@ -120,6 +120,9 @@ def _cached_onnx(path: Path, cache_dir: Optional[Path], precision: str):
     files = locate_whisper_files(path)
 
     def build(tmp: Path) -> None:
+        import sys
+
+        sys.stderr.write(f"exporting Whisper to ONNX ({precision}, first use of these weights; cached for next time)...\n")
         ckpt = load_whisper_checkpoint(path)
         if precision == "fp32":
             export_whisper_onnx(ckpt.build(), tmp, check=False)
