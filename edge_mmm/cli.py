@@ -36,8 +36,16 @@ STATE = _CliState()
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    kernels: str = typer.Option("auto", "--kernels", envvar="EDGE_MMM_KERNELS",
+                                help="auto (Triton on CUDA tensors, torch elsewhere) | reference (always the "
+                                     "torch references, for comparison) | triton"),
+) -> None:
     STATE.debug = debug
+    from edge_mmm.kernels.dispatch import set_kernel_mode
+
+    set_kernel_mode(kernels)
 
 
 def _emit_json(obj) -> None:

@@ -104,3 +104,16 @@ def test_bad_backend_flag(capsys, tmp_path):
 def test_debug_shows_traceback(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--debug", "transcribe", str(tmp_path / "nope.wav"))
     assert code == 2 and "Traceback" in err
+
+
+def test_kernel_mode_flag(capsys, monkeypatch):
+    from edge_mmm.kernels.dispatch import get_kernel_mode, set_kernel_mode
+
+    try:
+        code, _, err = run_cli(capsys, "--kernels", "bogus", "devices")
+        assert_one_line_error(code, err, "kernel mode")
+        monkeypatch.setenv("EDGE_MMM_KERNELS", "reference")
+        code, _, _ = run_cli(capsys, "devices", "--json")
+        assert code == 0 and get_kernel_mode() == "reference"
+    finally:
+        set_kernel_mode("auto")
