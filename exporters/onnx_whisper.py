@@ -4,13 +4,16 @@ graph with explicit self-attention KV-cache inputs/outputs. Checked against the 
 
 from __future__ import annotations
 
+import types
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edge_mmm.audio.constants import N_FRAMES
@@ -18,9 +21,43 @@ from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import Whisper
 
 OPSET = 17
-EXPORTER_VERSION = "whisper-onnx-4"  # bump when the graphs change: invalidates cached exports
+EXPORTER_VERSION = "whisper-onnx-5"  # bump when the graphs change: invalidates cached exports
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+
+
+class _OrtMultiHeadAttention(torch.autograd.Function):
+    """Unmasked self-attention of [B, T, D] projections. Eager: SDPA, as the model computes it. Exported as
+    one `com.microsoft::MultiHeadAttention` node: onnxruntime's fused kernel (~11% faster encoder on CPU);
+    TensorRT cannot parse it, so only the onnxruntime backend asks for it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n_head: int):
+        b, t, d = q.shape
+        split = lambda x: x.view(b, t, n_head, d // n_head).transpose(1, 2)  # noqa: E731
+        return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, t, d)
+
+    @staticmethod
+    def symbolic(g, q, k, v, n_head: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=n_head)
+        out.setType(q.type())  # same shape and dtype as the query: lets the exporter infer shapes
+        return out
+
+
+@contextmanager
+def _fused_encoder_attention(model: Whisper):
+    """Within the block, encoder self-attention exports as the fused onnxruntime op."""
+    def fused_attend(attn, q, k, v, mask=None):
+        return attn.out(_OrtMultiHeadAttention.apply(q, k, v, attn.n_head))
+
+    attns = [blk.attn for blk in model.encoder.blocks]
+    for attn in attns:
+        attn.attend = types.MethodType(fused_attend, attn)
+    try:
+        yield
+    finally:
+        for attn in attns:
+            del attn.attend
 
 
 class _EncoderWithCrossKV(nn.Module):
@@ -54,8 +91,13 @@ class ExportCheck:
     decoder_max_abs_err: float
 
 
-def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True) -> ExportCheck | None:
-    """Write encoder.onnx and decoder.onnx (fp32) to `out_dir` and compare them with eager on random inputs."""
+def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True,
+                        ort_fused_attention: bool = False) -> ExportCheck | None:
+    """Write encoder.onnx and decoder.onnx (fp32) to `out_dir` and compare them with eager on random inputs.
+
+    `ort_fused_attention`: the encoder's self-attention becomes onnxruntime's fused MultiHeadAttention
+    (for the onnxruntime backend; keep False for graphs meant for TensorRT, which supports standard ops only).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -73,9 +115,11 @@ def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True) -> Ex
     batch_axes = {name: {0: "batch"} for name in k_names + v_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],
-                          output_names=k_names + v_names, opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"mel": {0: "batch"}, **batch_axes})
+        with _fused_encoder_attention(model) if ort_fused_attention else nullcontext():
+            torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],
+                              output_names=k_names + v_names, opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"mel": {0: "batch"}, **batch_axes},
+                              custom_opsets={"com.microsoft": 1} if ort_fused_attention else None)
         torch.onnx.export(dec, (tokens, offset, self_k, self_v, *cross), str(out_dir / DECODER_FILE),
                           input_names=["tokens", "offset", "self_k", "self_v"] + k_names + v_names,
                           output_names=["logits", "new_self_k", "new_self_v"], opset_version=OPSET, dynamo=False,

@@ -34,7 +34,7 @@ def onnx_backend(tiny_en_ckpt, tmp_path_factory):
     from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
 
     out = tmp_path_factory.mktemp("onnx")
-    check = export_whisper_onnx(tiny_en_ckpt.build(), out)
+    check = export_whisper_onnx(tiny_en_ckpt.build(), out, ort_fused_attention=True)  # what load_asr exports
     print(f"ONNX export check: encoder max abs err {check.encoder_max_abs_err:.2e}, "
           f"decoder logits max abs err {check.decoder_max_abs_err:.2e}")
     assert check.encoder_max_abs_err < 1e-3 and check.decoder_max_abs_err < 1e-3
