@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -23,6 +21,7 @@ from torch import nn
 from edge_mmm.errors import ModelFileError
 from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import PackedWeight
+from edge_mmm.weights.export_cache import atomic_directory
 
 FORMAT = "edge-mmm-packed-v1"
 WEIGHTS, CONFIG, QUANT = "model.safetensors", "config.json", "quantization.json"
@@ -52,9 +51,7 @@ def save_quantized(model: nn.Module, out_dir: Path, meta: Dict) -> Path:
         tensors[name] = param.detach()
     if hasattr(model, "rotary"):  # non-persistent buffer; may hold GGUF rope_freqs scaling
         tensors["rotary.inv_freq"] = model.rotary.inv_freq.detach()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=1))
         (tmp / QUANT).write_text(json.dumps({"format": FORMAT, **meta, "modules": modules}, indent=1))
@@ -63,12 +60,6 @@ def save_quantized(model: nn.Module, out_dir: Path, meta: Dict) -> Path:
         for f in tmp.iterdir():  # mkdtemp/save_file create private files; use the usual umask instead
             os.chmod(f, 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

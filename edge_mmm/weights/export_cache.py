@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 MANIFEST = "manifest.json"
 
@@ -45,20 +46,29 @@ def cached_build(root: Path, kind: str, source: Path, version: str,
     entry = Path(root) / kind / key
     if verify_entry(entry, files):
         return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
-    try:
+    with atomic_directory(entry) as tmp:
         build(tmp)
         manifest = {"source": str(source), "version": version,
                     "files": {name: sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
+    return entry
+
+
+@contextmanager
+def atomic_directory(dest: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `dest`; when the block succeeds it replaces `dest` by a rename,
+    when it fails it is removed. Readers never see a half-written `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return entry
 
 
 def verify_entry(entry: Path, files: Iterable[str]) -> bool:
