@@ -1,0 +1,1 @@
+"""Live runtime: camera + microphone -> VAD -> streaming ASR -> turn manager -> streamed answer."""
