@@ -19,6 +19,7 @@ import torch
 from edge_mmm.errors import InputError
 from edge_mmm.kernels.dispatch import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, fp32_dot, jit,
                                        next_power_of_2, use_triton)
+from edge_mmm.kernels.online_softmax import attend_block
 
 tl = None  # triton.language, bound by dispatch.jit on first launch
 
@@ -56,21 +57,7 @@ def _decode_attention_kernel(Q, K, V, LENS, PART_O, PART_M, PART_L, HKV, GROUP, 
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, IEEE)
     # partials laid out [B, Hq, NUM_SPLITS(, D)]; an empty chunk leaves m = -inf, l = 0, acc = 0
     row = (b * HKV * GROUP + heads) * NUM_SPLITS + split
     tl.store(PART_M + row, m_i, mask=g_ok)

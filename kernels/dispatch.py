@@ -108,6 +108,13 @@ class _LazyKernel:
             # The kernel bodies name `tl` as a module global; bind it now that triton is imported.
             if self.fn.__globals__.get("tl") is None:
                 self.fn.__globals__["tl"] = tl
+            # Device functions a kernel calls (`@jit` helpers named as globals, e.g. online_softmax's
+            # `attend_block`) must be Triton functions when the kernel is compiled: build them first and
+            # bind the built function under the name the kernel body uses.
+            for name in self.fn.__code__.co_names:
+                dep = self.fn.__globals__.get(name)
+                if isinstance(dep, _LazyKernel):
+                    self.fn.__globals__[name] = dep.build()
             self._built[key] = triton.jit(self.fn)
         return self._built[key]
 

@@ -23,6 +23,7 @@ import torch
 from edge_mmm.errors import InputError
 from edge_mmm.kernels.dispatch import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, fp32_dot, jit,
                                        next_power_of_2, use_triton)
+from edge_mmm.kernels.online_softmax import attend_block
 
 tl = None  # triton.language, bound by dispatch.jit on first launch
 
@@ -66,11 +67,6 @@ def _flash_attention_kernel(Q, K, V, O, SEG, KMASK, Sq, Sk, HQ, GROUP, qk_scale,
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
         allowed = n_ok[None, :]
         if CAUSAL:
             visible = offs_n[None, :] <= q_pos[:, None]
@@ -81,17 +77,8 @@ def _flash_attention_kernel(Q, K, V, O, SEG, KMASK, Sq, Sk, HQ, GROUP, qk_scale,
         if HAS_KMASK:
             real = tl.load(KMASK + b * skm_b + offs_n, mask=n_ok, other=0)
             allowed = allowed & (real != 0)[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays zero
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # a row with nothing visible yet stays zero (see online_softmax)
+        m_i, l_i, acc = attend_block(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
