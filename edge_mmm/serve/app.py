@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from edge_mmm.errors import EdgeMMMError, InputError, require
-from edge_mmm.serve.guard import Admission, ApiError, GuardMiddleware, error_body
+from edge_mmm.serve.guard import (Admission, ApiError, GuardMiddleware, error_body, install_error_handlers,
+                                   json_body)
 from edge_mmm.serve.settings import ServeSettings
 from edge_mmm.text.generation import GenerationConfig
 
@@ -173,10 +174,8 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
     """The FastAPI app; loads the models named in `settings` unless `models` is given."""
     fastapi = require("fastapi", "serve", "edge-mmm serve")
     require("multipart", "serve", "audio uploads (python-multipart)")
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     models = models or load_models(settings)
     app = fastapi.FastAPI(title="edge-mmm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -184,38 +183,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
     model_lock = threading.Lock()  # a worker thread left behind by a dropped stream still holds the model
     app.state.settings, app.state.models, app.state.admission = settings, models, admission
 
-    def err(status: int, message: str, param=None, code=None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return err(exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(EdgeMMMError)
-    async def _edge_error(request, exc: EdgeMMMError):
-        return err(400, str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return err(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return err(400, "invalid request: " + "; ".join(str(e.get("msg", e)) for e in exc.errors()))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request, exc):
-        return err(500, f"internal error ({exc.__class__.__name__})")
-
-    async def json_body(request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+    install_error_handlers(app)
 
     def locked(fn, *args):
         with model_lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Optional
+from typing import Iterable, Optional
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
@@ -36,17 +36,68 @@ async def _send_error(send, status: int, message: str, code: Optional[str] = Non
     await send({"type": "http.response.body", "body": body})
 
 
-class GuardMiddleware:
-    """ASGI middleware: Bearer key check (when a key is set) and a hard cap on request body bytes."""
+async def json_body(request) -> dict:
+    """The request body as a JSON object, else ApiError(400)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+
+def install_error_handlers(app) -> None:
+    """Every error from `app` leaves as OpenAI-shaped JSON: ApiError with its status, EdgeMMMError and request
+    validation as 400, HTTP errors (404, 405) with theirs, anything else as 500 naming only the class."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from edge_mmm.errors import EdgeMMMError
+
+    def err(status: int, message: str, param=None, code=None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return err(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(EdgeMMMError)
+    async def _edge_error(request, exc: EdgeMMMError):
+        return err(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return err(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return err(400, "invalid request: " + "; ".join(str(e.get("msg", e)) for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        return err(500, f"internal error ({exc.__class__.__name__})")
+
+
+class GuardMiddleware:
+    """ASGI middleware: Bearer key check (when a key is set) and a hard cap on request body bytes.
+
+    `public_paths`: GET paths answered without the key (static pages that hold no data, e.g. the demo page,
+    which then sends the key itself on every request).
+    """
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, public_paths: Iterable[str] = ()):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.public_paths = frozenset(public_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None:
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in self.public_paths
+        if self.api_key is not None and not public:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
