@@ -186,9 +186,12 @@ class VisionLanguageModel:
         inputs = self.processor(images, text, processed=processed)
         return PreparedPrompt(inputs.input_ids[0].tolist(), feats, timings, keys, counts)
 
-    def stream(self, messages: Messages, config: Optional[GenerationConfig] = None) -> TokenStream:
-        """Text deltas as decoded; `stream.result` is the `Generation` (its timings lack vision_s)."""
-        return self._stream(self.prepare(messages), config)
+    def stream(self, messages: Union[Messages, PreparedPrompt], config: Optional[GenerationConfig] = None
+               ) -> TokenStream:
+        """Text deltas as decoded; `stream.result` is the `Generation` (its timings lack vision_s: pass a
+        `prepare()`d prompt to time the vision part, as the live runtime does)."""
+        prepared = messages if isinstance(messages, PreparedPrompt) else self.prepare(messages)
+        return self._stream(prepared, config)
 
     def reset(self) -> None:
         """Forget the cached conversation KV (image features stay in the embedding cache)."""

@@ -1,0 +1,195 @@
+"""The turn manager: a question (spoken or typed) + the selected frame -> a streamed answer.
+
+Prompt = optional system message + conversation history + this question. With a vision-language model
+the image goes into the user message of the turn where the scene changed; while the scene stays the
+same (see `runtime.frames`) no new image is added, so the whole conversation prefix, image tokens
+included, is reused from the model's KV cache, and an identical frame never reaches the vision encoder
+twice (content-hash embedding cache). At most one image stays in the history: a new scene drops the
+older image (its words stay), which costs one re-prefill of the text history. A text-only LM ignores
+frames (the assistant says so once). The history keeps the last `max_history_turns` exchanges; a prompt
+that still overflows the context drops its oldest exchanges until it fits.
+
+`answer()` runs in the turn thread and checks `cancel` between tokens (barge-in): the answer stops at
+once, and what was said so far stays in the history.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from edge_mmm.errors import InputError
+from edge_mmm.runtime.events import EventBus
+from edge_mmm.runtime.frames import FrameStore, SceneTracker
+from edge_mmm.text.generation import GenerationConfig
+
+
+@dataclass
+class TurnConfig:
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_tokens=128))
+    system_prompt: Optional[str] = None
+    max_history_turns: int = 6
+    scene_threshold: float = 8.0
+
+    def __post_init__(self):
+        self.generation.validate()
+        if self.max_history_turns < 0:
+            raise InputError(f"max_history_turns must be >= 0, got {self.max_history_turns}")
+
+
+@dataclass
+class TurnRequest:
+    """A question to answer. Times are monotonic; speech times are None for a typed question."""
+
+    question: str
+    source: str = "text"  # "speech" | "text"
+    utterance: int = -1
+    speech_start_t: Optional[float] = None
+    speech_end_t: Optional[float] = None
+    asr: Dict[str, float] = field(default_factory=dict)  # ASR timings of the final transcript
+    submitted_t: float = field(default_factory=time.monotonic)
+
+
+def is_vlm(model) -> bool:
+    """A VisionLanguageModel (takes images) rather than a text-only LanguageModel."""
+    return hasattr(model, "image_features")
+
+
+class TurnManager:
+    """Builds prompts, runs generation, streams `answer.delta`/`answer.done` and a `timing` event per turn."""
+
+    def __init__(self, model, bus: EventBus, frames: FrameStore, config: Optional[TurnConfig] = None):
+        self.model = model
+        self.vlm = is_vlm(model)
+        self.bus = bus
+        self.frames = frames
+        self.config = config or TurnConfig()
+        self.scene = SceneTracker(self.config.scene_threshold)
+        self.history: List[Dict[str, Any]] = []  # alternating user / assistant messages
+        self.turns = 0
+        self._lock = threading.Lock()  # one generation at a time on the shared model
+
+    def reset(self) -> None:
+        """Forget the conversation (and the model's KV cache of it)."""
+        with self._lock:
+            self.history = []
+            self.scene.reset()
+            self.model.reset()
+
+    # ------------------------------------------------------------------ prompt
+    def _user_message(self, question: str, image) -> Dict[str, Any]:
+        if not self.vlm:
+            return {"role": "user", "content": question}
+        parts = [{"type": "image", "image": image}] if image is not None else []
+        return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
+
+    def _assistant_message(self, text: str) -> Dict[str, Any]:
+        if not self.vlm:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    def _messages(self, history: List[Dict[str, Any]], user: Dict[str, Any]) -> List[Dict[str, Any]]:
+        system = []
+        if self.config.system_prompt:
+            content = self.config.system_prompt
+            system = [{"role": "system",
+                       "content": [{"type": "text", "text": content}] if self.vlm else content}]
+        return system + history + [user]
+
+    def _drop_history_images(self) -> None:
+        for m in self.history:
+            if isinstance(m["content"], list):
+                m["content"] = [p for p in m["content"] if p.get("type") != "image"]
+
+    def _history_has_image(self) -> bool:
+        return any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+                   for m in self.history)
+
+    def _pick_image(self, req: TurnRequest, timings: Dict[str, Any]):
+        """(image for this user message or None, frame seq) per the frame and scene policies."""
+        frame = self.frames.select(req.speech_start_t, req.speech_end_t)
+        if frame is None:
+            timings["frame"] = "none"
+            return None, None
+        timings["frame_age_s"] = round(time.monotonic() - frame.t, 4)
+        image, changed, diff = self.scene.choose(frame.image)
+        timings["scene_changed"] = changed
+        timings["scene_diff"] = round(diff, 3) if diff != float("inf") else None
+        if not changed and self._history_has_image():
+            return None, frame.seq  # the image already in the history stands for this scene
+        self._drop_history_images()
+        return image, frame.seq
+
+    # ------------------------------------------------------------------ generation
+    def _start(self, user: Dict[str, Any], timings: Dict[str, Any]):
+        """Prepare and start the stream, dropping the oldest exchanges while the prompt overflows."""
+        while True:
+            messages = self._messages(self.history, user)
+            try:
+                if self.vlm:
+                    prepared = self.model.prepare(messages)
+                    timings.update({k: round(v, 6) for k, v in prepared.timings.items()})
+                    return self.model.stream(prepared, self.config.generation)
+                return self.model.stream(messages, self.config.generation)
+            except InputError as exc:
+                if "context holds" not in str(exc) or len(self.history) < 2:
+                    raise
+                self.history = self.history[2:]
+                timings["history_trimmed"] = timings.get("history_trimmed", 0) + 1
+
+    def answer(self, req: TurnRequest, cancel: threading.Event) -> Dict[str, Any]:
+        """Answer one question; returns the turn's timing record (also published as a `timing` event)."""
+        with self._lock:
+            return self._answer(req, cancel)
+
+    def _answer(self, req: TurnRequest, cancel: threading.Event) -> Dict[str, Any]:
+        t0 = time.monotonic()
+        self.turns += 1
+        turn = self.turns
+        timings: Dict[str, Any] = {"stage": "turn", "turn": turn, "source": req.source,
+                                   "queue_s": round(t0 - req.submitted_t, 6)}
+        timings.update(req.asr)
+        image = None
+        if self.vlm:
+            image, _ = self._pick_image(req, timings)
+        user = self._user_message(req.question, image)
+        stream = self._start(user, timings)
+        pieces: List[str] = []
+        t_first = None
+        cancelled = False
+        for delta in stream:
+            if t_first is None:
+                t_first = time.monotonic()
+            pieces.append(delta)
+            self.bus.publish("answer.delta", text=delta, turn=turn)
+            if cancel.is_set():
+                cancelled = True
+                break
+        t_end = time.monotonic()
+        text = "".join(pieces)
+        result = stream.result
+        if result is not None:
+            rt = result.timings
+            timings["prompt_tokens"] = result.prompt_tokens
+            timings["prompt_reused"] = int(rt.get("prompt_reused", 0))
+            timings["tokens"] = len(result.token_ids)
+            timings["decode_tok_s"] = round(rt.get("decode_tok_s", 0.0), 3)
+            new = result.prompt_tokens - int(rt.get("prompt_reused", 0))
+            timings["prefill_s"] = round(new / rt["prefill_tok_s"], 6) if rt.get("prefill_tok_s") else 0.0
+        if self.vlm:
+            timings["prefill_s"] = round(self.model.backend.prefill_s, 6)
+        timings["ttft_s"] = round(t_first - t0, 6) if t_first is not None else None
+        timings["answer_s"] = round(t_end - t0, 6)
+        if req.speech_end_t is not None and t_first is not None:
+            timings["eos_to_first_token_s"] = round(t_first - req.speech_end_t, 6)
+        finish = "cancelled" if cancelled else (result.finish_reason if result is not None else "stop")
+        self.history += [user, self._assistant_message(text.strip())]
+        keep = 2 * self.config.max_history_turns
+        if len(self.history) > keep:
+            self.history = self.history[len(self.history) - keep:]
+        self.bus.publish("answer.done", text=text, turn=turn, question=req.question, finish_reason=finish,
+                         cancelled=cancelled)
+        self.bus.publish("timing", **timings)
+        return timings
