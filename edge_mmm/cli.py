@@ -72,6 +72,8 @@ def transcribe(
     task: str = typer.Option("transcribe", "--task", help="transcribe | translate"),
     timestamps: bool = typer.Option(True, "--timestamps/--no-timestamps", help="Predict segment timestamps."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
+    device: str = typer.Option("cpu", "--device",
+                               help="cpu | cuda[:N] (cuda: --backend torch; our Triton kernels run in the model)"),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
@@ -96,7 +98,7 @@ def transcribe(
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
 
-    asr = load_asr(model, backend=backend, threads=threads, precision=precision)
+    asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
         result = asr.transcribe(path, opts, progress=not json_out)

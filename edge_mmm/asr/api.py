@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend
+from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend, check_device
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.asr.transcribe import Segment, TranscribeOptions, transcribe_audio
 from edge_mmm.audio.constants import SAMPLE_RATE
@@ -84,14 +84,17 @@ class ASRModel:
 
 
 def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime", threads: int = 0,
-             cache_dir: Optional[Path] = None, precision: str = "fp32") -> ASRModel:
+             cache_dir: Optional[Path] = None, precision: str = "fp32", device: str = "cpu") -> ASRModel:
     """Load Whisper from a CTranslate2 dir, HF safetensors dir, openai .pt file or cached repo id.
 
     backend="onnxruntime" exports the model to ONNX once (cached by weight hash, verified on load);
     precision="int8" (onnxruntime only) quantizes its weight matmuls to int8: faster, slightly less exact.
+    device="cuda" (torch backend) runs the eager model on the GPU, where our Triton kernels (attention,
+    log-mel) run inside it.
     """
     t0 = time.perf_counter()
     check_backend(backend)
+    check_device(device, backend)
     if precision not in ("fp32", "int8"):
         raise InputError(f"--precision must be fp32 or int8, got {precision!r}")
     if precision == "int8" and backend != "onnxruntime":
@@ -100,7 +103,7 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
     if backend == "torch":
         ckpt = load_whisper_checkpoint(path)
         cfg, tok_file = ckpt.config, ckpt.tokenizer_file
-        be = TorchWhisperBackend(ckpt.build(), threads)
+        be = TorchWhisperBackend(ckpt.build(), threads, device)
     else:
         cfg, tok_file, onnx_dir = _cached_onnx(path, cache_dir, precision)
         be = OnnxWhisperBackend(onnx_dir, cfg, threads)

@@ -1,6 +1,7 @@
 """Whisper inference backends: `torch` (reference, eager) and `onnxruntime` (default on CPU).
 
 Both expose the same small interface used by `edge_mmm.asr.decoding`:
+    device: where the log-mel front end runs (`kernels.log_mel`: our Triton kernel on CUDA); host for ORT
     encode(mel[B, n_mels, 3000]) -> audio state (cross-attention K/V, computed once per window)
     new_state(audio, group) -> decoder state for `group` parallel hypotheses of that audio
     step(state, tokens[B, T]) -> float32 logits [B, T, n_vocab] (numpy), extending the KV cache
@@ -16,8 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from edge_mmm.errors import InputError, ModelFileError
-from edge_mmm.models.whisper import Whisper, WhisperConfig
+from edge_mmm.errors import DeviceError, InputError, ModelFileError
+from edge_mmm.models.whisper import Whisper, WhisperConfig, repeat_batch
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -32,41 +33,47 @@ class DecoderState:
 
 
 class TorchWhisperBackend:
+    """The eager model on `device` ("cpu", or "cuda" where our Triton kernels run inside the model)."""
+
     name = "torch"
 
-    def __init__(self, model: Whisper, threads: int = 0):
+    def __init__(self, model: Whisper, threads: int = 0, device: str = "cpu"):
         if threads > 0:
             torch.set_num_threads(threads)
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.config: WhisperConfig = model.config
 
     @torch.inference_mode()
     def encode(self, mel: np.ndarray):
-        return self.model.decoder.cross_kv(self.model.encoder(torch.as_tensor(mel, dtype=torch.float32)))
+        mel = torch.as_tensor(mel, dtype=torch.float32, device=self.device)
+        return self.model.decoder.cross_kv(self.model.encoder(mel))
 
     def new_state(self, audio, group: int) -> DecoderState:
         ck, cv = audio
         if group > 1:
-            ck = [k.expand(group, -1, -1, -1).contiguous() for k in ck]
-            cv = [v.expand(group, -1, -1, -1).contiguous() for v in cv]
+            ck = [repeat_batch(k, group) for k in ck]
+            cv = [repeat_batch(v, group) for v in cv]
         sk, sv = self.model.empty_cache(ck[0].shape[0])
         return DecoderState(ck, cv, sk, sv)
 
     @torch.inference_mode()
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
         logits, state.self_k, state.self_v = self.model.decoder(
-            torch.from_numpy(np.ascontiguousarray(tokens)), torch.tensor(state.offset),
+            torch.as_tensor(np.ascontiguousarray(tokens), device=self.device),
+            torch.tensor(state.offset, device=self.device),
             state.cross_k, state.cross_v, state.self_k, state.self_v)
         state.offset += tokens.shape[1]
-        return logits.numpy()
+        return logits.cpu().numpy()
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
-        idx = torch.from_numpy(order)
+        idx = torch.as_tensor(order, device=self.device)
         state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
 
 
 class OnnxWhisperBackend:
     name = "onnxruntime"
+    device = torch.device("cpu")  # the CPU execution provider reads host arrays
 
     def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0):
         import onnxruntime as ort
@@ -119,3 +126,19 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
+
+
+def check_device(device: str, backend: str) -> str:
+    """`device` is "cpu" or a CUDA device ("cuda", "cuda:N"); CUDA needs the torch backend and a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda":
+        if backend != "torch":
+            raise InputError(f"--device {device} needs --backend torch (the {backend} backend here runs on the CPU)")
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch on this machine")
+    return device

@@ -13,7 +13,7 @@ import numpy as np
 from edge_mmm.asr.decoding import DecodingOptions, DecodingResult, decode_window, detect_language
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.audio.constants import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
-from edge_mmm.audio.mel import log_mel_spectrogram, pad_or_trim
+from edge_mmm.audio.mel import pad_or_trim
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _decode_with_fallback(backend, tok, audio, opts: TranscribeOptions, language
 def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: TranscribeOptions,
                      on_progress: Optional[Callable[[float], None]] = None) -> Tuple[str, Iterator[Segment]]:
     """Return (language, generator of Segments) for a 16 kHz mono waveform."""
-    mel = log_mel_spectrogram(audio, backend.config.n_mels, padding=N_SAMPLES).numpy()
+    mel = padded_log_mel(backend, audio)
     content_frames = mel.shape[-1] - N_FRAMES
     language = opts.language
     if language is None:
@@ -78,6 +78,17 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
         else:
             language = "en"
     return language, _segments(backend, tok, mel, content_frames, opts, language, on_progress)
+
+
+def padded_log_mel(backend, audio: np.ndarray) -> np.ndarray:
+    """Log-mel of `audio` plus 30 s of zeros, computed where the backend's model runs (`backend.device`):
+    our Triton kernel on CUDA, the reference (openai-whisper's math) on the CPU."""
+    import torch
+
+    from edge_mmm import kernels
+
+    wav = torch.as_tensor(np.ascontiguousarray(audio, dtype=np.float32), device=backend.device)
+    return kernels.log_mel(wav, backend.config.n_mels, padding=N_SAMPLES).cpu().numpy()
 
 
 def _t(x):

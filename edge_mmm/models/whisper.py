@@ -77,21 +77,43 @@ class MultiHeadAttention(nn.Module):
         return self.out(a.transpose(1, 2).reshape(b, tq, d))
 
     def split_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """K and V of `x` [B, S, D] in attention layout: K^T [B, H, Dh, S] and V [B, H, S, Dh]."""
+        """K and V of `x` [B, S, D] in attention layout: K^T [B, H, Dh, S] and V [B, H, S, Dh].
+
+        K^T is stored contiguously for the torch matmul (and the ONNX graph). When the Triton kernels run
+        (CUDA), K is stored [B, H, S, Dh] with Dh contiguous, as the kernels read it, and returned as its
+        transposed view: same shape, so callers (and `repeat_batch`) do not care which layout they hold.
+        """
         b, s, d = x.shape
         h = self.n_head
-        k = self.key(x).view(b, s, h, d // h).permute(0, 2, 3, 1)
+        k = self.key(x).view(b, s, h, d // h)
         v = self.value(x).view(b, s, h, d // h).transpose(1, 2)
-        return k.contiguous(), v.contiguous()
+        if kernels.use_triton(x):
+            return k.transpose(1, 2).contiguous().transpose(-1, -2), v.contiguous()
+        return k.permute(0, 2, 3, 1).contiguous(), v.contiguous()
 
     def attend_split(self, q: Tensor, k_t: Tensor, v: Tensor) -> Tensor:
         """Attention of q [B, T, D] over keys/values already in `split_kv` layout (no per-step transposes)."""
         b, tq, d = q.shape
         h = self.n_head
         q = q.view(b, tq, h, d // h).transpose(1, 2)
-        scores = torch.matmul(q * (d // h) ** -0.5, k_t)
-        a = torch.matmul(torch.softmax(scores, dim=-1), v)
+        if kernels.use_triton(q):
+            k = k_t.transpose(-1, -2)  # [B, H, S, Dh], Dh contiguous in the Triton layout of split_kv
+            if tq == 1:  # one decode step: split-KV flash decoding over the 1500 audio positions
+                lens = torch.full((b,), k.shape[2], dtype=torch.int32, device=q.device)
+                a = kernels.decode_attention(q[:, :, 0], k, v, lens)[:, :, None]
+            else:
+                a = kernels.flash_attention(q, k, v, causal=False)
+        else:
+            scores = torch.matmul(q * (d // h) ** -0.5, k_t)
+            a = torch.matmul(torch.softmax(scores, dim=-1), v)
         return self.out(a.transpose(1, 2).reshape(b, tq, d))
+
+
+def repeat_batch(t: Tensor, group: int) -> Tensor:
+    """`t` [1, ...] repeated `group` times along the batch, keeping its memory layout (see `split_kv`)."""
+    if t.dim() == 4 and t.stride(-2) == 1 and t.stride(-1) != 1:  # a K^T view over Dh-contiguous storage
+        return t.transpose(-1, -2).expand(group, -1, -1, -1).contiguous().transpose(-1, -2)
+    return t.expand(group, *t.shape[1:]).contiguous()
 
 
 class EncoderBlock(nn.Module):
@@ -199,8 +221,10 @@ class Whisper(nn.Module):
         self.encoder = AudioEncoder(cfg)
         self.decoder = TextDecoder(cfg)
 
-    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
-        """An empty self-attention cache: two [L, batch, 0, D] tensors."""
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> Tuple[Tensor, Tensor]:
+        """An empty self-attention cache: two [L, batch, 0, D] tensors (on the model's device by default)."""
         cfg = self.config
         shape = (cfg.n_text_layer, batch, 0, cfg.n_text_state)
-        return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        device = self.decoder.token_embedding.weight.device if device is None else device
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)

@@ -117,3 +117,25 @@ def test_kernel_mode_flag(capsys, monkeypatch):
         assert code == 0 and get_kernel_mode() == "reference"
     finally:
         set_kernel_mode("auto")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--device", "cuda", "--backend", "onnxruntime"), "needs --backend torch"),
+    (("--device", "tpu"), "--device must be cpu or cuda"),
+])
+def test_bad_device(capsys, tmp_path, args, needle):
+    wav = tmp_path / "a.wav"
+    _write_wav(wav, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(wav), *args)
+    assert_one_line_error(code, err, needle)
+
+
+def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    wav = tmp_path / "a.wav"
+    _write_wav(wav, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(wav), "--device", "cuda", "--backend", "torch")
+    assert_one_line_error(code, err, "no CUDA GPU")

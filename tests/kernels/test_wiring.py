@@ -92,6 +92,40 @@ def test_whisper_encoder_and_decoder(monkeypatch):
             want = run()
         launched = _count_launches(monkeypatch)
         got = run()
-    assert "_flash_attention_kernel" in launched
+    assert "_flash_attention_kernel" in launched  # encoder, decoder self-attention, cross-attention prefill
+    assert "_decode_attention_kernel" in launched  # cross-attention of the one-token step
     assert_close(got[0], want[0], 1e-4, 1e-4, "encoder")
     assert_close(got[1], want[1], 1e-3, 1e-4, "logits")
+
+
+def test_whisper_backend_beam_group_and_front_end(monkeypatch):
+    """The torch ASR backend on the kernels' device: log-mel through the log_mel kernel, cross K/V kept in
+    the kernels' layout when a beam group repeats them, and logits equal to the reference code's."""
+    import numpy as np
+
+    from edge_mmm.asr.backends import TorchWhisperBackend
+    from edge_mmm.asr.transcribe import padded_log_mel
+    from edge_mmm.models.whisper import Whisper, WhisperConfig
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(80, 20, 32, 2, 1, 51865, 16, 32, 2, 1)
+    backend = TorchWhisperBackend(Whisper(cfg).eval(), device=DEVICE)
+    audio = np.random.default_rng(0).standard_normal(1200).astype(np.float32) * 0.1
+    tokens = np.array([[50257, 50362, 440], [50257, 50362, 1029]])
+
+    def run():
+        mel = padded_log_mel(backend, audio)
+        state = backend.new_state(backend.encode(mel[None, :, :40]), group=2)
+        first = backend.step(state, tokens)
+        backend.reorder(state, np.array([1, 1]))
+        return mel, np.concatenate([first, backend.step(state, tokens[:, -1:])], 1), state
+
+    with kernel_mode("reference"):
+        want_mel, want, _ = run()
+    launched = _count_launches(monkeypatch)
+    mel, got, state = run()
+    assert "_log_mel_kernel" in launched and "_decode_attention_kernel" in launched
+    k = state.cross_k[0]
+    assert k.shape == (2, 2, 16, 20) and k.stride(-2) == 1  # K^T view over [B, H, S, Dh] storage
+    np.testing.assert_allclose(mel, want_mel, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
