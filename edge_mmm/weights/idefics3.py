@@ -67,8 +67,9 @@ def idefics3_config_from_hf(d: dict, where: str = "config.json") -> Idefics3Conf
                           image_token_id=int(d.get("image_token_id", 128257)))
 
 
-def read_vlm_files(root) -> VLMFiles:
-    """Check every needed file exists and parse configs + tokenizer; no weights are read."""
+def read_vlm_files(root, weights: bool = True) -> VLMFiles:
+    """Check every needed file exists and parse configs + tokenizer; no weights are read.
+    `weights=False`: the weights live elsewhere (an export bundle), so safetensors are not required."""
     root = Path(root)
     if not root.is_dir():
         raise ModelFileError(f"model directory {root} does not exist")
@@ -77,7 +78,8 @@ def read_vlm_files(root) -> VLMFiles:
             raise ModelFileError(f"model file {root / name} is missing")
     raw = _read_json(root / "config.json")
     cfg = idefics3_config_from_hf(raw, str(root / "config.json"))
-    safetensors_files(root)
+    if weights:
+        safetensors_files(root)
     proc: dict = {}
     image_seq_len = None
     if (root / "processor_config.json").is_file():
