@@ -47,8 +47,7 @@ class AudioRing:
             return
         t = time.monotonic() if t is None else t
         with self._cond:
-            if x.size > self.capacity:
-                self._lose(x.size - self.capacity)
+            if x.size > self.capacity:  # only the newest `capacity` samples fit; the rest count as lost below
                 self.written += x.size - self.capacity
                 x = x[-self.capacity:]
             start = self.written % self.capacity

