@@ -1,0 +1,206 @@
+"""The live demo: one page (plain HTML/JS from `static/`) over a running `LiveAssistant`.
+
+`create_demo_app(assistant, settings)` returns the FastAPI app:
+`GET /` the page (+ `/demo.js`, `/demo.css`), `GET /frame.jpg` the latest camera frame (204 before the first),
+`GET /events` the assistant's events as SSE (`data: {"type", "data", "t"}`), `POST /ask` `{"text"}` a typed
+question, `POST /frame` (a JPEG) and `POST /audio` (float32 little-endian PCM, 16 kHz mono) for a browser's
+own camera and microphone, `GET /healthz`. The API key, the body limit and the error shape are those of
+`edge-mmm serve` (`serve.guard`, `serve.settings`); only the static page is served without the key.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real `Request` class in the routes
+
+import asyncio
+import io
+import queue as queue_mod
+from pathlib import Path
+from typing import Any
+
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.errors import require
+from edge_mmm.serve.guard import ApiError, GuardMiddleware, install_error_handlers, json_body
+from edge_mmm.serve.settings import ServeSettings
+
+STATIC_DIR = Path(__file__).parent / "static"
+PAGES = {"/": ("demo.html", "text/html; charset=utf-8"),
+         "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
+         "/demo.css": ("demo.css", "text/css; charset=utf-8")}
+# nothing outside this server may load: the page works offline on a device and leaks nothing
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' blob: "
+                                           "mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+MAX_QUESTION_CHARS = 1000
+MAX_AUDIO_POST_S = 5.0  # one POST /audio carries at most this much audio
+MAX_SUBSCRIBERS = 16  # open /events streams; more get 429
+KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies and the browser from closing an idle stream
+POLL_S = 0.05  # how often an /events stream looks at its queue
+
+
+def _static_files() -> dict:
+    """Path -> (bytes, media type) for the page's files, read once."""
+    files = {}
+    for path, (name, media_type) in PAGES.items():
+        source = STATIC_DIR / name
+        if not source.is_file():
+            raise FileNotFoundError(f"demo page file missing from the installed package: {source}")
+        files[path] = (source.read_bytes(), media_type)
+    return files
+
+
+def decode_question(body: dict) -> str:
+    """`{"text": "..."}` -> the question, stripped; ApiError(400) names the field otherwise."""
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, "'text' must be a string (the question)", param="text")
+    text = text.strip()
+    if not text:
+        raise ApiError(400, "'text' is empty", param="text")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise ApiError(400, f"'text' is {len(text)} characters, over the {MAX_QUESTION_CHARS} limit", param="text")
+    return text
+
+
+def decode_audio(raw: bytes):
+    """Raw float32 little-endian mono 16 kHz PCM -> float32 array in [-1, 1]; ApiError(400) when malformed."""
+    import numpy as np
+
+    if not raw or len(raw) % 4:
+        raise ApiError(400, "audio body must be a non-empty sequence of float32 samples (little-endian, 16 kHz mono)")
+    if len(raw) // 4 > MAX_AUDIO_POST_S * SAMPLE_RATE:
+        raise ApiError(400, f"one audio post holds at most {MAX_AUDIO_POST_S:g} s ({int(MAX_AUDIO_POST_S * SAMPLE_RATE)}"
+                            f" samples); got {len(raw) // 4}")
+    samples = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(samples).all():
+        raise ApiError(400, "audio samples must be finite")
+    return np.clip(samples, -1.0, 1.0)
+
+
+def decode_frame(raw: bytes, max_pixels: int):
+    """JPEG/PNG bytes -> BGR uint8 array (the camera's layout), after checking the size from the header."""
+    import numpy as np
+    from PIL import Image
+
+    if not raw:
+        raise ApiError(400, "frame body is empty (send one JPEG or PNG image)")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ApiError(400, f"frame is {w}x{h} = {w * h} pixels, over the {max_pixels} limit",
+                               code="image_too_large")
+            rgb = np.asarray(img.convert("RGB"))
+    except ApiError:
+        raise
+    except (Image.UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(400, "frame body is not a readable JPEG or PNG image") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def sse_line(event) -> str:
+    """One Event as one SSE message."""
+    return f"data: {event.to_json()}\n\n"
+
+
+def create_demo_app(assistant: Any, settings: ServeSettings):
+    """The demo's FastAPI app over a started (or about to be started) `LiveAssistant`."""
+    fastapi = require("fastapi", "serve", "edge-mmm demo")
+    from fastapi.responses import Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    files = _static_files()
+    app = fastapi.FastAPI(title="edge-mmm demo", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.assistant, app.state.settings = assistant, settings
+    subscribers = set()
+    install_error_handlers(app)
+
+    def page_route(path: str):
+        data, media_type = files[path]
+
+        async def page():
+            return Response(data, media_type=media_type, headers=PAGE_HEADERS)
+
+        app.get(path, include_in_schema=False)(page)
+
+    for path in files:
+        page_route(path)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "subscribers": len(subscribers)}
+
+    @app.get("/frame.jpg")
+    async def frame_jpg():
+        jpeg = assistant.latest_frame_jpeg()
+        if not jpeg:
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @app.get("/events")
+    async def events(request: fastapi.Request):
+        if len(subscribers) >= MAX_SUBSCRIBERS:
+            raise ApiError(429, f"at most {MAX_SUBSCRIBERS} event streams at once; close one and retry",
+                           code="too_many_streams")
+        queue = assistant.subscribe()
+        subscribers.add(queue)
+
+        async def stream():
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            try:
+                yield ": connected\n\n"
+                while True:
+                    try:
+                        event = queue.get_nowait()
+                    except queue_mod.Empty:  # poll: waiting in q.get() would hold a worker thread per client
+                        if loop.time() - last > KEEPALIVE_S:
+                            last = loop.time()
+                            yield ": keepalive\n\n"
+                        await asyncio.sleep(POLL_S)
+                        continue
+                    last = loop.time()
+                    yield sse_line(event)
+            finally:  # the client went away (the response task is cancelled) or the server stops
+                subscribers.discard(queue)
+                assistant.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/ask", status_code=202)
+    async def ask(request: fastapi.Request):
+        text = decode_question(await json_body(request))
+        await run_in_threadpool(assistant.ask_text, text)
+        return {"status": "accepted", "text": text}
+
+    @app.post("/audio", status_code=202)
+    async def audio(request: fastapi.Request):
+        samples = decode_audio(await request.body())
+        await run_in_threadpool(assistant.feed_audio, samples)
+        return {"status": "accepted", "samples": int(samples.size),
+                "seconds": round(samples.size / SAMPLE_RATE, 4)}
+
+    @app.post("/frame", status_code=202)
+    async def frame(request: fastapi.Request):
+        bgr = await run_in_threadpool(decode_frame, await request.body(), settings.max_image_pixels)
+        await run_in_threadpool(assistant.feed_frame, bgr)
+        return {"status": "accepted", "width": int(bgr.shape[1]), "height": int(bgr.shape[0])}
+
+    # answers before routing: the key check and the body limit apply to every path but the static page
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       public_paths=files.keys())
+    return app
+
+
+def run_demo(assistant: Any, settings: ServeSettings) -> None:
+    """Start the assistant, serve the page on settings.host:settings.port until interrupted, stop it."""
+    uvicorn = require("uvicorn", "serve", "edge-mmm demo")
+    app = create_demo_app(assistant, settings)
+    assistant.start()
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=2)
+    finally:
+        assistant.stop()
+
+
+__all__ = ["create_demo_app", "run_demo", "MAX_QUESTION_CHARS", "MAX_AUDIO_POST_S", "MAX_SUBSCRIBERS"]

@@ -1,0 +1,376 @@
+// edge-mmm live demo page: plain JS, no build step, nothing loaded from outside this server.
+// Events arrive as SSE from GET events (read with fetch so the API key can be sent as a header).
+"use strict";
+
+const SAMPLE_RATE = 16000;
+const FRAME_POLL_MS = 100;       // camera preview refresh
+const BROWSER_FRAME_MS = 250;    // browser camera -> POST frame
+const BROWSER_AUDIO_MS = 200;    // browser mic -> POST audio
+const RECONNECT_MS = 1000;
+const MAX_MESSAGES = 30;
+
+// timing fields shown first, with readable names; any other numeric field is shown after them
+const LATENCY_LABELS = [
+  ["capture_s", "capture"],
+  ["vad_s", "VAD"],
+  ["asr_s", "ASR (final)"],
+  ["vision_s", "vision encoder"],
+  ["prefill_s", "LM prefill"],
+  ["ttft_s", "time to first token"],
+  ["speech_end_to_first_token_s", "end of speech → first token"],
+  ["decode_tok_s", "decode tok/s"],
+  ["tok_s", "decode tok/s"],
+  ["tokens_per_s", "decode tok/s"],
+  ["total_s", "whole answer"],
+];
+
+const $ = (id) => document.getElementById(id);
+const state = { key: "", turn: null, connected: false, stats: { events: 0, deltas: 0 } };
+window.edgeMmmDemo = state.stats; // read by the browser test and handy in the console
+
+// ---------------------------------------------------------------------------------------------
+// API key: from the URL fragment (#key=..., never sent to the server in the URL) or the form
+// ---------------------------------------------------------------------------------------------
+function loadKey() {
+  const m = location.hash.match(/key=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("edge-mmm-key", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  state.key = sessionStorage.getItem("edge-mmm-key") || "";
+}
+
+function authHeaders(extra) {
+  const h = Object.assign({}, extra || {});
+  if (state.key) h["Authorization"] = "Bearer " + state.key;
+  return h;
+}
+
+function needKey() {
+  $("key-form").hidden = false;
+  setStatus(false, "API key required");
+}
+
+async function api(path, options) {
+  const r = await fetch(path, Object.assign({ cache: "no-store" }, options, { headers: authHeaders((options || {}).headers) }));
+  if (r.status === 401) needKey();
+  return r;
+}
+
+function setStatus(ok, text) {
+  state.connected = ok;
+  const el = $("status");
+  el.textContent = text;
+  el.className = "status " + (ok ? "on" : "off");
+}
+
+function message(kind, text) {
+  const li = document.createElement("li");
+  li.className = kind;
+  li.textContent = new Date().toLocaleTimeString() + "  " + text;
+  const list = $("messages");
+  list.prepend(li);
+  while (list.children.length > MAX_MESSAGES) list.lastChild.remove();
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---------------------------------------------------------------------------------------------
+// conversation: one turn = question (spoken or typed) + streamed answer
+// ---------------------------------------------------------------------------------------------
+function newTurn(question, how, id) {
+  const div = document.createElement("div");
+  div.className = "turn";
+  const q = document.createElement("p");
+  q.className = "question final " + how;
+  q.textContent = question;
+  const a = document.createElement("p");
+  a.className = "answer streaming";
+  div.append(q, a);
+  $("turns").append(div);
+  state.turn = { id: id, answer: a, done: false };
+  div.scrollIntoView({ block: "end" });
+  return state.turn;
+}
+
+function currentTurn(id) {
+  const t = state.turn;
+  if (t && !t.done && (id === undefined || t.id === undefined || t.id === id)) {
+    if (t.id === undefined) t.id = id; // a question's turn learns its id from its first answer event
+    return t;
+  }
+  return newTurn("", "none", id);
+}
+
+function textOf(data) {
+  if (typeof data.text === "string") return data.text;
+  if (typeof data.delta === "string") return data.delta;
+  return "";
+}
+
+function onPartial(data) {
+  const el = $("partial");
+  el.replaceChildren();
+  const committed = typeof data.committed === "string" ? data.committed : textOf(data);
+  const tentative = typeof data.tentative === "string" ? data.tentative : "";
+  const c = document.createElement("span");
+  c.className = "committed";
+  c.textContent = committed;
+  const t = document.createElement("span");
+  t.className = "tentative";
+  t.textContent = (committed && tentative ? " " : "") + tentative;
+  el.append(c, t);
+}
+
+function onFinal(data) {
+  $("partial").replaceChildren();
+  const text = textOf(data).trim();
+  if (text) newTurn(text, "spoken", data.turn);
+}
+
+function onDelta(data) {
+  const turn = currentTurn(data.turn);
+  turn.answer.append(document.createTextNode(textOf(data)));
+  state.stats.deltas += 1;
+}
+
+function onDone(data) {
+  const turn = currentTurn(data.turn);
+  const full = textOf(data);
+  if (full && turn.answer.textContent.trim() === "") turn.answer.textContent = full;
+  turn.answer.classList.remove("streaming");
+  turn.done = true;
+}
+
+function fmt(key, value) {
+  if (key.endsWith("_s") && !/tok/.test(key)) return (value * 1000).toFixed(0) + " ms";
+  return Number.isInteger(value) ? String(value) : value.toFixed(1);
+}
+
+const latency = new Map(); // key -> value, newest wins
+function onTiming(data) {
+  for (const [k, v] of Object.entries(data)) {
+    if (typeof v === "number" && Number.isFinite(v)) latency.set(k, v);
+  }
+  const body = $("latency").tBodies[0];
+  body.replaceChildren();
+  const shown = new Set();
+  const row = (label, key) => {
+    const tr = document.createElement("tr");
+    tr.dataset.key = key;
+    const th = document.createElement("th");
+    th.textContent = label;
+    const td = document.createElement("td");
+    td.textContent = fmt(key, latency.get(key));
+    tr.append(th, td);
+    body.append(tr);
+    shown.add(key);
+  };
+  for (const [key, label] of LATENCY_LABELS) if (latency.has(key) && !shown.has(key)) row(label, key);
+  for (const key of latency.keys()) if (!shown.has(key)) row(key.replace(/_/g, " "), key);
+}
+
+function handle(event) {
+  state.stats.events += 1;
+  const data = event.data || {};
+  switch (event.type) {
+    case "transcript.partial": return onPartial(data);
+    case "transcript.final": return onFinal(data);
+    case "answer.delta": return onDelta(data);
+    case "answer.done": return onDone(data);
+    case "timing": return onTiming(data);
+    case "error": return message("error", data.message || JSON.stringify(data));
+    case "notice": return message("notice", data.message || JSON.stringify(data));
+    default: return message("notice", event.type + " " + JSON.stringify(data));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// event stream (SSE over fetch), reconnecting
+// ---------------------------------------------------------------------------------------------
+async function listen() {
+  for (;;) {
+    try {
+      const r = await api("events");
+      if (r.ok && r.body) {
+        setStatus(true, "live");
+        const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+            if (data) {
+              try { handle(JSON.parse(data)); } catch (e) { message("error", "bad event: " + e); }
+            }
+          }
+        }
+      } else if (r.status !== 401) {
+        message("error", "event stream: HTTP " + r.status);
+      }
+    } catch (e) { /* network error: retry below */ }
+    if (!$("key-form").hidden) setStatus(false, "API key required");
+    else setStatus(false, "reconnecting…");
+    await sleep(RECONNECT_MS);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// camera preview: the latest frame the server has, polled
+// ---------------------------------------------------------------------------------------------
+async function pollFrames() {
+  const img = $("camera");
+  let url = null;
+  for (;;) {
+    try {
+      const r = await api("frame.jpg");
+      if (r.status === 200) {
+        const blob = await r.blob();
+        const next = URL.createObjectURL(blob);
+        await new Promise((resolve) => { img.onload = img.onerror = resolve; img.src = next; });
+        if (url) URL.revokeObjectURL(url);
+        url = next;
+        $("camera-note").hidden = true;
+      }
+    } catch (e) { /* server away: keep the last frame */ }
+    await sleep(FRAME_POLL_MS);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// typed questions
+// ---------------------------------------------------------------------------------------------
+async function ask(ev) {
+  ev.preventDefault();
+  const input = $("question");
+  const text = input.value.trim();
+  if (!text) return;
+  input.value = "";
+  const turn = newTurn(text, "typed"); // before the POST: the first delta may arrive before its reply
+  let msg = null;
+  try {
+    const r = await api("ask", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }) });
+    if (!r.ok) {
+      msg = "HTTP " + r.status;
+      try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
+    }
+  } catch (e) { msg = String(e); }
+  if (msg !== null) {
+    turn.answer.textContent = "(not sent: " + msg + ")";
+    turn.answer.className = "answer failed";
+    turn.done = true;
+    message("error", "ask: " + msg);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// optional source: this browser's camera and microphone (getUserMedia)
+// ---------------------------------------------------------------------------------------------
+const browser = { stream: null, ctx: null, timers: [], pcm: [], resample: null };
+
+function makeResampler(rate) {
+  // linear interpolation to 16 kHz, carrying the fractional position across blocks
+  if (rate === SAMPLE_RATE) return (x) => x;
+  const step = rate / SAMPLE_RATE;
+  let pos = 0, prev = 0;
+  return (x) => {
+    const out = [];
+    while (pos < x.length) {
+      const i = Math.floor(pos), f = pos - i;
+      const a = i === 0 ? prev : x[i - 1], b = x[i];
+      out.push(a + (b - a) * f);
+      pos += step;
+    }
+    pos -= x.length;
+    prev = x[x.length - 1];
+    return Float32Array.from(out);
+  };
+}
+
+async function startBrowserSources() {
+  const note = $("browser-note");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new Error("getUserMedia needs a secure context: open the page at 127.0.0.1 / localhost or over HTTPS");
+  }
+  const stream = await navigator.mediaDevices.getUserMedia({
+    video: { width: { ideal: 640 }, height: { ideal: 480 } },
+    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+  });
+  browser.stream = stream;
+  const video = $("local");
+  video.srcObject = stream;
+  await video.play();
+  const canvas = document.createElement("canvas");
+  browser.timers.push(setInterval(() => {
+    if (!video.videoWidth) return;
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    canvas.toBlob((blob) => {
+      if (blob) api("frame", { method: "POST", headers: { "Content-Type": "image/jpeg" }, body: blob }).catch(() => {});
+    }, "image/jpeg", 0.8);
+  }, BROWSER_FRAME_MS));
+
+  let ctx;
+  try { ctx = new AudioContext({ sampleRate: SAMPLE_RATE }); } catch (e) { ctx = new AudioContext(); }
+  browser.ctx = ctx;
+  browser.resample = makeResampler(ctx.sampleRate);
+  const source = ctx.createMediaStreamSource(stream);
+  const proc = ctx.createScriptProcessor(4096, 1, 1);
+  proc.onaudioprocess = (e) => { browser.pcm.push(browser.resample(new Float32Array(e.inputBuffer.getChannelData(0)))); };
+  source.connect(proc);
+  proc.connect(ctx.destination); // a ScriptProcessor only runs when connected; it outputs silence
+  browser.timers.push(setInterval(() => {
+    if (!browser.pcm.length) return;
+    const n = browser.pcm.reduce((s, a) => s + a.length, 0);
+    const all = new Float32Array(n);
+    let o = 0;
+    for (const a of browser.pcm) { all.set(a, o); o += a.length; }
+    browser.pcm = [];
+    api("audio", { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: all.buffer }).catch(() => {});
+  }, BROWSER_AUDIO_MS));
+  note.textContent = "sending this browser's camera and microphone (" + ctx.sampleRate + " Hz → 16 kHz)";
+  note.hidden = false;
+}
+
+function stopBrowserSources() {
+  browser.timers.forEach(clearInterval);
+  browser.timers = [];
+  if (browser.stream) browser.stream.getTracks().forEach((t) => t.stop());
+  if (browser.ctx) browser.ctx.close();
+  browser.stream = browser.ctx = null;
+  browser.pcm = [];
+  $("browser-note").hidden = true;
+}
+
+async function toggleBrowser(ev) {
+  if (ev.target.checked) {
+    try { await startBrowserSources(); } catch (e) {
+      ev.target.checked = false;
+      stopBrowserSources();
+      message("error", "browser camera/microphone: " + e.message);
+    }
+  } else {
+    stopBrowserSources();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  loadKey();
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    state.key = $("key").value;
+    sessionStorage.setItem("edge-mmm-key", state.key);
+    $("key-form").hidden = true;
+  });
+  $("ask-form").addEventListener("submit", ask);
+  $("use-browser").addEventListener("change", toggleBrowser);
+  listen();
+  pollFrames();
+});
