@@ -2,16 +2,22 @@
 
 Graph: `pixel_values` (N, 3, S, S) float, `patch_mask` (N, S/p, S/p) bool -> `image_features`
 (N, image_seq_len, text_dim), N dynamic. FP32 is exported directly; FP16 is the FP32 graph converted with
-onnxruntime's float16 converter (inputs/outputs stay float32/bool so callers need not care); INT8 is
-onnxruntime dynamic quantization of the MatMul weights. Every export is run once with onnxruntime on random
-tiles and compared with the eager module (max abs error returned; FP32 must be < 1e-4).
+onnxruntime's float16 converter (inputs/outputs stay float32/bool so callers need not care), then
+topologically re-sorted (the converter appends its boundary Casts at the end of the node list, which
+onnx.checker rejects); INT8 is static post-training quantization with Q/DQ nodes (symmetric int8, per-channel
+weights) calibrated on real tiles (exporters/int8_calibration.py): the same model runs on onnxruntime and is
+TensorRT's explicit-quantization input (no DynamicQuantizeLinear, which TensorRT cannot parse). Every export
+is run once with onnxruntime on random tiles and compared with the eager module (max abs error returned;
+FP32 must be < 1e-4).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Sequence
+
+import numpy as np
 
 import torch
 
@@ -59,13 +65,27 @@ def _to_fp16(src: Path, dst: Path) -> None:
     model16 = convert_float_to_float16(model, keep_io_types=True,
                                        op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow",
                                                       "Sqrt", "Div"])
-    onnx.save(model16, str(dst))
+    _topological_sort(model16)
+    _save_atomic(model16, dst)
 
 
-def _to_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _topological_sort(model) -> None:
+    """Order the graph's nodes so every input is produced before it is read (onnx.checker's rule)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    OnnxModel(model).topological_sort(is_deterministic=True)
+
+
+def _save_atomic(model, dst: Path) -> None:
+    from edge_mmm.exporters.tensorrt_build import atomic_write_bytes
+
+    atomic_write_bytes(dst, model.SerializeToString())
+
+
+def _to_int8(src: Path, dst: Path, calibration: Sequence[Dict[str, np.ndarray]]) -> None:
+    from edge_mmm.exporters.int8_calibration import quantize_encoder_static
+
+    quantize_encoder_static(src, calibration, dst)
 
 
 def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: int = 0):
@@ -82,10 +102,16 @@ def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: 
 
 
 def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32", opset: int = 18,
-                  check: bool = True, fp32_path: Optional[Path] = None) -> VisionExport:
-    """Write `vision_<precision>.onnx` under `out_dir` and check it against the eager fp32 module."""
+                  check: bool = True, fp32_path: Optional[Path] = None,
+                  calibration: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> VisionExport:
+    """Write `vision_<precision>.onnx` under `out_dir` and check it against the eager fp32 module.
+
+    int8 needs `calibration`: real tiles, e.g. `int8_calibration.vision_calibration_inputs(photos, processor,
+    patch_size)`."""
     if precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and not calibration:
+        raise InputError("int8 vision export needs calibration tiles (calibration=vision_calibration_inputs(...))")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vision = vision.float().eval()
@@ -96,7 +122,7 @@ def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32"
     if precision == "fp16":
         _to_fp16(base, path)
     elif precision == "int8":
-        _to_int8(base, path)
+        _to_int8(base, path, calibration)
     err, cos = compare_with_eager(vision, path) if check else (float("nan"), float("nan"))
     if check and precision == "fp32" and not err < FP32_ATOL:
         raise EdgeMMMError(f"ONNX vision export {path}: max abs error {err:.3g} vs eager exceeds {FP32_ATOL}")

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from edge_mmm.errors import InputError, ModelFileError
 
@@ -89,12 +89,12 @@ def supported_ops(trt_version: str = DEFAULT_TRT_VERSION) -> OpSupport:
                      tuple(entry["unsupported"]))
 
 
-def check_onnx_for_tensorrt(model_path: Union[str, Path], plugin_ops: Iterable[str] = (),
+def check_onnx_for_tensorrt(model_path: Union[str, Path], plugin_ops: Optional[Iterable[str]] = None,
                             trt_version: str = DEFAULT_TRT_VERSION) -> TensorRTOpReport:
     """Run `onnx.checker` on the model and list the ops TensorRT's parser does not support.
 
-    `plugin_ops` names ops our TensorRT plugins implement ("Op" or "domain::Op"); they are allowed.
-    Ops in other domains (e.g. com.microsoft) are unsupported unless listed as plugins. Subgraphs of
+    `plugin_ops` names ops our TensorRT plugins implement ("Op" or "domain::Op"); they are allowed. Default:
+    the plugins of exporters/tensorrt_plugins.py (`edge_mmm::rms_norm`, ...). Ops in other domains (e.g. com.microsoft) are unsupported unless listed as plugins. Subgraphs of
     If/Loop/Scan are walked too.
     """
     import onnx
@@ -127,6 +127,10 @@ def check_onnx_for_tensorrt(model_path: Union[str, Path], plugin_ops: Iterable[s
                         walk(g)
 
     walk(model.graph)
+    if plugin_ops is None:
+        from edge_mmm.exporters.tensorrt_plugins import plugin_op_names
+
+        plugin_ops = plugin_op_names()
     plugins = set(plugin_ops)
     unsupported, used_plugins, restricted = [], [], {}
     for key in sorted(counts):

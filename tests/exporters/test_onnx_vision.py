@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 
+from edge_mmm.exporters.int8_calibration import vision_calibration_inputs  # noqa: E402
 from edge_mmm.exporters.onnx_vision import FP32_ATOL, export_vision  # noqa: E402
+from edge_mmm.vision.processor import Idefics3ImageProcessor  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.vision.api import load_vlm  # noqa: E402
 from edge_mmm.weights.idefics3 import load_idefics3  # noqa: E402
@@ -28,9 +30,12 @@ MSGS = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_vlm_onnx")
     build_tiny_vlm(d, seed=5)
-    model, _ = load_idefics3(d)
+    model, files = load_idefics3(d)
     out = d / "onnx"
-    return d, {p: export_vision(model.vision, out, p) for p in ("fp32", "fp16", "int8")}
+    calib = vision_calibration_inputs([skdata.astronaut(), skdata.coffee(), skdata.chelsea()],
+                                      Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
+    return d, {p: export_vision(model.vision, out, p, calibration=calib if p == "int8" else None)
+               for p in ("fp32", "fp16", "int8")}
 
 
 def test_export_fp32_fp16_int8(exported):
