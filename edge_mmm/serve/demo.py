@@ -1,11 +1,14 @@
 """The live demo: one page (plain HTML/JS from `static/`) over a running `LiveAssistant`.
 
 `create_demo_app(assistant, settings)` returns the FastAPI app:
-`GET /` the page (+ `/demo.js`, `/demo.css`), `GET /frame.jpg` the latest camera frame (204 before the first),
-`GET /events` the assistant's events as SSE (`data: {"type", "data", "t"}`), `POST /ask` `{"text"}` a typed
-question, `POST /frame` (a JPEG) and `POST /audio` (float32 little-endian PCM, 16 kHz mono) for a browser's
-own camera and microphone, `GET /healthz`. The API key, the body limit and the error shape are those of
-`edge-mmm serve` (`serve.guard`, `serve.settings`); only the static page is served without the key.
+- `GET /` the page (+ `/demo.js`, `/demo.css`); `GET /healthz` (which sources are the server's);
+- `GET /frame.jpg` the latest camera frame (204 before the first);
+- `GET /events` the assistant's events as SSE, one `data: {"type", "data", "t"}` per event;
+- `POST /ask` `{"text"}` a typed question;
+- `POST /frame` (a JPEG/PNG) and `POST /audio` (float32 little-endian PCM, 16 kHz mono): the browser's own
+  camera and microphone, where the assistant has none of its own (else 409).
+The API key, the body limit and the error shape are those of `edge-mmm serve` (`serve.guard`,
+`serve.settings`); only the static page is served without the key (it holds no data).
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class in the routes
@@ -124,9 +127,18 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
     for path in files:
         page_route(path)
 
+    # the browser may be the camera / microphone only where the assistant has none of its own
+    own = {"camera": assistant.config.camera is not None, "mic": assistant.config.mic is not None}
+
+    def browser_source(kind: str) -> None:
+        if own[kind]:
+            raise ApiError(409, f"this demo reads its own {kind} (--{kind}); start it without --{kind} to send "
+                                f"the browser's", code="source_in_use")
+
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "subscribers": len(subscribers)}
+        return {"status": "ok", "subscribers": len(subscribers),
+                "sources": {kind: "server" if mine else "browser" for kind, mine in own.items()}}
 
     @app.get("/frame.jpg")
     async def frame_jpg():
@@ -174,6 +186,7 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
 
     @app.post("/audio", status_code=202)
     async def audio(request: fastapi.Request):
+        browser_source("mic")
         samples = decode_audio(await request.body())
         await run_in_threadpool(assistant.feed_audio, samples)
         return {"status": "accepted", "samples": int(samples.size),
@@ -181,6 +194,7 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
 
     @app.post("/frame", status_code=202)
     async def frame(request: fastapi.Request):
+        browser_source("camera")
         bgr = await run_in_threadpool(decode_frame, await request.body(), settings.max_image_pixels)
         await run_in_threadpool(assistant.feed_frame, bgr)
         return {"status": "accepted", "width": int(bgr.shape[1]), "height": int(bgr.shape[0])}

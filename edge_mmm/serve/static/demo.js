@@ -9,23 +9,31 @@ const BROWSER_AUDIO_MS = 200;    // browser mic -> POST audio
 const RECONNECT_MS = 1000;
 const MAX_MESSAGES = 30;
 
-// timing fields shown first, with readable names; any other numeric field is shown after them
+// timing fields (runtime timing events: stage "asr" per hypothesis, stage "turn" per answer), in this order;
+// other numeric fields follow under their own names; ids are not latencies
 const LATENCY_LABELS = [
-  ["capture_s", "capture"],
-  ["vad_s", "VAD"],
-  ["asr_s", "ASR (final)"],
+  ["capture_to_vad_s", "capture → VAD"],
+  ["asr_s", "ASR (partial hypothesis)"],
+  ["asr_final_s", "ASR (final)"],
+  ["endpoint_s", "end-of-speech detection"],
+  ["queue_s", "queued"],
+  ["frame_age_s", "frame age"],
+  ["preprocess_s", "image preprocess"],
   ["vision_s", "vision encoder"],
   ["prefill_s", "LM prefill"],
-  ["ttft_s", "time to first token"],
-  ["speech_end_to_first_token_s", "end of speech → first token"],
+  ["ttft_s", "question → first token"],
+  ["eos_to_first_token_s", "end of speech → first token"],
   ["decode_tok_s", "decode tok/s"],
-  ["tok_s", "decode tok/s"],
-  ["tokens_per_s", "decode tok/s"],
-  ["total_s", "whole answer"],
+  ["tokens", "answer tokens"],
+  ["prompt_tokens", "prompt tokens"],
+  ["prompt_reused", "prompt tokens reused (KV cache)"],
+  ["answer_s", "whole answer"],
+  ["audio_s", "utterance audio"],
 ];
+const NOT_LATENCY = new Set(["turn", "utterance"]);
 
 const $ = (id) => document.getElementById(id);
-const state = { key: "", turn: null, connected: false, stats: { events: 0, deltas: 0 } };
+const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0 } };
 window.edgeMmmDemo = state.stats; // read by the browser test and handy in the console
 
 // ---------------------------------------------------------------------------------------------
@@ -78,7 +86,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 // ---------------------------------------------------------------------------------------------
 // conversation: one turn = question (spoken or typed) + streamed answer
 // ---------------------------------------------------------------------------------------------
-function newTurn(question, how, id) {
+function newTurn(question, how) {
   const div = document.createElement("div");
   div.className = "turn";
   const q = document.createElement("p");
@@ -88,18 +96,18 @@ function newTurn(question, how, id) {
   a.className = "answer streaming";
   div.append(q, a);
   $("turns").append(div);
-  state.turn = { id: id, answer: a, done: false };
   div.scrollIntoView({ block: "end" });
-  return state.turn;
+  return { answer: a, done: false };
 }
 
-function currentTurn(id) {
-  const t = state.turn;
-  if (t && !t.done && (id === undefined || t.id === undefined || t.id === id)) {
-    if (t.id === undefined) t.id = id; // a question's turn learns its id from its first answer event
-    return t;
+// questions are answered in order: the first answer event of turn N binds to the oldest waiting question
+function turnFor(id) {
+  let t = state.turns.get(id);
+  if (!t) {
+    t = state.pending.shift() || newTurn("", "none");
+    state.turns.set(id, t);
   }
-  return newTurn("", "none", id);
+  return t;
 }
 
 function textOf(data) {
@@ -123,26 +131,29 @@ function onPartial(data) {
 }
 
 function onFinal(data) {
-  $("partial").replaceChildren();
+  if (data.source !== "text") $("partial").replaceChildren();
   const text = textOf(data).trim();
-  if (text) newTurn(text, "spoken", data.turn);
+  if (text) state.pending.push(newTurn(text, data.source === "text" ? "typed" : "spoken"));
 }
 
 function onDelta(data) {
-  const turn = currentTurn(data.turn);
+  const turn = turnFor(data.turn);
   turn.answer.append(document.createTextNode(textOf(data)));
   state.stats.deltas += 1;
 }
 
 function onDone(data) {
-  const turn = currentTurn(data.turn);
+  const turn = turnFor(data.turn);
   const full = textOf(data);
   if (full && turn.answer.textContent.trim() === "") turn.answer.textContent = full;
   turn.answer.classList.remove("streaming");
+  if (data.cancelled) turn.answer.classList.add("cancelled");
   turn.done = true;
+  state.turns.delete(data.turn);
 }
 
 function fmt(key, value) {
+  if (key === "audio_s") return value.toFixed(2) + " s";
   if (key.endsWith("_s") && !/tok/.test(key)) return (value * 1000).toFixed(0) + " ms";
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }
@@ -150,7 +161,7 @@ function fmt(key, value) {
 const latency = new Map(); // key -> value, newest wins
 function onTiming(data) {
   for (const [k, v] of Object.entries(data)) {
-    if (typeof v === "number" && Number.isFinite(v)) latency.set(k, v);
+    if (typeof v === "number" && Number.isFinite(v) && !NOT_LATENCY.has(k)) latency.set(k, v);
   }
   const body = $("latency").tBodies[0];
   body.replaceChildren();
@@ -250,22 +261,20 @@ async function ask(ev) {
   const input = $("question");
   const text = input.value.trim();
   if (!text) return;
-  input.value = "";
-  const turn = newTurn(text, "typed"); // before the POST: the first delta may arrive before its reply
+  input.value = ""; // its turn appears with the server's transcript.final (source "text"), in every open page
   let msg = null;
   try {
     const r = await api("ask", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }) });
-    if (!r.ok) {
-      msg = "HTTP " + r.status;
-      try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
-    }
+    if (!r.ok) msg = await errorText(r);
   } catch (e) { msg = String(e); }
   if (msg !== null) {
-    turn.answer.textContent = "(not sent: " + msg + ")";
-    turn.answer.className = "answer failed";
-    turn.done = true;
+    input.value = text;
     message("error", "ask: " + msg);
   }
+}
+
+async function errorText(r) {
+  try { return (await r.json()).error.message; } catch (e) { return "HTTP " + r.status; }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,49 +301,81 @@ function makeResampler(rate) {
   };
 }
 
+// which sources the server reads itself ("server") and which this page may send ("browser")
+async function loadSources() {
+  try {
+    const r = await api("healthz");
+    if (r.ok) state.sources = (await r.json()).sources;
+  } catch (e) { /* retried when the toggle is used */ }
+  const toggle = $("use-browser");
+  if (state.sources && state.sources.camera === "server" && state.sources.mic === "server") {
+    toggle.disabled = true;
+    toggle.parentElement.title = "this demo reads its own camera and microphone";
+  }
+}
+
+// a POST of browser media; the first refusal stops sending and says why
+function sendMedia(path, type, body) {
+  api(path, { method: "POST", headers: { "Content-Type": type }, body: body }).then(async (r) => {
+    if (!r.ok && browser.stream) {
+      message("error", "browser " + path + ": " + (await errorText(r)));
+      $("use-browser").checked = false;
+      stopBrowserSources();
+    }
+  }).catch(() => { /* server away: the event stream shows it */ });
+}
+
 async function startBrowserSources() {
-  const note = $("browser-note");
+  if (!state.sources) await loadSources();
+  const wantVideo = !state.sources || state.sources.camera === "browser";
+  const wantAudio = !state.sources || state.sources.mic === "browser";
+  if (!wantVideo && !wantAudio) throw new Error("this demo reads its own camera and microphone");
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     throw new Error("getUserMedia needs a secure context: open the page at 127.0.0.1 / localhost or over HTTPS");
   }
   const stream = await navigator.mediaDevices.getUserMedia({
-    video: { width: { ideal: 640 }, height: { ideal: 480 } },
-    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+    video: wantVideo ? { width: { ideal: 640 }, height: { ideal: 480 } } : false,
+    audio: wantAudio ? { channelCount: 1, echoCancellation: true, noiseSuppression: true } : false,
   });
   browser.stream = stream;
-  const video = $("local");
-  video.srcObject = stream;
-  await video.play();
-  const canvas = document.createElement("canvas");
-  browser.timers.push(setInterval(() => {
-    if (!video.videoWidth) return;
-    canvas.width = video.videoWidth;
-    canvas.height = video.videoHeight;
-    canvas.getContext("2d").drawImage(video, 0, 0);
-    canvas.toBlob((blob) => {
-      if (blob) api("frame", { method: "POST", headers: { "Content-Type": "image/jpeg" }, body: blob }).catch(() => {});
-    }, "image/jpeg", 0.8);
-  }, BROWSER_FRAME_MS));
-
-  let ctx;
-  try { ctx = new AudioContext({ sampleRate: SAMPLE_RATE }); } catch (e) { ctx = new AudioContext(); }
-  browser.ctx = ctx;
-  browser.resample = makeResampler(ctx.sampleRate);
-  const source = ctx.createMediaStreamSource(stream);
-  const proc = ctx.createScriptProcessor(4096, 1, 1);
-  proc.onaudioprocess = (e) => { browser.pcm.push(browser.resample(new Float32Array(e.inputBuffer.getChannelData(0)))); };
-  source.connect(proc);
-  proc.connect(ctx.destination); // a ScriptProcessor only runs when connected; it outputs silence
-  browser.timers.push(setInterval(() => {
-    if (!browser.pcm.length) return;
-    const n = browser.pcm.reduce((s, a) => s + a.length, 0);
-    const all = new Float32Array(n);
-    let o = 0;
-    for (const a of browser.pcm) { all.set(a, o); o += a.length; }
-    browser.pcm = [];
-    api("audio", { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: all.buffer }).catch(() => {});
-  }, BROWSER_AUDIO_MS));
-  note.textContent = "sending this browser's camera and microphone (" + ctx.sampleRate + " Hz → 16 kHz)";
+  const sending = [];
+  if (wantVideo) {
+    const video = $("local");
+    video.srcObject = stream;
+    await video.play();
+    const canvas = document.createElement("canvas");
+    browser.timers.push(setInterval(() => {
+      if (!video.videoWidth) return;
+      canvas.width = video.videoWidth;
+      canvas.height = video.videoHeight;
+      canvas.getContext("2d").drawImage(video, 0, 0);
+      canvas.toBlob((blob) => { if (blob && browser.stream) sendMedia("frame", "image/jpeg", blob); }, "image/jpeg", 0.8);
+    }, BROWSER_FRAME_MS));
+    sending.push("camera");
+  }
+  if (wantAudio) {
+    let ctx;
+    try { ctx = new AudioContext({ sampleRate: SAMPLE_RATE }); } catch (e) { ctx = new AudioContext(); }
+    browser.ctx = ctx;
+    browser.resample = makeResampler(ctx.sampleRate);
+    const source = ctx.createMediaStreamSource(stream);
+    const proc = ctx.createScriptProcessor(4096, 1, 1);
+    proc.onaudioprocess = (e) => { browser.pcm.push(browser.resample(new Float32Array(e.inputBuffer.getChannelData(0)))); };
+    source.connect(proc);
+    proc.connect(ctx.destination); // a ScriptProcessor only runs when connected; it outputs silence
+    browser.timers.push(setInterval(() => {
+      if (!browser.pcm.length) return;
+      const n = browser.pcm.reduce((acc, a) => acc + a.length, 0);
+      const all = new Float32Array(n);
+      let o = 0;
+      for (const a of browser.pcm) { all.set(a, o); o += a.length; }
+      browser.pcm = [];
+      sendMedia("audio", "application/octet-stream", all.buffer);
+    }, BROWSER_AUDIO_MS));
+    sending.push("microphone (" + ctx.sampleRate + " Hz → 16 kHz)");
+  }
+  const note = $("browser-note");
+  note.textContent = "sending this browser's " + sending.join(" and ");
   note.hidden = false;
 }
 
@@ -373,4 +414,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("use-browser").addEventListener("change", toggleBrowser);
   listen();
   pollFrames();
+  loadSources();
 });
