@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,40 @@ from torch import nn
 
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm import kernels  # Triton ops on CUDA (kernels.use_triton); the torch code below otherwise
+from edge_mmm.quant import ggml_numerics as ggml
+
+ACTIVATION_QUANTS = ("none", "q8")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the torch reference rounds (docs/lm.md, "Numerics").
+
+    The default is plain fp32 (dequantized weights, fp32 activations and KV cache): the most accurate
+    form of the checkpoint. `Numerics.llama_cpp()` reproduces llama.cpp's CPU arithmetic instead
+    (`edge_mmm.quant.ggml_numerics`), for token parity with llama.cpp on GGUF files; it is slow.
+    - `activation_quant="q8"`: packed linears quantize activations to Q8_1 (Q4_1 weights) / Q8_0 (Q4_0,
+      Q8_0 weights) blocks and take integer dot products; a float head that is a dequantized GGUF Q8_0
+      table (tied SmolLM2) is used as its Q8_0 blocks.
+    - `kv_dtype`: the KV cache dtype (None: the model dtype); llama.cpp's default cache is float16.
+    - `ggml_ops`: ggml's fp32 op order for RMSNorm, RoPE, softmax (polynomial expf), SwiGLU and the
+      fp16 attention matmuls.
+    """
+
+    activation_quant: str = "none"
+    kv_dtype: Optional[torch.dtype] = None
+    ggml_ops: bool = False
+
+    def __post_init__(self):
+        if self.activation_quant not in ACTIVATION_QUANTS:
+            raise InputError(f"activation_quant must be one of {ACTIVATION_QUANTS}, got {self.activation_quant!r}")
+
+    @classmethod
+    def llama_cpp(cls) -> "Numerics":
+        return cls(activation_quant="q8", kv_dtype=torch.float16, ggml_ops=True)
+
+
+DEFAULT_NUMERICS = Numerics()
 
 
 @dataclass
@@ -113,17 +147,21 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
+    numerics = DEFAULT_NUMERICS
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """RMSNorm(x); with `residual`, `(RMSNorm(x + residual), x + residual)` (one fused kernel on CUDA)."""
+        if self.numerics.ggml_ops:
+            h = x if residual is None else x + residual
+            out = ggml.ggml_rms_norm(h, self.weight, self.eps).to(x.dtype)
+            return out if residual is None else (out, h)
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -144,13 +182,24 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for positions `[start, start+T)`; `inv_freq` may be overridden (GGUF `rope_freqs`)."""
+    """cos/sin tables for positions `[start, start+T)`; `inv_freq` may be overridden (GGUF `rope_freqs`,
+    whose `freq_factors` are kept for ggml's own angle computation)."""
 
-    def __init__(self, cfg: LlamaConfig, inv_freq: Optional[torch.Tensor] = None):
+    numerics = DEFAULT_NUMERICS
+
+    def __init__(self, cfg: LlamaConfig, inv_freq: Optional[torch.Tensor] = None,
+                 freq_factors: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg) if inv_freq is None else inv_freq, persistent=False)
+        self.freq_factors = freq_factors
+        self.base, self.head_dim, self.scaled = cfg.rope_theta, cfg.head_dim, cfg.rope_scaling is not None
 
     def forward(self, start: int, length: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.numerics.ggml_ops:
+            if self.scaled and self.freq_factors is None:
+                raise InputError("llama.cpp numerics: RoPE scaling is supported through GGUF rope_freqs only")
+            cos, sin = ggml.ggml_rope_tables(start, length, self.head_dim, self.base, self.freq_factors)
+            return cos.to(dtype), sin.to(dtype)
         pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -167,6 +216,8 @@ _MATH_ATTENTION_MAX = 1 << 16  # query x key positions below which attention is 
 
 
 class Attention(nn.Module):
+    numerics = DEFAULT_NUMERICS
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -181,10 +232,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.numerics.ggml_ops:
+            return self.o_proj(self._ggml(q, k, v, cos, sin, layer, cache, start))
         triton = kernels.use_triton(x)
         q, k = kernels.rope(q, k, cos, sin) if triton else (apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+        if self.numerics.kv_dtype is not None:
+            k, v = k.to(self.numerics.kv_dtype), v.to(self.numerics.kv_dtype)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         s = k.shape[2]
         if triton:  # split-KV decode for one token, flash attention (causal, last t of s) otherwise
             if t == 1:
@@ -209,8 +265,23 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+    def _ggml(self, q, k, v, cos, sin, layer, cache, start) -> torch.Tensor:
+        """llama.cpp (no flash attention, F16 cache): ggml RoPE, K/V stored as fp16, fp16 attention matmuls."""
+        b, _, t, _ = q.shape
+        dtype = q.dtype
+        q, k = ggml.ggml_rope(q.float(), cos, sin), ggml.ggml_rope(k.float(), cos, sin)
+        k, v = k.to(torch.float16), v.to(torch.float16)
+        if cache is not None:
+            k, v = cache.update(layer, start, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            if cache.k.dtype != torch.float16:
+                raise InputError("llama.cpp numerics need a float16 KV cache (Numerics.kv_dtype)")
+        out = ggml.ggml_attention(q, k, v, self.head_dim ** -0.5)
+        return out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim).to(dtype)
+
 
 class MLP(nn.Module):
+    numerics = DEFAULT_NUMERICS
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -218,6 +289,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.numerics.ggml_ops:
+            return self.down_proj((ggml.ggml_silu(self.gate_proj(x)) * self.up_proj(x).float()).to(x.dtype))
         if kernels.use_triton(x):
             return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -232,9 +305,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache], start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.index, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual: torch.Tensor, pending: Optional[torch.Tensor], cos, sin,
+                cache: Optional[KVCache], start: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`(residual, pending)` -> the next pair: the hidden state is `residual + pending` (`pending` is the
+        previous layer's MLP output, None before the first layer), so each residual add is fused into the
+        following RMSNorm (`kernels.rms_norm(..., residual=)`)."""
+        if pending is None:
+            h = self.input_layernorm(residual)
+        else:
+            h, residual = self.input_layernorm(pending, residual=residual)
+        a = self.self_attn(h, cos, sin, self.index, cache, start)
+        h, residual = self.post_attention_layernorm(a, residual=residual)
+        return residual, self.mlp(h)
 
 
 class Llama(nn.Module):
@@ -250,6 +332,35 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
+        self.numerics = DEFAULT_NUMERICS
+        self._ggml_head: Optional[nn.Module] = None  # Q8_0 blocks of a float head (llama.cpp numerics)
+
+    def set_numerics(self, numerics: Numerics) -> "Llama":
+        """Switch how the model computes (see `Numerics`); returns self."""
+        from edge_mmm.quant.linear import QuantLinear
+
+        head = None
+        if numerics.activation_quant == "q8":
+            floats = [n for n, m in self.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+            if floats:
+                raise InputError(f"activation_quant='q8' needs packed GGUF weights; {floats[0]} is a float "
+                                 f"linear (load without dequantize)")
+            if type(self.lm_head) is nn.Linear:
+                head = QuantLinear.from_packed(ggml.q8_0_from_dequantized(self.lm_head.weight))
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.activation_quant = numerics.activation_quant
+            elif isinstance(module, (RMSNorm, Rotary, Attention, MLP)):
+                module.numerics = numerics
+        if head is not None:
+            head.activation_quant = numerics.activation_quant
+        object.__setattr__(self, "_ggml_head", head)  # not a submodule: stays out of state_dict()
+        self.numerics = numerics
+        return self
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.numerics.kv_dtype or self.norm.weight.dtype
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, start_pos: Optional[int] = None,
@@ -263,13 +374,15 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = start_pos if start_pos is not None else (cache.length if cache is not None else 0)
         cos, sin = self.rotary(start, x.shape[1], x.dtype)
+        residual, pending = x, None
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start)
+            residual, pending = layer(residual, pending, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + x.shape[1]
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            residual, pending = residual[:, -1:], (pending[:, -1:] if pending is not None else None)
+        h = self.norm(residual) if pending is None else self.norm(pending, residual=residual)[0]
+        return (self._ggml_head if self._ggml_head is not None else self.lm_head)(h)
 
 
 def build_llama(cfg: LlamaConfig, state: Mapping[str, object], dtype: torch.dtype = torch.float32) -> Llama:
@@ -308,6 +421,6 @@ def build_llama(cfg: LlamaConfig, state: Mapping[str, object], dtype: torch.dtyp
     if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed_tokens.weight
     inv_freq = rope_inv_freq(cfg) if rope_freq_factors is None else rope_inv_freq(cfg) / rope_freq_factors.float()
-    model.rotary = Rotary(cfg, inv_freq)
+    model.rotary = Rotary(cfg, inv_freq, None if rope_freq_factors is None else rope_freq_factors.float())
     return model.eval()
 

@@ -12,17 +12,27 @@ from edge_mmm.errors import InputError
 from edge_mmm.quant.packed import PackedWeight
 
 
-def quant_matmul(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, packed: PackedWeight, activation_quant: str = "none",
+                 q8_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`x @ W.T` for a packed `W[N, K]`; `x` is `[..., K]`, the result `[..., N]` in `x.dtype`.
 
     The single dispatch point for weight-only quantized matmuls. This is the torch reference: it
     dequantizes the weight into a temporary of `N * K` elements of `x.dtype` (freed after the call,
     nothing is cached) and runs a dense matmul. Triton `w4a16_matmul` / `w8a16_matmul` plug in here.
+    `activation_quant="q8"` computes as llama.cpp's CPU backend instead (8-bit activation blocks and
+    integer dot products, `edge_mmm.quant.ggml_numerics.q8_matmul`, which may be given its cached
+    `q8_codes`; CPU only, slow).
     """
     if x.shape[-1] != packed.in_features:
         raise InputError(f"quant_matmul: input has {x.shape[-1]} features, weight expects {packed.in_features}")
     if not x.is_floating_point():
         raise InputError(f"quant_matmul: input must be floating point, got {x.dtype}")
+    if activation_quant == "q8":
+        from edge_mmm.quant.ggml_numerics import q8_matmul
+
+        return q8_matmul(x, packed, q8_codes)
+    if activation_quant != "none":
+        raise InputError(f"quant_matmul: activation_quant must be 'none' or 'q8', got {activation_quant!r}")
     from edge_mmm.kernels import use_triton, w4a16_matmul, w8a16_matmul  # lazy: kernels import this package
 
     if use_triton(x):  # CUDA (or a forced kernel mode): fused-dequant Triton GEMV/GEMM
@@ -36,7 +46,10 @@ class QuantLinear(nn.Module):
 
     The packed tensors are registered as buffers (so `.to()` and `state_dict()` carry them);
     memory held = `packed.nbytes` + bias, and each forward allocates one transient dequantized weight.
+    `activation_quant` ("none" | "q8") is passed to `quant_matmul` (set by `Llama.set_numerics`).
     """
+
+    activation_quant = "none"
 
     def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor] = None):
         super().__init__()
@@ -68,7 +81,14 @@ class QuantLinear(nn.Module):
         return self.packed.dequantize(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x, self.packed)
+        codes = None
+        if self.activation_quant == "q8":  # float codes cached once: 4 bytes per weight, this mode only
+            if getattr(self, "_q8_codes", None) is None:
+                from edge_mmm.quant.ggml_numerics import weight_codes
+
+                self._q8_codes = weight_codes(self.packed)
+            codes = self._q8_codes
+        y = quant_matmul(x, self.packed, self.activation_quant, codes)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

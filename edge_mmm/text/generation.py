@@ -90,8 +90,7 @@ class TorchBackend:
     def new_cache(self):
         from edge_mmm.models.llama import KVCache
 
-        dtype = next(self.model.norm.parameters()).dtype
-        return KVCache.for_config(self.model.config, self.context_length, dtype=dtype)
+        return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype)
 
     def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
         return prefill(self.model, ids, cache)
