@@ -155,7 +155,9 @@ def quantize_encoder_static(onnx_path: Union[str, Path], calibration_inputs: Seq
     # INT8/FP8/INT4 inputs only); TensorRT fuses the float bias into the int8 layer itself
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
              # per-channel axis of a MatMul weight [K, N] is its output channel N
-             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+             # outputs stay float (their consumers are float); keeps graph outputs' names and values unquantized
+             "OpTypesToExcludeOutputQuantization": list(cfg.op_types)}
     if cfg.method == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     dst.parent.mkdir(parents=True, exist_ok=True)
