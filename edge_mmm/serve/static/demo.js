@@ -33,7 +33,7 @@ const LATENCY_LABELS = [
 const NOT_LATENCY = new Set(["turn", "utterance"]);
 
 const $ = (id) => document.getElementById(id);
-const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0 } };
+const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0 } };
 window.edgeMmmDemo = state.stats; // read by the browser test and handy in the console
 
 // ---------------------------------------------------------------------------------------------
@@ -153,16 +153,31 @@ function onDone(data) {
 }
 
 function fmt(key, value) {
+  if (key.endsWith("tok_s")) return value.toFixed(1); // a rate
   if (key === "audio_s") return value.toFixed(2) + " s";
-  if (key.endsWith("_s") && !/tok/.test(key)) return (value * 1000).toFixed(0) + " ms";
+  if (key.endsWith("_s")) return (value * 1000).toFixed(0) + " ms";
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }
 
-const latency = new Map(); // key -> value, newest wins
-function onTiming(data) {
+// the last turn's record replaces the previous turn's; live ASR hypotheses fill in between turns
+const latency = { turn: new Map(), asr: new Map() };
+function numbers(data) {
+  const m = new Map();
   for (const [k, v] of Object.entries(data)) {
-    if (typeof v === "number" && Number.isFinite(v) && !NOT_LATENCY.has(k)) latency.set(k, v);
+    if (typeof v === "number" && Number.isFinite(v) && !NOT_LATENCY.has(k)) m.set(k, v);
   }
+  return m;
+}
+
+function onTiming(data) {
+  if (data.stage === "turn") {
+    latency.turn = numbers(data);
+    $("latency-turn").textContent = "(turn " + data.turn + ", " + (data.source === "text" ? "typed" : "spoken") + ")";
+  } else {
+    for (const [k, v] of numbers(data)) latency.asr.set(k, v);
+  }
+  const value = (key) => (latency.turn.has(key) ? latency.turn.get(key) : latency.asr.get(key));
+  const keys = new Set([...latency.turn.keys(), ...latency.asr.keys()]);
   const body = $("latency").tBodies[0];
   body.replaceChildren();
   const shown = new Set();
@@ -172,17 +187,21 @@ function onTiming(data) {
     const th = document.createElement("th");
     th.textContent = label;
     const td = document.createElement("td");
-    td.textContent = fmt(key, latency.get(key));
+    td.textContent = fmt(key, value(key));
     tr.append(th, td);
     body.append(tr);
     shown.add(key);
   };
-  for (const [key, label] of LATENCY_LABELS) if (latency.has(key) && !shown.has(key)) row(label, key);
-  for (const key of latency.keys()) if (!shown.has(key)) row(key.replace(/_/g, " "), key);
+  for (const [key, label] of LATENCY_LABELS) if (keys.has(key) && !shown.has(key)) row(label, key);
+  for (const key of keys) if (!shown.has(key)) row(key.replace(/_/g, " "), key);
 }
 
 function handle(event) {
-  state.stats.events += 1;
+  const st = state.stats;
+  st.events += 1;
+  const lag = Date.now() - 1000 * event.t; // event made -> handled here (same clock only on the same host)
+  st.lagMsMax = Math.max(st.lagMsMax, lag);
+  st.lagMsSum += lag;
   const data = event.data || {};
   switch (event.type) {
     case "transcript.partial": return onPartial(data);
@@ -335,7 +354,8 @@ async function startBrowserSources() {
   }
   const stream = await navigator.mediaDevices.getUserMedia({
     video: wantVideo ? { width: { ideal: 640 }, height: { ideal: 480 } } : false,
-    audio: wantAudio ? { channelCount: 1, echoCancellation: true, noiseSuppression: true } : false,
+    // nothing is played back, so no echo to cancel; noise suppression and gain help a far microphone
+    audio: wantAudio ? { channelCount: 1, echoCancellation: false, noiseSuppression: true, autoGainControl: true } : false,
   });
   browser.stream = stream;
   const sending = [];
@@ -372,7 +392,7 @@ async function startBrowserSources() {
       browser.pcm = [];
       sendMedia("audio", "application/octet-stream", all.buffer);
     }, BROWSER_AUDIO_MS));
-    sending.push("microphone (" + ctx.sampleRate + " Hz → 16 kHz)");
+    sending.push(ctx.sampleRate === SAMPLE_RATE ? "microphone" : "microphone (resampled from " + ctx.sampleRate + " Hz)");
   }
   const note = $("browser-note");
   note.textContent = "sending this browser's " + sending.join(" and ");
