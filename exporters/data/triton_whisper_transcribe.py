@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+# Each model.py is loaded on its own by Triton's Python backend, so the two BLS models do not share a module.
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # outside Triton: the decoding loop below stays importable and testable
