@@ -196,7 +196,8 @@ def write_repository(stage: Path, models: Dict[str, dict], device: DeviceProfile
         tok = WhisperTokenizer.from_file(asr / "tokenizer.json", wc.n_vocab, wc.is_multilingual, wc.num_languages)
         mel = next(t for t in enc[1] if t.name == "mel")
         cfg = bls_config("whisper_transcribe",
-                         [TensorSpec("MEL", "TYPE_FP32", (1,) + mel.dims[1:]), TensorSpec("PROMPT_IDS", "TYPE_INT64", (-1,)),
+                         [TensorSpec("MEL", "TYPE_FP32", (1,) + mel.dims[1:]),
+                          TensorSpec("PROMPT_IDS", "TYPE_INT64", (-1,)),
                           TensorSpec("SUPPRESS_IDS", "TYPE_INT64", (-1,)),
                           TensorSpec("BEGIN_SUPPRESS_IDS", "TYPE_INT64", (-1,)),
                           TensorSpec("MAX_NEW_TOKENS", "TYPE_INT32", (1,))],
@@ -213,7 +214,8 @@ def write_repository(stage: Path, models: Dict[str, dict], device: DeviceProfile
         add_onnx("lm", lm / "model.onnx", tensorrt=False)  # MatMulNBits / GroupQueryAttention: CUDA EP, not TRT
         stops = json.loads((lm / "generation_config.json").read_text())["eos_token_id"]
         cfg = bls_config("lm_generate",
-                         [TensorSpec("INPUT_IDS", "TYPE_INT64", (-1,)), TensorSpec("MAX_NEW_TOKENS", "TYPE_INT32", (1,))],
+                         [TensorSpec("INPUT_IDS", "TYPE_INT64", (-1,)),
+                          TensorSpec("MAX_NEW_TOKENS", "TYPE_INT32", (1,))],
                          [TensorSpec("OUTPUT_IDS", "TYPE_INT64", (-1,))],
                          {"lm_model": "lm", "stop_ids": stops, "num_layers": io["num_layers"],
                           "num_kv_heads": io["num_kv_heads"], "head_dim": io["head_dim"],
