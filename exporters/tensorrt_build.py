@@ -2,7 +2,7 @@
 a timing cache, and an engine cache keyed by everything that makes an engine valid.
 
 - Optimization profiles: every dynamic input dimension of the ONNX graph is named by our exporters
-  (`batch`, `n_tiles`, `new`, `past`, `total`, `seq`); `profile_shapes` maps each name to (min, opt, max)
+  (`batch`, `n_tiles`, `new`, `past`, `seq`, `past_seq`); `profile_shapes` maps each name to (min, opt, max)
   from the device profile (vision tiles per call, LM context length and prefill chunk) and the model
   (Whisper's 448-token text context). Static dimensions stay as exported.
 - Precision: fp32, fp16 (`BuilderFlag.FP16`), int8. INT8 is explicit quantization when the ONNX carries Q/DQ
@@ -75,13 +75,14 @@ def dim_ranges(kind: str, profile) -> Dict[str, Tuple[int, int, int]]:
         return {"batch": (1, 1, 1)}  # one 30 s window per call (transcribe / streaming encode one at a time)
     if kind == "whisper-decoder":
         # rows = hypotheses of one window; `new`: 1 per step, up to the prompt + start sequence on the first
-        # step; `past`/`total`: the self-attention cache, bounded by the text context.
+        # step; `past`: the self-attention cache, bounded by the text context.
         return {"batch": (1, 1, WHISPER_MAX_GROUP), "new": (1, 1, WHISPER_MAX_PROMPT),
-                "past": (0, 64, WHISPER_TEXT_CTX - 1), "total": (1, 65, WHISPER_TEXT_CTX)}
+                "past": (0, 64, WHISPER_TEXT_CTX - 1)}
     if kind == "vision":
-        return {"n_tiles": (1, 1, profile.vision_batch), "batch": (1, 1, profile.vision_batch)}
+        return {"n_tiles": (1, 1, profile.vision_batch)}
     ctx, chunk = profile.default_context, min(profile.prefill_chunk, profile.default_context)
-    return {"batch": (1, 1, 1), "seq": (1, 1, chunk), "past": (0, ctx // 2, ctx - 1), "total": (1, ctx // 2, ctx)}
+    # LM: one sequence; `seq` new tokens per call (1 at decode, up to a prefill chunk); `past_seq`: the KV cache
+    return {"batch": (1, 1, 1), "seq": (1, 1, chunk), "past_seq": (0, ctx // 2, ctx - 1)}
 
 
 def value_ranges(kind: str) -> Dict[str, ShapeRange]:

@@ -108,29 +108,29 @@ def tiny_vision(tmp_path_factory):
     from pathlib import Path
 
     pytest.importorskip("transformers")
+    skdata = pytest.importorskip("skimage.data")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_idefics3 import build_tiny_vlm
 
+    from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
+    from edge_mmm.vision.processor import Idefics3ImageProcessor
     from edge_mmm.weights.idefics3 import load_idefics3
 
     d = tmp_path_factory.mktemp("tiny_vlm_trt")
     build_tiny_vlm(d, seed=5)
-    return load_idefics3(d)[0].vision, d / "onnx"
+    model, files = load_idefics3(d)
+    calib = vision_calibration_inputs([skdata.astronaut(), skdata.coffee()],
+                                      Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
+    return model.vision, d / "onnx", calib
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", [
-    "fp32",
-    pytest.param("fp16", marks=pytest.mark.xfail(
-        reason="onnxruntime's float16 converter (keep_io_types) leaves nodes not topologically sorted: "
-               "onnx.checker fails", strict=False)),
-    pytest.param("int8", marks=pytest.mark.xfail(
-        reason="dynamic quantization emits DynamicQuantizeLinear + MatMulInteger, which TensorRT does not "
-               "parse; TensorRT INT8 needs static Q/DQ with zero zero-points", strict=False)),
-])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_vision_onnx_is_tensorrt_parsable(tiny_vision, precision):
+    """fp16 used to fail onnx.checker (nodes out of order) and int8 used DynamicQuantizeLinear; both fixed."""
     from edge_mmm.exporters.onnx_vision import export_vision
 
-    vision, out = tiny_vision
-    rep = check_onnx_for_tensorrt(export_vision(vision, out, precision, check=False).path)
+    vision, out, calib = tiny_vision
+    rep = check_onnx_for_tensorrt(export_vision(vision, out, precision, check=False,
+                                                calibration=calib if precision == "int8" else None).path)
     assert rep.ok, rep.to_dict()
