@@ -15,12 +15,12 @@ The API key, the body limit and the error shape are those of `edge-mmm serve` (`
 
 import asyncio
 import io
-import queue as queue_mod
+import queue
 from pathlib import Path
 from typing import Any
 
 from edge_mmm.audio.constants import SAMPLE_RATE
-from edge_mmm.errors import require
+from edge_mmm.errors import EdgeMMMError, require
 from edge_mmm.serve.guard import ApiError, GuardMiddleware, install_error_handlers, json_body
 from edge_mmm.serve.settings import ServeSettings
 
@@ -45,7 +45,8 @@ def _static_files() -> dict:
     for path, (name, media_type) in PAGES.items():
         source = STATIC_DIR / name
         if not source.is_file():
-            raise FileNotFoundError(f"demo page file missing from the installed package: {source}")
+            raise EdgeMMMError(f"demo page file missing from the installed package: {source} "
+                               f"(reinstall edge-mmm; package data edge_mmm/serve/static/*)")
         files[path] = (source.read_bytes(), media_type)
     return files
 
@@ -142,18 +143,18 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
 
     @app.get("/frame.jpg")
     async def frame_jpg():
-        jpeg = assistant.latest_frame_jpeg()
+        jpeg = await run_in_threadpool(assistant.latest_frame_jpeg)  # encodes: keep it off the event loop
         if not jpeg:
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.get("/events")
-    async def events(request: fastapi.Request):
+    async def events():
         if len(subscribers) >= MAX_SUBSCRIBERS:
             raise ApiError(429, f"at most {MAX_SUBSCRIBERS} event streams at once; close one and retry",
                            code="too_many_streams")
-        queue = assistant.subscribe()
-        subscribers.add(queue)
+        q = assistant.subscribe()
+        subscribers.add(q)
 
         async def stream():
             loop = asyncio.get_running_loop()
@@ -162,8 +163,8 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
                 yield ": connected\n\n"
                 while True:
                     try:
-                        event = queue.get_nowait()
-                    except queue_mod.Empty:  # poll: waiting in q.get() would hold a worker thread per client
+                        event = q.get_nowait()
+                    except queue.Empty:  # poll: waiting in q.get() would hold a worker thread per client
                         if loop.time() - last > KEEPALIVE_S:
                             last = loop.time()
                             yield ": keepalive\n\n"
@@ -172,8 +173,8 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
                     last = loop.time()
                     yield sse_line(event)
             finally:  # the client went away (the response task is cancelled) or the server stops
-                subscribers.discard(queue)
-                assistant.unsubscribe(queue)
+                subscribers.discard(q)
+                assistant.unsubscribe(q)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
