@@ -476,7 +476,7 @@ def export(
 # --------------------------------------------------------------------------------------------
 # run: the live assistant
 # --------------------------------------------------------------------------------------------
-def _print_event(event, json_out: bool, state: dict) -> None:
+def _print_event(event, json_out: bool) -> None:
     """One runtime event to the terminal: every event as a JSON line, or a readable transcript."""
     if json_out:
         _emit_json(event.to_dict())
@@ -555,22 +555,36 @@ def run(
                      end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
     assistant = LiveAssistant(cfg)
     events = assistant.subscribe(maxsize=100_000)  # the terminal must not lose events; it reads fast
-    state: dict = {}
     for note in notes:
         assistant.bus.publish("notice", source="run", message=note)
+    import queue
+    import signal
+    import threading
+
+    # Ctrl-C sets a flag instead of raising inside queue/lock code (which can leave a lock held); the loop
+    # then stops the assistant (threads joined, bounded by 1 s) and reports the interrupt as usual.
+    interrupted = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     assistant.start()
     try:
-        import queue
-
-        while not assistant.finished.is_set():
+        while not (assistant.finished.is_set() or interrupted.is_set()):
             try:
-                _print_event(events.get(timeout=0.1), json_out, state)
+                _print_event(events.get(timeout=0.1), json_out)
             except queue.Empty:
                 pass
     finally:
-        assistant.stop(timeout=1.0)
-        while not events.empty():
-            _print_event(events.get_nowait(), json_out, state)
+        if not assistant.stop(timeout=1.0):  # a stage is inside one model call; it ends at the next check
+            busy = ", ".join(t.name for t in assistant.threads if t.is_alive())
+            assistant.bus.publish("notice", source="run", message=f"stopping: waiting for {busy} to finish the "
+                                                                  f"model call in progress")
+            assistant.stop(timeout=30.0)
+        signal.signal(signal.SIGINT, previous)
+        for _ in range(events.qsize()):
+            _print_event(events.get_nowait(), json_out)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 
@@ -613,8 +627,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="edge-mmm", standalone_mode=False)
-        return 0
+        rc = app(args=args, prog_name="edge-mmm", standalone_mode=False)
+        if rc == 130:  # typer turns KeyboardInterrupt into Exit(130) and returns its code
+            sys.stderr.write("interrupted\n")
+        return rc if isinstance(rc, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:  # usage errors: bad flags, missing arguments

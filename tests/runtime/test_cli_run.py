@@ -1,0 +1,144 @@
+"""`edge-mmm run` end to end with real parts: a video file (skimage photos) as the camera and an espeak-ng
+question (padded with silence) as the microphone, played at 3x real time. The text path uses the real
+Whisper tiny.en + the real SmolLM2-135M-Instruct GGUF (camera frames ignored, said once); the image path
+uses the tiny random Idefics3 (tests/tiny_idefics3.py), so its answer is noise and only the mechanics are
+checked. Also: Ctrl-C of a running subprocess, no input devices, and `devices --list-inputs`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import QUESTION, write_video  # noqa: E402
+from wer import normalized_wer  # noqa: E402
+
+from edge_mmm.cli import main  # noqa: E402
+
+
+def _run_json(capsys, argv):
+    rc = main(argv)
+    out = capsys.readouterr()
+    events = [json.loads(line) for line in out.out.splitlines() if line.strip()]
+    return rc, events, out.err
+
+
+def _of(events, kind):
+    return [e["data"] for e in events if e["type"] == kind]
+
+
+def _turn(events):
+    turns = [d for d in _of(events, "timing") if d["stage"] == "turn"]
+    assert len(turns) == 1
+    return turns[0]
+
+
+def test_run_once_text_model(capsys, question_clip, video_file, tmp_path, smollm2):
+    log = tmp_path / "live.jsonl"
+    rc, events, err = _run_json(capsys, ["run", "--camera", str(video_file), "--mic", str(question_clip), "--once",
+                                         "--json", "--max-tokens", "16", "--file-speed", "3", "--log", str(log)])
+    assert rc == 0, err
+    assert all(set(e) == {"type", "t", "data"} for e in events)
+    notices = _of(events, "notice")
+    assert any("text-only" in n["message"] and "camera frames are ignored" in n["message"] for n in notices)
+    final = _of(events, "transcript.final")[0]
+    assert final["source"] == "speech"
+    assert normalized_wer(QUESTION, final["text"]) <= 0.25, final["text"]
+    assert _of(events, "transcript.partial")  # partial transcripts streamed while the clip played
+    done = _of(events, "answer.done")[0]
+    deltas = "".join(d["text"] for d in _of(events, "answer.delta"))
+    assert done["text"].strip() and deltas == done["text"] and done["question"] == final["text"]
+    t = _turn(events)
+    for key in ("asr_final_s", "capture_to_vad_s", "endpoint_s", "prefill_s", "ttft_s", "decode_tok_s",
+                "eos_to_first_token_s"):
+        assert t[key] > 0, key
+    assert "vision_s" not in t  # text-only: no image went anywhere
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {e["type"] for e in logged} >= {"timing", "transcript.final", "answer.done", "notice"}
+    assert not {e["type"] for e in logged} & {"answer.delta", "transcript.partial"}
+
+
+def test_run_once_vlm_uses_frame_and_survives_camera_end(capsys, question_clip, tiny_vlm_dir, tmp_path):
+    short = write_video(tmp_path / "short.avi", photos=("astronaut",), seconds_each=0.5)  # ends mid-question
+    rc, events, err = _run_json(capsys, ["run", "--camera", str(short), "--mic", str(question_clip), "--model",
+                                         str(tiny_vlm_dir), "--once", "--json", "--max-tokens", "8",
+                                         "--file-speed", "3"])
+    assert rc == 0, err
+    cam_errors = [d for d in _of(events, "error") if d["source"] == "camera"]
+    assert cam_errors and "stopped delivering frames" in cam_errors[0]["message"] and cam_errors[0]["retry_in_s"] > 0
+    final = _of(events, "transcript.final")[0]
+    assert normalized_wer(QUESTION, final["text"]) <= 0.25, final["text"]
+    assert _of(events, "answer.done")
+    t = _turn(events)
+    assert t["scene_changed"] and t["vision_s"] > 0 and t["image_tiles"] >= 1  # the frame went to the encoder
+    assert not any("text-only" in n["message"] for n in _of(events, "notice"))
+
+
+def test_ctrl_c_stops_within_a_second(question_clip, video_file, tiny_vlm_dir):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_mmm.cli", "run", "--camera", str(video_file), "--mic",
+                             str(question_clip), "--model", str(tiny_vlm_dir), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a test runner started as a background job ignores SIGINT, and children inherit
+                            # that; give the CLI the disposition an interactive terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        while time.monotonic() < deadline:  # wait until speech is being transcribed (models loaded, threads up)
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(json.loads(line)["type"])
+            if seen[-1] == "transcript.partial":
+                break
+        assert "transcript.partial" in seen, (seen, proc.stderr.read() if proc.poll() is not None else "")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err
+    # The runtime's threads stop within 1 s at their next check; a Whisper or prefill call already running is
+    # not interruptible and finishes first (~0.3 s on a quiet 2-core CPU, seconds on a loaded one): a generous
+    # bound that still catches a hang. The measured time is printed for docs/live.md.
+    print(f"SIGINT -> exit: {elapsed:.2f} s")
+    assert elapsed < 10.0, f"took {elapsed:.2f} s to stop"
+
+
+def test_no_inputs_says_what_to_pass(capsys, monkeypatch):
+    import edge_mmm.runtime.inputs as inputs
+
+    monkeypatch.setattr(inputs, "default_camera", lambda: None)
+    monkeypatch.setattr(inputs, "default_microphone", lambda: (None, "PortAudio sees no input device"))
+    rc = main(["run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: no camera or microphone found") and "--mic" in err and "--camera" in err
+
+
+def test_devices_list_inputs(capsys):
+    rc = main(["devices", "--list-inputs", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and set(out) == {"cameras", "camera_problem", "microphones", "microphone_problem"}
+    if not list(Path("/dev").glob("video*")):
+        assert out["cameras"] == [] and "/dev/video" in out["camera_problem"]
+    try:
+        import sounddevice as sd
+        n_inputs = sum(d["max_input_channels"] > 0 for d in sd.query_devices())
+    except (ImportError, OSError):
+        n_inputs = 0
+    assert len(out["microphones"]) == n_inputs
+    assert (out["microphone_problem"] is None) == (n_inputs > 0)
+    rc = main(["devices", "--list-inputs"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "cameras (--camera):" in text and "microphones (--mic):" in text
