@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.errors import InputError, require
-from edge_mmm.runtime.retry import Backoff, run_with_retry
+from edge_mmm.runtime.retry import Backoff, SourceThread, run_with_retry
 
 ErrorCallback = Callable[[str, float], None]  # (message, retry_in_s)
 
@@ -136,11 +136,14 @@ def parse_mic_source(src: str) -> Union[Path, int, str]:
     return src
 
 
-class MicrophoneSource:
+class MicrophoneSource(SourceThread):
     """A sounddevice input stream writing into an `AudioRing`; reopened with backoff when it fails."""
+
+    thread_name = "edge-mmm-mic"
 
     def __init__(self, device: Union[int, str, None], ring: AudioRing, on_error: ErrorCallback,
                  backoff: Optional[Backoff] = None, block_s: float = 0.032):
+        super().__init__()
         self.device = device
         self.ring = ring
         self.on_error = on_error
@@ -149,8 +152,6 @@ class MicrophoneSource:
         self.driver_overflows = 0  # callbacks flagged input_overflow by PortAudio (audio lost in the driver)
         self.callbacks = 0
         self.opened = 0  # successful opens
-        self._stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
         self._resample: Optional[_Resampler] = None
         self._sd = require("sounddevice", "audio", "microphone input")
 
@@ -182,7 +183,7 @@ class MicrophoneSource:
         start_callbacks, reported = self.callbacks, self.driver_overflows
         with self.open_stream() as stream:
             self.opened += 1
-            while not self._stop.wait(0.1):
+            while not self.stopping.wait(0.1):
                 if self.driver_overflows != reported:
                     self.on_error(f"microphone overflow: PortAudio lost audio in {self.driver_overflows - reported} "
                                   f"block(s)", 0.0)
@@ -191,26 +192,19 @@ class MicrophoneSource:
                     raise RuntimeError("the input stream stopped (device unplugged?)")
         return self.callbacks > start_callbacks
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=run_with_retry, name="edge-mmm-mic", daemon=True,
-                                        args=(self._attempt, self._stop, self.backoff, self.on_error))
-        self.thread.start()
-
-    def stop(self, timeout: float = 1.0) -> bool:
-        """Stop and join; True when the thread ended."""
-        self._stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
+    def run(self) -> None:
+        run_with_retry(self._attempt, self.stopping, self.backoff, self.on_error)
 
 
-class AudioFileSource:
+class AudioFileSource(SourceThread):
     """An audio file decoded once and written to the ring in real time (`speed` x), then end-of-stream."""
+
+    thread_name = "edge-mmm-audio-file"
 
     def __init__(self, path: Union[str, Path], ring: AudioRing, speed: float = 1.0, block_s: float = 0.032):
         from edge_mmm.audio.io import load_audio
 
+        super().__init__()
         if speed <= 0:
             raise InputError(f"audio file speed must be > 0, got {speed}")
         self.path = Path(path)
@@ -218,32 +212,19 @@ class AudioFileSource:
         self.ring = ring
         self.speed = speed
         self.block = int(SAMPLE_RATE * block_s)
-        self._stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
         self.finished = threading.Event()
 
     @property
     def duration_s(self) -> float:
         return self.audio.size / SAMPLE_RATE
 
-    def _play(self) -> None:
+    def run(self) -> None:
         t0 = time.monotonic()
         for i in range(0, self.audio.size, self.block):
             end = min(i + self.block, self.audio.size)
             due = t0 + end / SAMPLE_RATE / self.speed  # a block is available once its last sample "happened"
-            if self._stop.wait(max(0.0, due - time.monotonic())):
+            if self.stopping.wait(max(0.0, due - time.monotonic())):
                 return
             self.ring.write(self.audio[i:end])
         self.ring.mark_end()
         self.finished.set()
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._play, name="edge-mmm-audio-file", daemon=True)
-        self.thread.start()
-
-    def stop(self, timeout: float = 1.0) -> bool:
-        self._stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True

@@ -28,13 +28,14 @@ from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.audio.microphone import AudioFileSource, AudioRing, MicrophoneSource, parse_mic_source
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.runtime.events import Event, EventBus
-from edge_mmm.runtime.frames import FrameStore, check_frame
+from edge_mmm.runtime.frames import FrameStore
 from edge_mmm.runtime.retry import Backoff
 from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm
 from edge_mmm.text.generation import GenerationConfig
 
 TURN_QUEUE = 4  # questions waiting for an answer; more and the oldest waiting one is dropped (with a notice)
 VLM_MODEL_TYPES = ("idefics3", "smolvlm")
+MAX_READ_S = 10  # most audio the recognizer takes from the ring at once
 
 
 @dataclass
@@ -230,7 +231,7 @@ class LiveAssistant:
 
     def feed_frame(self, bgr: np.ndarray) -> None:
         """Push a BGR uint8 frame from an external source (e.g. a browser camera)."""
-        self.frames.put(check_frame(bgr))
+        self.frames.put(bgr)  # checked there: uint8 BGR, at least 8x8
 
     def latest_frame_jpeg(self, quality: int = 80) -> Optional[bytes]:
         return self.frames.jpeg(quality)
@@ -319,7 +320,7 @@ class LiveAssistant:
 
     def _asr_loop(self) -> None:
         from edge_mmm.asr.streaming import StreamingOptions, VadTranscriber
-        from edge_mmm.audio.vad import VAD_CHUNK, VadOptions
+        from edge_mmm.audio.vad import VadOptions
 
         vad_opts = VadOptions(min_silence_ms=self.config.end_silence_ms)
         vt = VadTranscriber(self.models.asr, StreamingOptions(), vad_opts, vad_model=self._vad_model)
@@ -330,7 +331,9 @@ class LiveAssistant:
                 self.bus.publish("error", source="audio", samples_lost=lost,
                                  message=f"audio overflow: {lost / SAMPLE_RATE:.2f} s of audio dropped because "
                                          f"speech recognition fell behind; the current utterance restarts")
-            chunk, pos, eos = self.ring.read(8 * VAD_CHUNK, timeout=0.05)
+            # everything that is waiting, in one piece: after a slow Whisper pass the backlog gets one VAD sweep
+            # and at most one new hypothesis, so recognition catches up instead of lagging further
+            chunk, pos, eos = self.ring.read(MAX_READ_S * SAMPLE_RATE, timeout=0.05)
             if chunk.size:
                 if pos != base + vt.vad.n_samples:  # samples were lost: restart segmentation there
                     vt.reset()

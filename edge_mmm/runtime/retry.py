@@ -1,10 +1,10 @@
-"""Retry a failing source (camera, microphone) with exponential backoff until it works or is stopped."""
+"""Source threads (camera, microphone, audio file) and retrying a failing source with exponential backoff."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from edge_mmm.errors import InputError
 
@@ -43,3 +43,28 @@ def run_with_retry(attempt: Callable[[], bool], stop: threading.Event, backoff: 
         if stop.wait(delay):
             return
         delay = min(delay * backoff.factor, backoff.max_s)
+
+
+class SourceThread:
+    """A named daemon thread running `self.run()` until `stop()` sets `self.stopping`."""
+
+    thread_name = "edge-mmm-source"
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Stop and join; True when the thread ended."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True

@@ -11,7 +11,6 @@ reported through `on_error` and reopened with exponential backoff; a file theref
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from edge_mmm.errors import InputError, require
-from edge_mmm.runtime.retry import Backoff, run_with_retry
+from edge_mmm.runtime.retry import Backoff, SourceThread, run_with_retry
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
 
@@ -52,11 +51,14 @@ def parse_camera_source(src: str) -> CameraSpec:
     return CameraSpec(str(path), "file")
 
 
-class CameraSource:
+class CameraSource(SourceThread):
     """Grab frames in a thread; `on_frame(bgr, monotonic_t)` gets each one; faults go to `on_error`."""
+
+    thread_name = "edge-mmm-camera"
 
     def __init__(self, src: str, on_frame: Callable[[np.ndarray, float], None],
                  on_error: Callable[[str, float], None], backoff: Optional[Backoff] = None):
+        super().__init__()
         self.spec = parse_camera_source(src)
         self.src = src
         self.on_frame = on_frame
@@ -65,11 +67,9 @@ class CameraSource:
         self.frames = 0  # frames delivered
         self.opened = 0  # successful opens
         self._cv2 = require("cv2", "camera", "camera input")
-        self._stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
 
     def open(self):
-        """A `cv2.VideoCapture` for the source; DeviceError-style message when it cannot be opened."""
+        """An opened `cv2.VideoCapture`; RuntimeError (reported, then retried by the grabber) when it cannot open."""
         cv2 = self._cv2
         api = {"v4l2": getattr(cv2, "CAP_V4L2", cv2.CAP_ANY), "gstreamer": cv2.CAP_GSTREAMER,
                "stream": cv2.CAP_FFMPEG, "file": cv2.CAP_ANY}[self.spec.kind]
@@ -89,19 +89,19 @@ class CameraSource:
         period = 1.0 / fps if fps and 0 < fps <= 240 else (1.0 / 30 if self.spec.kind == "file" else 0.0)
         t_next = time.monotonic()
         try:
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 ok, frame = cap.read()
                 if not ok or frame is None:
                     break
                 if period:  # a file plays at its frame rate, like a camera would deliver it
                     t_next += period
-                    if self._stop.wait(max(0.0, t_next - time.monotonic())):
+                    if self.stopping.wait(max(0.0, t_next - time.monotonic())):
                         break
                 self.frames += 1
                 self.on_frame(frame, time.monotonic())
         finally:
             cap.release()
-        if not self._stop.is_set() and self.frames == start:
+        if not self.stopping.is_set() and self.frames == start:
             raise RuntimeError(f"camera {self.src} opened but delivered no frame")
         return self.frames > start
 
@@ -110,15 +110,5 @@ class CameraSource:
             message = f"camera {self.src} stopped delivering frames"
         self.on_error(message, retry_in)
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=run_with_retry, name="edge-mmm-camera", daemon=True,
-                                        args=(self._attempt, self._stop, self.backoff, self._on_error))
-        self.thread.start()
-
-    def stop(self, timeout: float = 1.0) -> bool:
-        """Stop and join; True when the thread ended."""
-        self._stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout)
-            return not self.thread.is_alive()
-        return True
+    def run(self) -> None:
+        run_with_retry(self._attempt, self.stopping, self.backoff, self._on_error)

@@ -1,0 +1,192 @@
+"""Live runtime latency: end of speech -> first answer token, and where the time goes, over N spoken turns.
+
+    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm]
+
+Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
+`LiveAssistant.feed_audio` in real time (32 ms blocks), so VAD, streaming Whisper and the answer run as
+they would on a microphone. One conversation per configuration:
+
+  text  cached     SmolLM2-135M-Instruct Q4_1 GGUF (onnxruntime), the conversation's KV cache reused
+  text  no-cache   the same turns, the LM's KV cache dropped before each turn (full prefill: the peer)
+  vlm   cached     a SmolVLM-256M-shaped Idefics3 (random weights: real compute, meaningless text; or --vlm
+                   DIR for real weights), one 512x512 camera view (no image splitting) with sensor noise each
+                   turn: turn 1 encodes the image, later turns reuse its embedding and the KV cache
+  vlm   no-cache   the same, with the image-embedding cache and the KV cache cleared before each turn
+
+Per turn (from the `timing` event): endpoint_s (end of speech -> VAD end, mostly the 500 ms end-silence
+wait), asr_final_s (final Whisper pass), vision_s, prefill_s, ttft_s (turn start -> first token: vision +
+prefill + first sample), eos_to_first_token_s (end of speech -> first token). Medians are printed; the JSON
+in benchmarks/results/live.json keeps every turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, print_table, write_json  # noqa: E402
+
+COLUMNS = ["config", "turns", "eos_to_first_token_s", "endpoint_s", "asr_final_s", "vision_s", "prefill_s",
+           "ttft_s", "decode_tok_s", "prompt_tokens", "prompt_reused"]
+BLOCK = 512  # samples per feed (32 ms)
+
+
+def spoken_turns(n: int, out: Path):
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import SENTENCES, synthesize
+
+    clips = []
+    for i in range(n):
+        path = synthesize(SENTENCES[i % len(SENTENCES)], out / f"turn{i:02d}.wav", lead_silence=0.3,
+                          trail_silence=1.0)
+        clips.append(load_audio(path))
+    return clips
+
+
+def camera_view(size: int = 512) -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((size, size))
+    return np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
+
+
+def run_conversation(assistant, clips, frame, before_turn=None, timeout=300.0):
+    """Speak each clip in real time; return the turn timing records."""
+    q = assistant.subscribe(maxsize=100_000)
+    rng = np.random.default_rng(0)
+    records = []
+    assistant.start()
+    try:
+        for i, clip in enumerate(clips):
+            if before_turn is not None:
+                before_turn()
+            if frame is not None:
+                noisy = np.clip(frame.astype(np.int16) + rng.integers(-3, 4, frame.shape), 0, 255)
+                assistant.feed_frame(noisy.astype(np.uint8))
+            t0 = time.monotonic()
+            for j in range(0, clip.size, BLOCK):
+                due = t0 + (j + BLOCK) / 16000
+                time.sleep(max(0.0, due - time.monotonic()))
+                assistant.feed_audio(clip[j:j + BLOCK])
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    e = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if e.type == "timing" and e.data.get("stage") == "turn":
+                    records.append(dict(e.data, turn_index=i))
+                    break
+                if e.type == "error":
+                    print(f"  error: {e.data}", file=sys.stderr)
+            else:
+                raise RuntimeError(f"turn {i} got no answer within {timeout} s")
+            assistant.wait_idle(timeout)
+    finally:
+        assistant.stop(timeout=5.0)
+    return records
+
+
+def summarize(name: str, records):
+    row = {"config": name, "turns": len(records)}
+    for c in COLUMNS[2:]:
+        vals = [r[c] for r in records if r.get(c) is not None]
+        row[c] = statistics.median(vals) if vals else None
+    return row
+
+
+def build_vlm(cache: Path) -> Path:
+    """A SmolVLM-256M-shaped random Idefics3 (tests/tiny_idefics3.py, real_dims), image splitting off."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_idefics3 import build_tiny_vlm
+
+    out = cache / "smolvlm256m-shaped-random-nosplit"
+    if not (out / "config.json").is_file():
+        tmp = cache / f".tmp-{time.time_ns()}"
+        build_tiny_vlm(tmp, seed=0, real_dims=True, splitting=False)
+        tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--vlm", type=Path, default=None, help="SmolVLM/Idefics3 directory (default: random, real dims)")
+    ap.add_argument("--skip-vlm", action="store_true")
+    args = ap.parse_args()
+
+    from edge_mmm.asr.api import load_asr
+    from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, LiveModels
+    from edge_mmm.text.api import load_lm
+
+    cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="edge-mmm-live-"))
+    clips = spoken_turns(args.turns, tmp)
+    asr = load_asr(threads=args.threads)
+    rows, detail = [], {}
+
+    lm = load_lm(backend="onnxruntime", threads=args.threads)
+    models = LiveModels(asr, lm)
+    for name, hook in (("text cached", None), ("text no-cache", lm.reset)):
+        lm.reset()
+        recs = run_conversation(LiveAssistant(cfg, models), clips, None, hook)
+        detail[name] = recs
+        rows.append(summarize(name, recs))
+        print(f"{name}: done", file=sys.stderr)
+    del lm, models
+
+    if not args.skip_vlm:
+        from edge_mmm.vision.api import load_vlm
+
+        vlm_dir = args.vlm or build_vlm(Path.home() / ".cache" / "edge-mmm" / "bench")
+        vlm = load_vlm(vlm_dir, threads=args.threads)
+        models = LiveModels(asr, vlm)
+        frame = camera_view()
+
+        def no_cache():
+            vlm.cache.clear()
+            vlm.reset()
+
+        for name, hook in (("vlm cached", None), ("vlm no-cache", no_cache)):
+            no_cache()
+            recs = run_conversation(LiveAssistant(cfg, models), clips, frame, hook)
+            detail[name] = recs
+            if name == "vlm cached":
+                rows.append(summarize("vlm cached: first image", recs[:1]))
+                rows.append(summarize("vlm cached: cached image", recs[1:]))
+            else:
+                rows.append(summarize(name, recs))
+            print(f"{name}: done", file=sys.stderr)
+
+    print_table(rows, COLUMNS)
+    ratios = {}
+    by = {r["config"]: r for r in rows}
+    if "text no-cache" in by:
+        ratios["text eos->first token, no-cache / cached"] = (by["text no-cache"]["eos_to_first_token_s"]
+                                                              / by["text cached"]["eos_to_first_token_s"])
+        ratios["text prefill, no-cache / cached"] = by["text no-cache"]["prefill_s"] / by["text cached"]["prefill_s"]
+    if "vlm no-cache" in by:
+        ratios["vlm eos->first token, no-cache / cached image"] = (
+            by["vlm no-cache"]["eos_to_first_token_s"] / by["vlm cached: cached image"]["eos_to_first_token_s"])
+        ratios["vlm ttft, first image / cached image"] = (by["vlm cached: first image"]["ttft_s"]
+                                                          / by["vlm cached: cached image"]["ttft_s"])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    path = write_json("live.json", {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                                    "summary": rows, "ratios": ratios, "turns": detail})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
