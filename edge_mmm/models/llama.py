@@ -149,10 +149,10 @@ class KVCache:
 class RMSNorm(nn.Module):
     numerics = DEFAULT_NUMERICS
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -218,14 +218,14 @@ _MATH_ATTENTION_MAX = 1 << 16  # query x key positions below which attention is 
 class Attention(nn.Module):
     numerics = DEFAULT_NUMERICS
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.attention_out_bias)
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=cfg.attention_bias, device=device)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias, device=device)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias, device=device)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.attention_out_bias, device=device)
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -282,11 +282,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     numerics = DEFAULT_NUMERICS
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.numerics.ggml_ops:
@@ -297,13 +297,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, index: int):
+    def __init__(self, cfg: LlamaConfig, index: int, device=None):
         super().__init__()
         self.index = index
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.self_attn = Attention(cfg, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = MLP(cfg, device)
 
     def forward(self, residual: torch.Tensor, pending: Optional[torch.Tensor], cos, sin,
                 cache: Optional[KVCache], start: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -322,13 +322,18 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module):
     """Decoder-only LM. `forward` takes token ids or embeddings and returns logits `[batch, T, vocab]`."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device=None):
+        """`device="meta"` builds the structure without memory (loaders then assign the weights). The
+        device is passed explicitly, not through `with torch.device(...)`, whose first use imports
+        torch._dynamo + sympy (~150 MiB of RSS that the LM does not need)."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # an explicit (empty) weight skips Embedding's normal_() init, whose meta kernel also imports dynamo
+        weight = None if device is None else torch.empty(cfg.vocab_size, cfg.hidden_size, device=device)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
@@ -394,8 +399,7 @@ def build_llama(cfg: LlamaConfig, state: Mapping[str, object], dtype: torch.dtyp
     """
     state = dict(state)
     rope_freq_factors = state.pop("rope_freq_factors", None)
-    with torch.device("meta"):
-        model = Llama(cfg)
+    model = Llama(cfg, device="meta")
     tensors: Dict[str, torch.Tensor] = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):

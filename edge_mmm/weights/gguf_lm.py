@@ -7,6 +7,9 @@ llama.cpp's converter permutes the Q/K rows of `llama` models for its RoPE; we u
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -127,12 +130,32 @@ def _tensor(t, name: str, path: Path, n_head: int = 0):
     return QuantLinear.from_packed(from_gguf(np.asarray(data), qtype, shape))
 
 
+def release_heap() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (`malloc_trim(0)` on glibc; no-op elsewhere).
+
+    The GGUF reader's ~160 MiB of small metadata objects (a 49k-token vocabulary and its merges) and the
+    transients of dequantization are freed after loading, but glibc keeps the pages in its arenas; the
+    process RSS would stay ~150-450 MiB above what the model holds (docs/devices.md)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def load_gguf_lm(path) -> Tuple[LlamaConfig, Dict[str, object], Dict[str, Any]]:
-    """Read a GGUF LM: (config, state dict for `build_llama`, metadata incl. tokenizer keys)."""
+    """Read a GGUF LM: (config, state dict for `build_llama`, metadata incl. tokenizer keys).
+
+    The reader is dropped as soon as the metadata is converted (before any weight is built), every
+    weight is copied out of the memory map, and the freed heap is returned to the OS at the end."""
     path = Path(path)
     reader = open_gguf(path)
     meta = gguf_metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    del reader  # its field objects are most of the load-time heap; the tensors keep only the memory map
+    gc.collect()
     cfg = lm_config_from_gguf(meta, tensors)
     permute = meta.get("general.architecture") == "llama"
     state: Dict[str, object] = {}
@@ -166,6 +189,8 @@ def load_gguf_lm(path) -> Tuple[LlamaConfig, Dict[str, object], Dict[str, Any]]:
         if bias is not None:
             module = type(module).from_packed(module.packed, bias)
         state[module_name] = module
+    del tensors  # the last references to the memory map: its pages leave the RSS
+    release_heap()
     return cfg, state, meta
 
 

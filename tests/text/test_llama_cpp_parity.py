@@ -1,9 +1,11 @@
 """Token parity with llama.cpp (llama-cpp-python) on the SmolLM2-135M-Instruct Q4_1 GGUF.
 
-llama.cpp's Q4_1/Q8_0 matmuls quantize activations to 8 bits (Q8_1/Q8_0 blocks), ours keep them fp32.
-Measured: that quantization alone moves our own logits by 0.25 on average (max 2.6), and ours vs
-llama.cpp differ by the same amount (mean 0.2). So greedy ids can flip at near-ties: the teacher-forced
-test requires >= 97% argmax agreement and every disagreement to be a near-tie in both models.
+`numerics="llama.cpp"` (edge_mmm.quant.ggml_numerics) reproduces llama.cpp's CPU arithmetic: its logits
+are bit-identical to llama.cpp's, so greedy ids are identical on every parity prompt (acceptance 1).
+The default fp32 reference keeps activations and the KV cache in fp32; llama.cpp quantizes activations
+to 8 bits (Q8_1/Q8_0 blocks) and keeps K/V in fp16, which moves logits by ~0.2 on average. So fp32 greedy
+ids can flip at near-ties: its teacher-forced test requires >= 97% argmax agreement and every
+disagreement to be a near-tie in both models.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ EDGE_TEXTS = [
     "I'm, you're, they've, we'll, it's, DON'T, She'D", "def f(x):\n    return x**2  # comment\n",
     "<|im_start|>user\nhi<|im_end|><|endoftext|> <repo_name>x<file_sep>", "<|im_start|<|im_end| > < |im_end|>",
     "text<|im_end|>\n\n<|im_start|>assistant", "\u00a0non-breaking\u2003em-space\u200bzero-width",
+    "e\u0301 combining, ﬁ ligature, ｆｕｌｌｗｉｄｔｈ, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 astral", " " * 100 + "x" + "\t" * 9,
+    "<|endoftext|><|endoftext|><|im_end|>", "a\u2028b\u2029c\x0bd\x0ce", "αβγ ΑΒΓ 😀😃 ١٢٣ 𝟘𝟙𝟚",
 ]
 
 
@@ -65,6 +69,12 @@ def ours(packed):
     model = copy.deepcopy(packed.backend.model)
     dequantize_linears(model)
     return LanguageModel(TorchBackend(model, packed.context_length), packed.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_lm(packed):
+    lm = load_lm(GGUF, context_length=512, numerics="llama.cpp")
+    return lm
 
 
 @pytest.fixture(scope="module")
@@ -145,19 +155,57 @@ def test_teacher_forced_greedy_matches_llama_cpp(ours, ref_runs):
     assert len(flips) <= 0.03 * positions, flips
 
 
+def _greedy_with_logits(lm, prompt, n_new, stops):
+    backend = lm.backend
+    cache = backend.new_cache()
+    logits = backend.prefill(prompt, cache)
+    ids, rows = [], []
+    for _ in range(n_new):
+        tok = int(logits.argmax())
+        rows.append(logits)
+        if tok in stops:
+            break
+        ids.append(tok)
+        logits = backend.decode(tok, cache)
+    return ids, rows
+
+
 @pytest.mark.parametrize("k", [8])  # a short answer; the slow test runs every prompt
-def test_free_running_greedy_matches_llama_cpp(ours, ref_runs, k):
-    prompt, ids, _ = ref_runs[k]
-    gen = ours.generate(CHATS[k], GenerationConfig(max_tokens=N_NEW))
-    assert gen.token_ids == ids
+def test_llama_cpp_numerics_bit_identical(llama_cpp_lm, ref_runs, k):
+    """numerics="llama.cpp": the logits of the prompt (one prefill) and of every decode step equal
+    llama.cpp's bit for bit, so the greedy ids are identical."""
+    prompt, ids, ref_logits = ref_runs[k]
+    got, rows = _greedy_with_logits(llama_cpp_lm, prompt, N_NEW, set(llama_cpp_lm.tokenizer.stop_token_ids))
+    assert got == ids
+    for row, lref in zip(rows, ref_logits):
+        assert torch.equal(row, torch.from_numpy(lref))
+    assert llama_cpp_lm.encode_prompt(CHATS[k]) == prompt
 
 
 @pytest.mark.slow
-def test_free_running_greedy_all_prompts(ours, ref_runs):
-    """Measured 4/11 prompts identical over 64 tokens; the others diverge at near-ties (see above)."""
+def test_llama_cpp_numerics_greedy_all_prompts(llama_cpp_lm, ref_runs):
+    """Acceptance 1: greedy ids over 64 new tokens identical to llama.cpp on all 11 chat prompts
+    (measured: 11/11, logits bit-identical at every step; ~10 min on a 2-core CPU)."""
+    for chat, (_, ids, _) in zip(CHATS, ref_runs):
+        assert llama_cpp_lm.generate(chat, GenerationConfig(max_tokens=N_NEW)).token_ids == ids, chat
+
+
+@pytest.mark.slow
+def test_fp32_free_running_greedy_all_prompts(ours, ref_runs):
+    """The fp32 reference: measured 4/11 prompts identical over 64 tokens; the others diverge at
+    near-ties (see the teacher-forced test)."""
     same = sum(ours.generate(chat, GenerationConfig(max_tokens=N_NEW)).token_ids == ids
                for chat, (_, ids, _) in zip(CHATS, ref_runs))
     assert same >= 4
+
+
+def test_llama_cpp_numerics_options(packed):
+    from edge_mmm.errors import InputError
+
+    with pytest.raises(InputError, match="numerics"):
+        load_lm(GGUF, numerics="fp16")
+    with pytest.raises(InputError, match="packed weights"):
+        load_lm(GGUF, numerics="llama.cpp", dequantize=True)
 
 
 def test_packed_weights_give_identical_logits(ours, packed):
