@@ -336,6 +336,9 @@ def build_engine(spec: EngineSpec, cache_dir: Union[str, Path], *, device: Optio
                  progress: Callable[[str], None] = _stderr_progress, force: bool = False) -> EngineBuild:
     """Build (or find in `cache_dir`) the engine for `spec`; returns its path and key."""
     trt = require("tensorrt", "trt", TRT_PURPOSE)
+    if int(re.findall(r"\d+", trt.__version__)[0]) < 10:
+        raise DeviceError(f"TensorRT {trt.__version__} is too old: the builder uses the TensorRT 10 API "
+                          "(JetPack 6.1+ ships 10.3); on older JetPacks use the onnxruntime backend")
     device = device or current_device_identity()
     cache_dir = Path(cache_dir)
     key = engine_cache_key(spec, device)

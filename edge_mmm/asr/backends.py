@@ -142,3 +142,11 @@ def check_device(device: str, backend: str) -> str:
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch on this machine")
     return device
+
+
+def tensorrt_backend(encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
+    """The `tensorrt` backend: the same interface on TensorRT engines built from the standard-op ONNX export
+    (exporters/tensorrt_build.py). Imported lazily; needs the `trt` extra and a CUDA GPU."""
+    from edge_mmm.exporters.tensorrt_runtime import TensorRTWhisperBackend
+
+    return TensorRTWhisperBackend(encoder_engine, decoder_engine, config, device)

@@ -67,3 +67,11 @@ class OrtVisionEncoder:
         pv, mask = real_tiles(pixel_values.float(), pixel_attention_mask, self.patch_size)
         feats = self(pv, mask)
         return feats.reshape(-1, feats.shape[-1])
+
+
+def tensorrt_encoder(engine: Path, patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
+    """The `tensorrt` vision backend: an engine built from the vision ONNX (exporters/tensorrt_build.py), same
+    `encode` interface. Imported lazily; needs the `trt` extra and a CUDA GPU."""
+    from edge_mmm.exporters.tensorrt_runtime import TensorRTVisionEncoder
+
+    return TensorRTVisionEncoder(engine, patch_size, device, max_tiles)

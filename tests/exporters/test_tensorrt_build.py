@@ -137,12 +137,20 @@ def test_engine_cache_key(tmp_path, whisper_onnx):
 def test_build_without_tensorrt_says_engines_build_on_device(whisper_onnx, tmp_path):
     from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
 
-    files, _ = whisper_onnx
+    files, cfg = whisper_onnx
     spec = plan_engine(files["encoder"], "whisper-encoder", NANO)
     with pytest.raises(MissingExtraError, match=r"first run on the device.*edge-mmm\[trt\]"):
         build_engine(spec, tmp_path)
     with pytest.raises(MissingExtraError, match=r"edge-mmm\[trt\]"):
         TensorRTEngine(tmp_path / "x.engine")
+    # the backend hooks (backend name "tensorrt") import lazily and say the same
+    from edge_mmm.asr.backends import tensorrt_backend
+    from edge_mmm.vision.backends import tensorrt_encoder
+
+    with pytest.raises(MissingExtraError, match="trt"):
+        tensorrt_backend(tmp_path / "enc.engine", tmp_path / "dec.engine", cfg)
+    with pytest.raises(MissingExtraError, match="trt"):
+        tensorrt_encoder(tmp_path / "vision.engine", patch_size=16)
     assert not list(tmp_path.iterdir())  # nothing written, no placeholder engine
 
 
