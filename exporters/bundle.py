@@ -52,11 +52,14 @@ class ExportRequest:
     asr: Optional[Path] = None
     lm: Optional[Path] = None
     vlm: Optional[Path] = None
-    quant: str = "int4"  # LM weights; int8 also quantizes the encoders (onnxruntime dynamic int8)
+    quant: str = "int4"  # LM weights; int8 also quantizes the encoders (CPU: onnxruntime dynamic int8;
+    #                      GPU profiles: a calibrated static Q/DQ Whisper encoder for a TensorRT INT8 engine)
     vad: bool = True  # ship Silero VAD with the ASR
     context: Optional[int] = None  # LM context; default the profile's
     format: str = "bundle"
     cache_root: Optional[Path] = None  # the ONNX export cache (default ~/.cache/edge-mmm)
+    # int8 on a GPU profile: speech to calibrate the Whisper encoder's static INT8 (empty = espeak-ng sentences)
+    calibration_audio: List[Path] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -155,6 +158,11 @@ def export_bundle(request: ExportRequest, out: Union[str, Path], progress: Optio
         if request.vlm is not None:
             say("exporting the VLM (vision encoder + connector, packed LM)")
             models["vlm"] = _export_vlm(request, stage / "vlm")
+        engines = []
+        if request.device.kind != "cpu" and request.format == "bundle":
+            say("planning TensorRT engines" + (" (calibrating the INT8 Whisper encoder)"
+                                               if request.quant == "int8" and "asr" in models else ""))
+            engines = _engine_plan(request, models, tmp)
         if request.format == "triton-server":
             from edge_mmm.exporters.triton_server import write_repository
 
@@ -162,7 +170,7 @@ def export_bundle(request: ExportRequest, out: Union[str, Path], progress: Optio
             models = write_repository(stage, models, request.device, tmp)
             shutil.rmtree(stage)
         say("hashing files")
-        manifest = _manifest(request, plan, models, tmp)
+        manifest = _manifest(request, plan, models, engines, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask = os.umask(0)
         os.umask(umask)
@@ -309,19 +317,57 @@ def _versions() -> dict:
             "torch": torch.__version__}
 
 
-def _engine_build(request: ExportRequest, models: Dict[str, dict]) -> List[dict]:
-    """GPU profiles: the ONNX files the device turns into TensorRT engines on first run, and how."""
-    dev = request.device
-    if dev.kind == "cpu":
-        return []
-    precision = "int8" if request.quant == "int8" else dev.activation_dtype
-    encoders = {"asr": "asr/encoder.onnx", "vlm": "vlm/vision.onnx"}
-    return [{"onnx": encoders[key], "precision": precision, "workspace_mib": dev.trt_workspace_mib,
-             "tensorrt_version": dev.tensorrt_version, "compute_capability": dev.compute_capability}
-            for key in ("asr", "vlm") if key in models and request.format == "bundle"]
+def _engine_plan(request: ExportRequest, models: Dict[str, dict], root: Path) -> List[dict]:
+    """GPU profiles: the TensorRT engines the device builds on first run (exporters/tensorrt_build.EngineSpec
+    entries, paths relative to the bundle): Whisper encoder + decoder and the vision encoder, optimization
+    profiles from the device profile, precision the profile's (fp16), or INT8 for the Whisper encoder with
+    --quant int8 (static Q/DQ, calibrated here on real speech; its TensorRT calibration cache ships beside it)."""
+    from edge_mmm.exporters.onnx_whisper import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.exporters.tensorrt_build import plan_engine
+
+    dev, specs = request.device, []
+    if "asr" in models:
+        asr = root / models["asr"]["dir"]
+        encoder, precision = asr / ENCODER_FILE, None
+        if request.quant == "int8":
+            encoder, precision = _int8_whisper_encoder(request, asr, models["asr"]), "int8"
+        specs.append(plan_engine(encoder, "whisper-encoder", dev, precision))
+        specs.append(plan_engine(asr / DECODER_FILE, "whisper-decoder", dev))
+    if "vlm" in models:
+        specs.append(plan_engine(root / models["vlm"]["dir"] / "vision.onnx", "vision", dev))
+    return [spec.to_dict(relative_to=root) for spec in specs]
 
 
-def _manifest(request: ExportRequest, plan: DevicePlan, models: Dict[str, dict], root: Path) -> dict:
+def _int8_whisper_encoder(request: ExportRequest, asr_dir: Path, entry: dict) -> Path:
+    """Static INT8 Q/DQ copy of the Whisper encoder (TensorRT's explicit quantization) + the TensorRT
+    calibration cache from the same activation ranges; both recorded in the manifest's asr entry."""
+    import tempfile
+
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import SENTENCES
+    from edge_mmm.exporters.int8_calibration import (WHISPER_ENCODER_EXCLUDE, CalibrationConfig,
+                                                     quantize_encoder_static, synthesize_speech_clips,
+                                                     whisper_calibration_inputs, write_tensorrt_calibration_cache)
+    from edge_mmm.exporters.onnx_whisper import ENCODER_FILE
+
+    cfg = json.loads((asr_dir / "whisper_config.json").read_text())
+    if request.calibration_audio:
+        clips = [load_audio(p) for p in request.calibration_audio]
+    else:
+        with tempfile.TemporaryDirectory(prefix="edge-mmm-calib-") as work:
+            clips = synthesize_speech_clips(SENTENCES[:8], work)
+    out = asr_dir / "encoder_int8.onnx"
+    result = quantize_encoder_static(asr_dir / ENCODER_FILE, whisper_calibration_inputs(clips, cfg["n_mels"]), out,
+                                     CalibrationConfig(exclude=WHISPER_ENCODER_EXCLUDE))
+    cache = write_tensorrt_calibration_cache(result.activation_scales, asr_dir / "encoder_int8.calib",
+                                             request.device.tensorrt_version or "10.3")
+    entry["int8_encoder"] = {"onnx": out.name, "tensorrt_calibration_cache": Path(cache).name,
+                             "calibration_clips": len(clips), "method": result.method}
+    return out
+
+
+def _manifest(request: ExportRequest, plan: DevicePlan, models: Dict[str, dict], engines: List[dict],
+              root: Path) -> dict:
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(root).as_posix()
@@ -330,7 +376,7 @@ def _manifest(request: ExportRequest, plan: DevicePlan, models: Dict[str, dict],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "quant": request.quant, "models": models,
             "device": request.device.to_dict(), "plan": plan.to_dict(),
-            "engine_build": _engine_build(request, models), "files": files}
+            "engine_build": engines, "files": files}
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -355,19 +401,42 @@ class Bundle:
             raise ModelFileError(f"bundle {self.path} has no {key} model (it holds: {have})")
         return self.path / self.models[key]["dir"]
 
-    def load_asr(self, threads: int = 0):
-        """The Whisper `ASRModel` on onnxruntime from the bundle's graphs."""
+    def load_asr(self, threads: int = 0, backend: str = "onnxruntime", engine_cache: Optional[Path] = None):
+        """The Whisper `ASRModel` from the bundle's graphs: on onnxruntime, or (backend="tensorrt", GPU-profile
+        bundles, `trt` extra + a CUDA GPU) on TensorRT engines built from the manifest's engine plan on first
+        use and cached in `engine_cache` (default ~/.cache/edge-mmm/engines; the bundle itself stays as
+        verified)."""
         from edge_mmm.asr.api import ASRModel
-        from edge_mmm.asr.backends import OnnxWhisperBackend
+        from edge_mmm.asr.backends import OnnxWhisperBackend, tensorrt_backend
         from edge_mmm.asr.tokenizer import WhisperTokenizer
         from edge_mmm.models.whisper import WhisperConfig
 
         t0 = time.perf_counter()
         d = self._part("asr")
         cfg = WhisperConfig(**json.loads((d / "whisper_config.json").read_text()))
-        backend = OnnxWhisperBackend(d, cfg, threads)
+        if backend == "tensorrt":
+            engines = self.build_engines(self.models["asr"]["dir"], engine_cache)
+            backend = tensorrt_backend(engines["whisper-encoder"], engines["whisper-decoder"], cfg)
+        elif backend == "onnxruntime":
+            backend = OnnxWhisperBackend(d, cfg, threads)
+        else:
+            raise InputError(f"a bundle's ASR runs on onnxruntime or tensorrt, not {backend!r}")
         tok = WhisperTokenizer.from_file(d / "tokenizer.json", cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
         return ASRModel(backend, tok, time.perf_counter() - t0, f"{self.path}:{self.models['asr']['name']}")
+
+    def build_engines(self, part_dir: str, engine_cache: Optional[Path] = None) -> Dict[str, Path]:
+        """Build (or reuse from the engine cache) the TensorRT engines planned for one part of the bundle:
+        {model kind: engine path}. Needs the `trt` extra and a CUDA GPU (typed errors otherwise)."""
+        from edge_mmm.exporters.tensorrt_build import build_plan
+        from edge_mmm.weights.export_cache import default_cache_root
+
+        entries = [e for e in self.manifest.get("engine_build") or [] if e["onnx"].startswith(part_dir + "/")]
+        if not entries:
+            raise InputError(f"bundle {self.path} has no TensorRT engine plan for {part_dir}/ (it was exported for "
+                             f"{self.manifest['device'].get('id', '?')}); export for a GPU device profile, e.g. "
+                             f"edge-mmm export --device orin-nano-8gb")
+        built = build_plan(entries, self.path, Path(engine_cache or default_cache_root() / "engines"))
+        return {e["kind"]: built[e["onnx"]].path for e in entries}
 
     def load_vad(self):
         """Silero VAD (`edge_mmm.audio.vad.SileroVad`) from the bundle."""

@@ -310,3 +310,41 @@ def test_int8_bundle_chats_and_transcribes(tmp_path, clip):
     print(f"int8 LM vs torch int8 weights: cosine {cos:.5f}")
     assert cos > 0.99 and int(ref.argmax()) in torch.topk(got, 3).indices.tolist()
     assert "weather" in b.load_asr().transcribe(clip).text.lower()
+
+
+def test_gpu_profile_bundle_plans_tensorrt_engines_with_a_calibrated_int8_encoder(tmp_path, clip):
+    """A GPU-profile bundle (orin-nano-8gb, --quant int8): the manifest's engine plan holds EngineSpec entries
+    the device's builder reads (Whisper encoder as a calibrated static Q/DQ INT8 graph TensorRT can parse,
+    decoder fp16, shapes from the profile); the TensorRT calibration cache parses back to the Q/DQ scales;
+    asking for the tensorrt backend without TensorRT is a typed error naming the extra, and a CPU bundle has
+    no engine plan. (Building the engines needs TensorRT + a GPU: tests/exporters/test_tensorrt_build.py, gpu.)"""
+    from edge_mmm.errors import MissingExtraError
+    from edge_mmm.exporters.int8_calibration import activation_scales, qdq_problems, read_tensorrt_calibration_cache
+    from edge_mmm.exporters.tensorrt_build import EngineSpec
+    from edge_mmm.exporters.tensorrt_ops import check_onnx_for_tensorrt
+
+    out = tmp_path / "orin"
+    calib = [clip] * 2
+    export_bundle(ExportRequest(get_profile("orin-nano-8gb"), asr=default_asr_model(), quant="int8", vad=False,
+                                calibration_audio=calib), out)
+    b = open_bundle(out)
+    specs = {e["kind"]: EngineSpec.from_dict(e, out) for e in b.manifest["engine_build"]}
+    assert set(specs) == {"whisper-encoder", "whisper-decoder"}
+    enc, dec = specs["whisper-encoder"], specs["whisper-decoder"]
+    assert enc.precision == "int8" and enc.onnx_path == out / "asr" / "encoder_int8.onnx"
+    assert dec.precision == "fp16" and dec.onnx_path == out / "asr" / "decoder.onnx"
+    assert enc.shapes["mel"].max[0] == 1 and dec.shapes["tokens"].min == (1, 1)
+    assert qdq_problems(enc.onnx_path) == []
+    assert check_onnx_for_tensorrt(enc.onnx_path).ok
+    cache = read_tensorrt_calibration_cache(out / "asr" / "encoder_int8.calib")
+    scales = activation_scales(enc.onnx_path)
+    assert scales and all(abs(cache.scales[k] - v) <= 1e-6 * v for k, v in scales.items())
+    assert b.models["asr"]["int8_encoder"]["calibration_clips"] == 2
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingExtraError, match="trt"):
+            b.load_asr(backend="tensorrt")
+    cpu = export_bundle(ExportRequest(CPU, asr=default_asr_model(), vad=False), tmp_path / "cpu")
+    with pytest.raises(InputError, match="no TensorRT engine plan"):
+        open_bundle(cpu.path).load_asr(backend="tensorrt")
