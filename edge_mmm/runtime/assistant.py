@@ -122,6 +122,45 @@ def load_live_models(config: LiveConfig) -> LiveModels:
     return LiveModels(asr, lm)
 
 
+class _TurnVad:
+    """Wraps the Silero VAD iterator for the runtime: calls `on_start` as soon as speech starts (barge-in
+    must not wait for the Whisper pass that the same feed may trigger) and remembers end-of-speech samples,
+    which the transcriber's events do not carry (turn latency is measured from the end of speech, not from
+    the end of the utterance buffer that runs on through the end-silence wait)."""
+
+    def __init__(self, options, model, on_start):
+        from edge_mmm.audio.vad import VADIterator
+
+        self._it = VADIterator(options, model)
+        self._on_start = on_start
+        self._ends: List[int] = []
+
+    def __getattr__(self, name):  # n_samples, in_speech, options, ...: the wrapped iterator's
+        return getattr(self._it, name)
+
+    def reset(self) -> None:
+        self._it.reset()
+        self._ends = []
+
+    def feed(self, audio):
+        return self._track(self._it.feed(audio))
+
+    def flush(self):
+        return self._track(self._it.flush())
+
+    def _track(self, events):
+        if any(e.kind == "start" for e in events):
+            self._on_start()
+        self._ends += [e.sample for e in events if e.kind == "end"]
+        return events
+
+    def take_end(self, event, pad: int) -> Optional[int]:
+        """For a final transcript event: the oldest unclaimed end sample, minus the VAD's end padding."""
+        if event.kind != "final" or not self._ends:
+            return None
+        return max(0, self._ends.pop(0) - pad)
+
+
 class LiveAssistant:
     """See the module docstring. `start()`, then listen with `subscribe()`; `stop()` joins every thread."""
 
@@ -158,8 +197,10 @@ class LiveAssistant:
         self._turn_q: "queue.Queue[TurnRequest]" = queue.Queue(maxsize=TURN_QUEUE)
         self._cancel = threading.Event()
         self._answering = False
+        self._asr_busy = False  # the recognizer is working on audio it took from the ring
         self._input_ended = False
         self._utterance = 0
+        self._last_hypothesis = (0.0, 0.0)  # (audio_s, asr_s) of the latest partial pass
         self._sources: List[Any] = []
         self._threads: List[threading.Thread] = []
         self._started = False
@@ -247,7 +288,7 @@ class LiveAssistant:
 
     # ------------------------------------------------------------------ internals
     def _idle(self) -> bool:
-        return (not self._answering and self._turn_q.empty()
+        return (not self._answering and not self._asr_busy and self._turn_q.empty()
                 and self.ring.read_pos == self.ring.written)
 
     def _spawn(self, name: str, target) -> None:
@@ -324,6 +365,8 @@ class LiveAssistant:
 
         vad_opts = VadOptions(min_silence_ms=self.config.end_silence_ms)
         vt = VadTranscriber(self.models.asr, StreamingOptions(), vad_opts, vad_model=self._vad_model)
+        vt.vad = _TurnVad(vad_opts, self._vad_model, self._on_speech_start)
+        pad = int(SAMPLE_RATE * vad_opts.speech_pad_ms / 1000)
         base = self.ring.read_pos  # ring index of the transcriber's sample 0
         while not self._stop.is_set():
             lost = self.ring.take_overflow()
@@ -334,28 +377,30 @@ class LiveAssistant:
             # everything that is waiting, in one piece: after a slow Whisper pass the backlog gets one VAD sweep
             # and at most one new hypothesis, so recognition catches up instead of lagging further
             chunk, pos, eos = self.ring.read(MAX_READ_S * SAMPLE_RATE, timeout=0.05)
+            self._asr_busy = bool(chunk.size) or eos
             if chunk.size:
                 if pos != base + vt.vad.n_samples:  # samples were lost: restart segmentation there
                     vt.reset()
                     base = pos
-                was_speech = vt.vad.in_speech
                 t_read = time.monotonic()
-                events = vt.feed(chunk)
+                events = vt.feed(chunk)  # a speech start inside calls _on_speech_start (barge-in) first
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
                 cap_to_vad = t_read - t_cap if t_cap is not None else None
-                if (vt.vad.in_speech and not was_speech) or any(e.kind == "partial" for e in events):
-                    self._on_speech_start()
                 for ev in events:
-                    self._transcript(ev, base, cap_to_vad)
+                    self._transcript(ev, base, cap_to_vad, vt.vad.take_end(ev, pad))
             if eos:
                 for ev in vt.flush():
-                    self._transcript(ev, base, None)
+                    self._transcript(ev, base, None, vt.vad.take_end(ev, pad))
                 if self._file_source is not None:
                     self._input_ended = True
                     self._notice("microphone", f"audio file {self._file_source.path} ended")
+            self._asr_busy = False
 
-    def _transcript(self, ev, base: int, cap_to_vad: Optional[float]) -> None:
+    def _transcript(self, ev, base: int, cap_to_vad: Optional[float], speech_end: Optional[int]) -> None:
+        """Publish a transcript event; a final one becomes a turn. `speech_end`: the VAD's end of speech
+        (transcriber samples), None when the utterance was cut at Whisper's window instead."""
         if ev.kind == "partial":
+            self._last_hypothesis = (ev.audio_s, ev.asr_s)
             self.bus.publish("transcript.partial", text=ev.text, committed=ev.committed, tentative=ev.tentative,
                              utterance=self._utterance, audio_s=round(ev.audio_s, 3))
             timing = {"stage": "asr", "utterance": self._utterance, "asr_s": round(ev.asr_s, 6),
@@ -369,14 +414,21 @@ class LiveAssistant:
         self._utterance += 1
         text = ev.committed.strip()
         start = base + int(round(ev.start_s * SAMPLE_RATE))
-        end = start + int(round(ev.audio_s * SAMPLE_RATE))
+        # the utterance buffer runs on through the end-silence wait; time the turn from the speech end itself
+        end = base + speech_end if speech_end is not None else start + int(round(ev.audio_s * SAMPLE_RATE))
         speech_end_t = self.ring.capture_time(end - 1)
         speech_start_t = self.ring.capture_time(start)
-        asr = {"asr_final_s": round(ev.asr_s, 6), "audio_s": round(ev.audio_s, 3)}
+        asr_s = ev.asr_s
+        if asr_s == 0.0 and self._last_hypothesis[0] == ev.audio_s:  # the final text is that pass's, reused
+            asr_s = self._last_hypothesis[1]
+        self._last_hypothesis = (0.0, 0.0)
+        asr = {"asr_final_s": round(asr_s, 6), "audio_s": round(ev.audio_s, 3)}
         if cap_to_vad is not None:
             asr["capture_to_vad_s"] = round(cap_to_vad, 6)
         if speech_end_t is not None:
-            asr["endpoint_s"] = round(t_final - ev.asr_s - speech_end_t, 6)  # silence wait + buffering
+            # end of speech -> start of the Whisper pass that gave the final text: the end-silence wait, plus
+            # any earlier pass still running when the user stopped talking
+            asr["endpoint_s"] = round(t_final - asr_s - speech_end_t, 6)
         if not text:
             self._notice("asr", f"utterance {utt}: no words recognized")
             return
