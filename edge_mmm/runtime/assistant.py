@@ -172,7 +172,6 @@ class LiveAssistant:
         self.frames = FrameStore(max_age_s=config.frame_max_age_s)
         self.ring = AudioRing(config.ring_capacity_s)
         # sources are checked before any model loads: a wrong path fails in a second, not after a minute
-        self._camera_src = config.camera
         if config.camera is not None:
             from edge_mmm.vision.camera import parse_camera_source
 
