@@ -6,7 +6,8 @@ same (see `runtime.frames`) no new image is added, so the whole conversation pre
 included, is reused from the model's KV cache, and an identical frame never reaches the vision encoder
 twice (content-hash embedding cache). At most one image stays in the history: a new scene drops the
 older image (its words stay), which costs one re-prefill of the text history. A text-only LM ignores
-frames (the assistant says so once). The history keeps the last `max_history_turns` exchanges; a prompt
+frames (the assistant says so once). The history holds at most `max_history_turns` exchanges; when it
+overflows it is cut to the newest half (so the KV cache of the prefix survives between cuts); a prompt
 that still overflows the context drops its oldest exchanges until it fits.
 
 `answer()` runs in the turn thread and checks `cancel` between tokens (barge-in): the answer stops at
@@ -186,9 +187,11 @@ class TurnManager:
             timings["eos_to_first_token_s"] = round(t_first - req.speech_end_t, 6)
         finish = "cancelled" if cancelled else (result.finish_reason if result is not None else "stop")
         self.history += [user, self._assistant_message(text.strip())]
-        keep = 2 * self.config.max_history_turns
-        if len(self.history) > keep:
-            self.history = self.history[len(self.history) - keep:]
+        n = self.config.max_history_turns
+        if len(self.history) > 2 * n:
+            # cut to half the window at once: every cut changes the prompt's start and so voids the KV
+            # cache; a sliding window would void it on every turn once full
+            self.history = self.history[len(self.history) - 2 * max(1, n // 2):] if n else []
         self.bus.publish("answer.done", text=text, turn=turn, question=req.question, finish_reason=finish,
                          cancelled=cancelled)
         self.bus.publish("timing", **timings)

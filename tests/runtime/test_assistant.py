@@ -168,3 +168,20 @@ def test_failing_microphone_is_retried_while_camera_and_answers_go_on(vlm_models
     assert all(not t.is_alive() for t in a.threads)
     leftover = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("edge-mmm")]
     assert not leftover
+
+
+def test_history_is_cut_to_half_the_window_when_full(vlm_models):
+    a = LiveAssistant(LiveConfig(max_tokens=2, max_history_turns=4), vlm_models)
+    q = a.subscribe()
+    a.start()
+    sizes, reused = [], []
+    try:
+        for i in range(6):
+            a.ask_text(f"Question number {i}?")
+            reused.append(_turns(_events(q, _done(1)))[0]["prompt_reused"])
+            sizes.append(len(a.turns.history) // 2)
+    finally:
+        assert a.stop()
+    assert sizes == [1, 2, 3, 4, 2, 3]  # the fifth exchange overflows 4: the newest 2 stay
+    assert reused[1] > 0 and reused[2] > reused[1] and reused[3] > reused[2]  # the prefix is reused until a cut
+    assert reused[5] > 0  # and again after it
