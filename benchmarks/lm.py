@@ -6,6 +6,7 @@ Engines are interleaved for `--rounds` rounds and medians reported, because this
 "ours torch (packed)" is the QuantLinear reference that dequantizes per call: only a few decode steps.
 
     python benchmarks/lm.py [--model GGUF] [--threads 2] [--rounds 3] [--prompt-tokens 200] [--new-tokens 128]
+    python benchmarks/lm.py --parity   # token parity table vs llama.cpp (fp32 and llama.cpp numerics)
 """
 
 from __future__ import annotations
@@ -71,8 +72,102 @@ def run_once(engine, prompt, new_tokens):
     return len(prompt) / (t1 - t0), (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else 0.0, out
 
 
+def _prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _greedy(step_prefill, step_decode, prompt, n_new, stops):
+    """Greedy ids and the logits before each of them (numpy rows)."""
+    logits = step_prefill(prompt)
+    ids, rows = [], []
+    for _ in range(n_new):
+        row = np.asarray(logits, dtype=np.float32)
+        tok = int(row.argmax())
+        rows.append(row)
+        if tok in stops:
+            break
+        ids.append(tok)
+        logits = step_decode(tok)
+    return ids, rows
+
+
+def parity(path, threads: int, n_new: int = 64, limit: int = 0) -> int:
+    """Per chat prompt: greedy ids over `n_new` tokens of llama.cpp vs ours (fp32 default and
+    numerics="llama.cpp"): matched prefix, whether logits are bit-identical, margins at a divergence."""
+    import copy
+
+    from llama_cpp import Llama
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "text"))
+    from test_llama_cpp_parity import CHATS
+
+    from edge_mmm.models.llama import Numerics
+    from edge_mmm.text.api import dequantize_linears, load_model_files
+    from edge_mmm.text.generation import TorchBackend
+
+    torch.set_num_threads(1)
+    packed, tok = load_model_files(path)
+    fp32 = copy.deepcopy(packed)
+    dequantize_linears(fp32)
+    packed.set_numerics(Numerics.llama_cpp())
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    stops = set(tok.stop_token_ids)
+
+    def lcpp_prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
+    def lcpp_decode(t):
+        llm.eval([t])
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+
+    def torch_steps(model):
+        backend = TorchBackend(model, 512)
+        state = {}
+
+        def pre(ids):
+            state["cache"] = backend.new_cache()
+            return backend.prefill(ids, state["cache"]).numpy()
+
+        return pre, lambda t: backend.decode(t, state["cache"]).numpy()
+
+    rows = []
+    from edge_mmm.text.chat_template import render_chat
+
+    for k, chat in enumerate(CHATS[:limit] if limit else CHATS):
+        prompt = tok.encode(render_chat(tok.chat_template, chat, True, tok.special_tokens), add_special_tokens=False)
+        ref_ids, ref_rows = _greedy(lcpp_prefill, lcpp_decode, prompt, n_new, stops)
+        row = {"prompt": k, "prompt_tokens": len(prompt), "llama.cpp_tokens": len(ref_ids)}
+        for name, model in (("fp32", fp32), ("llama.cpp numerics", packed)):
+            t0 = time.perf_counter()
+            ids, our_rows = _greedy(*torch_steps(model), prompt, n_new, stops)
+            n = _prefix(ids, ref_ids)
+            row[f"{name} matched"] = f"{n}/{len(ref_ids)}" + ("" if ids == ref_ids else " diverges")
+            if name != "fp32":
+                row["bit-identical logits"] = all(np.array_equal(a, b) for a, b in zip(our_rows, ref_rows))
+                row["numerics s"] = round(time.perf_counter() - t0, 1)
+            if ids != ref_ids and n < len(ref_rows) and n < len(our_rows):
+                a, b = ref_rows[n], our_rows[n]
+                top_a, top_b = np.argsort(-a)[:2], np.argsort(-b)[:2]
+                row[f"{name} margin llama.cpp/ours"] = (f"{a[top_a[0]] - a[top_a[1]]:.3f}/"
+                                                         f"{b[top_b[0]] - b[top_b[1]]:.3f}, "
+                                                         f"top-2 has it: {int(top_a[0]) in top_b.tolist()}")
+        print(row, flush=True)
+        rows.append(row)
+    print()
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # first-seen order
+    print_table(rows, columns)
+    out = write_json("lm_parity.json", {"model": str(path), "new_tokens": n_new, "rows": rows,
+                                        "machine": machine_info()})
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parity", action="store_true", help="token parity table vs llama.cpp instead of speed")
+    ap.add_argument("--parity-prompts", type=int, default=0, help="only the first N parity prompts (0: all 11)")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -83,6 +178,10 @@ def main(argv=None) -> int:
                     help="MatMulNBits accuracy_level per onnxruntime row (4: int8 activations, 0: fp32)")
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.parity:
+        from edge_mmm.text.api import default_lm_path
+
+        return parity(args.model or default_lm_path(), args.threads, limit=args.parity_prompts)
     torch.set_num_threads(args.threads)
 
     from edge_mmm.text.api import default_lm_path, load_model_files

@@ -170,16 +170,17 @@ def _greedy_with_logits(lm, prompt, n_new, stops):
     return ids, rows
 
 
-@pytest.mark.parametrize("k", [8])  # a short answer; the slow test runs every prompt
-def test_llama_cpp_numerics_bit_identical(llama_cpp_lm, ref_runs, k):
-    """numerics="llama.cpp": the logits of the prompt (one prefill) and of every decode step equal
-    llama.cpp's bit for bit, so the greedy ids are identical."""
-    prompt, ids, ref_logits = ref_runs[k]
-    got, rows = _greedy_with_logits(llama_cpp_lm, prompt, N_NEW, set(llama_cpp_lm.tokenizer.stop_token_ids))
+def test_llama_cpp_numerics_bit_identical(llama_cpp_lm, ref):
+    """numerics="llama.cpp": the logits of a prefill and of 8 decode steps equal llama.cpp's bit for bit
+    (so greedy ids are identical); the slow test below runs all chat prompts for 64 tokens."""
+    prompt = llama_cpp_lm.tokenizer.encode("The three primary colors are", add_special_tokens=False)
+    stops = set(llama_cpp_lm.tokenizer.stop_token_ids)
+    ids, ref_logits = _llama_greedy(ref, prompt, 8, stops)
+    got, rows = _greedy_with_logits(llama_cpp_lm, prompt, 8, stops)
     assert got == ids
+    assert len(rows) == len(ref_logits)
     for row, lref in zip(rows, ref_logits):
         assert torch.equal(row, torch.from_numpy(lref))
-    assert llama_cpp_lm.encode_prompt(CHATS[k]) == prompt
 
 
 @pytest.mark.slow
