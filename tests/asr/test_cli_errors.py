@@ -139,3 +139,15 @@ def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
     _write_wav(wav, 1.0)
     code, _, err = run_cli(capsys, "transcribe", str(wav), "--device", "cuda", "--backend", "torch")
     assert_one_line_error(code, err, "no CUDA GPU")
+
+
+def test_chat_device_errors(capsys):
+    import torch
+
+    code, _, err = run_cli(capsys, "chat", "--prompt", "hi", "--device", "cuda", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "needs --backend torch")
+    code, _, err = run_cli(capsys, "chat", "--prompt", "hi", "--numerics", "llama.cpp", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "numerics='llama.cpp' needs the torch backend")
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "chat", "--prompt", "hi", "--device", "cuda", "--backend", "torch")
+        assert_one_line_error(code, err, "no CUDA GPU")
