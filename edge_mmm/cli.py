@@ -7,6 +7,7 @@ Commands stay thin: parse flags into the library's dataclasses, call the library
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -665,5 +666,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The `edge-mmm` executable: `main()`, then exit. After Ctrl-C the command has already stopped its threads
+    and closed its files, so the process leaves at once instead of spending ~1.5 s in the interpreter's
+    teardown (freeing models and onnxruntime sessions): Ctrl-C takes effect within a second."""
+    rc = main()
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
