@@ -536,6 +536,9 @@ def run(
                                         "(answers about the camera image), or a text-only LM (.gguf, HF dir: "
                                         "frames are ignored). Default: SmolLM2-135M GGUF (text-only)."),
     asr_model: Optional[str] = typer.Option(None, "--asr-model", help="Whisper model. Default: tiny.en."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run Whisper, VAD and the LM/VLM from an export "
+                                          "bundle (edge-mmm export; every file checked against its sha256). "
+                                          "Excludes --model/--asr-model."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Text-only LM: onnxruntime | torch"),
     vlm_backend: str = typer.Option("torch", "--vlm-backend", help="VLM vision encoder: torch | onnxruntime"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="VLM LM weights: int4 | int8 (default float)."),
@@ -553,10 +556,12 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
 ) -> None:
     """Live assistant: microphone (+ camera) in, spoken question -> streamed answer; Ctrl-C stops."""
-    from edge_mmm.errors import DeviceError
+    from edge_mmm.errors import DeviceError, InputError
     from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
     from edge_mmm.runtime.inputs import NO_INPUT_HINT, default_camera, default_microphone
 
+    if bundle is not None and (model is not None or asr_model is not None):
+        raise InputError("--bundle excludes --model and --asr-model: the bundle holds the models")
     notes = []
     if camera is None:
         camera = default_camera()
@@ -570,7 +575,8 @@ def run(
             raise DeviceError(f"no {'camera or ' if camera is None else ''}microphone found ({why}): "
                               f"{NO_INPUT_HINT}")
     cfg = LiveConfig(camera=camera, mic=mic, model=model, lm_backend=backend, vlm_backend=vlm_backend,
-                     vlm_quantize=quantize, asr_model=asr_model, threads=threads, context_length=context,
+                     vlm_quantize=quantize, asr_model=asr_model, bundle=bundle, threads=threads,
+                     context_length=context,
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
                      end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
     assistant = LiveAssistant(cfg)

