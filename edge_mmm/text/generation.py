@@ -69,7 +69,6 @@ class LMBackend(Protocol):
     def decode(self, token_id: int, cache: LMCache) -> torch.Tensor: ...
 
 
-@torch.inference_mode()
 def model_device(model) -> torch.device:
     """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
     for t in model.parameters():
@@ -79,6 +78,7 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+@torch.inference_mode()
 def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
     """Run the prompt through `model`, appending to `cache`; float32 logits of the last position (host)."""
     ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))

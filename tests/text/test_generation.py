@@ -168,3 +168,15 @@ def test_language_model_is_backend_agnostic(lm):
     g = echo.generate("abc", GenerationConfig(max_tokens=3))
     last = lm.tokenizer.encode("abc")[-1]
     assert g.token_ids == [last, last + 1, last + 2] and ids is None
+
+
+def test_prefill_and_decode_record_no_autograd_graph(lm):
+    """Generation runs without autograd: the KV cache written by prefill/decode carries no graph (a graph there
+    would chain every step's activations to the cache and grow memory with every token)."""
+    backend = lm.backend
+    cache = backend.new_cache()
+    logits = backend.prefill([1, 2, 3, 4], cache)
+    logits2 = backend.decode(5, cache)
+    tensors = [logits, logits2] + [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
+    assert tensors[2:], "the cache holds tensors"
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
