@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,7 +46,7 @@ def run_with_retry(attempt: Callable[[], bool], stop: threading.Event, backoff: 
         delay = min(delay * backoff.factor, backoff.max_s)
 
 
-class SourceThread:
+class SourceThread(abc.ABC):
     """A named daemon thread running `self.run()` until `stop()` sets `self.stopping`."""
 
     thread_name = "edge-mmm-source"
@@ -54,8 +55,9 @@ class SourceThread:
         self.stopping = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
+    @abc.abstractmethod
     def run(self) -> None:
-        raise NotImplementedError
+        """The source's loop (camera grabber, microphone stream, audio-file player); returns when stopping."""
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
