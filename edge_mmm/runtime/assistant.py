@@ -25,7 +25,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from edge_mmm.audio.constants import SAMPLE_RATE
-from edge_mmm.audio.microphone import AudioFileSource, AudioRing, MicrophoneSource, parse_mic_source
+from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, parse_mic_source
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.runtime.events import Event, EventBus
 from edge_mmm.runtime.frames import FrameStore

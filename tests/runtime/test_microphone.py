@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_mmm.audio.constants import SAMPLE_RATE  # noqa: E402
-from edge_mmm.audio.microphone import AudioFileSource, AudioRing, MicrophoneSource, _Resampler, parse_mic_source  # noqa: E402
+from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, _Resampler, parse_mic_source  # noqa: E402
 from edge_mmm.errors import InputError  # noqa: E402
 
 
