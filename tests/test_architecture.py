@@ -189,7 +189,6 @@ FLOORS = read_floors(DOC.read_text(encoding="utf-8"))
 
 # Imports the issue-14 refactor has not removed yet; each entry is deleted with the commit that removes it.
 KNOWN = {
-    ("edge_mmm.vision.camera", "edge_mmm.runtime.retry"),
     ("edge_mmm.quant.io", "edge_mmm.weights.export_cache"),
     ("edge_mmm.quant.io", "edge_mmm.models.llama"),
     ("edge_mmm.runtime.assistant", "edge_mmm.exporters.bundle"),
@@ -262,7 +261,6 @@ REINTRODUCED = [
     ("edge_mmm.kernels.quant_matmul", "edge_mmm.quant.packed"),  # kernels <-> quant
     ("edge_mmm.runtime.assistant", "edge_mmm.exporters.bundle"),  # live runtime reads bundles via exporters
     ("edge_mmm.audio.microphone", "edge_mmm.runtime.retry"),  # capture thread outside the runtime
-    ("edge_mmm.vision.camera", "edge_mmm.runtime.retry"),
     ("edge_mmm.quant.io", "edge_mmm.weights.export_cache"),  # a file format outside weights/
     ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),  # tokenizer assembly inside weights/
     ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),

@@ -192,7 +192,7 @@ class LiveAssistant:
         self.ring = AudioRing(config.ring_capacity_s)
         # sources are checked before any model loads: a wrong path fails in a second, not after a minute
         if config.camera is not None:
-            from edge_mmm.vision.camera import parse_camera_source
+            from edge_mmm.runtime.camera import parse_camera_source
 
             parse_camera_source(config.camera)
         self._mic_target = parse_mic_source(config.mic) if config.mic is not None else None
@@ -240,7 +240,7 @@ class LiveAssistant:
             self._notice("model", "the model is text-only: camera frames are ignored; pass --model with a "
                                   "SmolVLM/Idefics3 directory to answer about what the camera sees")
         if cfg.camera is not None:
-            from edge_mmm.vision.camera import CameraSource
+            from edge_mmm.runtime.camera import CameraSource
 
             cam = CameraSource(cfg.camera, self.frames.put, self._source_error("camera"), cfg.backoff)
             self._sources.append(cam)

@@ -11,7 +11,7 @@ cv2 = pytest.importorskip("cv2")
 
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.runtime.retry import Backoff  # noqa: E402
-from edge_mmm.vision.camera import CameraSource, parse_camera_source  # noqa: E402
+from edge_mmm.runtime.camera import CameraSource, parse_camera_source  # noqa: E402
 
 
 def test_parse_camera_source(tmp_path):
