@@ -261,6 +261,7 @@ REINTRODUCED = [
     ("edge_mmm.kernels.quant_matmul", "edge_mmm.quant.packed"),  # kernels <-> quant
     ("edge_mmm.runtime.assistant", "edge_mmm.exporters.bundle"),  # live runtime reads bundles via exporters
     ("edge_mmm.audio.microphone", "edge_mmm.runtime.retry"),  # capture thread outside the runtime
+    ("edge_mmm.vision.camera", "edge_mmm.runtime.retry"),  # (both now live in runtime/)
     ("edge_mmm.quant.io", "edge_mmm.weights.export_cache"),  # a file format outside weights/
     ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),  # tokenizer assembly inside weights/
     ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),
