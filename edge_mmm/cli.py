@@ -374,7 +374,7 @@ def quantize(
 ) -> None:
     """Quantize an LM's linears (RTN, weight-only) into the packed layout of docs/quantization.md."""
     from edge_mmm.quant import quantize_model
-    from edge_mmm.quant.io import save_quantized
+    from edge_mmm.weights.quantized import save_quantized
     from edge_mmm.text.api import default_lm_path, dequantize_linears, load_model_files
     from edge_mmm.weights.hub import resolve_model_path
 

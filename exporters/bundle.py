@@ -284,7 +284,7 @@ def _export_vlm(request: ExportRequest, dest: Path) -> dict:
     import tempfile
 
     from edge_mmm.exporters.onnx_vision import export_vision
-    from edge_mmm.quant.io import save_quantized
+    from edge_mmm.weights.quantized import save_quantized
     from edge_mmm.weights.idefics3 import load_idefics3
 
     root = Path(request.vlm)
@@ -462,7 +462,7 @@ class Bundle:
         import torch
 
         from edge_mmm.models.idefics3 import Idefics3ForConditionalGeneration, Idefics3Vision
-        from edge_mmm.quant.io import load_quantized_llama
+        from edge_mmm.weights.quantized import load_quantized_llama
         from edge_mmm.vision.api import VisionLanguageModel
         from edge_mmm.vision.backends import OrtVisionEncoder
         from edge_mmm.weights.idefics3 import read_vlm_files

@@ -8,7 +8,7 @@ import torch
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.llama import Llama, LlamaConfig
 from edge_mmm.quant import QuantLinear, quantize_model
-from edge_mmm.quant.io import load_quantized_llama, save_quantized
+from edge_mmm.weights.quantized import load_quantized_llama, save_quantized
 
 
 def _tiny():
