@@ -147,6 +147,6 @@ def check_device(device: str, backend: str) -> str:
 def tensorrt_backend(encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
     """The `tensorrt` backend: the same interface on TensorRT engines built from the standard-op ONNX export
     (exporters/tensorrt_build.py). Imported lazily; needs the `trt` extra and a CUDA GPU."""
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTWhisperBackend
+    from edge_mmm.runners.tensorrt_engine import TensorRTWhisperBackend
 
     return TensorRTWhisperBackend(encoder_engine, decoder_engine, config, device)

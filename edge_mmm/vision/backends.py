@@ -72,6 +72,6 @@ class OrtVisionEncoder:
 def tensorrt_encoder(engine: Path, patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
     """The `tensorrt` vision backend: an engine built from the vision ONNX (exporters/tensorrt_build.py), same
     `encode` interface. Imported lazily; needs the `trt` extra and a CUDA GPU."""
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTVisionEncoder
+    from edge_mmm.runners.tensorrt_engine import TensorRTVisionEncoder
 
     return TensorRTVisionEncoder(engine, patch_size, device, max_tiles)

@@ -135,7 +135,7 @@ def test_engine_cache_key(tmp_path, whisper_onnx):
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here")
 def test_build_without_tensorrt_says_engines_build_on_device(whisper_onnx, tmp_path):
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
+    from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     files, cfg = whisper_onnx
     spec = plan_engine(files["encoder"], "whisper-encoder", NANO)
@@ -264,7 +264,7 @@ def _gpu_ready():
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_whisper_encoder_engine_matches_onnxruntime(whisper_onnx, tmp_path, precision):
     _gpu_ready()
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
+    from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     files, cfg = whisper_onnx
     prof = get_profile("x86-cuda-h100-80gb")
@@ -288,7 +288,7 @@ def test_whisper_encoder_int8_engine_from_qdq(whisper_onnx, tmp_path):
     from edge_mmm.exporters.int8_calibration import (WHISPER_ENCODER_EXCLUDE, CalibrationConfig,
                                                      quantize_encoder_static, synthesize_speech_clips,
                                                      whisper_calibration_inputs)
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
+    from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     files, cfg = whisper_onnx
     calib = whisper_calibration_inputs(synthesize_speech_clips(SENTENCES[:4], tmp_path / "c"), cfg.n_mels)
@@ -306,7 +306,7 @@ def test_whisper_encoder_int8_engine_from_qdq(whisper_onnx, tmp_path):
 @pytest.mark.gpu
 def test_vision_engine_matches_onnxruntime(vision_onnx, tmp_path):
     _gpu_ready()
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
+    from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     built = build_engine(plan_engine(vision_onnx["fp32"], "vision", get_profile("x86-cuda-h100-80gb"), "fp16"),
                          tmp_path)
@@ -329,7 +329,7 @@ def test_plugin_engine_runs_our_kernels(tmp_path, bits):
     import tensorrt as trt
 
     from edge_mmm.exporters.tensorrt_plugins import QDP_MIN_VERSION, _version
-    from edge_mmm.exporters.tensorrt_runtime import TensorRTEngine
+    from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     if _version(trt.__version__) < QDP_MIN_VERSION:
         pytest.skip(f"TensorRT {trt.__version__} has no tensorrt.plugin")
