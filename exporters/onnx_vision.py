@@ -90,12 +90,14 @@ def _to_int8(src: Path, dst: Path, calibration: Sequence[Dict[str, np.ndarray]])
 
 def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: int = 0):
     """(max abs err, mean cosine) of onnxruntime vs eager on `n` random tiles."""
-    from edge_mmm.vision.backends import OrtVisionEncoder
+    from edge_mmm.runners.ort_session import ort_session
 
     pv, mask = _dummy_inputs(vision, n, seed=1)
     with torch.no_grad():
         ref = vision(pv, mask).float()
-    got = OrtVisionEncoder(path, threads=threads)(pv, mask)
+    session = ort_session(path, "ONNX vision model", threads)
+    out = session.run(None, {"pixel_values": pv.float().numpy(), "patch_mask": mask.bool().numpy()})[0]
+    got = torch.from_numpy(np.asarray(out, dtype=np.float32))
     err = float((got - ref).abs().max())
     cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1).mean())
     return err, cos

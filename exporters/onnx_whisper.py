@@ -9,7 +9,6 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 import torch
@@ -18,12 +17,10 @@ from torch import nn
 
 from edge_mmm.audio.constants import N_FRAMES
 from edge_mmm.errors import ModelFileError
-from edge_mmm.models.whisper import Whisper
+from edge_mmm.models.whisper import DECODER_FILE, ENCODER_FILE, Whisper, cross_names, onnx_files  # noqa: F401
 
 OPSET = 17
 EXPORTER_VERSION = "whisper-onnx-5"  # bump when the graphs change: invalidates cached exports
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
 
 
 class _OrtMultiHeadAttention(torch.autograd.Function):
@@ -78,11 +75,6 @@ class _Decoder(nn.Module):
 
     def forward(self, tokens, offset, self_k, self_v, *cross):
         return self.decoder(tokens, offset, cross[: self.n_layer], cross[self.n_layer :], self_k, self_v)
-
-
-def cross_names(n_layer: int):
-    """Graph names of the per-layer cross-attention K^T and V tensors."""
-    return [f"cross_k_{i}" for i in range(n_layer)], [f"cross_v_{i}" for i in range(n_layer)]
 
 
 @dataclass
@@ -208,10 +200,6 @@ def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0) -> ExportCh
     ol2 = dec_sess.run(None, feeds)[0]
     dec_err = max(np.abs(ol - logits.numpy()).max(), np.abs(ol2 - logits2.numpy()).max())
     return ExportCheck(float(enc_err), float(dec_err))
-
-
-def onnx_files(out_dir: Path) -> Dict[str, Path]:
-    return {"encoder": Path(out_dir) / ENCODER_FILE, "decoder": Path(out_dir) / DECODER_FILE}
 
 
 def require_files(out_dir: Path) -> None:

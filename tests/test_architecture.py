@@ -193,11 +193,6 @@ KNOWN = {
     ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),
     ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),
     ("edge_mmm.kernels.quant_matmul", "edge_mmm.quant.packed"),
-    ("edge_mmm.exporters.onnx_vision", "edge_mmm.vision.backends"),
-    ("edge_mmm.runners.tensorrt_engine", "edge_mmm.asr.backends"),
-    ("edge_mmm.runners.tensorrt_engine", "edge_mmm.exporters.onnx_whisper"),
-    ("edge_mmm.runners.tensorrt_engine", "edge_mmm.exporters.tensorrt_plugins"),
-    ("edge_mmm.runners.tensorrt_engine", "edge_mmm.models.idefics3"),
 }
 
 

@@ -1,6 +1,6 @@
-"""Whisper inference backends: `torch` (reference, eager) and `onnxruntime` (default on CPU).
+"""Whisper inference backends: `torch` (reference, eager), `onnxruntime` (default on CPU) and `tensorrt`.
 
-Both expose the same small interface used by `edge_mmm.asr.decoding`:
+All expose the same small interface used by `edge_mmm.asr.decoding`:
     device: where the log-mel front end runs (`kernels.log_mel`: our Triton kernel on CUDA); host for ORT
     encode(mel[B, n_mels, 3000]) -> audio state (cross-attention K/V, computed once per window)
     new_state(audio, group) -> decoder state for `group` parallel hypotheses of that audio
@@ -17,8 +17,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from edge_mmm.errors import DeviceError, InputError, ModelFileError
-from edge_mmm.models.whisper import Whisper, WhisperConfig, repeat_batch
+from edge_mmm.errors import DeviceError, InputError
+from edge_mmm.models.whisper import Whisper, WhisperConfig, cross_names, onnx_files, repeat_batch
+from edge_mmm.runners.ort_session import ort_session
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -76,22 +77,10 @@ class OnnxWhisperBackend:
     device = torch.device("cpu")  # the CPU execution provider reads host arrays
 
     def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0):
-        import onnxruntime as ort
-
-        from edge_mmm.exporters.onnx_whisper import onnx_files
-
         self.config = config
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         files = onnx_files(onnx_dir)
-        try:
-            self.encoder = ort.InferenceSession(str(files["encoder"]), opts, providers=["CPUExecutionProvider"])
-            self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelFileError(f"cannot load ONNX Whisper from {onnx_dir}: {exc}") from exc
+        self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads)
+        self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads)
 
     def encode(self, mel: np.ndarray):
         out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})
@@ -107,8 +96,6 @@ class OnnxWhisperBackend:
         return DecoderState(ck, cv, empty, empty.copy())
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        from edge_mmm.exporters.onnx_whisper import cross_names
-
         feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), "offset": np.array(state.offset, np.int64),
                  "self_k": state.self_k, "self_v": state.self_v}
         k_names, v_names = cross_names(self.config.n_text_layer)
@@ -144,9 +131,51 @@ def check_device(device: str, backend: str) -> str:
     return device
 
 
+class TensorRTWhisperBackend:
+    """The backend interface on two engines: encoder (mel -> cross K/V of every decoder layer) and decoder
+    (tokens + self/cross K/V -> logits + extended self K/V), both built from our standard-op ONNX export
+    (exporters/onnx_whisper.py, ort_fused_attention=False). K/V stay on the GPU."""
+
+    name = "tensorrt"
+
+    def __init__(self, encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
+        from edge_mmm.runners.tensorrt_engine import TensorRTEngine
+
+        self.config = config
+        self.encoder = TensorRTEngine(encoder_engine, device)
+        self.decoder = TensorRTEngine(decoder_engine, device)
+        self.device = torch.device(device)
+
+    def encode(self, mel):
+        out = self.encoder({"mel": torch.as_tensor(mel, dtype=torch.float32)})
+        k_names, v_names = cross_names(self.config.n_text_layer)
+        return [out[n] for n in k_names], [out[n] for n in v_names]
+
+    def new_state(self, audio, group: int) -> DecoderState:
+        ck, cv = audio
+        if group > 1:
+            ck = [k.repeat_interleave(group, 0) for k in ck]
+            cv = [v.repeat_interleave(group, 0) for v in cv]
+        cfg = self.config
+        empty = torch.zeros((cfg.n_text_layer, ck[0].shape[0], 0, cfg.n_text_state), device=self.device)
+        return DecoderState(ck, cv, empty, empty.clone())
+
+    def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
+        k_names, v_names = cross_names(self.config.n_text_layer)
+        feeds = {"tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
+                 "offset": torch.tensor(state.offset, dtype=torch.int64), "self_k": state.self_k,
+                 "self_v": state.self_v, **dict(zip(k_names, state.cross_k)), **dict(zip(v_names, state.cross_v))}
+        out = self.decoder(feeds)
+        state.self_k, state.self_v = out["new_self_k"], out["new_self_v"]
+        state.offset += tokens.shape[1]
+        return out["logits"].float().cpu().numpy()
+
+    def reorder(self, state: DecoderState, order: np.ndarray) -> None:
+        idx = torch.as_tensor(order, device=self.device)
+        state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
+
+
 def tensorrt_backend(encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
     """The `tensorrt` backend: the same interface on TensorRT engines built from the standard-op ONNX export
-    (exporters/tensorrt_build.py). Imported lazily; needs the `trt` extra and a CUDA GPU."""
-    from edge_mmm.runners.tensorrt_engine import TensorRTWhisperBackend
-
+    (exporters/tensorrt_build.py). Needs the `trt` extra and a CUDA GPU (imported on first use)."""
     return TensorRTWhisperBackend(encoder_engine, decoder_engine, config, device)

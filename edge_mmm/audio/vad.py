@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.errors import InputError, MissingExtraError, ModelFileError
+from edge_mmm.runners.ort_session import ort_session
 
 VAD_CHUNK = 512  # samples per model call at 16 kHz (32 ms)
 VAD_CONTEXT = 64  # samples of the previous chunk the model sees in front of each chunk
@@ -77,19 +78,9 @@ class SileroVad:
     """The Silero VAD network: speech probability of each 512-sample chunk; keeps its recurrent state."""
 
     def __init__(self, path: Union[str, Path, None] = None):
-        import onnxruntime as ort
-
         self.path = Path(path) if path is not None else default_vad_model()
-        if not self.path.is_file():
-            raise ModelFileError(f"Silero VAD model not found: {self.path}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # ~0.2 ms a chunk on one thread; more threads only add overhead
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors on a bad file
-            raise ModelFileError(f"cannot load Silero VAD model {self.path}: {exc}") from exc
+        # ~0.2 ms a chunk on one thread; more threads only add overhead
+        self.session = ort_session(self.path, "Silero VAD model", threads=1)
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
 

@@ -228,3 +228,21 @@ class Whisper(nn.Module):
         shape = (cfg.n_text_layer, batch, 0, cfg.n_text_state)
         device = self.decoder.token_embedding.weight.device if device is None else device
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
+# The exported graphs' file and tensor names: exporters/onnx_whisper.py writes them, the onnxruntime and
+# TensorRT backends (edge_mmm.asr.backends) read them.
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+
+def cross_names(n_layer: int):
+    """Graph names of the per-layer cross-attention K^T and V tensors."""
+    return [f"cross_k_{i}" for i in range(n_layer)], [f"cross_v_{i}" for i in range(n_layer)]
+
+
+def onnx_files(out_dir) -> dict:
+    """{"encoder": path, "decoder": path} of an exported Whisper in `out_dir`."""
+    from pathlib import Path
+
+    return {"encoder": Path(out_dir) / ENCODER_FILE, "decoder": Path(out_dir) / DECODER_FILE}

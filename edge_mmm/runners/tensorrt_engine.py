@@ -1,4 +1,4 @@
-"""Run a serialized TensorRT engine with torch CUDA tensors as its buffers (TensorRT 10 API).
+"""The one TensorRT engine runner: run a serialized engine with torch CUDA tensors as its buffers (TensorRT 10 API).
 
 Per call: `set_input_shape` for every input, `set_tensor_address` to each torch tensor's `data_ptr()` (inputs
 made contiguous on the GPU in the engine's dtype; outputs allocated as torch tensors of the shape the context
@@ -11,7 +11,7 @@ MissingExtraError / DeviceError.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Union
 
 from edge_mmm.errors import DeviceError, InputError, ModelFileError, require
 
@@ -35,7 +35,8 @@ def _torch_dtype(trt, dt):
 class TensorRTEngine:
     """A deserialized engine + one execution context. `engine(feeds)` -> {output name: torch CUDA tensor}."""
 
-    def __init__(self, path: Union[str, Path], device: str = "cuda", plugins: bool = False):
+    def __init__(self, path: Union[str, Path], device: str = "cuda",
+                 plugins: Optional[Callable[[], None]] = None):
         self.trt = trt = require("tensorrt", "trt", "running TensorRT engines")
         import torch
 
@@ -44,10 +45,8 @@ class TensorRTEngine:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"TensorRT engine {self.path} is missing")
-        if plugins:  # JIT plugin implementations must be registered before deserializing
-            from edge_mmm.exporters.tensorrt_plugins import register_plugins
-
-            register_plugins()
+        if plugins is not None:  # JIT plugin implementations (e.g. register_plugins) register before deserializing
+            plugins()
         self.device = torch.device(device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -93,93 +92,3 @@ class TensorRTEngine:
             stream.synchronize()
         del keep
         return outs
-
-
-class TensorRTWhisperBackend:
-    """The Whisper backend interface (edge_mmm.asr.backends) on two engines: encoder (mel -> cross K/V of every
-    decoder layer) and decoder (tokens + self/cross K/V -> logits + extended self K/V), both built from our
-    standard-op ONNX export (exporters/onnx_whisper.py, ort_fused_attention=False). K/V stay on the GPU."""
-
-    name = "tensorrt"
-
-    def __init__(self, encoder_engine: Union[str, Path], decoder_engine: Union[str, Path], config,
-                 device: str = "cuda"):
-        import torch
-
-        self.config = config
-        self.encoder = TensorRTEngine(encoder_engine, device)
-        self.decoder = TensorRTEngine(decoder_engine, device)
-        self.device = torch.device(device)
-
-    def encode(self, mel):
-        import torch
-
-        from edge_mmm.exporters.onnx_whisper import cross_names
-
-        out = self.encoder({"mel": torch.as_tensor(mel, dtype=torch.float32)})
-        k_names, v_names = cross_names(self.config.n_text_layer)
-        return [out[n] for n in k_names], [out[n] for n in v_names]
-
-    def new_state(self, audio, group: int):
-        import torch
-
-        from edge_mmm.asr.backends import DecoderState
-
-        ck, cv = audio
-        if group > 1:
-            ck = [k.repeat_interleave(group, 0) for k in ck]
-            cv = [v.repeat_interleave(group, 0) for v in cv]
-        cfg = self.config
-        empty = torch.zeros((cfg.n_text_layer, ck[0].shape[0], 0, cfg.n_text_state), device=self.device)
-        return DecoderState(ck, cv, empty, empty.clone())
-
-    def step(self, state, tokens):
-        import numpy as np
-        import torch
-
-        from edge_mmm.exporters.onnx_whisper import cross_names
-
-        k_names, v_names = cross_names(self.config.n_text_layer)
-        feeds = {"tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
-                 "offset": torch.tensor(state.offset, dtype=torch.int64), "self_k": state.self_k,
-                 "self_v": state.self_v, **dict(zip(k_names, state.cross_k)), **dict(zip(v_names, state.cross_v))}
-        out = self.decoder(feeds)
-        state.self_k, state.self_v = out["new_self_k"], out["new_self_v"]
-        state.offset += tokens.shape[1]
-        return out["logits"].float().cpu().numpy()
-
-    def reorder(self, state, order) -> None:
-        import torch
-
-        idx = torch.as_tensor(order, device=self.device)
-        state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
-
-
-class TensorRTVisionEncoder:
-    """The vision backend interface (edge_mmm.vision.backends) on an engine built from our vision ONNX."""
-
-    name = "tensorrt"
-
-    def __init__(self, engine: Union[str, Path], patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
-        self.engine = TensorRTEngine(engine, device)
-        self.path = Path(engine)
-        self.patch_size = patch_size
-        self.max_tiles = max_tiles  # the profile's vision_batch: larger images run in chunks
-        self.calls = 0
-
-    def __call__(self, pixel_values, patch_mask):
-        import torch
-
-        step = self.max_tiles or pixel_values.shape[0]
-        parts = [self.engine({"pixel_values": pixel_values[i:i + step].float(),
-                              "patch_mask": patch_mask[i:i + step].bool()})["image_features"]
-                 for i in range(0, pixel_values.shape[0], step)]
-        return torch.cat(parts).float().cpu()
-
-    def encode(self, pixel_values, pixel_attention_mask=None):
-        from edge_mmm.models.idefics3 import real_tiles
-
-        self.calls += 1
-        pv, mask = real_tiles(pixel_values.float(), pixel_attention_mask, self.patch_size)
-        feats = self(pv, mask)
-        return feats.reshape(-1, feats.shape[-1])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.runners.ort_session import ort_session
 
 KIND = "onnx-lm"
 ONNX_FILE = "model.onnx"
@@ -56,17 +57,7 @@ class OrtBackend:
     """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
 
     def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelFileError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+        self.session = ort_session(onnx_path, "ONNX LM", threads)
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
 

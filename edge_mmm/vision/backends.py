@@ -1,4 +1,4 @@
-"""Vision backends: the same `encode(pixel_values, pixel_attention_mask)` on torch or onnxruntime.
+"""Vision backends: the same `encode(pixel_values, pixel_attention_mask)` on torch, onnxruntime or tensorrt.
 
 Both return LM-space features of the real tiles, flattened to (n_tiles * image_seq_len, text_dim) float32,
 and count their encoder runs (`calls`) so the image-embedding cache can be checked.
@@ -14,6 +14,7 @@ import torch
 
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.idefics3 import Idefics3Vision, real_tiles
+from edge_mmm.runners.ort_session import ort_session
 
 
 class TorchVisionEncoder:
@@ -39,17 +40,8 @@ class OrtVisionEncoder:
     name = "onnxruntime"
 
     def __init__(self, path: Path, patch_size: Optional[int] = None, threads: int = 0, providers=None):
-        import onnxruntime as ort
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"ONNX vision model {path} is missing")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own non-exported exception types
-            raise ModelFileError(f"ONNX vision model {path} cannot be loaded: {exc}") from exc
+        self.session = ort_session(path, "ONNX vision model", threads, providers)
         self.path = path
         self.patch_size = patch_size
         self.calls = 0
@@ -69,9 +61,35 @@ class OrtVisionEncoder:
         return feats.reshape(-1, feats.shape[-1])
 
 
-def tensorrt_encoder(engine: Path, patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
-    """The `tensorrt` vision backend: an engine built from the vision ONNX (exporters/tensorrt_build.py), same
-    `encode` interface. Imported lazily; needs the `trt` extra and a CUDA GPU."""
-    from edge_mmm.runners.tensorrt_engine import TensorRTVisionEncoder
+class TensorRTVisionEncoder:
+    """The same interface on an engine built from our vision ONNX (exporters/tensorrt_build.py)."""
 
+    name = "tensorrt"
+
+    def __init__(self, engine: Path, patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
+        from edge_mmm.runners.tensorrt_engine import TensorRTEngine
+
+        self.engine = TensorRTEngine(engine, device)
+        self.path = Path(engine)
+        self.patch_size = patch_size
+        self.max_tiles = max_tiles  # the profile's vision_batch: larger images run in chunks
+        self.calls = 0
+
+    def __call__(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        step = self.max_tiles or pixel_values.shape[0]
+        parts = [self.engine({"pixel_values": pixel_values[i:i + step].float(),
+                              "patch_mask": patch_mask[i:i + step].bool()})["image_features"]
+                 for i in range(0, pixel_values.shape[0], step)]
+        return torch.cat(parts).float().cpu()
+
+    def encode(self, pixel_values: torch.Tensor, pixel_attention_mask: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        self.calls += 1
+        pv, mask = real_tiles(pixel_values.float(), pixel_attention_mask, self.patch_size)
+        feats = self(pv, mask)
+        return feats.reshape(-1, feats.shape[-1])
+
+
+def tensorrt_encoder(engine: Path, patch_size: int, device: str = "cuda", max_tiles: Optional[int] = None):
+    """The `tensorrt` vision backend. Needs the `trt` extra and a CUDA GPU (imported on first use)."""
     return TensorRTVisionEncoder(engine, patch_size, device, max_tiles)

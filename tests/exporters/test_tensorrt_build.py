@@ -328,7 +328,7 @@ def test_plugin_engine_runs_our_kernels(tmp_path, bits):
     _gpu_ready()
     import tensorrt as trt
 
-    from edge_mmm.exporters.tensorrt_plugins import QDP_MIN_VERSION, _version
+    from edge_mmm.exporters.tensorrt_plugins import QDP_MIN_VERSION, _version, register_plugins
     from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
     if _version(trt.__version__) < QDP_MIN_VERSION:
@@ -339,6 +339,6 @@ def test_plugin_engine_runs_our_kernels(tmp_path, bits):
     path = tmp_path / "plugins.onnx"
     onnx.save(to_plugin_graph(model), str(path))
     built = build_engine(plan_engine(path, "lm", get_profile("x86-cuda-h100-80gb"), "fp32"), tmp_path)
-    got = TensorRTEngine(built.path, plugins=True)({"x": torch.from_numpy(x)})
+    got = TensorRTEngine(built.path, plugins=register_plugins)({"x": torch.from_numpy(x)})
     np.testing.assert_allclose(got["out"].cpu().numpy(), want[0], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(got["sum"].cpu().numpy(), want[1], rtol=1e-3, atol=1e-3)

@@ -1,0 +1,35 @@
+"""The one place an onnxruntime session is made: thread and provider policy, typed load errors.
+
+Policy: `threads` > 0 sets the intra-op pool (0 leaves onnxruntime's default, one thread per core);
+the inter-op pool is 1 because every graph here runs sequentially; full graph optimization; the CPU
+execution provider unless `providers` names others (CUDA / TensorRT EPs on a GPU machine).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from edge_mmm.errors import ModelFileError
+
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def ort_session(path: Union[str, Path], what: str, threads: int = 0,
+                providers: Optional[Sequence[str]] = None):
+    """An `onnxruntime.InferenceSession` on `path`; a missing or unloadable file is a ModelFileError naming
+    `what` and the file."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{what} {path} is missing")
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), opts, providers=list(providers or CPU_PROVIDERS))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, not exported
+        raise ModelFileError(f"cannot load {what} {path}: {exc}") from exc
