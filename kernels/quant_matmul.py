@@ -115,13 +115,27 @@ def _wxa16_matmul_kernel(X, QW, S, Z, OUT, M, N, K, K_PER_SPLIT,
 
 
 # ------------------------------------------------------------------------------------------ reference
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned INT4 codes 0..15 (uint8) or signed INT8 codes (int8), `[N, Kp]`, padding included."""
+    if bits == 8:
+        return qweight
+    return torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(qweight.shape[0], qweight.shape[1] * 2)
+
+
 def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                          group_size: int, bits: int, k: int) -> torch.Tensor:
-    """The float32 weight `[N, k]` (padding columns dropped), via the quant package's own dequantizer."""
-    from edge_mmm.quant.packed import PackedWeight  # lazy: edge_mmm.quant imports this module's ops
-
-    packed = PackedWeight.trusted(qweight, scales, zeros, bits, group_size, (qweight.shape[0], k))
-    return packed.dequantize(torch.float32)
+    """The float32 weight `[N, k]` (padding columns dropped); bit-exact with GGUF's reference dequantizer.
+    The layout's one dequantizer: `edge_mmm.quant.packed.PackedWeight.dequantize` calls it."""
+    n, g = scales.shape
+    q = unpack_codes(qweight, bits).to(torch.float32).view(n, g, group_size)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    if zeros is not None:
+        w = q * s + zeros.to(torch.float32).unsqueeze(-1)
+    elif bits == 4:
+        w = (q - SYMMETRIC_INT4_ZERO) * s
+    else:
+        w = q * s
+    return w.view(n, g * group_size)[:, :k]
 
 
 def _matmul_reference(x, qweight, scales, zeros, group_size, bits):

@@ -192,7 +192,6 @@ KNOWN = {
     ("edge_mmm.runtime.assistant", "edge_mmm.exporters.bundle"),
     ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),
     ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),
-    ("edge_mmm.kernels.quant_matmul", "edge_mmm.quant.packed"),
 }
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mmm.errors import InputError
+from edge_mmm.kernels import use_triton, w4a16_matmul, w8a16_matmul
 from edge_mmm.quant.packed import PackedWeight
 
 
@@ -33,8 +34,6 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, activation_quant: str = 
         return q8_matmul(x, packed, q8_codes)
     if activation_quant != "none":
         raise InputError(f"quant_matmul: activation_quant must be 'none' or 'q8', got {activation_quant!r}")
-    from edge_mmm.kernels import use_triton, w4a16_matmul, w8a16_matmul  # lazy: kernels import this package
-
     if use_triton(x):  # CUDA (or a forced kernel mode): fused-dequant Triton GEMV/GEMM
         op = w4a16_matmul if packed.bits == 4 else w8a16_matmul
         return op(x, packed.qweight, packed.scales, packed.zeros, packed.group_size)

@@ -8,10 +8,12 @@ from typing import Optional, Tuple
 import torch
 
 from edge_mmm.errors import ModelFileError
+# The layout's arithmetic lives with the kernels that read it (one floor down); this module validates and
+# carries the tensors. SYMMETRIC_INT4_ZERO: the code that dequantizes to 0 in the scale-only INT4 form (Q4_0).
+from edge_mmm.kernels.quant_matmul import SYMMETRIC_INT4_ZERO, dequantize_reference, unpack_codes  # noqa: F401
 
 SUPPORTED_BITS = (4, 8)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SYMMETRIC_INT4_ZERO = 8  # code that dequantizes to 0 in the scale-only INT4 form (as GGUF Q4_0)
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -119,24 +121,12 @@ class PackedWeight:
     # ------------------------------------------------------------------ use
     def codes(self) -> torch.Tensor:
         """Unsigned INT4 codes 0..15 (uint8) or signed INT8 codes (int8), `[N, Kp]`, padding included."""
-        if self.bits == 8:
-            return self.qweight
-        low = self.qweight & 0x0F
-        high = self.qweight >> 4
-        return torch.stack((low, high), dim=-1).reshape(self.shape[0], self.padded_in_features)
+        return unpack_codes(self.qweight, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight `[N, K]`; computed in float32 (bit-exact with GGUF's reference), then cast."""
-        n, k = self.shape
-        q = self.codes().to(torch.float32).view(n, self.n_groups, self.group_size)
-        s = self.scales.to(torch.float32).unsqueeze(-1)
-        if self.zeros is not None:
-            w = q * s + self.zeros.to(torch.float32).unsqueeze(-1)
-        elif self.bits == 4:
-            w = (q - SYMMETRIC_INT4_ZERO) * s
-        else:
-            w = q * s
-        return w.view(n, self.padded_in_features)[:, :k].to(dtype)
+        w = dequantize_reference(self.qweight, self.scales, self.zeros, self.group_size, self.bits, self.shape[1])
+        return w.to(dtype)
 
     def to(self, device=None, scale_dtype: Optional[torch.dtype] = None) -> "PackedWeight":
         """A copy on `device`, with scales/zeros converted to `scale_dtype` if given."""
