@@ -423,7 +423,7 @@ def serve(
 def _bundle(path: Path, model: Optional[str]):
     """The verified bundle for --bundle (which excludes --model)."""
     from edge_mmm.errors import InputError
-    from edge_mmm.exporters.bundle import open_bundle
+    from edge_mmm.bundle import open_bundle
 
     if model is not None:
         raise InputError("--bundle and --model exclude each other: the bundle holds the model")

@@ -189,7 +189,6 @@ FLOORS = read_floors(DOC.read_text(encoding="utf-8"))
 
 # Imports the issue-14 refactor has not removed yet; each entry is deleted with the commit that removes it.
 KNOWN = {
-    ("edge_mmm.runtime.assistant", "edge_mmm.exporters.bundle"),
     ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),
     ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),
 }

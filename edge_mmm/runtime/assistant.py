@@ -128,7 +128,7 @@ def load_live_models(config: LiveConfig) -> LiveModels:
 
 def load_bundle_models(config: LiveConfig) -> LiveModels:
     """Whisper, Silero VAD and the LM (or VLM) of a verified export bundle (every file's sha256 checked first)."""
-    from edge_mmm.exporters.bundle import open_bundle
+    from edge_mmm.bundle import open_bundle
 
     bundle = open_bundle(config.bundle)
     if "asr" not in bundle.models:

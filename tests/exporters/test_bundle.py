@@ -22,8 +22,8 @@ from edge_mmm.cli import main  # noqa: E402
 from edge_mmm.devices.profile import PROFILES_DIR, get_profile  # noqa: E402
 from edge_mmm.errors import DeviceError, InputError, ModelFileError  # noqa: E402
 from edge_mmm.exporters import bundle as bundle_mod  # noqa: E402
-from edge_mmm.exporters.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, ExportRequest, export_bundle,  # noqa: E402
-                                       open_bundle)
+from edge_mmm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, open_bundle  # noqa: E402
+from edge_mmm.exporters.bundle import ExportRequest, export_bundle  # noqa: E402
 from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.weights.export_cache import sha256_file  # noqa: E402

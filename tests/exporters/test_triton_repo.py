@@ -27,7 +27,8 @@ from edge_mmm.asr.api import default_asr_model  # noqa: E402
 from edge_mmm.cli import main  # noqa: E402
 from edge_mmm.devices.profile import get_profile  # noqa: E402
 from edge_mmm.errors import ModelFileError  # noqa: E402
-from edge_mmm.exporters.bundle import MANIFEST, ExportRequest, export_bundle, open_bundle  # noqa: E402
+from edge_mmm.bundle import MANIFEST, open_bundle  # noqa: E402
+from edge_mmm.exporters.bundle import ExportRequest, export_bundle  # noqa: E402
 from edge_mmm.exporters.triton_server import to_pbtxt, write_repository  # noqa: E402
 from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
