@@ -140,7 +140,7 @@ def vision(work: Path, args) -> dict:
     from edge_mmm.exporters.int8_calibration import quantize_encoder_static, vision_calibration_inputs
     from edge_mmm.exporters.onnx_vision import export_vision
     from edge_mmm.vision.processor import Idefics3ImageProcessor
-    from edge_mmm.weights.idefics3 import load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
 
     build_tiny_vlm(work / "vlm", seed=5)
     model, files = load_idefics3(work / "vlm")

@@ -106,7 +106,7 @@ class Bundle:
         from edge_mmm.weights.quantized import load_quantized_llama
         from edge_mmm.vision.api import VisionLanguageModel
         from edge_mmm.vision.backends import OrtVisionEncoder
-        from edge_mmm.weights.idefics3 import read_vlm_files
+        from edge_mmm.vision.idefics3 import read_vlm_files
 
         t0 = time.perf_counter()
         d = self._part("vlm")

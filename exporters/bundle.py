@@ -283,7 +283,7 @@ def _export_vlm(request: ExportRequest, dest: Path) -> dict:
 
     from edge_mmm.exporters.onnx_vision import export_vision
     from edge_mmm.weights.quantized import save_quantized
-    from edge_mmm.weights.idefics3 import load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
 
     root = Path(request.vlm)
     quant = request.quant

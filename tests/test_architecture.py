@@ -187,19 +187,9 @@ def check(edges: Sequence[Edge], floors: Floors) -> List[str]:
 FLOORS = read_floors(DOC.read_text(encoding="utf-8"))
 
 
-# Imports the issue-14 refactor has not removed yet; each entry is deleted with the commit that removes it.
-KNOWN = {
-    ("edge_mmm.weights.idefics3", "edge_mmm.text.tokenizer"),
-    ("edge_mmm.weights.idefics3", "edge_mmm.vision.processor"),
-}
-
-
 def test_every_module_imports_down_only():
-    edges = package_edges()
-    problems = check([e for e in edges if (e.src, e.dst) not in KNOWN], FLOORS)
+    problems = check(package_edges(), FLOORS)
     assert not problems, "\n".join(problems)
-    present = {(e.src, e.dst) for e in edges}
-    assert KNOWN <= present, f"fixed, delete from KNOWN: {sorted(KNOWN - present)}"
 
 
 def test_every_floor_prefix_names_a_module():

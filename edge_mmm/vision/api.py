@@ -279,7 +279,8 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     `quantize` (int4 | int8) applies weight-only quantization to the LM."""
     from edge_mmm.vision.backends import TorchVisionEncoder
     from edge_mmm.weights.hub import resolve_model_path
-    from edge_mmm.weights.idefics3 import REQUIRED_FILES, load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
+    from edge_mmm.weights.idefics3 import REQUIRED_FILES
 
     if backend not in BACKENDS:
         raise InputError(f"unknown vision backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -2,8 +2,9 @@
 
 Files: config.json, model.safetensors (or model.safetensors.index.json + shards), tokenizer.json, and the
 processor settings (preprocessor_config.json and/or processor_config.json; transformers 5 nests the image
-processor inside processor_config.json). The chat template and tokenizer are read by the LM's
-`TextTokenizer`; the text-model weights go through the LM loader (`weights/hf_lm.py`). Every file is
+processor inside processor_config.json). This module reads files: configs, the processor settings as a
+dict and the weights (the text model's go through the LM loader, `weights/hf_lm.py`). Assembling the
+tokenizer and the image processor is the vision family's job (`edge_mmm.vision.idefics3`). Every file is
 checked before any weight is read; a missing or unreadable one is a ModelFileError naming it. The LM can
 be weight-only quantized (INT4/INT8, docs/quantization.md); the vision tower stays float.
 """
@@ -21,8 +22,6 @@ from edge_mmm.errors import ModelFileError
 from edge_mmm.models.idefics3 import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Vision
 from edge_mmm.models.llama import build_llama
 from edge_mmm.models.siglip import SiglipVisionConfig
-from edge_mmm.text.tokenizer import TextTokenizer
-from edge_mmm.vision.processor import END_OF_UTTERANCE_TOKEN, IMAGE_TOKEN, ImageProcessorConfig
 from edge_mmm.weights.hf_lm import hf_state_to_llama, lm_config_from_hf, read_safetensors, safetensors_files
 
 VISION_PREFIX = "model.vision_model."
@@ -32,13 +31,13 @@ REQUIRED_FILES = ("config.json", "tokenizer.json")
 
 
 @dataclass
-class VLMFiles:
-    """Everything besides the weights that a VLM needs at run time."""
+class VLMCheckpoint:
+    """What an Idefics3 checkpoint directory's files say, before tokenizer and processor are assembled."""
 
     root: Path
     config: Idefics3Config
-    image_processor: ImageProcessorConfig
-    tokenizer: TextTokenizer
+    processor: Dict  # image processor settings (preprocessor_config.json, overlaid by processor_config.json)
+    image_seq_len: int
     raw_config: Dict = field(default_factory=dict)
 
 
@@ -67,8 +66,8 @@ def idefics3_config_from_hf(d: dict, where: str = "config.json") -> Idefics3Conf
                           image_token_id=int(d.get("image_token_id", 128257)))
 
 
-def read_vlm_files(root, weights: bool = True) -> VLMFiles:
-    """Check every needed file exists and parse configs + tokenizer; no weights are read.
+def read_vlm_checkpoint(root, weights: bool = True) -> VLMCheckpoint:
+    """Check every needed file exists and parse the configs; no weights are read.
     `weights=False`: the weights live elsewhere (an export bundle), so safetensors are not required."""
     root = Path(root)
     if not root.is_dir():
@@ -95,22 +94,7 @@ def read_vlm_files(root, weights: bool = True) -> VLMFiles:
     if image_seq_len != cfg.image_seq_len:
         raise ModelFileError(f"{root}: processor image_seq_len={image_seq_len} disagrees with config.json "
                              f"({cfg.image_seq_len} tokens per tile)")
-    ipc = ImageProcessorConfig.from_dict(proc, image_seq_len=image_seq_len)
-    if ipc.max_image_size != cfg.vision.image_size:
-        raise ModelFileError(f"{root}: processor max_image_size={ipc.max_image_size} disagrees with the vision "
-                             f"image_size={cfg.vision.image_size} in config.json")
-    tok = TextTokenizer.from_dir(root)
-    if tok.token_id(IMAGE_TOKEN) != cfg.image_token_id:
-        raise ModelFileError(f"{root / 'tokenizer.json'}: {IMAGE_TOKEN} has id {tok.token_id(IMAGE_TOKEN)}, "
-                             f"config.json says image_token_id={cfg.image_token_id}")
-    # the end-of-turn token and the text model's eos stop generation too
-    stops = set(tok.stop_token_ids)
-    eos = (raw.get("text_config") or {}).get("eos_token_id")
-    stops.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    if tok.token_id(END_OF_UTTERANCE_TOKEN) is not None:
-        stops.add(tok.token_id(END_OF_UTTERANCE_TOKEN))
-    tok.stop_token_ids = sorted(stops)
-    return VLMFiles(root, cfg, ipc, tok, raw)
+    return VLMCheckpoint(root, cfg, proc, image_seq_len, raw)
 
 
 def split_state(tensors: Dict[str, torch.Tensor], cfg: Idefics3Config, where: str
@@ -126,24 +110,23 @@ def split_state(tensors: Dict[str, torch.Tensor], cfg: Idefics3Config, where: st
     return vision, hf_state_to_llama(tensors, cfg.text, prefix=prefix, where=where)
 
 
-def load_idefics3(root, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None,
-                  group_size: int = 64) -> Tuple[Idefics3ForConditionalGeneration, VLMFiles]:
-    """Build the model from a checkpoint dir; `quantize` in (None, 'int4', 'int8') applies to the LM only."""
-    files = read_vlm_files(root)
+def load_idefics3_weights(root: Path, cfg: Idefics3Config, dtype: torch.dtype = torch.float32,
+                          quantize: Optional[str] = None, group_size: int = 64) -> Idefics3ForConditionalGeneration:
+    """Build the model from a checked checkpoint dir (`read_vlm_checkpoint`); `quantize` in
+    (None, 'int4', 'int8') applies to the LM only."""
     if quantize not in (None, "int4", "int8"):
         raise ModelFileError(f"unknown quantization {quantize!r} (use int4 or int8)")
-    cfg = files.config
-    tensors = read_safetensors(safetensors_files(files.root))
+    tensors = read_safetensors(safetensors_files(root))
     if "lm_head.weight" not in tensors:  # a tied head is not saved (configs disagree on where the flag lives)
         cfg.text.tie_word_embeddings = True
-    vis_state, lm_state = split_state(tensors, cfg, str(files.root))
+    vis_state, lm_state = split_state(tensors, cfg, str(root))
     lm = build_llama(cfg.text, lm_state, dtype=dtype)
     with torch.device("meta"):
         vision = Idefics3Vision(cfg)
     vis_state = {k: v.to(dtype) for k, v in vis_state.items()}
     missing, unexpected = vision.load_state_dict(vis_state, strict=False, assign=True)
     if missing or unexpected:
-        raise ModelFileError(f"{files.root}: vision weights do not match config.json: missing {missing[:4]}, "
+        raise ModelFileError(f"{root}: vision weights do not match config.json: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
     model = Idefics3ForConditionalGeneration(cfg, vision=vision, lm=lm)
     if quantize is not None:
@@ -151,4 +134,4 @@ def load_idefics3(root, dtype: torch.dtype = torch.float32, quantize: Optional[s
 
         bits = 4 if quantize == "int4" else 8
         quantize_model(model.lm, bits=bits, group_size=group_size if bits == 4 else None, symmetric=bits == 8)
-    return model.eval(), files
+    return model.eval()

@@ -203,7 +203,7 @@ def test_vlm_spec_counts_equal_our_idefics3_model(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_idefics3 import build_tiny_vlm
 
-    from edge_mmm.weights.idefics3 import load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
 
     build_tiny_vlm(tmp_path, seed=5)
     model, _ = load_idefics3(tmp_path)

@@ -20,7 +20,7 @@ from edge_mmm.exporters.onnx_vision import FP32_ATOL, export_vision  # noqa: E40
 from edge_mmm.vision.processor import Idefics3ImageProcessor  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.vision.api import load_vlm  # noqa: E402
-from edge_mmm.weights.idefics3 import load_idefics3  # noqa: E402
+from edge_mmm.vision.idefics3 import load_idefics3  # noqa: E402
 
 MSGS = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(skdata.rocket())},
                                      {"type": "text", "text": "What is this?"}]}]

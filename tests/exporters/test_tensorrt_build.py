@@ -50,7 +50,7 @@ def vision_onnx(tmp_path_factory):
     from tiny_idefics3 import build_tiny_vlm
 
     from edge_mmm.exporters.onnx_vision import export_vision
-    from edge_mmm.weights.idefics3 import load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
 
     d = tmp_path_factory.mktemp("tiny_vlm_trt_build")
     build_tiny_vlm(d, seed=5)

@@ -114,7 +114,7 @@ def tiny_vision(tmp_path_factory):
 
     from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
     from edge_mmm.vision.processor import Idefics3ImageProcessor
-    from edge_mmm.weights.idefics3 import load_idefics3
+    from edge_mmm.vision.idefics3 import load_idefics3
 
     d = tmp_path_factory.mktemp("tiny_vlm_trt")
     build_tiny_vlm(d, seed=5)

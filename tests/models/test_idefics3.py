@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 
 from edge_mmm.errors import ModelFileError  # noqa: E402
-from edge_mmm.weights.idefics3 import load_idefics3  # noqa: E402
+from edge_mmm.vision.idefics3 import load_idefics3  # noqa: E402
 
 ATOL = 1e-4
 
