@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 
     from edge_mmm.text.api import default_lm_path, load_model_files
     from edge_mmm.text.generation import TorchBackend
-    from edge_mmm.text.ort_backend import load_onnxruntime_backend
+    from edge_mmm.text.backends import load_onnxruntime_backend
 
     path = args.model or default_lm_path()
     n_ctx = 1024

@@ -88,7 +88,7 @@ class Bundle:
     def load_lm(self, context_length: Optional[int] = None, threads: int = 0):
         """The text `LanguageModel` on onnxruntime; context defaults to the planned one."""
         from edge_mmm.text.api import LanguageModel
-        from edge_mmm.text.ort_backend import IO_FILE, ONNX_FILE, OrtBackend
+        from edge_mmm.text.backends import IO_FILE, ONNX_FILE, OrtBackend
         from edge_mmm.text.tokenizer import TextTokenizer
 
         t0 = time.perf_counter()

@@ -238,7 +238,7 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
-    from edge_mmm.text.ort_backend import IO_FILE, ONNX_FILE, ensure_onnx, load_tokenizer, load_weights
+    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, ensure_onnx, load_tokenizer, load_weights
 
     dest.mkdir(parents=True)
     tokenizer, source = load_tokenizer(Path(request.lm))

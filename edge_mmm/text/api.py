@@ -194,7 +194,7 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
     t0 = time.perf_counter()
     path = default_lm_path() if path_or_id is None else resolve_model_path(str(path_or_id))
     if backend == "onnxruntime":
-        from edge_mmm.text.ort_backend import load_onnxruntime_backend
+        from edge_mmm.text.backends import load_onnxruntime_backend
 
         levels = {"int8": 4, "fp32": 0}
         if onnx_activations not in levels:

@@ -289,7 +289,7 @@ def test_int8_bundle_chats_and_transcribes(tmp_path, clip):
     from edge_mmm.models.llama import KVCache
     from edge_mmm.quant.quantize import quantize_model
     from edge_mmm.text.api import dequantize_linears
-    from edge_mmm.text.ort_backend import load_weights
+    from edge_mmm.text.backends import load_weights
 
     out = tmp_path / "b8"
     export_bundle(ExportRequest(CPU, asr=default_asr_model(), lm=_lm_path(), quant="int8"), out)

@@ -20,7 +20,7 @@ from tiny_llama import SMOLLM2_GGUF, tiny_hf_model, write_gguf  # noqa: E402
 
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.models.llama import KVCache  # noqa: E402
-from edge_mmm.text.ort_backend import OrtBackend, ensure_onnx, load_weights  # noqa: E402
+from edge_mmm.text.backends import OrtBackend, ensure_onnx, load_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
 
     from edge_mmm.text.api import LanguageModel, load_lm
     from edge_mmm.text.generation import GenerationConfig
-    from edge_mmm.text.ort_backend import load_onnxruntime_backend
+    from edge_mmm.text.backends import load_onnxruntime_backend
 
     backend, tok = load_onnxruntime_backend(SMOLLM2_GGUF, 512, threads=2,
                                             cache_root=tmp_path_factory.mktemp("ortc"), accuracy_level=0)
