@@ -103,7 +103,7 @@ def parity(path, threads: int, n_new: int = 64, limit: int = 0) -> int:
 
     from edge_mmm.models.llama import Numerics
     from edge_mmm.text.api import dequantize_linears, load_model_files
-    from edge_mmm.text.generation import TorchBackend
+    from edge_mmm.text.backends import TorchBackend
 
     torch.set_num_threads(1)
     packed, tok = load_model_files(path)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from edge_mmm.text.api import default_lm_path, load_model_files
-    from edge_mmm.text.generation import TorchBackend
+    from edge_mmm.text.backends import TorchBackend
     from edge_mmm.text.backends import load_onnxruntime_backend
 
     path = args.model or default_lm_path()

@@ -15,8 +15,8 @@ import torch
 
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.text.chat_template import render_chat
-from edge_mmm.text.generation import (Generation, GenerationConfig, LMBackend, TokenStream, TorchBackend,
-                                      check_prompt)
+from edge_mmm.text.backends import TorchBackend
+from edge_mmm.text.generation import Generation, GenerationConfig, LMBackend, TokenStream, check_prompt
 from edge_mmm.text.tokenizer import TextTokenizer
 
 Prompt = Union[str, Sequence[Mapping[str, Any]]]

@@ -1,4 +1,7 @@
-"""onnxruntime backend for the LM: the exported graph (exporters/onnx_lm.py) with a preallocated KV cache.
+"""The LM's backends, one `new_cache` / `prefill` / `decode` interface (edge_mmm.text.generation.LMBackend):
+
+`TorchBackend`: the reference, a `Llama` module plus a preallocated `KVCache` on the model's device.
+`OrtBackend`: onnxruntime on the exported graph (exporters/onnx_lm.py) with a preallocated KV cache.
 
 The ONNX file is built once per model file and cached under `<cache>/onnx-lm/<sha256>-<version>/`
 (edge_mmm.weights.export_cache: sha256 manifest verified on every load, rebuilt when stale or corrupt,
@@ -27,6 +30,51 @@ ONNX_FILE = "model.onnx"
 IO_FILE = "lm_io.json"  # the shapes the backend needs without building the torch model
 
 
+# ------------------------------------------------------------------------------------------------ torch
+def model_device(model) -> torch.device:
+    """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
+    """Run the prompt through `model`, appending to `cache`; float32 logits of the last position (host)."""
+    ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
+    return model(ids, cache=cache, last_only=True)[0, -1].float().cpu()
+
+
+@torch.inference_mode()
+def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
+    ids = torch.tensor([[token_id]], dtype=torch.long, device=model_device(model))
+    return model(ids, cache=cache)[0, -1].float().cpu()
+
+
+class TorchBackend:
+    """The reference backend: a `Llama` module plus a preallocated `KVCache` on the model's device (on CUDA
+    the model's ops run our Triton kernels; logits come back to the host for sampling)."""
+
+    def __init__(self, model, context_length: int):
+        self.model = model
+        self.context_length = context_length
+
+    def new_cache(self):
+        from edge_mmm.models.llama import KVCache
+
+        return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype,
+                                  device=model_device(self.model))
+
+    def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
+        return prefill(self.model, ids, cache)
+
+    def decode(self, token_id: int, cache) -> torch.Tensor:
+        return decode_one_token(self.model, token_id, cache)
+
+
+# ------------------------------------------------------------------------------------------ onnxruntime
 class OrtKVCache:
     """Per-layer key/value OrtValues `[1, kv_heads, max_len, head_dim]`; `length` positions are valid."""
 

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 import torch
 
 from edge_mmm.errors import InputError
+from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; tests import it from here)
 
 
 @dataclass
@@ -67,49 +68,6 @@ class LMBackend(Protocol):
     def prefill(self, ids: Sequence[int], cache: LMCache) -> torch.Tensor: ...
 
     def decode(self, token_id: int, cache: LMCache) -> torch.Tensor: ...
-
-
-def model_device(model) -> torch.device:
-    """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@torch.inference_mode()
-def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
-    """Run the prompt through `model`, appending to `cache`; float32 logits of the last position (host)."""
-    ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
-    return model(ids, cache=cache, last_only=True)[0, -1].float().cpu()
-
-
-@torch.inference_mode()
-def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
-    ids = torch.tensor([[token_id]], dtype=torch.long, device=model_device(model))
-    return model(ids, cache=cache)[0, -1].float().cpu()
-
-
-class TorchBackend:
-    """The reference backend: a `Llama` module plus a preallocated `KVCache` on the model's device (on CUDA
-    the model's ops run our Triton kernels; logits come back to the host for sampling)."""
-
-    def __init__(self, model, context_length: int):
-        self.model = model
-        self.context_length = context_length
-
-    def new_cache(self):
-        from edge_mmm.models.llama import KVCache
-
-        return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype,
-                                  device=model_device(self.model))
-
-    def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
-        return prefill(self.model, ids, cache)
-
-    def decode(self, token_id: int, cache) -> torch.Tensor:
-        return decode_one_token(self.model, token_id, cache)
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> int:
