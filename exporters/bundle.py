@@ -202,7 +202,7 @@ def _copy(src: Path, dst_dir: Path, name: Optional[str] = None) -> str:
 
 
 def _export_asr(request: ExportRequest, dest: Path) -> dict:
-    from edge_mmm.asr.api import _cached_onnx
+    from edge_mmm.asr.api import export_on_first_use
     from edge_mmm.exporters.onnx_whisper import (DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, OPSET,
                                                  export_whisper_onnx)
     from edge_mmm.weights.whisper import load_whisper_checkpoint
@@ -211,7 +211,7 @@ def _export_asr(request: ExportRequest, dest: Path) -> dict:
     precision = "int8" if request.quant == "int8" else "fp32"
     if request.device.kind == "cpu":
         # the onnxruntime graphs (fused encoder attention), shared with load_asr's export cache
-        cfg, tok_file, onnx_dir = _cached_onnx(request.asr, request.cache_root, precision)
+        cfg, tok_file, onnx_dir = export_on_first_use(request.asr, request.cache_root, precision)
         for name in (ENCODER_FILE, DECODER_FILE):
             _copy(onnx_dir / name, dest)
         fused = True
@@ -238,13 +238,13 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
-    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, ensure_onnx, load_tokenizer, load_weights
+    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, export_on_first_use, load_tokenizer, load_weights
 
     dest.mkdir(parents=True)
     tokenizer, source = load_tokenizer(Path(request.lm))
     if request.quant == "int4":
         # the file's own 4-bit blocks (GGUF Q4_x as is), fp32 activations: load_lm's default ONNX, cached
-        onnx_path, io = ensure_onnx(source, request.cache_root, accuracy_level=0)
+        onnx_path, io = export_on_first_use(source, request.cache_root, accuracy_level=0)
         _copy(onnx_path, dest, ONNX_FILE)
         weights = "source 4-bit blocks" if source.suffix == ".gguf" else "float (source)"
     else:

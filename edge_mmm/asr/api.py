@@ -105,14 +105,15 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
         cfg, tok_file = ckpt.config, ckpt.tokenizer_file
         be = TorchWhisperBackend(ckpt.build(), threads, device)
     else:
-        cfg, tok_file, onnx_dir = _cached_onnx(path, cache_dir, precision)
+        cfg, tok_file, onnx_dir = export_on_first_use(path, cache_dir, precision)
         be = OnnxWhisperBackend(onnx_dir, cfg, threads)
     tok = WhisperTokenizer.from_file(tok_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
     return ASRModel(be, tok, time.perf_counter() - t0, str(path))
 
 
-def _cached_onnx(path: Path, cache_dir: Optional[Path], precision: str):
-    """(config, tokenizer file, verified ONNX dir); the weights are only parsed when the cache misses."""
+def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
+    """The speech door into exporters: (config, tokenizer file, verified ONNX dir) of the cached export,
+    written on first use; the weights are only parsed when the cache misses."""
     import json
 
     from edge_mmm.exporters.onnx_whisper import (DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, export_whisper_onnx,

@@ -162,8 +162,9 @@ def load_weights(path: Path):
     return build_llama(cfg, state)
 
 
-def ensure_onnx(model_path: Path, cache_root: Optional[Path] = None, accuracy_level: int = 4) -> Tuple[Path, dict]:
-    """The cached, verified ONNX export of a GGUF file or HF directory (built if missing/stale/corrupt)."""
+def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None, accuracy_level: int = 4) -> Tuple[Path, dict]:
+    """The text door into exporters: the cached, verified ONNX export of a GGUF file or HF directory
+    (written on first use, rebuilt if stale or corrupt) and its io dict."""
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OnnxLMOptions, export_llama_onnx
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
 
@@ -207,5 +208,5 @@ def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, 
                              accuracy_level: int = 4):
     """(OrtBackend, TextTokenizer) for a model file or directory; exports on first use."""
     tokenizer, source = load_tokenizer(Path(path))
-    onnx_path, io = ensure_onnx(source, cache_root, accuracy_level)
+    onnx_path, io = export_on_first_use(source, cache_root, accuracy_level)
     return OrtBackend(onnx_path, io, context_length, threads), tokenizer

@@ -253,9 +253,10 @@ class VisionLanguageModel:
         return result
 
 
-def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int):
+def export_on_first_use(model, files, cache_root: Optional[Path]) -> Path:
+    """The vision door into exporters: the cached, verified fp32 vision ONNX of this checkpoint, written on
+    first use."""
     from edge_mmm.exporters.onnx_vision import export_vision
-    from edge_mmm.vision.backends import OrtVisionEncoder
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
     from edge_mmm.weights.hf_lm import safetensors_files
 
@@ -267,7 +268,14 @@ def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int):
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), "vision-onnx", source,
                          VISION_ONNX_VERSION, build, ["vision_fp32.onnx"])
-    return OrtVisionEncoder(entry / "vision_fp32.onnx", patch_size=model.vision.patch_size, threads=threads)
+    return entry / "vision_fp32.onnx"
+
+
+def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int):
+    from edge_mmm.vision.backends import OrtVisionEncoder
+
+    path = export_on_first_use(model, files, cache_root)
+    return OrtVisionEncoder(path, patch_size=model.vision.patch_size, threads=threads)
 
 
 def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Optional[str] = None,

@@ -20,7 +20,7 @@ from tiny_llama import SMOLLM2_GGUF, tiny_hf_model, write_gguf  # noqa: E402
 
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.models.llama import KVCache  # noqa: E402
-from edge_mmm.text.backends import OrtBackend, ensure_onnx, load_weights  # noqa: E402
+from edge_mmm.text.backends import OrtBackend, export_on_first_use, load_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +31,24 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_cache_hit_and_corrupt_entry_rebuilt(tiny_gguf, tmp_path):
-    onnx_path, io = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
     assert io["num_layers"] == 2 and onnx_path.is_file()
     stamp = onnx_path.stat().st_mtime_ns
-    again, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    again, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
     assert again == onnx_path and again.stat().st_mtime_ns == stamp  # verified hit, not rebuilt
     good = onnx_path.read_bytes()
     with open(onnx_path, "r+b") as f:  # flip bytes in the middle of an initializer
         f.seek(len(good) // 2)
         f.write(bytes(b ^ 0xFF for b in good[len(good) // 2: len(good) // 2 + 16]))
-    rebuilt, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    rebuilt, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
     assert rebuilt.read_bytes() == good
     assert not [p for p in rebuilt.parent.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
-    other, _ = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=4)  # options are part of the key
+    other, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=4)  # options are part of the key
     assert other.parent != onnx_path.parent
 
 
 def test_prefill_decode_and_reuse_match_torch(tiny_gguf, tmp_path):
-    onnx_path, io = ensure_onnx(tiny_gguf, tmp_path, accuracy_level=0)
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
     backend = OrtBackend(onnx_path, io, context_length=32, threads=1)
     model = load_weights(tiny_gguf)
     ids = [3, 17, 99, 5, 250, 7, 42, 8]
