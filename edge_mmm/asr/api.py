@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend, check_device
+from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.asr.transcribe import Segment, TranscribeOptions, transcribe_audio
 from edge_mmm.audio.constants import SAMPLE_RATE
@@ -17,6 +17,7 @@ from edge_mmm.audio.io import AudioInput, resolve_audio
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.weights.hub import resolve_model_path
 from edge_mmm.models.whisper import WhisperConfig
+from edge_mmm.runners.torch_device import check_device
 from edge_mmm.weights.whisper import load_whisper_checkpoint
 
 __all__ = ["load_asr", "ASRModel", "Transcript", "Segment", "TranscribeOptions", "default_asr_model"]

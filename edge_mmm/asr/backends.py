@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from edge_mmm.errors import DeviceError, InputError
+from edge_mmm.errors import InputError
 from edge_mmm.models.whisper import Whisper, WhisperConfig, cross_names, onnx_files, repeat_batch
 from edge_mmm.runners.ort_session import ort_session
 
@@ -113,22 +113,6 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
-
-
-def check_device(device: str, backend: str) -> str:
-    """`device` is "cpu" or a CUDA device ("cuda", "cuda:N"); CUDA needs the torch backend and a GPU."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if dev.type == "cuda":
-        if backend != "torch":
-            raise InputError(f"--device {device} needs --backend torch (the {backend} backend here runs on the CPU)")
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch on this machine")
-    return device
 
 
 class TensorRTWhisperBackend:

@@ -175,7 +175,7 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
     `device="cuda"` (torch backend) runs the model on the GPU, where our Triton kernels (W4A16/W8A16 matmul,
     RMSNorm, RoPE, attention, SwiGLU) run inside it.
     """
-    from edge_mmm.asr.backends import check_device
+    from edge_mmm.runners.torch_device import check_device
     from edge_mmm.weights.hub import resolve_model_path
 
     if backend not in BACKENDS:
