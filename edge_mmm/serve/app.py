@@ -46,17 +46,19 @@ def load_models(settings: ServeSettings) -> Models:
     """Load the models named in `settings` (typed errors name a missing/corrupt file before serving)."""
     from edge_mmm.text.api import load_lm
 
-    lm = load_lm(settings.model, context_length=settings.context_length, threads=settings.threads)
+    lm = load_lm(settings.model, backend=settings.lm_backend, context_length=settings.context_length,
+                 threads=settings.threads)
     models = Models(lm, Path(lm.name).name or "lm")
     if settings.vlm_model:
         from edge_mmm.vision.api import load_vlm
 
-        models.vlm = load_vlm(settings.vlm_model, threads=settings.threads)
+        models.vlm = load_vlm(settings.vlm_model, backend=settings.vlm_backend, quantize=settings.vlm_quantize,
+                              threads=settings.threads, tile_batch=settings.vision_batch)
         models.vlm_id = Path(str(settings.vlm_model)).name
     if settings.asr:
         from edge_mmm.asr.api import load_asr
 
-        models.asr = load_asr(settings.asr_model, threads=settings.threads)
+        models.asr = load_asr(settings.asr_model, backend=settings.asr_backend, threads=settings.threads)
         models.asr_id = "whisper-" + (Path(settings.asr_model).name if settings.asr_model else "tiny.en")
     return models
 

@@ -39,6 +39,12 @@ class ServeSettings:
     queue_size: int = 8  # requests that may wait while one generation runs; more get 429
     context_length: int = 2048
     threads: int = 0
+    # what loads (edge-mmm serve fills these from the device profile; flags override)
+    lm_backend: str = "torch"
+    vlm_backend: str = "torch"
+    vlm_quantize: Optional[str] = None
+    vision_batch: Optional[int] = None
+    asr_backend: str = "onnxruntime"
 
     def __post_init__(self):
         if not is_loopback(self.host) and not self.api_key:

@@ -281,10 +281,11 @@ def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int):
 def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Optional[str] = None,
              context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32, threads: int = 0,
              cache: Optional[ImageEmbeddingCache] = None, onnx_cache_dir: Optional[Path] = None,
-             vision_onnx: Optional[Path] = None) -> VisionLanguageModel:
+             vision_onnx: Optional[Path] = None, tile_batch: Optional[int] = None) -> VisionLanguageModel:
     """Load a SmolVLM/Idefics3 directory or cached HF repo id. `backend` picks the vision runtime
     (torch | onnxruntime: `vision_onnx`, or an export built once under `onnx_cache_dir`);
-    `quantize` (int4 | int8) applies weight-only quantization to the LM."""
+    `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps the image
+    tiles per encoder call (a device profile's vision_batch; None: all tiles at once)."""
     from edge_mmm.vision.backends import TorchVisionEncoder
     from edge_mmm.weights.hub import resolve_model_path
     from edge_mmm.vision.idefics3 import load_idefics3
@@ -305,5 +306,6 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
         encoder = _onnx_encoder(model, files, onnx_cache_dir, threads)
     else:
         encoder = TorchVisionEncoder(model.vision)
+    encoder.max_tiles = tile_batch
     return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
                                model_id=str(root))
