@@ -14,6 +14,16 @@ class InputError(EdgeMMMError):
     """Bad user input: an unreadable audio/image file, an empty prompt, a bad option value."""
 
 
+class ContextOverflowError(InputError):
+    """A prompt does not fit the loaded context (prompt + at least one new token)."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens but the context holds {context_length} "
+                         f"(prompt + at least one new token); shorten it or load with a larger context")
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
 class ModelFileError(EdgeMMMError):
     """A model file or directory is missing, truncated, corrupt or inconsistent with its config."""
 

@@ -14,7 +14,6 @@ at a time. Tests and the demo page load them once (`load_live_models`) and pass 
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -34,7 +33,6 @@ from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm
 from edge_mmm.text.generation import GenerationConfig
 
 TURN_QUEUE = 4  # questions waiting for an answer; more and the oldest waiting one is dropped (with a notice)
-VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 MAX_READ_S = 10  # most audio the recognizer takes from the ring at once
 
 
@@ -93,15 +91,10 @@ class LiveModels:
 
 
 def model_kind(path: Path) -> str:
-    """"vlm" for a SmolVLM/Idefics3 directory (config.json model_type), else "lm" (GGUF or Llama dir)."""
-    cfg = path / "config.json"
-    if path.is_dir() and cfg.is_file():
-        try:
-            model_type = json.loads(cfg.read_text()).get("model_type", "")
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"cannot read {cfg}: {exc}") from exc
-        return "vlm" if model_type in VLM_MODEL_TYPES else "lm"
-    return "lm"
+    """"vlm" for a directory of a registered VLM family (edge_mmm.vision.families), else "lm"."""
+    from edge_mmm.vision.families import vlm_family
+
+    return "vlm" if vlm_family(path) is not None else "lm"
 
 
 def load_live_models(config: LiveConfig) -> LiveModels:

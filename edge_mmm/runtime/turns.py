@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from edge_mmm.errors import InputError
+from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.runtime.events import EventBus
 from edge_mmm.runtime.frames import FrameStore, SceneTracker
 from edge_mmm.text.generation import GenerationConfig
@@ -134,8 +134,8 @@ class TurnManager:
                     timings.update({k: round(v, 6) for k, v in prepared.timings.items()})
                     return self.model.stream(prepared, self.config.generation)
                 return self.model.stream(messages, self.config.generation)
-            except InputError as exc:
-                if "context holds" not in str(exc) or len(self.history) < 2:
+            except ContextOverflowError:
+                if len(self.history) < 2:
                     raise
                 self.history = self.history[2:]
                 timings["history_trimmed"] = timings.get("history_trimmed", 0) + 1
@@ -177,10 +177,7 @@ class TurnManager:
             timings["prompt_reused"] = int(rt.get("prompt_reused", 0))
             timings["tokens"] = len(result.token_ids)
             timings["decode_tok_s"] = round(rt.get("decode_tok_s", 0.0), 3)
-            new = result.prompt_tokens - int(rt.get("prompt_reused", 0))
-            timings["prefill_s"] = round(new / rt["prefill_tok_s"], 6) if rt.get("prefill_tok_s") else 0.0
-        if self.vlm:
-            timings["prefill_s"] = round(self.model.backend.prefill_s, 6)
+            timings["prefill_s"] = round(rt["prefill_s"], 6)
         timings["ttft_s"] = round(t_first - t0, 6) if t_first is not None else None
         timings["answer_s"] = round(t_end - t0, 6)
         if req.speech_end_t is not None and t_first is not None:

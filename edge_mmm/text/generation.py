@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from edge_mmm.errors import InputError
+from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; tests import it from here)
 
 
@@ -121,8 +121,10 @@ class TokenStream:
         # reuse the cached prefix; at least the last prompt token is always recomputed for its logits
         reuse = min(reuse, len(prompt_ids) - 1)
         cache.truncate(reuse)
+        t_p0 = time.perf_counter()
         logits = backend.prefill(prompt_ids[reuse:], cache)
-        t_prefill = time.perf_counter() - t0
+        t_p1 = time.perf_counter()
+        t_prefill = t_p1 - t0
         decoder = IncrementalDecoder(tokenizer)
         ids = self.token_ids
         text, emitted, finish = "", 0, "length"
@@ -155,7 +157,7 @@ class TokenStream:
         n_dec = len(ids) - 1  # the first token comes from the prefill logits
         self.result = Generation(
             text=text, token_ids=ids, prompt_tokens=len(prompt_ids), finish_reason=finish,
-            timings={"load_s": load_s,
+            timings={"load_s": load_s, "prefill_s": t_p1 - t_p0,
                      "prefill_tok_s": (len(prompt_ids) - reuse) / t_prefill if t_prefill > 0 else 0.0,
                      "decode_tok_s": n_dec / (t_end - t_decode0) if n_dec > 0 and t_end > t_decode0 else 0.0,
                      "ttft_s": t_first - t0, "prompt_reused": float(reuse)})
@@ -165,8 +167,7 @@ def check_prompt(n_prompt: int, context_length: int) -> None:
     if n_prompt == 0:
         raise InputError("the prompt is empty")
     if n_prompt >= context_length:
-        raise InputError(f"the prompt is {n_prompt} tokens but the context holds {context_length} "
-                         f"(prompt + at least one new token); shorten it or load with a larger context")
+        raise ContextOverflowError(n_prompt, context_length)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:

@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from edge_mmm.errors import InputError
+from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.text.generation import Generation, GenerationConfig, TokenStream, check_prompt
 from edge_mmm.vision.embedding_cache import ImageEmbeddingCache, SourceEntry, content_key, pixels_key
-from edge_mmm.vision.processor import Idefics3ImageProcessor, ImageLike, ProcessedImages, load_image
-from edge_mmm.vision.prompt import Idefics3Processor
+from edge_mmm.vision.families import IDEFICS3, VLMFamily, vlm_family
+from edge_mmm.vision.processor import ImageLike, ProcessedImages, load_image
 
 BACKENDS = ("torch", "onnxruntime")
 DEFAULT_CONTEXT = 8192
@@ -92,13 +92,16 @@ def split_messages(messages: Messages) -> Tuple[List[Dict[str, Any]], List[Image
 
 
 class VLMBackend:
-    """The LM backend for one generation: prefill splices this turn's image features into the prompt."""
+    """The LM backend of one prompt: prefill splices the prompt's image features (`for_prompt`) in."""
 
-    def __init__(self, model, context_length: int):
+    def __init__(self, model, context_length: int, features: Optional[torch.Tensor] = None):
         self.model = model
         self.context_length = context_length
-        self.features: Optional[torch.Tensor] = None
-        self.prefill_s = 0.0
+        self.features = features
+
+    def for_prompt(self, features: Optional[torch.Tensor]) -> "VLMBackend":
+        """The backend that generates from a prompt whose image tokens take `features`."""
+        return VLMBackend(self.model, self.context_length, features)
 
     def new_cache(self, max_len: Optional[int] = None):
         """A KV cache for `max_len` positions (default: the whole context)."""
@@ -111,13 +114,10 @@ class VLMBackend:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
         """`ids` is the prompt after the reused prefix: its image tokens take the last features."""
-        t0 = time.perf_counter()
         n_img = sum(1 for t in ids if t == self.model.config.image_token_id)
         feats = None if self.features is None or n_img == 0 else self.features[self.features.shape[0] - n_img:]
         emb = self.model.embed(torch.tensor([list(ids)], dtype=torch.long), feats)
-        logits = self.model.lm(inputs_embeds=emb, cache=cache, last_only=True)[0, -1].float()
-        self.prefill_s = time.perf_counter() - t0
-        return logits
+        return self.model.lm(inputs_embeds=emb, cache=cache, last_only=True)[0, -1].float()
 
     @torch.inference_mode()
     def decode(self, token_id: int, cache) -> torch.Tensor:
@@ -128,11 +128,13 @@ class VisionLanguageModel:
     """Images + chat -> text. See the module docstring for the message format."""
 
     def __init__(self, model, files, encoder, context_length: int = DEFAULT_CONTEXT,
-                 cache: Optional[ImageEmbeddingCache] = None, load_s: float = 0.0, model_id: str = ""):
+                 cache: Optional[ImageEmbeddingCache] = None, load_s: float = 0.0, model_id: str = "",
+                 family: VLMFamily = IDEFICS3):
         self.model = model
         self.files = files
+        self.family = family
         self.tokenizer = files.tokenizer
-        self.processor = Idefics3Processor(Idefics3ImageProcessor(files.image_processor), files.tokenizer)
+        self.processor = family.processor(files)
         self.encoder = encoder
         self.cache = cache if cache is not None else ImageEmbeddingCache()
         self.backend = VLMBackend(model, min(context_length, model.config.text.max_position_embeddings))
@@ -223,7 +225,6 @@ class VisionLanguageModel:
         config = config or GenerationConfig()
         config.validate()
         check_prompt(len(prepared.ids), self.context_length)
-        self.backend.features = prepared.features
         reuse = self._reusable_prefix(prepared)
         # sized to this answer, grown on demand: SmolVLM's full 8k context would be ~380 MB
         need = min(len(prepared.ids) + config.max_tokens, self.context_length)
@@ -236,7 +237,7 @@ class VisionLanguageModel:
             else:
                 reuse = 0
         self._kv_prompt, self._kv_images = list(prepared.ids), list(prepared.image_keys)
-        self._last_stream = TokenStream(self.backend, self.tokenizer, prepared.ids, config, self._kv,
+        self._last_stream = TokenStream(self.backend.for_prompt(prepared.features), self.tokenizer, prepared.ids, config, self._kv,
                                         reuse=reuse, load_s=self.load_s)
         return self._last_stream
 
@@ -248,7 +249,6 @@ class VisionLanguageModel:
         t_prep = time.perf_counter() - t0
         result = self._stream(prepared, config).consume()
         result.timings.update(prepared.timings)
-        result.timings["prefill_s"] = self.backend.prefill_s
         result.timings["ttft_s"] = t_prep + result.timings["ttft_s"]
         return result
 
@@ -287,8 +287,8 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps the image
     tiles per encoder call (a device profile's vision_batch; None: all tiles at once)."""
     from edge_mmm.vision.backends import TorchVisionEncoder
+    from edge_mmm.vision.families import FAMILIES, model_type
     from edge_mmm.weights.hub import resolve_model_path
-    from edge_mmm.vision.idefics3 import load_idefics3
     from edge_mmm.weights.idefics3 import REQUIRED_FILES
 
     if backend not in BACKENDS:
@@ -297,7 +297,11 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     root = resolve_model_path(str(path_or_id), required=REQUIRED_FILES)
-    model, files = load_idefics3(root, dtype=dtype, quantize=quantize)
+    family = vlm_family(root)
+    if family is None:
+        raise ModelFileError(f"{root / 'config.json'}: model_type {model_type(root)!r} is not a VLM family this "
+                             f"package runs ({', '.join(FAMILIES)})")
+    model, files = family.load(root, dtype=dtype, quantize=quantize)
     if backend == "onnxruntime" and vision_onnx is not None:
         from edge_mmm.vision.backends import OrtVisionEncoder
 
@@ -308,4 +312,4 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
         encoder = TorchVisionEncoder(model.vision)
     encoder.max_tiles = tile_batch
     return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
-                               model_id=str(root))
+                               model_id=str(root), family=family)
