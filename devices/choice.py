@@ -124,9 +124,9 @@ def choose(profile: DeviceProfile, models: ModelSet, overrides: Overrides = Over
     """The profile's choice for `models`, explicit overrides applied, checked against the memory plan."""
     if models.lm is not None and models.vlm is not None:
         raise InputError("give either a VLM or a text-only LM, not both")
-    asr_backend = _pick(overrides.asr_backend, profile, ASR_BACKENDS, "--asr-backend") if models.asr else None
-    lm_backend = _pick(overrides.lm_backend, profile, LM_BACKENDS, "--backend") if models.lm else None
-    vision_backend = (_pick(overrides.vision_backend, profile, VISION_BACKENDS, "--vlm-backend")
+    asr_backend = _pick(overrides.asr_backend, profile, ASR_BACKENDS, "--backend (speech)") if models.asr else None
+    lm_backend = _pick(overrides.lm_backend, profile, LM_BACKENDS, "--backend (LM)") if models.lm else None
+    vision_backend = (_pick(overrides.vision_backend, profile, VISION_BACKENDS, "the vision backend (--backend / --vlm-backend)")
                       if models.vlm else None)
     if overrides.lm_quant is not None:
         lm_quant = None if overrides.lm_quant == "float" else overrides.lm_quant

@@ -77,9 +77,19 @@ def _profile(device: Optional[str]):
 def _device(device: Optional[str]):
     """(profile, torch device or None): `cpu` / `cuda[:N]` name a torch device on this machine's profile
     (the flag's older meaning); anything else is a profile."""
+    from edge_mmm.devices.profile import list_profiles
+    from edge_mmm.errors import DeviceError
+
     if device is not None and device.split(":")[0] in TORCH_DEVICES:
         return _profile(None), device
-    return _profile(device), None
+    try:
+        return _profile(device), None
+    except DeviceError:
+        if device is None or device.endswith(".toml"):
+            raise
+        known = ", ".join(p.id for p in list_profiles())
+        raise DeviceError(f"--device must be cpu or cuda[:N] (a torch device) or a device profile ({known}), "
+                          f"got {device!r}") from None
 
 
 def _choose(profile, asr=None, lm=None, vlm=None, vad: bool = False, **overrides):

@@ -9,7 +9,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend, check_backend
+from edge_mmm.asr.backends import check_backend
+from edge_mmm.asr.families import asr_family
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.asr.transcribe import Segment, TranscribeOptions, transcribe_audio
 from edge_mmm.audio.constants import SAMPLE_RATE
@@ -101,15 +102,12 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
     if precision == "int8" and backend != "onnxruntime":
         raise InputError("--precision int8 needs --backend onnxruntime")
     path = default_asr_model() if model is None else resolve_model_path(str(model))
+    family = asr_family(path)
     if backend == "torch":
-        ckpt = load_whisper_checkpoint(path)
-        cfg, tok_file = ckpt.config, ckpt.tokenizer_file
-        be = TorchWhisperBackend(ckpt.build(), threads, device)
+        be, cfg, tok_file = family.torch_backend(path, threads, device)
     else:
-        cfg, tok_file, onnx_dir = export_on_first_use(path, cache_dir, precision)
-        be = OnnxWhisperBackend(onnx_dir, cfg, threads)
-    tok = WhisperTokenizer.from_file(tok_file, cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
-    return ASRModel(be, tok, time.perf_counter() - t0, str(path))
+        be, cfg, tok_file = family.onnx_backend(path, cache_dir, precision, threads)
+    return ASRModel(be, family.tokenizer(tok_file, cfg), time.perf_counter() - t0, str(path))
 
 
 def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
