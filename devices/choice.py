@@ -112,12 +112,9 @@ def _asr_spec(path: Path):
 
 
 def _lm_spec(path: Path):
-    path = Path(path)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").is_file() and len(ggufs) == 1:
-            path = ggufs[0]
-    return spec_from_file(path, "llm")
+    from edge_mmm.weights.gguf_lm import lm_source
+
+    return spec_from_file(lm_source(path), "llm")
 
 
 def choose(profile: DeviceProfile, models: ModelSet, overrides: Overrides = Overrides()) -> RunChoice:

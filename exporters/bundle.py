@@ -16,7 +16,6 @@ checks the manifest, the file set and every sha256 before any model is built fro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,13 +123,9 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _lm_file(path: Path) -> Path:
-    """A GGUF file, a directory holding exactly one, or a HF directory (returned as is)."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-    return path
+    from edge_mmm.weights.gguf_lm import lm_source
+
+    return lm_source(path)
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -142,7 +137,7 @@ def export_bundle(request: ExportRequest, out: Union[str, Path], progress: Optio
     say("planning memory")
     plan = plan_export(request)
     _check_replaceable(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, shared=True) as tmp:
         stage = tmp / ".stage" if request.format == "triton-server" else tmp
         models: Dict[str, dict] = {}
         if request.asr is not None:
@@ -170,9 +165,6 @@ def export_bundle(request: ExportRequest, out: Union[str, Path], progress: Optio
         say("hashing files")
         manifest = _manifest(request, plan, models, engines, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is shared like any folder
     return ExportResult(out, manifest, time.perf_counter() - t0)
 
 
@@ -238,7 +230,7 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
-    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, export_on_first_use, load_tokenizer, load_weights
+    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, export_on_first_use, lm_io, load_tokenizer, load_weights
 
     dest.mkdir(parents=True)
     tokenizer, source = load_tokenizer(Path(request.lm))
@@ -255,10 +247,7 @@ def _export_lm(request: ExportRequest, dest: Path) -> dict:
         dequantize_linears(model)
         quantize_model(model, bits=8, group_size=LM_INT8_GROUP, symmetric=True)
         export_llama_onnx(model, dest / ONNX_FILE, OnnxLMOptions(accuracy_level=4, head_bits=8))
-        cfg = model.config
-        io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-              "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-              "accuracy_level": 4}
+        io = lm_io(model.config, accuracy_level=4)
         weights = f"int8 g{LM_INT8_GROUP} symmetric (RTN of the dequantized source)"
     (dest / IO_FILE).write_text(json.dumps(io))
     save_text_tokenizer(tokenizer, dest)

@@ -16,7 +16,8 @@ import torch
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.text.chat_template import render_chat
 from edge_mmm.text.backends import TorchBackend
-from edge_mmm.text.generation import Generation, GenerationConfig, LMBackend, TokenStream, check_prompt
+from edge_mmm.text.generation import (Generation, GenerationConfig, LMBackend, TokenStream, cached_ids, check_prompt,
+                                      common_prefix)
 from edge_mmm.text.tokenizer import TextTokenizer
 
 Prompt = Union[str, Sequence[Mapping[str, Any]]]
@@ -65,7 +66,7 @@ class LanguageModel:
         self._sync_cache()
         if self._cache is None:
             self._cache = self.backend.new_cache()
-        reuse = _common_prefix(self._cached_ids, ids)
+        reuse = common_prefix(self._cached_ids, ids)
         self._cached_ids = list(ids)
         self._last_stream = TokenStream(self.backend, self.tokenizer, ids, config,
                                         self._cache, reuse=reuse, load_s=self.load_s)
@@ -82,21 +83,8 @@ class LanguageModel:
             self._cache.truncate(0)
 
     def _sync_cache(self) -> None:
-        # the cache holds (prompt + generated)[:length] of the last stream, however far it was consumed
-        if self._last_stream is not None and self._cache is not None:
-            seen = self._cached_ids + self._last_stream.token_ids
-            self._cached_ids = seen[:self._cache.length]
-        elif self._cache is not None:
-            self._cached_ids = self._cached_ids[:self._cache.length]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+        if self._cache is not None:
+            self._cached_ids = cached_ids(self._cached_ids, self._last_stream, self._cache.length)
 
 
 def default_lm_path() -> Path:
@@ -115,12 +103,9 @@ def load_model_files(path: Path, dtype: torch.dtype = torch.float32, dequantize:
     """A .gguf file, a directory holding one, or a HF directory -> (Llama module, TextTokenizer)."""
     from edge_mmm.models.llama import build_llama
 
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelFileError(f"{path}: expected config.json + safetensors or exactly one .gguf file, "
-                                 f"found {len(ggufs)} .gguf files")
-        path = ggufs[0]
+    from edge_mmm.weights.gguf_lm import lm_source
+
+    path = lm_source(path)
     if path.is_file():
         from edge_mmm.weights.gguf_lm import load_gguf_lm
 

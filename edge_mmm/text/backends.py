@@ -30,6 +30,13 @@ ONNX_FILE = "model.onnx"
 IO_FILE = "lm_io.json"  # the shapes the backend needs without building the torch model
 
 
+def lm_io(cfg, accuracy_level: int) -> dict:
+    """The contents of IO_FILE for an exported LM with config `cfg`."""
+    return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+            "accuracy_level": accuracy_level}
+
+
 # ------------------------------------------------------------------------------------------------ torch
 def model_device(model) -> torch.device:
     """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
@@ -178,10 +185,7 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None, acc
         model = load_weights(Path(model_path))
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)
-        io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-              "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-              "accuracy_level": accuracy_level}
-        (tmp / IO_FILE).write_text(json.dumps(io))
+        (tmp / IO_FILE).write_text(json.dumps(lm_io(cfg, accuracy_level)))
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), KIND, source, version, build,
                          [ONNX_FILE, IO_FILE])
@@ -192,11 +196,9 @@ def load_tokenizer(path: Path):
     """The tokenizer of a GGUF file (from its metadata) or HF directory, without loading weights."""
     from edge_mmm.text.tokenizer import TextTokenizer
 
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelFileError(f"{path}: expected config.json + safetensors or exactly one .gguf file")
-        path = ggufs[0]
+    from edge_mmm.weights.gguf_lm import lm_source
+
+    path = lm_source(path)
     if path.is_file():
         from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
 

@@ -163,6 +163,23 @@ class TokenStream:
                      "ttft_s": t_first - t0, "prompt_reused": float(reuse)})
 
 
+def cached_ids(prompt_ids: Sequence[int], last: Optional["TokenStream"], cache_length: int) -> List[int]:
+    """The token ids a KV cache holds after `last` streamed from `prompt_ids`: (prompt + generated)[:length],
+    however far the stream was consumed."""
+    seen = list(prompt_ids) + (last.token_ids if last is not None else [])
+    return seen[:cache_length]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` share (the KV positions a new prompt can reuse)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def check_prompt(n_prompt: int, context_length: int) -> None:
     if n_prompt == 0:
         raise InputError("the prompt is empty")

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from edge_mmm.errors import InputError, ModelFileError
-from edge_mmm.text.generation import Generation, GenerationConfig, TokenStream, check_prompt
+from edge_mmm.text.generation import (Generation, GenerationConfig, TokenStream, cached_ids, check_prompt,
+                                      common_prefix)
 from edge_mmm.vision.embedding_cache import ImageEmbeddingCache, SourceEntry, content_key, pixels_key
 from edge_mmm.vision.families import IDEFICS3, VLMFamily, vlm_family
 from edge_mmm.vision.processor import ImageLike, ProcessedImages, load_image
@@ -204,13 +205,7 @@ class VisionLanguageModel:
         every image whose tokens fall inside the prefix is the same image as last time."""
         if self._kv is None:
             return 0
-        seen = self._kv_prompt + (self._last_stream.token_ids if self._last_stream is not None else [])
-        seen = seen[: self._kv.length]
-        n = 0
-        for a, b in zip(seen, prepared.ids):
-            if a != b:
-                break
-            n += 1
+        n = common_prefix(cached_ids(self._kv_prompt, self._last_stream, self._kv.length), prepared.ids)
         image_pos = [i for i, t in enumerate(prepared.ids) if t == self.model.config.image_token_id]
         start = 0
         for j, (key, count) in enumerate(zip(prepared.image_keys, prepared.image_tokens)):

@@ -55,14 +55,22 @@ def cached_build(root: Path, kind: str, source: Path, version: str,
 
 
 @contextmanager
-def atomic_directory(dest: Path) -> Iterator[Path]:
+def atomic_directory(dest: Path, shared: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `dest`; when the block succeeds it replaces `dest` by a rename,
-    when it fails it is removed. Readers never see a half-written `dest`."""
+    when it fails it is removed. Readers never see a half-written `dest`. `shared`: the result gets the
+    usual umask modes (mkdtemp and some writers make private ones) like any folder the user creates."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         yield tmp
+        if shared:
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

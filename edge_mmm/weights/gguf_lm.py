@@ -207,3 +207,16 @@ def _check_shapes(cfg: LlamaConfig, state: Dict[str, object], path: Path) -> Non
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else (v.out_features, v.in_features)
         if got != shape:
             raise ModelFileError(f"{path}: tensor {name} has shape {got}, but the metadata implies {shape}")
+
+
+def lm_source(path) -> Path:
+    """The file or directory an LM loads from: a .gguf file, the one .gguf inside a directory without a
+    config.json, or a Hugging Face directory (config.json + safetensors) as is."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelFileError(f"{path}: expected config.json + safetensors or exactly one .gguf file, "
+                                 f"found {len(ggufs)} .gguf files")
+        return ggufs[0]
+    return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -51,15 +50,10 @@ def save_quantized(model: nn.Module, out_dir: Path, meta: Dict) -> Path:
         tensors[name] = param.detach()
     if hasattr(model, "rotary"):  # non-persistent buffer; may hold GGUF rope_freqs scaling
         tensors["rotary.inv_freq"] = model.rotary.inv_freq.detach()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, shared=True) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=1))
         (tmp / QUANT).write_text(json.dumps({"format": FORMAT, **meta, "modules": modules}, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():  # mkdtemp/save_file create private files; use the usual umask instead
-            os.chmod(f, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
     return out_dir
 
 
