@@ -253,12 +253,15 @@ def llama_spec_from_gguf(path, name: Optional[str] = None) -> LlamaSpec:
     """A LlamaSpec from GGUF metadata (path or open `gguf.GGUFReader`), parsed by `weights.gguf_lm`."""
     from gguf import GGUFReader
 
-    from edge_mmm.weights.gguf_lm import gguf_metadata, lm_config_from_gguf, open_gguf
+    from edge_mmm.weights.gguf_lm import gguf_metadata, gguf_summary, lm_config_from_gguf
 
-    reader = path if isinstance(path, GGUFReader) else open_gguf(path)
-    path = Path(str(reader.data.filename)) if isinstance(path, GGUFReader) else Path(path)
-    cfg = lm_config_from_gguf(gguf_metadata(reader, path), {t.name for t in reader.tensors})
-    return LlamaSpec.from_config(cfg, name or path.stem)
+    if isinstance(path, GGUFReader):
+        meta, names = gguf_metadata(path, path.data.filename), {t.name for t in path.tensors}
+        path = Path(str(path.data.filename))
+    else:
+        path = Path(path)
+        meta, names = gguf_summary(path)
+    return LlamaSpec.from_config(lm_config_from_gguf(meta, set(names)), name or path.stem)
 
 
 def spec_from_file(path: Union[str, Path], kind: str):

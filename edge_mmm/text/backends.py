@@ -200,9 +200,9 @@ def load_tokenizer(path: Path):
 
     path = lm_source(path)
     if path.is_file():
-        from edge_mmm.weights.gguf_lm import gguf_metadata, open_gguf
+        from edge_mmm.weights.gguf_lm import gguf_summary
 
-        return TextTokenizer.from_gguf_metadata(gguf_metadata(open_gguf(path), path)), path
+        return TextTokenizer.from_gguf_metadata(gguf_summary(path)[0]), path
     return TextTokenizer.from_dir(path), path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -64,6 +65,25 @@ def gguf_metadata(reader, path) -> Dict[str, Any]:
         except Exception as exc:
             raise ModelFileError(f"{path}: metadata key {key} is corrupt: {exc}") from exc
     return out
+
+
+def gguf_summary(path) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
+    """(metadata, tensor names) of a GGUF file without keeping its reader: parsed once per process and file
+    version, so the memory plan and the tokenizer do not parse the same file twice (gguf-py's reader takes
+    seconds on a 49k-token vocabulary)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise ModelFileError(f"GGUF file not found: {path}") from None
+    meta, names = _summary(str(path), st.st_size, st.st_mtime_ns)
+    return dict(meta), names
+
+
+@functools.lru_cache(maxsize=4)
+def _summary(path: str, size: int, mtime_ns: int):
+    reader = open_gguf(path)
+    return gguf_metadata(reader, Path(path)), tuple(t.name for t in reader.tensors)
 
 
 def lm_config_from_gguf(meta: Dict[str, Any], tensor_names) -> LlamaConfig:

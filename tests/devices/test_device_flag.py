@@ -87,15 +87,13 @@ def test_run_refuses_a_vlm_too_big_for_orin_nano_before_loading(capsys, monkeypa
     assert not calls  # nothing was constructed, no source opened
 
 
-def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, big_vlm, tmp_path):
-    pytest.importorskip("transformers")
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_idefics3 import build_tiny_vlm
-
-    vlm = tmp_path / "vlm"
-    build_tiny_vlm(vlm)
+def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, tmp_path):
+    vlm = tmp_path / "smolvlm-256m-config"  # SmolVLM-256M's dimensions; the config is all the plan reads
+    vlm.mkdir()
+    small = json.loads(json.dumps(TOO_BIG_VLM))
+    small["text_config"].update(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, vocab_size=49280)
+    (vlm / "config.json").write_text(json.dumps(small))
     calls = []
     _record(monkeypatch, "edge_mmm.runtime.assistant.LiveAssistant", calls)
     argv = ["run", "--device", "cpu-x86", "--model", str(vlm), "--camera", "none", "--mic", str(tmp_path / "q.wav")]
@@ -103,9 +101,9 @@ def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, big_vlm, tmp_
     cfg = calls[-1][0][0]
     assert (cfg.asr_backend, cfg.vlm_backend, cfg.vlm_quantize) == ("onnxruntime", "onnxruntime", "int4")
     assert (cfg.context_length, cfg.vision_batch) == (2048, 1)
-    assert main(argv + ["--vlm-backend", "torch", "--quantize", "float", "--context", "1024"]) == 2
+    assert main(argv + ["--vlm-backend", "torch", "--quantize", "float", "--context", "1536"]) == 2
     cfg = calls[-1][0][0]
-    assert (cfg.vlm_backend, cfg.vlm_quantize, cfg.context_length) == ("torch", None, 1024)  # flags win
+    assert (cfg.vlm_backend, cfg.vlm_quantize, cfg.context_length) == ("torch", None, 1536)  # flags win
     capsys.readouterr()
 
 
@@ -123,7 +121,7 @@ def test_run_prints_its_choice_in_the_first_notice(capsys, monkeypatch, lm_file,
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16000)
-        w.writeframes(b"\0\0" * 1600)
+        w.writeframes(b"\0\0" * 16000)
     rc = main(["run", "--device", "cpu-x86", "--model", str(lm_file), "--camera", "none", "--mic", str(clip),
                "--json"])
     out = capsys.readouterr()
