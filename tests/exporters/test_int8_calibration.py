@@ -8,8 +8,6 @@ parses back to the exact float32 scales of the QDQ model.
 
 import re
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,16 +19,13 @@ from edge_mmm.exporters.int8_calibration import (CalibrationConfig, activation_s
                                                  read_tensorrt_calibration_cache, tensorrt_version_code,
                                                  write_tensorrt_calibration_cache)
 from edge_mmm.exporters.tensorrt_ops import check_onnx_for_tensorrt
+from numerics import cosine
 
 ort = pytest.importorskip("onnxruntime")
 
 
 def _cosines(a_outs, b_outs):
-    out = []
-    for a, b in zip(a_outs, b_outs):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        out.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-    return out
+    return [cosine(a, b) for a, b in zip(a_outs, b_outs)]
 
 
 def _op_types(path):
@@ -79,31 +74,19 @@ def test_calibration_cache_rejects_bad_input(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- vision
 @pytest.fixture(scope="module")
-def tiny_vision(tmp_path_factory):
-    pytest.importorskip("transformers")
-    skdata = pytest.importorskip("skimage.data")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_idefics3 import build_tiny_vlm
-
-    from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
+def vision_int8_inputs(tiny_vision, tmp_path_factory):
+    """(fp32 vision ONNX, calibration tiles, held-out tiles)."""
     from edge_mmm.exporters.onnx_vision import export_vision
-    from edge_mmm.vision.processor import Idefics3ImageProcessor
-    from edge_mmm.vision.idefics3 import load_idefics3
 
-    d = tmp_path_factory.mktemp("tiny_vlm_int8")
-    build_tiny_vlm(d, seed=5)
-    model, files = load_idefics3(d)
-    proc = Idefics3ImageProcessor(files.image_processor)
-    fp32 = export_vision(model.vision, d / "onnx", "fp32").path
-    photos = lambda names: vision_calibration_inputs([getattr(skdata, n)() for n in names], proc,  # noqa: E731
-                                                     model.vision.patch_size)
-    return fp32, photos(["astronaut", "coffee", "chelsea", "rocket"]), photos(["camera", "hubble_deep_field"])
+    fp32 = export_vision(tiny_vision.model.vision, tmp_path_factory.mktemp("onnx_int8"), "fp32").path
+    return (fp32, tiny_vision.photos(["astronaut", "coffee", "chelsea", "rocket"]),
+            tiny_vision.photos(["camera", "hubble_deep_field"]))
 
 
-def test_vision_int8_is_static_qdq_and_close_to_fp32(tiny_vision, tmp_path):
+def test_vision_int8_is_static_qdq_and_close_to_fp32(vision_int8_inputs, tmp_path):
     """Random-weight tiny SigLIP (no real VLM weights are available offline): checks the mechanics and the
     error bound on a model whose activations have no outliers."""
-    fp32, calib, held_out = tiny_vision
+    fp32, calib, held_out = vision_int8_inputs
     res = quantize_encoder_static(fp32, calib, tmp_path / "vision_int8.onnx")
     onnx.checker.check_model(str(res.path))
     ops = _op_types(res.path)
@@ -124,8 +107,8 @@ def test_vision_int8_is_static_qdq_and_close_to_fp32(tiny_vision, tmp_path):
     assert set(cache.scales) <= fp32_tensors
 
 
-def test_quantize_errors(tiny_vision, tmp_path):
-    fp32, calib, _ = tiny_vision
+def test_quantize_errors(vision_int8_inputs, tmp_path):
+    fp32, calib, _ = vision_int8_inputs
     with pytest.raises(InputError, match="at least one"):
         quantize_encoder_static(fp32, [], tmp_path / "x.onnx")
     with pytest.raises(InputError, match="patch_mask"):
@@ -136,10 +119,10 @@ def test_quantize_errors(tiny_vision, tmp_path):
         quantize_encoder_static(fp32, calib, tmp_path / "x.onnx", CalibrationConfig(exclude=(".",)))
 
 
-def test_dynamic_quantization_is_flagged(tiny_vision, tmp_path):
+def test_dynamic_quantization_is_flagged(vision_int8_inputs, tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32, _, _ = tiny_vision
+    fp32, _, _ = vision_int8_inputs
     quantize_dynamic(str(fp32), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     assert any("DynamicQuantizeLinear" in p for p in qdq_problems(tmp_path / "dyn.onnx"))
     assert not check_onnx_for_tensorrt(tmp_path / "dyn.onnx").ok

@@ -2,8 +2,6 @@
 errors reported (FP16 < 1e-2, INT8 cosine > 0.9 on the tiny random model); the onnxruntime backend gives the
 same greedy answer as torch."""
 
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,7 +9,6 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 

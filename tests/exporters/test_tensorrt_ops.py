@@ -102,26 +102,6 @@ def test_whisper_tiny_en_onnx_is_tensorrt_parsable(tmp_path):
         assert rep.ok, f"{name}: {rep.to_dict()}"
 
 
-@pytest.fixture(scope="module")
-def tiny_vision(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("transformers")
-    skdata = pytest.importorskip("skimage.data")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_idefics3 import build_tiny_vlm
-
-    from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
-    from edge_mmm.vision.processor import Idefics3ImageProcessor
-    from edge_mmm.vision.idefics3 import load_idefics3
-
-    d = tmp_path_factory.mktemp("tiny_vlm_trt")
-    build_tiny_vlm(d, seed=5)
-    model, files = load_idefics3(d)
-    calib = vision_calibration_inputs([skdata.astronaut(), skdata.coffee()],
-                                      Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
-    return model.vision, d / "onnx", calib
 
 
 @pytest.mark.slow
@@ -130,7 +110,7 @@ def test_vision_onnx_is_tensorrt_parsable(tiny_vision, precision):
     """fp16 used to fail onnx.checker (nodes out of order) and int8 used DynamicQuantizeLinear; both fixed."""
     from edge_mmm.exporters.onnx_vision import export_vision
 
-    vision, out, calib = tiny_vision
+    vision, out, calib = tiny_vision.model.vision, tiny_vision.root / "onnx", tiny_vision.photos(["astronaut", "coffee"])
     rep = check_onnx_for_tensorrt(export_vision(vision, out, precision, check=False,
                                                 calibration=calib if precision == "int8" else None).path)
     assert rep.ok, rep.to_dict()

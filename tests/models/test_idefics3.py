@@ -4,8 +4,6 @@ Same input_ids / pixel_values / pixel_attention_mask from the transformers proce
 (fp32) for several aspect ratios, with and without image splitting, and with two images per prompt.
 """
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ import torch
 
 pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 

@@ -1,13 +1,10 @@
 """Our Llama vs transformers on tiny random Llama/Qwen2 checkpoints; KV cache semantics; GGUF round trip."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_llama import tiny_hf_model, write_gguf  # noqa: E402
 

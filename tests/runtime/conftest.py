@@ -4,7 +4,6 @@ video file made from skimage photos, and the real models loaded once per session
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +68,6 @@ def smollm2():
 def tiny_vlm_dir(tmp_path_factory) -> Path:
     """A tiny random Idefics3 checkpoint (tests/tiny_idefics3.py): exercises the image path, not answer quality."""
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_idefics3 import build_tiny_vlm
 
     d = tmp_path_factory.mktemp("tiny_vlm")

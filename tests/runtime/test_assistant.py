@@ -5,15 +5,12 @@ barge-in by speech, scene reuse of the image embedding, audio overflow reporting
 the camera goes on, and stop() joining every thread."""
 
 import queue
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, model_kind  # noqa: E402
 from edge_mmm.runtime.retry import Backoff  # noqa: E402

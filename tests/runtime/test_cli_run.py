@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import QUESTION, write_video  # noqa: E402
 from wer import normalized_wer  # noqa: E402

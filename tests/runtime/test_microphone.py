@@ -4,15 +4,12 @@ sounddevice callback path with recorded frames, and a real PortAudio capture thr
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_mmm.audio.constants import SAMPLE_RATE  # noqa: E402
 from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, _Resampler, parse_mic_source  # noqa: E402

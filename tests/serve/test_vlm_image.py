@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,6 @@ from .conftest import free_port, running
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _data_url(img) -> str:

@@ -6,15 +6,12 @@ a truncated-and-reused cache. The SmolLM2 tests (slow) check greedy ids on the p
 """
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_llama import SMOLLM2_GGUF, tiny_hf_model, write_gguf  # noqa: E402
 

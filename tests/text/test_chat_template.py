@@ -1,13 +1,10 @@
 """Our chat-template rendering and tokenizer.json loading vs transformers' `apply_chat_template`."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer  # noqa: E402
 

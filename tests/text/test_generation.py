@@ -1,14 +1,11 @@
 """Generation, streaming, prefix reuse, errors and the `chat` CLI on a tiny random model with SmolLM2's tokenizer."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer, tiny_hf_model  # noqa: E402
 

@@ -19,7 +19,6 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_processor import png_header_only  # noqa: E402
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402

@@ -4,7 +4,6 @@ Identical input_ids; pixel_values within 1e-5 (observed: bit-identical); same pi
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_idefics3 import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
 

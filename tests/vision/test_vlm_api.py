@@ -3,8 +3,6 @@ for token; the image-embedding cache skips the encoder on a second question; mes
 
 import base64
 import io
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 

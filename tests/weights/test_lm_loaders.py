@@ -1,13 +1,10 @@
 """LM loaders on bad files: every problem is a ModelFileError naming the file or tensor."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_llama import tiny_hf_model, write_gguf  # noqa: E402
 
