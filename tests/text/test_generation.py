@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer, tiny_hf_model  # noqa: E402
 
-from edge_mmm.errors import InputError  # noqa: E402
+from edge_mmm.errors import ContextOverflowError, InputError  # noqa: E402
 from edge_mmm.text.api import LanguageModel, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig, sample  # noqa: E402
 
@@ -92,8 +92,10 @@ def test_context_policy(lm):
     n = len(lm.encode_prompt("word " * 40))
     g = lm.generate("word " * 40, GenerationConfig(max_tokens=500))
     assert n + len(g.token_ids) <= lm.context_length + 1 and g.finish_reason in ("length", "stop")
-    with pytest.raises(InputError, match=r"prompt is \d+ tokens but the context holds 96"):
+    with pytest.raises(InputError, match=r"prompt is \d+ tokens but the context holds 96") as info:
         lm.generate("word " * 200)
+    assert isinstance(info.value, ContextOverflowError)  # typed: callers trim history on it, never on text
+    assert info.value.context_length == 96 and info.value.prompt_tokens > 96
 
 
 @pytest.mark.parametrize("bad", ["", []])
