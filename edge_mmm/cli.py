@@ -552,6 +552,10 @@ def export(
     quant: str = typer.Option("int4", "--quant", help="int4 (LM: the source's 4-bit blocks) | int8 (LM INT8 "
                               "MatMulNBits + INT8 encoders)"),
     fmt: str = typer.Option("bundle", "--format", help="bundle | triton-server"),
+    triton_backend: str = typer.Option("onnxruntime", "--triton-backend",
+                                       help="triton-server format: onnxruntime (onnxruntime_onnx platform, GPU "
+                                            "servers) | python (the same graphs run by onnxruntime in "
+                                            "Python-backend models: servers with only the Python backend)"),
     vad: bool = typer.Option(True, "--vad/--no-vad", help="Ship Silero VAD with the ASR (bundle format)."),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="LM context; default: the profile's."),
     calibration_audio: Optional[List[Path]] = typer.Option(
@@ -579,6 +583,7 @@ def export(
     lm = lm if lm is not None else ("none" if vlm else "default")
     request = ExportRequest(get_profile(device), asr=pick(asr, default_asr_model), lm=pick(lm, default_lm_path),
                             vlm=pick(vlm, None), quant=quant, vad=vad, context=context, format=fmt,
+                            triton_backend=triton_backend,
                             calibration_audio=list(calibration_audio or []))
     for p in request.calibration_audio:
         if not p.is_file():

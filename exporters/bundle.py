@@ -54,6 +54,8 @@ class ExportRequest:
     vad: bool = True  # ship Silero VAD with the ASR
     context: Optional[int] = None  # LM context; default the profile's
     format: str = "bundle"
+    triton_backend: str = "onnxruntime"  # triton-server format: onnxruntime_onnx graphs | python (onnxruntime in
+    #                                      Python-backend models, for a server with only the Python backend)
     cache_root: Optional[Path] = None  # the ONNX export cache (default ~/.cache/edge-mmm)
     # int8 on a GPU profile: speech to calibrate the Whisper encoder's static INT8 (empty = espeak-ng sentences)
     calibration_audio: List[Path] = field(default_factory=list)
@@ -61,14 +63,19 @@ class ExportRequest:
     def validate(self) -> None:
         if self.format not in FORMATS:
             raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.triton_backend not in ("onnxruntime", "python"):
+            raise InputError(f"--triton-backend must be onnxruntime or python, got {self.triton_backend!r}")
+        if self.triton_backend != "onnxruntime" and self.format != "triton-server":
+            raise InputError("--triton-backend applies to --format triton-server only")
         if self.quant not in QUANTS:
             raise InputError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.quant == "fp16":
             raise InputError("--quant fp16 is not available: the LM exporter writes int4/int8 MatMulNBits only "
                              "(on GPU profiles the encoders' fp16 comes from the TensorRT engine build); "
                              "use --quant int4 or int8")
-        if self.lm is not None and self.vlm is not None:
-            raise InputError("give either --lm or --vlm (a VLM carries its own LM), not both")
+        if self.lm is not None and self.vlm is not None and self.format != "triton-server":
+            raise InputError("give either --lm or --vlm (a VLM carries its own LM), not both (a triton-server "
+                             "repository may serve both)")
         if self.asr is None and self.lm is None and self.vlm is None:
             raise InputError("empty model set: give at least one of --asr, --lm, --vlm")
 
@@ -115,7 +122,28 @@ def plan_export(request: ExportRequest) -> DevicePlan:
         vad=request.vad and request.asr is not None, quant=request.quant, group_size=group,
         zeros=not int8, scale_dtype="fp16" if gguf else "fp32", context=request.context,
         encoder_precision="int8" if int8 else ("fp32" if not gpu else None))
+    if plan_req.vlm is not None and plan_req.llm is not None:  # a triton-server repository serving both
+        return _plan_vlm_and_lm(plan_req, request.device, LM_INT8_GROUP if int8 else 32)
     return check_fits(plan_req, request.device)
+
+
+def _plan_vlm_and_lm(plan_req: PlanRequest, device: DeviceProfile, lm_group: int) -> DevicePlan:
+    """The planner takes one LM per plan: plan the VLM set, then the text LM alone, and sum the two tables
+    (the text LM's rows as component `text_lm`, its runtime overhead counted once)."""
+    from dataclasses import replace
+
+    from edge_mmm.devices.planner import PlanItem, plan
+    from edge_mmm.devices.profile import MIB
+    from edge_mmm.errors import DeviceError
+
+    with_vlm = check_fits(replace(plan_req, llm=None), device)
+    text = plan(replace(plan_req, asr=None, vlm=None, vad=False, group_size=lm_group), device)
+    with_vlm.items += [PlanItem("text_lm", i.part, i.bytes, i.detail) for i in text.items if i.component != "runtime"]
+    with_vlm.request["llm"] = text.request.get("llm")
+    if not with_vlm.fits:
+        raise DeviceError(f"plan does not fit on {device.id}: the VLM set and the text LM need "
+                          f"{with_vlm.total_bytes / MIB:,.0f} MiB, {with_vlm.budget_bytes / MIB:,.0f} MiB usable")
+    return with_vlm
 
 
 def _is_gguf(path: Path) -> bool:
@@ -157,10 +185,11 @@ def export_bundle(request: ExportRequest, out: Union[str, Path], progress: Optio
                                                if request.quant == "int8" and "asr" in models else ""))
             engines = _engine_plan(request, models, tmp)
         if request.format == "triton-server":
-            from edge_mmm.exporters.triton_server import write_repository
+            from edge_mmm.exporters.triton_server import ServingOptions, write_repository
 
             say("writing the Triton model repository")
-            models = write_repository(stage, models, request.device, tmp)
+            models = write_repository(stage, models, request.device, tmp,
+                                      options=ServingOptions(backend=request.triton_backend))
             shutil.rmtree(stage)
         say("hashing files")
         manifest = _manifest(request, plan, models, engines, tmp)

