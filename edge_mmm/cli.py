@@ -17,6 +17,7 @@ from typing import List, Optional
 import click
 import typer
 
+from edge_mmm.audio.media_guard import MAX_AUDIO_SECONDS
 from edge_mmm.errors import EdgeMMMError
 
 app = typer.Typer(
@@ -80,6 +81,8 @@ def transcribe(
     device: str = typer.Option("cpu", "--device",
                                help="cpu | cuda[:N] (cuda: --backend torch; our Triton kernels run in the model)"),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
+    max_audio_s: float = typer.Option(MAX_AUDIO_SECONDS, "--max-audio-s", min=1.0,
+                                      help="Refuse a file that decodes to more audio than this (seconds)."),
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
 ) -> None:
@@ -107,7 +110,7 @@ def transcribe(
         model, backend=backend, threads=threads, precision=precision, device=device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
-        result = asr.transcribe(path, opts, progress=not json_out)
+        result = asr.transcribe(path, opts, progress=not json_out, max_seconds=max_audio_s)
         if json_out:
             _emit_json(result.to_dict())
         else:
