@@ -92,6 +92,10 @@ class OnnxWhisperBackend:
             self.decoder = ort.InferenceSession(str(files["decoder"]), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelFileError(f"cannot load ONNX Whisper from {onnx_dir}: {exc}") from exc
+        from edge_mmm.weights.untrusted import check_onnx_inputs
+
+        check_onnx_inputs(self.encoder, ["mel"], files["encoder"])
+        check_onnx_inputs(self.decoder, ["tokens", "offset", "self_k", "self_v"], files["decoder"])
 
     def encode(self, mel: np.ndarray):
         out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})

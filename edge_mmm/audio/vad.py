@@ -90,6 +90,9 @@ class SileroVad:
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors on a bad file
             raise ModelFileError(f"cannot load Silero VAD model {self.path}: {exc}") from exc
+        from edge_mmm.weights.untrusted import check_onnx_inputs
+
+        check_onnx_inputs(self.session, ["input", "state", "sr"], self.path)
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
 

@@ -67,6 +67,11 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelFileError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
+        from edge_mmm.weights.untrusted import check_onnx_inputs
+
+        check_onnx_inputs(self.session, ["input_ids", "position_ids"] + [
+            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")],
+            onnx_path)
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
 

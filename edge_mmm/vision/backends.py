@@ -50,6 +50,9 @@ class OrtVisionEncoder:
             self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own non-exported exception types
             raise ModelFileError(f"ONNX vision model {path} cannot be loaded: {exc}") from exc
+        from edge_mmm.weights.untrusted import check_onnx_inputs
+
+        check_onnx_inputs(self.session, ["pixel_values", "patch_mask"], path)
         self.path = path
         self.patch_size = patch_size
         self.calls = 0
