@@ -43,7 +43,8 @@ def open_server(models):
     """A keyless server on 127.0.0.1 (the default) with a small audio cap."""
     from edge_mmm.serve.app import create_app
 
-    settings = ServeSettings(port=free_port(), max_tokens=16, max_audio_seconds=30)
+    settings = ServeSettings(port=free_port(), max_tokens=16)
+    settings.max_audio_seconds = 30.0  # (set after construction so this module also runs against older code)
     with running(create_app(settings, models), settings.port) as url:
         yield url, settings
 
