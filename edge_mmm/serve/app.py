@@ -181,6 +181,22 @@ def _check_chars(chars: int, settings: ServeSettings) -> None:
                             f"request)", param="messages", code="prompt_too_long")
 
 
+def refuse_control_text(messages: List[Dict[str, Any]], vlm) -> None:
+    """The VLM's prompt is encoded with control tokens parsed (its processor expands `<image>` in the text), so
+    message text that holds one is refused (the text LM instead encodes such text as plain text)."""
+    from edge_mmm.vision.processor import IMAGE_TOKEN
+
+    reserved = sorted(set(vlm.processor.tokenizer.special_strings()) | {IMAGE_TOKEN})
+    for i, m in enumerate(messages):
+        parts = [m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"]
+                                                                      if p["type"] == "text"]
+        for text in parts:
+            hit = next((t for t in reserved if t in text), None)
+            if hit is not None:
+                raise ApiError(400, f"messages[{i}] holds the control token {hit!r}, which a request to the vision "
+                                    f"model may not contain", param="messages", code="control_token")
+
+
 def _text_only(messages: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     """Text LMs take string contents: join the text parts."""
     return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
@@ -262,6 +278,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
                            param="messages")
         ids = None
         if has_images:
+            refuse_control_text(messages, models.vlm)
             model, model_id, prompt = models.vlm, models.vlm_id, messages
         else:
             model, model_id, prompt = models.lm, models.lm_id, _text_only(messages)
