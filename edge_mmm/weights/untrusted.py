@@ -2,8 +2,9 @@
 
 - `inside(root, rel)`: a manifest path, resolved strictly inside `root`: relative, no `..`, no symlink on the
   way, so a manifest cannot point a loader at /etc or ../../other-model.
-- `scan_tree(root)`: every entry under `root` a plain directory or a regular file with one link (a symlink
-  or a hard link could make a checked name read another file), nothing writable by others.
+- `scan_tree(root)`: every entry under `root` a plain directory or a regular file, no symlinks and no hard
+  links to files outside `root` (either lets a checked name read or follow another file), nothing writable
+  by others.
 - `open_nofollow(path)`: open for reading without following a symlink at the last component.
 - `check_values(values, schema, name)`: a JSON config's keys known and its numbers in range, before any
   constructor sees them (a context of 10**12 would allocate until the machine dies).
@@ -43,10 +44,12 @@ def inside(root: Path, rel: object, what: str) -> Path:
 
 def scan_tree(root: Path) -> List[str]:
     """The bundle's regular files (POSIX paths relative to `root`), after checking every entry: no symlinks,
-    no hard links, no devices/fifos, nothing world-writable (refused) or group-writable (warned)."""
+    no hard links out of the bundle, no devices/fifos, nothing world-writable (refused) or group-writable
+    (warned)."""
     root = Path(root)
     files: List[str] = []
     group_writable: List[str] = []
+    links: Dict[Tuple[int, int], list] = {}  # (dev, inode) -> [link count, first name, names inside]
 
     def check(path: Path, st: os.stat_result) -> None:
         rel = path.relative_to(root).as_posix() if path != root else "."
@@ -72,10 +75,14 @@ def scan_tree(root: Path) -> List[str]:
             if not stat.S_ISREG(st.st_mode):
                 raise ModelFileError(f"bundle {root}: {rel} is not a regular file")
             if st.st_nlink > 1:
-                raise ModelFileError(f"bundle {root}: {rel} is a hard link ({st.st_nlink} names); a bundle's "
-                                     f"files must be its own copies (re-export it)")
+                links.setdefault((st.st_dev, st.st_ino), [st.st_nlink, rel, 0])[2] += 1
             check(path, st)
             files.append(rel)
+    for nlink, rel, inside_names in links.values():
+        if inside_names < nlink:  # a name of this file lives outside the bundle: it can change behind it
+            raise ModelFileError(f"bundle {root}: {rel} is a hard link to a file outside the bundle ({nlink} "
+                                 f"names, {inside_names} inside); a bundle's files must be its own (copy it with "
+                                 f"cp -r, not cp -l)")
     if group_writable:
         warnings.warn(f"bundle {root}: {group_writable[0]} (and {len(group_writable) - 1} more) is group-writable; "
                       f"group members could replace a model (chmod -R g-w {root})", stacklevel=3)
