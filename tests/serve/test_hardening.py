@@ -317,9 +317,14 @@ def test_blank_or_padded_api_key_is_refused(key):
         ServeSettings(api_key=key)
 
 
-def test_cli_refuses_a_blank_api_key(capsys):
+def test_cli_refuses_a_blank_api_key(capsys, monkeypatch):
     from edge_mmm.cli import main
+    from edge_mmm.serve import app
 
+    def must_not_serve(settings, models=None):
+        raise AssertionError("a blank --api-key was accepted")
+
+    monkeypatch.setattr(app, "serve", must_not_serve)
     assert main(["serve", "--api-key", " " * 12, "--port", "9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--api-key" in err
