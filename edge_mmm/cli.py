@@ -17,6 +17,7 @@ from typing import List, Optional
 import click
 import typer
 
+from edge_mmm.audio.media_guard import MAX_AUDIO_SECONDS
 from edge_mmm.errors import EdgeMMMError
 
 app = typer.Typer(
@@ -149,6 +150,8 @@ def transcribe(
     device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
                                          "torch device on this machine's profile (cuda: --backend torch)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
+    max_audio_s: float = typer.Option(MAX_AUDIO_SECONDS, "--max-audio-s", min=1.0,
+                                      help="Refuse a file that decodes to more audio than this (seconds)."),
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
 ) -> None:
@@ -182,7 +185,7 @@ def transcribe(
         asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=torch_device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
     for path in audio:
-        result = asr.transcribe(path, opts, progress=not json_out)
+        result = asr.transcribe(path, opts, progress=not json_out, max_seconds=max_audio_s)
         if json_out:
             _emit_json(result.to_dict())
         else:

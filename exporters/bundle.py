@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Union
 from edge_mmm.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from edge_mmm.devices.planner import DevicePlan, PlanRequest, check_fits
 from edge_mmm.devices.profile import DeviceProfile
-from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.errors import InputError
 from edge_mmm.weights.export_cache import atomic_directory, sha256_file
 
 FORMATS = ("bundle", "triton-server")
@@ -39,7 +39,6 @@ VLM_INT4_GROUP = 64  # load_idefics3's INT4 group (its INT8 is per channel: plan
 LM_INT8_GROUP = 32  # MatMulNBits needs a power-of-two block; SmolLM2's K = 576 rules out per-channel
 
 Progress = Callable[[str], None]
-
 
 @dataclass
 class ExportRequest:

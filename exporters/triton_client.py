@@ -233,7 +233,7 @@ class AssistantClient:
         if self._vlm is None:
             from edge_mmm.vision.processor import Idefics3ImageProcessor
             from edge_mmm.vision.prompt import Idefics3Processor
-            from edge_mmm.weights.idefics3 import read_vlm_files
+            from edge_mmm.vision.idefics3 import read_vlm_files
 
             files = read_vlm_files(self.repository / "vlm_generate", weights=False)
             self._vlm = files, Idefics3Processor(Idefics3ImageProcessor(files.image_processor), files.tokenizer)

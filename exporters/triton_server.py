@@ -361,7 +361,7 @@ def write_repository(stage: Path, models: Dict[str, dict], device: DeviceProfile
 
 def _vlm_stop_ids(vlm: Path) -> List[int]:
     """The VLM's stop tokens, as edge-mmm's tokenizer reads them from the checkpoint's files."""
-    from edge_mmm.weights.idefics3 import read_vlm_files
+    from edge_mmm.vision.idefics3 import read_vlm_files
 
     return [int(t) for t in read_vlm_files(vlm, weights=False).tokenizer.stop_token_ids]
 

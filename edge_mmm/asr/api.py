@@ -15,6 +15,7 @@ from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.asr.transcribe import Segment, TranscribeOptions, transcribe_audio
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.audio.io import AudioInput, resolve_audio
+from edge_mmm.audio.media_guard import MAX_AUDIO_SECONDS
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.weights.hub import resolve_model_path
 from edge_mmm.models.whisper import WhisperConfig
@@ -59,9 +60,10 @@ class ASRModel:
         return transcribe_audio(self.backend, self.tokenizer, wav, options or TranscribeOptions(), on_progress)
 
     def transcribe(self, audio: AudioInput, options: Optional[TranscribeOptions] = None,
-                   progress: bool = False) -> Transcript:
+                   progress: bool = False, max_seconds: float = MAX_AUDIO_SECONDS) -> Transcript:
+        """A file is decoded (MediaLimitError past `max_seconds`) and transcribed whole."""
         t0 = time.perf_counter()
-        wav = resolve_audio(audio)
+        wav = resolve_audio(audio, max_seconds=max_seconds)
         audio_s = len(wav) / SAMPLE_RATE
         if progress and audio_s > 30:
             segments, language = self._with_progress(wav, options, audio_s, str(audio) if not isinstance(audio, np.ndarray) else "audio")

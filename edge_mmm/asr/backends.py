@@ -79,8 +79,9 @@ class OnnxWhisperBackend:
     def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0):
         self.config = config
         files = onnx_files(onnx_dir)
-        self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads)
-        self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads)
+        self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads, inputs=["mel"])
+        self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads,
+                                   inputs=["tokens", "offset", "self_k", "self_v"])
 
     def encode(self, mel: np.ndarray):
         out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 
 from edge_mmm.audio.constants import MIN_AUDIO_SECONDS, SAMPLE_RATE
+from edge_mmm.audio.media_guard import AUDIO_FORMATS, MAX_AUDIO_SECONDS, MediaLimitError, open_media
 from edge_mmm.errors import InputError
 
 AudioInput = Union[str, Path, np.ndarray]
 
 
-def load_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode `path` to a mono float32 array at `sample_rate` in [-1, 1]; InputError if unreadable."""
-    import av
+def load_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE,
+               max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """Decode `path` to a mono float32 array at `sample_rate` in [-1, 1]; InputError if unreadable.
 
+    Only single-file containers are read, from the file's own bytes (`media_guard`); decoding stops with a
+    `MediaLimitError` once the audio passes `max_seconds`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"audio file not found: {path}")
@@ -24,25 +28,52 @@ def load_audio(path: Union[str, Path], sample_rate: int = SAMPLE_RATE) -> np.nda
         raise InputError(f"audio path is a directory, not a file: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"audio file is empty (0 bytes): {path}")
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    chunks = []
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with open(path, "rb") as f:
+            return decode_audio(f, str(path), sample_rate, max_seconds)
+    except OSError as exc:
+        raise InputError(f"cannot read audio file {path}: {exc.strerror or exc}") from exc
+
+
+def decode_audio(source: Union[bytes, BinaryIO], name: str = "audio", sample_rate: int = SAMPLE_RATE,
+                 max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """Decode audio bytes (or a binary file object) to mono float32 at `sample_rate`, as `load_audio`.
+
+    `name` is what errors call the input (an upload is never named by a server path)."""
+    import av
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise InputError(f"{name}: empty (0 bytes)")
+        source = io.BytesIO(bytes(source))
+    max_samples = int(max_seconds * sample_rate)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunks, total = [], 0
+
+    def add(frames) -> None:
+        nonlocal total
+        for out in frames:
+            x = out.to_ndarray().reshape(-1)
+            total += x.size
+            if total > max_samples:  # refuse before the memory is spent
+                raise MediaLimitError(f"{name}: the audio is longer than the {max_seconds:g} s limit")
+            chunks.append(x)
+
+    try:
+        with open_media(source, name, AUDIO_FORMATS) as container:
             if not container.streams.audio:
-                raise InputError(f"no audio stream in file: {path}")
+                raise InputError(f"no audio stream in {name}")
             stream = container.streams.audio[0]
             for frame in container.decode(stream):
                 frame.pts = None  # let the resampler stitch frames with gaps or odd timestamps
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                add(resampler.resample(frame))
+            add(resampler.resample(None))
     except InputError:
         raise
-    except (av.error.FFmpegError, ValueError, OSError) as exc:
-        raise InputError(f"cannot decode audio file {path}: {exc.__class__.__name__}: {exc}") from exc
+    except (av.error.FFmpegError, ValueError, OSError, MemoryError) as exc:
+        raise InputError(f"cannot decode audio {name}: {exc.__class__.__name__}") from exc
     audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    return check_audio(audio, str(path), sample_rate)
+    return check_audio(audio, name, sample_rate)
 
 
 def check_audio(audio: np.ndarray, name: str = "audio", sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -65,8 +96,9 @@ def check_audio(audio: np.ndarray, name: str = "audio", sample_rate: int = SAMPL
     return audio.astype(np.float32, copy=False)
 
 
-def resolve_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """A path is decoded; an array is taken as mono float32 already at `sample_rate`."""
+def resolve_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE,
+                  max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """A path is decoded (at most `max_seconds`); an array is taken as mono float32 already at `sample_rate`."""
     if isinstance(audio, (str, Path)):
-        return load_audio(audio, sample_rate)
+        return load_audio(audio, sample_rate, max_seconds)
     return check_audio(audio, "audio array", sample_rate)

@@ -80,7 +80,7 @@ class SileroVad:
     def __init__(self, path: Union[str, Path, None] = None):
         self.path = Path(path) if path is not None else default_vad_model()
         # ~0.2 ms a chunk on one thread; more threads only add overhead
-        self.session = ort_session(self.path, "Silero VAD model", threads=1)
+        self.session = ort_session(self.path, "Silero VAD model", threads=1, inputs=["input", "state", "sr"])
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
 

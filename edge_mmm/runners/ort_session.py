@@ -16,9 +16,9 @@ CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 
 def ort_session(path: Union[str, Path], what: str, threads: int = 0,
-                providers: Optional[Sequence[str]] = None):
-    """An `onnxruntime.InferenceSession` on `path`; a missing or unloadable file is a ModelFileError naming
-    `what` and the file."""
+                providers: Optional[Sequence[str]] = None, inputs: Sequence[str] = ()):
+    """An `onnxruntime.InferenceSession` on `path`; a missing or unloadable file, or a graph without one of
+    the `inputs` the caller feeds (a swapped file), is a ModelFileError naming `what` and the file."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -30,6 +30,17 @@ def ort_session(path: Union[str, Path], what: str, threads: int = 0,
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        return ort.InferenceSession(str(path), opts, providers=list(providers or CPU_PROVIDERS))
+        session = ort.InferenceSession(str(path), opts, providers=list(providers or CPU_PROVIDERS))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, not exported
         raise ModelFileError(f"cannot load {what} {path}: {exc}") from exc
+    check_onnx_inputs(session, inputs, path)
+    return session
+
+
+def check_onnx_inputs(session, names: Sequence[str], path) -> None:
+    """ModelFileError when an onnxruntime session lacks an input the caller feeds (a swapped graph)."""
+    have = {i.name for i in session.get_inputs()}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ModelFileError(f"{path} is not the expected graph: it has no input {missing[0]!r} "
+                             f"(its inputs: {', '.join(sorted(have))[:200]})")

@@ -2,8 +2,11 @@
 
 Sources: a V4L2 index ("0") or device path ("/dev/video0"), a GStreamer pipeline (any string with "!",
 e.g. Jetson CSI: "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720 ! nvvidconv !
-video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"), an RTSP/HTTP URL, or
-a video file (played at its own frame rate). The grabber hands each frame to `on_frame` and keeps
+video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"), a stream URL with
+one of STREAM_SCHEMES (any other `scheme:` -- file:, concat:, data:, subfile: ... -- is refused), or a
+video file (played at its own frame rate) in one of media_guard.VIDEO_FORMATS, checked with FFmpeg's
+demuxer whitelist before OpenCV opens it (no playlists: an .m3u8 or ffconcat "video" is refused).
+Frames over MAX_FRAME_PIXELS are dropped and reported. The grabber hands each frame to `on_frame` and keeps
 nothing itself, so a slow consumer only ever sees the newest frame: stale frames are dropped, not
 queued. A source that fails to open or stops delivering (unplugged, stream lost, end of file) is
 reported through `on_error` and reopened with exponential backoff; a file therefore starts over.
@@ -11,6 +14,7 @@ reported through `on_error` and reopened with exponential backoff; a file theref
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +22,12 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from edge_mmm.audio.media_guard import MAX_FRAME_PIXELS, probe_video_file
 from edge_mmm.errors import InputError, require
 from edge_mmm.runtime.retry import Backoff, SourceThread, run_with_retry
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "rtmp://")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,13 @@ def parse_camera_source(src: str) -> CameraSpec:
         return CameraSpec(s, "gstreamer")
     if s.lower().startswith(STREAM_SCHEMES):
         return CameraSpec(s, "stream")
+    if _SCHEME.match(s) and not Path(s).expanduser().is_file():
+        raise InputError(f"--camera {src}: URL scheme not allowed (allowed: "
+                         f"{', '.join(x[:-3] for x in STREAM_SCHEMES)})")
     path = Path(s).expanduser()
     if not path.is_file():
         raise InputError(f"--camera {src}: no such video file (or not a V4L2 index / pipeline / URL)")
+    probe_video_file(path)  # an allowed single-file container with a frame size under the limit
     return CameraSpec(str(path), "file")
 
 
@@ -72,7 +82,7 @@ class CameraSource(SourceThread):
         """An opened `cv2.VideoCapture`; RuntimeError (reported, then retried by the grabber) when it cannot open."""
         cv2 = self._cv2
         api = {"v4l2": getattr(cv2, "CAP_V4L2", cv2.CAP_ANY), "gstreamer": cv2.CAP_GSTREAMER,
-               "stream": cv2.CAP_FFMPEG, "file": cv2.CAP_ANY}[self.spec.kind]
+               "stream": cv2.CAP_FFMPEG, "file": cv2.CAP_FFMPEG}[self.spec.kind]
         cap = cv2.VideoCapture(self.spec.target, api)
         if not cap.isOpened():
             cap.release()
@@ -93,6 +103,9 @@ class CameraSource(SourceThread):
                 ok, frame = cap.read()
                 if not ok or frame is None:
                     break
+                if frame.shape[0] * frame.shape[1] > MAX_FRAME_PIXELS:
+                    raise RuntimeError(f"camera {self.src} delivers {frame.shape[1]}x{frame.shape[0]} frames, over "
+                                       f"the {MAX_FRAME_PIXELS} pixel limit")
                 if period:  # a file plays at its frame rate, like a camera would deliver it
                     t_next += period
                     if self.stopping.wait(max(0.0, t_next - time.monotonic())):

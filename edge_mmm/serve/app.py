@@ -8,11 +8,11 @@ worker threads so the event loop keeps answering (and refusing) other requests m
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class in the routes
 
+import asyncio
 import base64
 import binascii
 import io
 import json
-import tempfile
 import threading
 import time
 import uuid
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.audio.io import decode_audio
 from edge_mmm.errors import EdgeMMMError, InputError, require
 from edge_mmm.serve.guard import (Admission, ApiError, GuardMiddleware, error_body, install_error_handlers,
                                    json_body)
@@ -28,6 +30,7 @@ from edge_mmm.text.generation import GenerationConfig
 
 ROLES = ("system", "user", "assistant")
 _DONE = object()
+DISCONNECT_POLL_S = 0.1  # how often a running request checks that its client is still there
 
 
 @dataclass
@@ -96,7 +99,7 @@ def generation_config(body: dict, cap: int) -> GenerationConfig:
     cfg = GenerationConfig(max_tokens=min(max_tokens, cap), temperature=_field(body, "temperature", float, 1.0),
                            top_p=_field(body, "top_p", float, 1.0), seed=_field(body, "seed", int),
                            stop_strings=tuple(stop or ()))
-    if cfg.temperature > 2:
+    if not 0 <= cfg.temperature <= 2:  # also refuses NaN
         raise ApiError(400, "'temperature' must be in [0, 2]", param="temperature")
     try:
         cfg.validate()
@@ -105,8 +108,8 @@ def generation_config(body: dict, cap: int) -> GenerationConfig:
     return cfg
 
 
-def _image_bytes(url: Any, settings: ServeSettings) -> bytes:
-    """A base64 data URL -> image bytes, after checking the pixel count from the image header."""
+def _image_bytes(url: Any, settings: ServeSettings) -> Tuple[bytes, int]:
+    """A base64 data URL -> (image bytes, pixels), after checking the pixel count from the image header."""
     from PIL import Image
 
     if not isinstance(url, str) or not url.startswith("data:"):
@@ -127,7 +130,7 @@ def _image_bytes(url: Any, settings: ServeSettings) -> bytes:
     if w * h > settings.max_image_pixels:
         raise ApiError(400, f"image is {w}x{h} = {w * h} pixels, over the {settings.max_image_pixels} limit",
                        param="image_url", code="image_too_large")
-    return data
+    return data, w * h
 
 
 def parse_messages(body: dict, settings: ServeSettings) -> Tuple[List[Dict[str, Any]], bool]:
@@ -135,12 +138,14 @@ def parse_messages(body: dict, settings: ServeSettings) -> Tuple[List[Dict[str, 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out, n_images = [], 0
+    out, n_images, pixels, chars = [], 0, 0, 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] must be an object with role in {ROLES}", param="messages")
         content = m.get("content")
         if isinstance(content, str):
+            chars += len(content)
+            _check_chars(chars, settings)
             out.append({"role": m["role"], "content": content})
             continue
         if not isinstance(content, list) or not content:
@@ -149,6 +154,8 @@ def parse_messages(body: dict, settings: ServeSettings) -> Tuple[List[Dict[str, 
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                chars += len(part["text"])
+                _check_chars(chars, settings)
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 ref = part.get("image_url")
@@ -156,11 +163,40 @@ def parse_messages(body: dict, settings: ServeSettings) -> Tuple[List[Dict[str, 
                 n_images += 1
                 if n_images > settings.max_images:
                     raise ApiError(400, f"at most {settings.max_images} images per request", param="messages")
-                parts.append({"type": "image", "image": _image_bytes(url, settings)})
+                data, n_pixels = _image_bytes(url, settings)
+                pixels += n_pixels
+                if pixels > settings.max_request_pixels:  # decoding them all would cost this much memory
+                    raise ApiError(400, f"the request's images hold {pixels} pixels together, over the "
+                                        f"{settings.max_request_pixels} limit per request", param="messages",
+                                   code="image_too_large")
+                parts.append({"type": "image", "image": data})
             else:
                 raise ApiError(400, f"messages[{i}]: unsupported content part (text or image_url)", param="messages")
         out.append({"role": m["role"], "content": parts})
     return out, n_images > 0
+
+
+def _check_chars(chars: int, settings: ServeSettings) -> None:
+    # before any tokenizing: a huge prompt costs time and memory even when the context check refuses it
+    if chars > settings.max_prompt_chars:
+        raise ApiError(400, f"the messages hold more than {settings.max_prompt_chars} characters (the limit per "
+                            f"request)", param="messages", code="prompt_too_long")
+
+
+def refuse_control_text(messages: List[Dict[str, Any]], vlm) -> None:
+    """The VLM's prompt is encoded with control tokens parsed (its processor expands `<image>` in the text), so
+    message text that holds one is refused (the text LM instead encodes such text as plain text)."""
+    from edge_mmm.vision.processor import IMAGE_TOKEN
+
+    reserved = sorted(set(vlm.processor.tokenizer.special_strings()) | {IMAGE_TOKEN})
+    for i, m in enumerate(messages):
+        parts = [m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"]
+                                                                      if p["type"] == "text"]
+        for text in parts:
+            hit = next((t for t in reserved if t in text), None)
+            if hit is not None:
+                raise ApiError(400, f"messages[{i}] holds the control token {hit!r}, which a request to the vision "
+                                    f"model may not contain", param="messages", code="control_token")
 
 
 def _text_only(messages: List[Dict[str, Any]]) -> List[Dict[str, str]]:
@@ -176,7 +212,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
     """The FastAPI app; loads the models named in `settings` unless `models` is given."""
     fastapi = require("fastapi", "serve", "edge-mmm serve")
     require("multipart", "serve", "audio uploads (python-multipart)")
-    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     models = models or load_models(settings)
@@ -201,6 +237,38 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "edge-mmm"}
                                            for i in ids]}
 
+    kv_owner: Dict[int, Any] = {}  # id(model) -> the connection whose conversation its KV cache holds
+
+    def claim(model, owner) -> None:
+        """Reuse a model's KV cache only within one client connection's conversation: a cache filled by
+        another client is dropped first, so no prefix of someone else's prompt can be timed (hold model_lock)."""
+        if kv_owner.get(id(model)) != owner:
+            model.reset()
+            kv_owner[id(model)] = owner
+
+    def connection(request) -> Tuple[Any, ...]:
+        client = request.scope.get("client") or ("", 0)
+        return tuple(client), request.headers.get("authorization", "")
+
+    async def until_disconnect(request, work):
+        """Run `work(stop)` in a worker thread and return its result; when the client hangs up first, set
+        `stop` (the worker ends after its current token or segment), wait for it and return None."""
+        stop = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(work, stop))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    stop.set()
+                    await asyncio.wait({task})
+                    if not task.cancelled():
+                        task.exception()  # retrieved: nobody is left to report it to
+                    return None
+        finally:
+            stop.set()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         body = await json_body(request)
@@ -210,14 +278,34 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         if has_images and models.vlm is None:
             raise ApiError(400, "this server has no vision model loaded (start it with --vlm-model)",
                            param="messages")
+        ids = None
         if has_images:
+            refuse_control_text(messages, models.vlm)
             model, model_id, prompt = models.vlm, models.vlm_id, messages
         else:
             model, model_id, prompt = models.lm, models.lm_id, _text_only(messages)
+            ids = await run_in_threadpool(model.encode_prompt, prompt)  # tokenized outside the model lock
+        owner = connection(request)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def start():
+            with model_lock:
+                claim(model, owner)
+                return model.stream_ids(ids, config) if ids is not None else model.stream(prompt, config)
+
         if not stream:
+            def work(stop):
+                with model_lock:
+                    for _ in tokens:
+                        if stop.is_set():
+                            return None
+                return tokens.result
+
             async with admission:
-                gen = await run_in_threadpool(locked, model.generate, prompt, config)
+                tokens = await run_in_threadpool(start)
+                gen = await until_disconnect(request, work)
+            if gen is None:  # the client hung up; generation was stopped
+                return Response(status_code=499)
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                                  "finish_reason": gen.finish_reason}],
@@ -226,7 +314,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
 
         await admission.__aenter__()  # before the 200 goes out, so a full queue is still a 429
         try:
-            tokens = await run_in_threadpool(locked, model.stream, prompt, config)
+            tokens = await run_in_threadpool(start)
         except BaseException:
             await admission.__aexit__(None, None, None)
             raise
@@ -242,8 +330,10 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
                 while True:
                     try:
                         delta = await run_in_threadpool(locked, next, tokens, _DONE)
-                    except EdgeMMMError as exc:  # the 200 is sent: report in-band, as OpenAI does
-                        yield "data: " + json.dumps(error_body(400, str(exc))) + "\n\n"
+                    except Exception as exc:  # the 200 is sent: report in-band, as OpenAI does, then end
+                        status, message = ((400, str(exc)) if isinstance(exc, EdgeMMMError)
+                                           else (500, f"internal error ({exc.__class__.__name__})"))
+                        yield "data: " + json.dumps(error_body(status, message)) + "\n\n"
                         break
                     if delta is _DONE:
                         finish = tokens.result.finish_reason if tokens.result is not None else "stop"
@@ -277,22 +367,35 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         data = await upload.read()
         if not data:
             raise ApiError(400, "the uploaded file is empty", param="file")
-        suffix = Path(upload.filename or "audio").suffix[:16]
-        with tempfile.TemporaryDirectory(prefix="edge-mmm-upload-") as tmp:
-            path = Path(tmp) / f"upload{suffix}"
-            path.write_bytes(data)
-            async with admission:
-                transcript = await run_in_threadpool(locked, models.asr.transcribe, path)
+
+        def work(stop):
+            # decoded from the uploaded bytes only (no file name reaches FFmpeg), capped while decoding
+            wav = decode_audio(data, "the uploaded file", SAMPLE_RATE, settings.max_audio_seconds)
+            with model_lock:
+                language, segments = models.asr.stream(wav)
+                done = []
+                for seg in segments:
+                    if stop.is_set():
+                        return None
+                    done.append(seg)
+            return language, done, len(wav) / SAMPLE_RATE
+
+        async with admission:
+            result = await until_disconnect(request, work)
+        if result is None:
+            return Response(status_code=499)
+        language, segments, audio_s = result
+        text = "".join(seg.text for seg in segments).strip()
         if response_format == "text":
-            return PlainTextResponse(transcript.text)
+            return PlainTextResponse(text)
         if response_format == "verbose_json":
-            d = transcript.to_dict()
-            return {"task": "transcribe", "language": d["language"], "duration": d["timings"].get("audio_s"),
-                    "text": d["text"], "segments": d["segments"]}
-        return {"text": transcript.text}
+            return {"task": "transcribe", "language": language, "duration": round(audio_s, 3), "text": text,
+                    "segments": [{"start": seg.start, "end": seg.end, "text": seg.text} for seg in segments]}
+        return {"text": text}
 
     # answers before routing: the key check and the body limit apply to every path
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       content_types={"/v1/audio/transcriptions": ("multipart/form-data",)})
     return app
 
 

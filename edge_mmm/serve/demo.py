@@ -17,7 +17,7 @@ import asyncio
 import io
 import queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.errors import EdgeMMMError, require
@@ -32,6 +32,9 @@ PAGES = {"/": ("demo.html", "text/html; charset=utf-8"),
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' blob: "
                                            "mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+# what each POST path accepts without an API key (the page sends these; see serve.guard)
+CONTENT_TYPES = {"/ask": ("application/json",), "/audio": ("application/octet-stream",),
+                 "/frame": ("image/jpeg", "image/png")}
 MAX_QUESTION_CHARS = 1000
 MAX_AUDIO_POST_S = 5.0  # one POST /audio carries at most this much audio
 MAX_SUBSCRIBERS = 16  # open /events streams; more get 429
@@ -79,8 +82,11 @@ def decode_audio(raw: bytes):
     return np.clip(samples, -1.0, 1.0)
 
 
-def decode_frame(raw: bytes, max_pixels: int):
-    """JPEG/PNG bytes -> BGR uint8 array (the camera's layout), after checking the size from the header."""
+def decode_frame(raw: bytes, max_pixels: int, keep_pixels: Optional[int] = None):
+    """JPEG/PNG bytes -> BGR uint8 array (the camera's layout), after checking the size from the header.
+
+    A frame over `keep_pixels` is scaled down to fit (JPEG decodes at a reduced size directly): the
+    assistant keeps a history of frames, so each must stay small."""
     import numpy as np
     from PIL import Image
 
@@ -92,10 +98,18 @@ def decode_frame(raw: bytes, max_pixels: int):
             if w * h > max_pixels:
                 raise ApiError(400, f"frame is {w}x{h} = {w * h} pixels, over the {max_pixels} limit",
                                code="image_too_large")
+            if img.format not in ("JPEG", "PNG"):
+                raise ApiError(400, f"frame body is {img.format}, not JPEG or PNG")
+            if keep_pixels is not None and w * h > keep_pixels:
+                scale = (keep_pixels / (w * h)) ** 0.5
+                size = (max(1, int(w * scale)), max(1, int(h * scale)))
+                img.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+                img = img.convert("RGB")
+                img.thumbnail(size)
             rgb = np.asarray(img.convert("RGB"))
     except ApiError:
         raise
-    except (Image.UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise ApiError(400, "frame body is not a readable JPEG or PNG image") from None
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
@@ -196,13 +210,14 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
     @app.post("/frame", status_code=202)
     async def frame(request: fastapi.Request):
         browser_source("camera")
-        bgr = await run_in_threadpool(decode_frame, await request.body(), settings.max_image_pixels)
+        bgr = await run_in_threadpool(decode_frame, await request.body(), settings.max_image_pixels,
+                                      settings.max_frame_pixels)
         await run_in_threadpool(assistant.feed_frame, bgr)
         return {"status": "accepted", "width": int(bgr.shape[1]), "height": int(bgr.shape[0])}
 
     # answers before routing: the key check and the body limit apply to every path but the static page
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       public_paths=files.keys())
+                       public_paths=files.keys(), content_types=CONTENT_TYPES)
     return app
 
 

@@ -7,7 +7,9 @@ that extends the previous one (the next chat turn) reuses the cached prefix.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -48,18 +50,47 @@ class LanguageModel:
                            self.tokenizer.special_tokens)
 
     def encode_prompt(self, prompt: Prompt) -> List[int]:
-        """Raw text gets the tokenizer's BOS/EOS rules; chat messages are rendered and encoded as-is."""
+        """Raw text gets the tokenizer's BOS/EOS rules; chat messages are rendered by the template, whose own
+        control tokens count, while the messages' text never becomes a control token (`encode_messages`)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("the prompt is empty")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if not prompt:
             raise InputError("the conversation has no messages")
-        return self.tokenizer.encode(self.render(prompt), add_special_tokens=False)
+        return self.encode_messages(prompt)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, Any]]) -> List[int]:
+        """Render and encode a conversation. Message text that holds a control token's text (a forged
+        '<|im_start|>system') is encoded as plain text: each content is swapped for a unique mark, the
+        template rendered, and the text between marks encoded with special tokens, the contents without."""
+        specials = self.tokenizer.special_strings()
+        contents = [m.get("content") if isinstance(m, Mapping) else None for m in messages]
+        if not any(isinstance(c, str) and any(t in c for t in specials) for c in contents):
+            return self.tokenizer.encode(self.render(messages), add_special_tokens=False)  # the common case
+        nonce = uuid.uuid4().hex
+        marks = {f"\ue000{nonce}-{i}\ue001": c for i, c in enumerate(contents) if isinstance(c, str)}
+        by_content = iter(marks)
+        masked = [dict(m, content=next(by_content)) if isinstance(c, str) else m for m, c in zip(messages, contents)]
+        pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", self.render(masked))
+        if sorted(p for p in pieces if p in marks) != sorted(marks):
+            raise InputError("a message holds a control token's text and this chat template does not place each "
+                             "message's text exactly once, so it cannot be encoded safely")
+        ids: List[int] = []
+        for piece in pieces:
+            if piece in marks:
+                ids += self.tokenizer.encode_plain(marks[piece])
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
 
     def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> TokenStream:
         """Text deltas as they are decoded; `stream.result` is the `Generation` once exhausted."""
-        ids = self.encode_prompt(prompt)
+        return self.stream_ids(self.encode_prompt(prompt), config)
+
+    def stream_ids(self, ids: List[int], config: Optional[GenerationConfig] = None) -> TokenStream:
+        """As `stream`, from a prompt already encoded (`encode_prompt`): a server tokenizes before it takes
+        the model."""
         config = config or GenerationConfig()
         config.validate()
         check_prompt(len(ids), self.context_length)

@@ -112,7 +112,8 @@ class OrtBackend:
     """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
 
     def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0):
-        self.session = ort_session(onnx_path, "ONNX LM", threads)
+        self.session = ort_session(onnx_path, "ONNX LM", threads, inputs=["input_ids", "position_ids"] + [
+            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")])
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
 

@@ -11,6 +11,7 @@ Context policy: a prompt that does not fit the context (prompt tokens >= context
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
@@ -19,6 +20,9 @@ import torch
 
 from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; tests import it from here)
+
+
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -34,8 +38,11 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise InputError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (64 bits), got a {len(str(self.seed))}-digit "
+                             f"number")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

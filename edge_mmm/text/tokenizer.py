@@ -40,6 +40,8 @@ class TextTokenizer:
     special_tokens: Dict[str, str] = field(default_factory=dict)
     stop_token_ids: List[int] = field(default_factory=list)
     chat_template: Optional[str] = None
+    _specials: Optional[List[str]] = field(default=None, init=False, repr=False)
+    _plain: Any = field(default=None, init=False, repr=False)
 
     @property
     def vocab_size(self) -> int:
@@ -47,6 +49,24 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def special_strings(self) -> List[str]:
+        """The text of every special (control) token, e.g. '<|im_start|>'."""
+        if self._specials is None:
+            self._specials = sorted({t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                                     if t.special and t.content})
+        return self._specials
+
+    def encode_plain(self, text: str) -> List[int]:
+        """Encode untrusted text: a special token's text inside it is split like ordinary text, never
+        turned into the control token (a copy of the tokenizer with `encode_special_tokens`)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(self.tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

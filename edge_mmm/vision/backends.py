@@ -58,7 +58,8 @@ class OrtVisionEncoder:
     def __init__(self, path: Path, patch_size: Optional[int] = None, threads: int = 0, providers=None,
                  max_tiles: Optional[int] = None):
         path = Path(path)
-        self.session = ort_session(path, "ONNX vision model", threads, providers)
+        self.session = ort_session(path, "ONNX vision model", threads, providers,
+                                   inputs=["pixel_values", "patch_mask"])
         self.path = path
         self.patch_size = patch_size
         self.max_tiles = max_tiles

@@ -197,7 +197,11 @@ def load_gguf_lm(path) -> Tuple[LlamaConfig, Dict[str, object], Dict[str, Any]]:
             n_head = cfg.num_heads
         elif permute and rest_is(gname, "attn_k"):
             n_head = cfg.num_kv_heads
-        value = _tensor(t, gname, path, n_head)
+        try:
+            value = _tensor(t, gname, path, n_head)
+        except (ValueError, TypeError, IndexError, OverflowError) as exc:  # shape/type fields that do not fit
+            raise ModelFileError(f"{path}: tensor {gname} is malformed ({exc.__class__.__name__}: "
+                                 f"{str(exc)[:120]})") from exc
         if ours == "embed_tokens.weight" and not isinstance(value, torch.Tensor):
             value = value.weight  # exact dequantization; the tied lm_head shares it
         state[ours] = value

@@ -6,7 +6,6 @@ nor a temp dir (and keeps an earlier bundle intact); a plan that does not fit is
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -74,8 +73,8 @@ def clip(tmp_path_factory):
 
 
 def _linked_copy(src: Path, dst: Path) -> Path:
-    """A copy of a bundle whose files are hard links (cheap); replace a file before changing it."""
-    shutil.copytree(src, dst, copy_function=os.link)
+    """A copy of a bundle (real copies: a bundle holding hard links to files outside it is refused)."""
+    shutil.copytree(src, dst)
     return dst
 
 

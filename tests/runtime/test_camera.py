@@ -14,16 +14,31 @@ from edge_mmm.runtime.retry import Backoff  # noqa: E402
 from edge_mmm.runtime.camera import CameraSource, parse_camera_source  # noqa: E402
 
 
-def test_parse_camera_source(tmp_path):
+def test_parse_camera_source(tmp_path, video_file):
     assert parse_camera_source("0").kind == "v4l2" and parse_camera_source("0").target == 0
     assert parse_camera_source("/dev/video2").kind == "v4l2"
     assert parse_camera_source("nvarguscamerasrc ! nvvidconv ! appsink").kind == "gstreamer"
     assert parse_camera_source("rtsp://10.0.0.2/stream").kind == "stream"
-    f = tmp_path / "v.avi"
-    f.write_bytes(b"x")
-    assert parse_camera_source(str(f)).kind == "file"
+    assert parse_camera_source(str(video_file)).kind == "file"
     with pytest.raises(InputError, match="no such video file"):
         parse_camera_source(str(tmp_path / "missing.mp4"))
+
+
+def test_camera_refuses_other_schemes_and_playlists(tmp_path, video_file):
+    """Issue 18: a camera file is one allowed container read on its own; no file:/concat: URLs, no playlists."""
+    for src in ("file:///etc/passwd", "concat:/a.mp4|/b.mp4", "subfile,,start,0,end,0,,:/etc/passwd",
+                "data:video/mp4;base64,AAAA"):
+        with pytest.raises(InputError):
+            parse_camera_source(src)
+    playlist = tmp_path / "cam.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:5.0,\n{video_file}\n#EXT-X-ENDLIST\n")
+    concat = tmp_path / "cam.mp4"
+    concat.write_text(f"ffconcat version 1.0\nfile {video_file}\n")
+    junk = tmp_path / "v.avi"
+    junk.write_bytes(b"x")
+    for path in (playlist, concat, junk):
+        with pytest.raises(InputError, match="not a supported media file"):
+            parse_camera_source(str(path))
 
 
 def _collect(src, backoff):

@@ -242,7 +242,7 @@ def test_browser_audio_is_fed_as_float32(open_app):
                          ids=["empty", "partial-sample", "nan", "too-long"])
 def test_bad_audio_is_400(open_app, raw):
     url, assistant = open_app
-    _assert_error(httpx.post(url + "/audio", content=raw), 400)
+    _assert_error(httpx.post(url + "/audio", content=raw, headers={"Content-Type": "application/octet-stream"}), 400)
     assert assistant.audio == []
 
 
@@ -277,6 +277,7 @@ def test_browser_sources_only_where_the_server_has_none():
     settings = ServeSettings(port=free_port())
     with running(demo.create_demo_app(assistant, settings), settings.port) as url:
         assert httpx.get(url + "/healthz").json()["sources"] == {"camera": "server", "mic": "server"}
-        _assert_error(httpx.post(url + "/frame", content=_jpeg()), 409)
-        _assert_error(httpx.post(url + "/audio", content=np.zeros(160, "<f4").tobytes()), 409)
+        _assert_error(httpx.post(url + "/frame", content=_jpeg(), headers={"Content-Type": "image/jpeg"}), 409)
+        _assert_error(httpx.post(url + "/audio", content=np.zeros(160, "<f4").tobytes(),
+                                 headers={"Content-Type": "application/octet-stream"}), 409)
     assert assistant.frames == [] and assistant.audio == []
