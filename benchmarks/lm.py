@@ -6,13 +6,21 @@ Engines are interleaved for `--rounds` rounds and medians reported, because this
 "ours torch (packed)" is the QuantLinear reference that dequantizes per call: only a few decode steps.
 
     python benchmarks/lm.py [--model GGUF] [--threads 2] [--rounds 3] [--prompt-tokens 200] [--new-tokens 128]
+    python benchmarks/lm.py --llama-cpp-python /path/to/native-env/bin/python   # peer from another build
     python benchmarks/lm.py --parity   # token parity table vs llama.cpp (fp32 and llama.cpp numerics)
+
+The llama.cpp build that ran is printed (`llama_print_system_info()`) and written to the JSON. Parity
+uses the portable build the README pins; speed should be measured against the fastest build that runs on
+the host (native flags, AMX off where it crashes) installed in a separate environment and passed with
+`--llama-cpp-python` (it runs benchmarks/llama_cpp_peer.py there as a subprocess).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +57,39 @@ class LlamaCpp:
         return self._argmax()
 
 
+class LlamaCppProcess:
+    """llama.cpp in another Python environment (benchmarks/llama_cpp_peer.py); timed inside that process."""
+
+    name = "llama.cpp"
+
+    def __init__(self, python, path, threads, n_ctx):
+        peer = Path(__file__).resolve().parent / "llama_cpp_peer.py"
+        self.proc = subprocess.Popen([str(python), str(peer)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.build = self._ask({"op": "info"})
+        self.load_s = self._ask({"op": "load", "model": str(path), "threads": threads, "n_ctx": n_ctx})["load_s"]
+
+    def _ask(self, req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama.cpp peer process exited (rc={self.proc.poll()})")
+        return json.loads(line)
+
+    def run(self, prompt, new_tokens):
+        out = self._ask({"op": "run", "prompt": list(prompt), "new_tokens": new_tokens})
+        return out["prefill_tok_s"], out["decode_tok_s"], out["ids"]
+
+
+def llama_cpp_build_line(build) -> str:
+    from edge_mmm.quant.llama_cpp_build import build_difference
+
+    diff = build_difference(build["version"], build["system_info"])
+    return (f"llama.cpp build: llama-cpp-python {build['version']} | {build['system_info']} | "
+            + ("the pinned portable build (parity target)" if diff is None else "not the parity build"))
+
+
 class Ours:
     def __init__(self, name, backend):
         self.name, self.backend, self.cache = name, backend, None
@@ -62,6 +103,8 @@ class Ours:
 
 
 def run_once(engine, prompt, new_tokens):
+    if hasattr(engine, "run"):
+        return engine.run(prompt, new_tokens)
     t0 = time.perf_counter()
     tok = engine.prefill(prompt)
     t1 = time.perf_counter()
@@ -111,6 +154,11 @@ def parity(path, threads: int, n_new: int = 64, limit: int = 0) -> int:
     dequantize_linears(fp32)
     packed.set_numerics(Numerics.llama_cpp())
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    from edge_mmm.quant.llama_cpp_build import installed_build
+
+    b = installed_build()
+    build = {"version": b.version, "system_info": b.system_info}
+    print(llama_cpp_build_line(build), flush=True)
     stops = set(tok.stop_token_ids)
 
     def lcpp_prefill(ids):
@@ -158,7 +206,9 @@ def parity(path, threads: int, n_new: int = 64, limit: int = 0) -> int:
     print()
     columns = list(dict.fromkeys(c for r in rows for c in r))  # first-seen order
     print_table(rows, columns)
+    print(llama_cpp_build_line(build))
     out = write_json("lm_parity.json", {"model": str(path), "new_tokens": n_new, "rows": rows,
+                                        "llama_cpp_build": build,
                                         "machine": machine_info()})
     print(f"wrote {out}")
     return 0
@@ -177,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy-levels", default="4,0",
                     help="MatMulNBits accuracy_level per onnxruntime row (4: int8 activations, 0: fp32)")
     ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--llama-cpp-python", type=Path, default=None,
+                    help="python of another environment whose llama-cpp-python build is the speed peer "
+                         "(default: llama_cpp imported here)")
     args = ap.parse_args(argv)
     if args.parity:
         from edge_mmm.text.api import default_lm_path
@@ -207,12 +260,24 @@ def main(argv=None) -> int:
     loads["ours torch (dequantized fp32)"] = time.perf_counter() - t0
     engines.append(Ours("ours torch (dequantized fp32)", TorchBackend(float_model, n_ctx)))
     packed = Ours("ours torch (packed)", TorchBackend(packed_model, n_ctx))
-    try:
-        t0 = time.perf_counter()
-        engines.insert(0, LlamaCpp(path, args.threads, n_ctx))
-        loads["llama.cpp"] = time.perf_counter() - t0
-    except ImportError:
-        print("llama-cpp-python is not installed: no llama.cpp row")
+    build = None
+    if args.llama_cpp_python:
+        peer = LlamaCppProcess(args.llama_cpp_python, path, args.threads, n_ctx)
+        engines.insert(0, peer)
+        loads["llama.cpp"], build = peer.load_s, peer.build
+    else:
+        try:
+            from edge_mmm.quant.llama_cpp_build import installed_build
+
+            t0 = time.perf_counter()
+            engines.insert(0, LlamaCpp(path, args.threads, n_ctx))
+            loads["llama.cpp"] = time.perf_counter() - t0
+            b = installed_build()
+            build = {"version": b.version, "system_info": b.system_info}
+        except ImportError:
+            print("llama-cpp-python is not installed: no llama.cpp row")
+    if build:
+        print(llama_cpp_build_line(build), flush=True)
 
     results = {e.name: {"prefill": [], "decode": [], "ids": None} for e in engines + [packed]}
     for r in range(args.rounds):
@@ -241,8 +306,11 @@ def main(argv=None) -> int:
         row["ids_equal_torch_prefix"] = f"{next((i for i in range(n) if torch_ids[i] != res['ids'][i]), n)}/{n}"
         rows.append(row)
     print()
+    if build:
+        print(llama_cpp_build_line(build))
     print_table(rows, list(rows[0]))
     out = write_json("lm.json", {"model": str(path), "threads": args.threads, "rounds": args.rounds,
+                                 "llama_cpp_build": build,
                                  "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
                                  "accuracy_levels": args.accuracy_levels, "rows": rows,
                                  "raw": {k: {"prefill": v["prefill"], "decode": v["decode"]}

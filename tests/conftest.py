@@ -1,0 +1,17 @@
+"""Suite-wide set-up: the same CPU arithmetic on every x86-64 host.
+
+torch picks its CPU kernels by the host's instruction set (AVX2 or AVX-512 variants of every reduction),
+MKL and oneDNN do the same (AVX-512, AMX). Sums then round in another order on an Intel Xeon than on an
+AMD EPYC, and tests that compare bit for bit (llama.cpp numerics) or at near-ties would depend on the
+host. Capping all three at AVX2 before torch is imported gives every host the arithmetic the tests were
+written against (a host without AVX2 falls back to the default kernels). Set by the caller to override;
+subprocesses started by tests inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+HOST_INDEPENDENT_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+for _name, _value in HOST_INDEPENDENT_CPU.items():
+    os.environ.setdefault(_name, _value)
