@@ -79,11 +79,14 @@ def llama_cpp_lm(packed):
 
 
 @pytest.fixture(scope="module")
-def other_build():
-    """None with the pinned build the llama.cpp numerics mode reproduces, else the difference (one line)."""
+def pinned_build():
+    """Skips (before any model loads) unless the installed llama.cpp is the build the llama.cpp numerics
+    mode reproduces; the skip reason is one line naming the difference."""
     build = installed_build()
     print(f"llama.cpp build: llama-cpp-python {build.version}; {build.system_info}")
-    return build_difference(build.version, build.system_info)
+    diff = build_difference(build.version, build.system_info)
+    if diff:
+        pytest.skip(diff)
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +182,10 @@ def _greedy_with_logits(lm, prompt, n_new, stops):
     return ids, rows
 
 
-def test_llama_cpp_numerics_bit_identical(other_build, llama_cpp_lm, ref):
+def test_llama_cpp_numerics_bit_identical(pinned_build, llama_cpp_lm, ref):
     """numerics="llama.cpp": the logits of a prefill and of 8 decode steps equal llama.cpp's bit for bit
     (so greedy ids are identical); the slow test below runs all chat prompts for 64 tokens. Only for the
     pinned build (edge_mmm.quant.llama_cpp_build.TARGET_BUILD); any other build skips with the difference."""
-    if other_build:
-        pytest.skip(other_build)
     prompt = llama_cpp_lm.tokenizer.encode("The three primary colors are", add_special_tokens=False)
     stops = set(llama_cpp_lm.tokenizer.stop_token_ids)
     ids, ref_logits = _llama_greedy(ref, prompt, 8, stops)
@@ -196,11 +197,9 @@ def test_llama_cpp_numerics_bit_identical(other_build, llama_cpp_lm, ref):
 
 
 @pytest.mark.slow
-def test_llama_cpp_numerics_greedy_all_prompts(other_build, llama_cpp_lm, ref_runs):
+def test_llama_cpp_numerics_greedy_all_prompts(pinned_build, llama_cpp_lm, ref_runs):
     """Acceptance 1: greedy ids over 64 new tokens identical to llama.cpp on all 11 chat prompts
     (measured: 11/11, logits bit-identical at every step; ~10 min on a 2-core CPU). Pinned build only."""
-    if other_build:
-        pytest.skip(other_build)
     for chat, (_, ids, _) in zip(CHATS, ref_runs):
         assert llama_cpp_lm.generate(chat, GenerationConfig(max_tokens=N_NEW)).token_ids == ids, chat
 
