@@ -1,6 +1,12 @@
 """A content-addressed cache of exported files: keyed by the source weights' sha256 and an exporter version,
 each file's sha256 recorded in a manifest, verified on every use, rebuilt when stale or corrupt.
 Builds happen in a temp directory that is renamed into place, so a crash never leaves a half cache entry.
+
+Hashing ~100 MB of weights and graphs on every load costs ~0.4 s, so a full hash is remembered by the
+file's stat stamp (size, mtime, ctime, inode), as git's index and make do: a file whose stamp is unchanged
+is not hashed again. A stamp is only recorded for a file last changed more than `SETTLE_S` before the
+hash (git's "racy" rule: a write within the timestamp granularity could keep the stamp). This is for the
+user's own cache; bundles, which arrive from elsewhere, are fully verified every time (edge_mmm.bundle).
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 MANIFEST = "manifest.json"
+DIGESTS = "digests.json"  # in the cache root: {source path: {"stamp": [...], "sha256": ...}}
+SETTLE_S = 2.0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -23,6 +32,53 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_stamp(path: Path) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _settled(stamp: list, now: float) -> bool:
+    return now - max(stamp[1], stamp[2]) / 1e9 > SETTLE_S
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def source_digest(root: Path, path: Path) -> str:
+    """sha256 of a source file, remembered under `root` by its stat stamp (see the module doc)."""
+    path = Path(path).resolve()
+    store = Path(root) / DIGESTS
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    stamp = file_stamp(path)
+    hit = known.get(str(path))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    now = time.time()
+    digest = sha256_file(path)
+    if _settled(stamp, now) and file_stamp(path) == stamp:
+        known[str(path)] = {"stamp": stamp, "sha256": digest}
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(store, known)
+        except OSError:
+            pass  # a read-only cache still works, it just hashes every time
+    return digest
 
 
 def default_cache_root() -> Path:
@@ -38,10 +94,10 @@ def cached_build(root: Path, kind: str, source: Path, version: str,
     `extra_sources` (e.g. a config.json beside the weights) are hashed into the key too.
     """
     files = list(files)
-    digest = sha256_file(source)
+    digest = source_digest(root, source)
     extras = [p for p in extra_sources if Path(p).exists()]
     if extras:
-        digest = hashlib.sha256((digest + "".join(sha256_file(p) for p in extras)).encode()).hexdigest()
+        digest = hashlib.sha256((digest + "".join(source_digest(root, p) for p in extras)).encode()).hexdigest()
     key = f"{digest[:24]}-{version}"
     entry = Path(root) / kind / key
     if verify_entry(entry, files):
@@ -80,10 +136,25 @@ def atomic_directory(dest: Path, shared: bool = False) -> Iterator[Path]:
 
 
 def verify_entry(entry: Path, files: Iterable[str]) -> bool:
-    """True if the entry's manifest lists `files` and every file's sha256 matches."""
+    """True if the entry's manifest lists `files` and every file's sha256 matches (a file whose stat stamp
+    is the one recorded after its last full check counts as matching)."""
+    files = list(files)
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         recorded = manifest["files"]
-        return all(name in recorded and sha256_file(entry / name) == recorded[name] for name in files)
-    except (OSError, ValueError, KeyError, TypeError):
+        stamps = manifest.get("stamps") or {}
+        now = time.time()
+        current = {name: file_stamp(entry / name) for name in files if name in recorded}
+        if len(current) == len(files) and all(stamps.get(n) == st for n, st in current.items()):
+            return True
+        if not all(name in recorded and sha256_file(entry / name) == recorded[name] for name in files):
+            return False
+        if all(_settled(st, now) and file_stamp(entry / n) == st for n, st in current.items()):
+            manifest["stamps"] = current
+            try:
+                _write_json(entry / MANIFEST, manifest)
+            except OSError:
+                pass
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False

@@ -77,3 +77,54 @@ def test_int8_precision(tmp_path, tiny_en_dir, speech_clips):
     w32 = jiwer.wer([clean(r) for r in refs], [clean(fp32.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
     w8 = jiwer.wer([clean(r) for r in refs], [clean(int8.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
     assert w8 <= w32 + 0.15, (w32, w8)
+
+
+def _count_hashes(monkeypatch):
+    from edge_mmm.weights import export_cache
+
+    calls = []
+    real = export_cache.sha256_file
+    monkeypatch.setattr(export_cache, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    return calls
+
+
+def test_settled_files_are_not_hashed_again(tmp_path, monkeypatch):
+    """After one full check, an entry and a source whose stat stamps are unchanged load without hashing;
+    any change to a file (same size included) is hashed again and caught."""
+    import time
+
+    from edge_mmm.weights import export_cache
+
+    monkeypatch.setattr(export_cache, "SETTLE_S", 0.0)  # files written here are "old enough" at once
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"weights-v1")
+    builds, hashes = [], _count_hashes(monkeypatch)
+    time.sleep(0.05)
+    args = (tmp_path / "cache", "kind", src, "v1", _builder(builds), ["a.onnx", "b.onnx"])
+    entry = cached_build(*args)
+    time.sleep(0.05)
+    cached_build(*args)  # full check of the entry, stamps recorded
+    hashes.clear()
+    assert cached_build(*args) == entry and hashes == [] and len(builds) == 1
+    (entry / "a.onnx").write_bytes(b"graph-X")  # same size, new content: the stamp changed
+    time.sleep(0.05)
+    assert cached_build(*args) == entry and len(builds) == 2 and (entry / "a.onnx").read_bytes() == b"graph-a"
+    src.write_bytes(b"weights-v2")  # same size: a new source digest, a new entry
+    time.sleep(0.05)
+    assert cached_build(*args) != entry and len(builds) == 3
+
+
+def test_fresh_files_are_always_hashed(tmp_path, monkeypatch):
+    """A file changed within SETTLE_S of its check gets no stamp (a same-size rewrite inside the timestamp
+    granularity could keep it), so it is hashed on every use until it settles."""
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"weights-v1")
+    builds, hashes = [], _count_hashes(monkeypatch)
+    args = (tmp_path / "cache", "kind", src, "v1", _builder(builds), ["a.onnx", "b.onnx"])
+    entry = cached_build(*args)
+    hashes.clear()
+    cached_build(*args)
+    assert len(hashes) == 3 and len(builds) == 1  # source + both files, nothing trusted yet
+    (entry / "b.onnx").write_bytes(b"graph-X")
+    cached_build(*args)
+    assert len(builds) == 2 and (entry / "b.onnx").read_bytes() == b"graph-b"
