@@ -73,7 +73,7 @@ def _client_module(protocol: str):
             import tritonclient.http as mod
         else:
             import tritonclient.grpc as mod
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when the [http]/[grpc] part is absent
         raise MissingExtraError(f"tritonclient.{protocol}", "dev", "talking to Triton Inference Server") from exc
     return mod
 
