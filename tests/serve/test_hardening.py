@@ -10,12 +10,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
+from media_samples import silence_flac, tone_mp3
 
 from edge_mmm.errors import InputError
 from edge_mmm.serve.settings import ServeSettings
@@ -49,22 +48,11 @@ def open_server(models):
         yield url, settings
 
 
-def _silence_flac(out, seconds: int):
-    """`seconds` of silence as FLAC: a few KB that decode to seconds * 8000 samples."""
-    if shutil.which("sox") is None:
-        pytest.skip("sox not installed")
-    subprocess.run(["sox", "-D", "-n", "-r", "8000", "-c", "1", "-b", "16", str(out), "trim", "0", str(seconds)],
-                   check=True, capture_output=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- 1
 def test_playlist_upload_cannot_read_server_files(server, tmp_path):
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg not installed")
-    secret = tmp_path / "secret.mp3"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=440:d=3", "-ar", "16000",
-                    str(secret)], check=True)
+    secret = tone_mp3(tmp_path / "secret.mp3")
     url, _ = server
     hls = f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:5.0,\n{secret}\n#EXT-X-ENDLIST\n".encode()
     concat = f"ffconcat version 1.0\nfile {secret}\n".encode()
@@ -77,7 +65,7 @@ def test_playlist_upload_cannot_read_server_files(server, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- 2
 def test_audio_that_decodes_past_the_cap_is_refused_while_decoding(open_server, tmp_path):
-    flac = _silence_flac(tmp_path / "sil10min.flac", 600)
+    flac = silence_flac(tmp_path / "sil10min.flac", 600)
     assert flac.stat().st_size < 100_000  # a tiny upload ...
     url, settings = open_server
     t0 = time.monotonic()
