@@ -35,3 +35,14 @@ def tiny_vision(tmp_path_factory) -> TinyVision:
         return vision_calibration_inputs([getattr(skdata, n)() for n in names], proc, model.vision.patch_size)
 
     return TinyVision(model, files, d, photos)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A tiny random Idefics3 checkpoint directory (seed 3), for the export and serving tests."""
+    pytest.importorskip("transformers")
+    from tiny_idefics3 import build_tiny_vlm
+
+    d = tmp_path_factory.mktemp("tiny_vlm_dir")
+    build_tiny_vlm(d, seed=3)
+    return d

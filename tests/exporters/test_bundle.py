@@ -47,19 +47,9 @@ def bundle_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vlm_source(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tiny_idefics3 import build_tiny_vlm
-
-    d = tmp_path_factory.mktemp("tiny_vlm")
-    build_tiny_vlm(d, seed=3)
-    return d
-
-
-@pytest.fixture(scope="module")
-def vlm_bundle(vlm_source, tmp_path_factory):
+def vlm_bundle(tiny_vlm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_vlm") / "bundle"
-    export_bundle(ExportRequest(CPU, vlm=vlm_source), out)
+    export_bundle(ExportRequest(CPU, vlm=tiny_vlm_dir), out)
     return out
 
 
@@ -150,7 +140,7 @@ def test_chat_bundle_matches_torch_reference(bundle_dir):
     assert got.token_ids == load_lm(backend="torch").generate(msgs, cfg).token_ids
 
 
-def test_vlm_bundle_matches_source(vlm_bundle, vlm_source):
+def test_vlm_bundle_matches_source(vlm_bundle, tiny_vlm_dir):
     from PIL import Image
     from skimage import data
 
@@ -162,7 +152,7 @@ def test_vlm_bundle_matches_source(vlm_bundle, vlm_source):
     b = open_bundle(vlm_bundle)
     assert set(b.models) == {"vlm"} and b.models["vlm"]["lm_weights"] == "int4"
     got = b.load_vlm().generate(msgs, cfg)
-    ref = load_vlm(vlm_source, backend="onnxruntime", quantize="int4").generate(msgs, cfg)
+    ref = load_vlm(tiny_vlm_dir, backend="onnxruntime", quantize="int4").generate(msgs, cfg)
     assert got.token_ids == ref.token_ids and len(got.token_ids) == 12
     with pytest.raises(ModelFileError, match="has no asr model"):
         b.load_asr()

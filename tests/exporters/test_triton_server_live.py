@@ -41,16 +41,6 @@ def install():
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tiny_idefics3 import build_tiny_vlm
-
-    src = tmp_path_factory.mktemp("tiny_vlm")
-    build_tiny_vlm(src, seed=3)
-    return src
-
-
 def export(out, *extra):
     from edge_mmm.cli import main
 
@@ -73,9 +63,9 @@ def server(repo, install):
 
 
 @pytest.fixture(scope="module")
-def full_repo(tmp_path_factory, tiny_vlm, install):
+def full_repo(tmp_path_factory, tiny_vlm_dir, install):
     """The whole assistant: VAD + Whisper + the text LM + the VLM."""
-    return export(tmp_path_factory.mktemp("triton_full") / "repo", "--lm", "default", "--vlm", str(tiny_vlm))
+    return export(tmp_path_factory.mktemp("triton_full") / "repo", "--lm", "default", "--vlm", str(tiny_vlm_dir))
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +105,12 @@ def reference(clip):
 
 
 @pytest.fixture(scope="module")
-def vlm_reference(tiny_vlm, photo):
+def vlm_reference(tiny_vlm_dir, photo):
     """edge-mmm's VLM on the same checkpoint: int4 LM (as exported), vision on onnxruntime."""
     from edge_mmm.text.generation import GenerationConfig
     from edge_mmm.vision.api import load_vlm
 
-    vlm = load_vlm(tiny_vlm, backend="onnxruntime", quantize="int4")
+    vlm = load_vlm(tiny_vlm_dir, backend="onnxruntime", quantize="int4")
     msgs = [{"role": "user", "content": [{"type": "image", "image": photo},
                                          {"type": "text", "text": "What is in this image?"}]}]
     return vlm.generate(msgs, GenerationConfig(max_tokens=8))
