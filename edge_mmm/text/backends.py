@@ -193,23 +193,35 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None, acc
     return entry / ONNX_FILE, json.loads((entry / IO_FILE).read_text())
 
 
-def load_tokenizer(path: Path):
-    """The tokenizer of a GGUF file (from its metadata) or HF directory, without loading weights."""
-    from edge_mmm.text.tokenizer import TextTokenizer
+TOKENIZER_KIND = "lm-tokenizer"
+TOKENIZER_VERSION = "tok-1"
+
+
+def load_tokenizer(path: Path, cache_root: Optional[Path] = None):
+    """(TextTokenizer, source file or directory) without loading weights. A GGUF's tokenizer is rebuilt from
+    its metadata once and kept in the export cache (gguf-py parses a 49k-token vocabulary in seconds; the
+    saved one loads in milliseconds), keyed and verified like the ONNX exports."""
+    from edge_mmm.text.tokenizer import SAVED_FIELDS, TextTokenizer
 
     from edge_mmm.weights.gguf_lm import lm_source
 
     path = lm_source(path)
-    if path.is_file():
-        from edge_mmm.weights.gguf_lm import gguf_summary
+    if not path.is_file():
+        return TextTokenizer.from_dir(path), path
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+    from edge_mmm.weights.gguf_lm import gguf_summary
 
-        return TextTokenizer.from_gguf_metadata(gguf_summary(path)[0]), path
-    return TextTokenizer.from_dir(path), path
+    def build(tmp: Path) -> None:
+        TextTokenizer.from_gguf_metadata(gguf_summary(path)[0]).save(tmp)
+
+    entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), TOKENIZER_KIND, path,
+                         TOKENIZER_VERSION, build, ["tokenizer.json", SAVED_FIELDS])
+    return TextTokenizer.load_saved(entry), path
 
 
 def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, cache_root: Optional[Path] = None,
                              accuracy_level: int = 4):
     """(OrtBackend, TextTokenizer) for a model file or directory; exports on first use."""
-    tokenizer, source = load_tokenizer(Path(path))
+    tokenizer, source = load_tokenizer(Path(path), cache_root)
     onnx_path, io = export_on_first_use(source, cache_root, accuracy_level)
     return OrtBackend(onnx_path, io, context_length, threads), tokenizer
