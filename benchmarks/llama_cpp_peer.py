@@ -6,6 +6,9 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout.
     {"op": "info"}                                   -> {"version", "system_info"}
     {"op": "load", "model", "threads", "n_ctx"}      -> {"load_s"}
     {"op": "run", "prompt": [ids], "new_tokens": N}  -> {"prefill_tok_s", "decode_tok_s", "ids"}
+    {"op": "logits", "windows": [[ids]], "out": PATH} -> {"positions"}; PATH: .npy [positions, vocab] float32,
+                                                        teacher-forced decode, one token per eval, each
+                                                        window from an empty cache
 Needs only llama_cpp and numpy in that environment. Used by benchmarks/lm.py --llama-cpp-python PYTHON.
 """
 
@@ -50,6 +53,15 @@ def main() -> int:
             t2 = time.perf_counter()
             out = {"prefill_tok_s": len(prompt) / (t1 - t0),
                    "decode_tok_s": (n - 1) / (t2 - t1) if n > 1 else 0.0, "ids": ids}
+        elif req["op"] == "logits":
+            rows = []
+            for window in req["windows"]:
+                llm.reset()
+                for tok in window:
+                    llm.eval([tok])
+                    rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy())
+            np.save(req["out"], np.stack(rows).astype(np.float32))
+            out = {"positions": len(rows)}
         else:
             out = {"error": f"unknown op {req['op']!r}"}
         print(json.dumps(out), flush=True)

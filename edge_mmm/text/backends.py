@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.runners.ort_session import ort_session
@@ -38,8 +37,11 @@ def lm_io(cfg, accuracy_level: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ torch
-def model_device(model) -> torch.device:
+# torch is imported where it runs: the onnxruntime path (numpy logits, greedy in numpy) never loads it.
+def model_device(model):
     """Where `model`'s weights live (its first parameter or buffer; CPU for a model with neither)."""
+    import torch
+
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -47,17 +49,21 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.inference_mode()
-def prefill(model, ids: Sequence[int], cache) -> torch.Tensor:
+def prefill(model, ids: Sequence[int], cache):
     """Run the prompt through `model`, appending to `cache`; float32 logits of the last position (host)."""
-    ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
-    return model(ids, cache=cache, last_only=True)[0, -1].float().cpu()
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
+        return model(ids, cache=cache, last_only=True)[0, -1].float().cpu()
 
 
-@torch.inference_mode()
-def decode_one_token(model, token_id: int, cache) -> torch.Tensor:
-    ids = torch.tensor([[token_id]], dtype=torch.long, device=model_device(model))
-    return model(ids, cache=cache)[0, -1].float().cpu()
+def decode_one_token(model, token_id: int, cache):
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([[token_id]], dtype=torch.long, device=model_device(model))
+        return model(ids, cache=cache)[0, -1].float().cpu()
 
 
 class TorchBackend:
@@ -74,10 +80,10 @@ class TorchBackend:
         return KVCache.for_config(self.model.config, self.context_length, dtype=self.model.cache_dtype,
                                   device=model_device(self.model))
 
-    def prefill(self, ids: Sequence[int], cache) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int], cache):
         return prefill(self.model, ids, cache)
 
-    def decode(self, token_id: int, cache) -> torch.Tensor:
+    def decode(self, token_id: int, cache):
         return decode_one_token(self.model, token_id, cache)
 
 
@@ -122,7 +128,7 @@ class OrtBackend:
         return OrtKVCache(self.session, io["num_layers"], io["num_kv_heads"], self.context_length,
                           io["head_dim"], io["vocab_size"])
 
-    def _run(self, ids: Sequence[int], cache: OrtKVCache) -> torch.Tensor:
+    def _run(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
         start, n = cache.length, len(ids)
         if n == 0:
             raise InputError("no tokens to run")
@@ -133,12 +139,13 @@ class OrtBackend:
         b.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
         self.session.run_with_iobinding(b)
         cache.length = start + n
-        return torch.from_numpy(cache.logits.numpy()[0, -1].copy())
+        return cache.logits.numpy()[0, -1].copy()
 
-    def prefill(self, ids: Sequence[int], cache: OrtKVCache) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
+        """float32 logits of the last position (numpy: this path never imports torch)."""
         return self._run(list(ids), cache)
 
-    def decode(self, token_id: int, cache: OrtKVCache) -> torch.Tensor:
+    def decode(self, token_id: int, cache: OrtKVCache) -> np.ndarray:
         return self._run([int(token_id)], cache)
 
 
@@ -173,16 +180,18 @@ def load_weights(path: Path):
 def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None, accuracy_level: int = 4) -> Tuple[Path, dict]:
     """The text door into exporters: the cached, verified ONNX export of a GGUF file or HF directory
     (written on first use, rebuilt if stale or corrupt) and its io dict."""
-    from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OnnxLMOptions, export_llama_onnx
+    from edge_mmm.exporters.versions import ONNX_LM as EXPORTER_VERSION
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
 
-    # fp32 activations (accuracy_level 0) keep the head float too: 8-bit MatMulNBits always quantizes
-    # activations, which flips near-tie tokens; int8 activations (4) get the INT8 head, as llama.cpp.
-    options = OnnxLMOptions(accuracy_level=accuracy_level, head_bits=8 if accuracy_level == 4 else None)
     source, digest = _source_and_digest(Path(model_path))
     version = f"{EXPORTER_VERSION}-acc{accuracy_level}" + (f"-{digest}" if digest else "")
 
     def build(tmp: Path) -> None:
+        from edge_mmm.exporters.onnx_lm import OnnxLMOptions, export_llama_onnx
+
+        # fp32 activations (accuracy_level 0) keep the head float too: 8-bit MatMulNBits always quantizes
+        # activations, which flips near-tie tokens; int8 activations (4) get the INT8 head, as llama.cpp.
+        options = OnnxLMOptions(accuracy_level=accuracy_level, head_bits=8 if accuracy_level == 4 else None)
         model = load_weights(Path(model_path))
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
-import torch
+import numpy as np
 
 from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; tests import it from here)
 
 
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+# Logits: 1-D float32, a numpy array (onnxruntime backends) or a torch tensor (torch backend). Greedy decoding
+# needs neither torch nor a copy; sampling (temperature > 0) imports torch for its seeded generator.
 
 
 @dataclass
@@ -72,15 +74,20 @@ class LMBackend(Protocol):
 
     def new_cache(self) -> LMCache: ...
 
-    def prefill(self, ids: Sequence[int], cache: LMCache) -> torch.Tensor: ...
+    def prefill(self, ids: Sequence[int], cache: LMCache) -> Any: ...  # 1-D logits (numpy or torch)
 
-    def decode(self, token_id: int, cache: LMCache) -> torch.Tensor: ...
+    def decode(self, token_id: int, cache: LMCache) -> Any: ...
 
 
-def sample(logits: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> int:
-    """Greedy when temperature is 0; else temperature -> top-k -> top-p -> multinomial."""
+def sample(logits, config: GenerationConfig, generator) -> int:
+    """Greedy when temperature is 0 (the first index of the maximum, numpy or torch alike); else
+    temperature -> top-k -> top-p -> multinomial with the seeded torch `generator`."""
     if config.temperature == 0:
-        return int(torch.argmax(logits))
+        return int(logits.argmax())
+    import torch
+
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
     logits = logits.float() / config.temperature
     if config.top_k > 0 and config.top_k < logits.numel():
         kth = torch.topk(logits, config.top_k).values[-1]
@@ -123,6 +130,8 @@ class TokenStream:
         stops = set(tokenizer.stop_token_ids) | set(config.stop_token_ids)
         generator = None
         if config.temperature > 0:
+            import torch
+
             generator = torch.Generator()
             generator.manual_seed(config.seed if config.seed is not None else int(torch.seed()))
         # reuse the cached prefix; at least the last prompt token is always recomputed for its logits

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import numpy as np
-import torch
 
 from edge_mmm.errors import ModelFileError
-from edge_mmm.models.llama import LlamaConfig, llama_param_shapes
+
+# torch and the Llama module are imported by the functions that build weights: reading metadata, the
+# tokenizer and the source path (the onnxruntime path) needs neither.
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # GGUF tensor name suffix -> our module path suffix
@@ -87,6 +88,8 @@ def _summary(path: str, size: int, mtime_ns: int):
 
 
 def lm_config_from_gguf(meta: Dict[str, Any], tensor_names) -> LlamaConfig:
+    from edge_mmm.models.llama import LlamaConfig
+
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFileError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -125,6 +128,7 @@ def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
 def _tensor(t, name: str, path: Path, n_head: int = 0):
     """One GGUF tensor -> float torch tensor, or a QuantLinear for a packed 2-D weight."""
     import gguf
+    import torch
 
     from edge_mmm.quant.gguf_blocks import SUPPORTED_GGUF_TYPES, from_gguf
     from edge_mmm.quant.linear import QuantLinear
@@ -170,6 +174,8 @@ def load_gguf_lm(path) -> Tuple[LlamaConfig, Dict[str, object], Dict[str, Any]]:
 
     The reader is dropped as soon as the metadata is converted (before any weight is built), every
     weight is copied out of the memory map, and the freed heap is returned to the OS at the end."""
+    import torch
+
     path = Path(path)
     reader = open_gguf(path)
     meta = gguf_metadata(reader, path)
@@ -223,6 +229,10 @@ def rest_is(gguf_name: str, kind: str) -> bool:
 
 
 def _check_shapes(cfg: LlamaConfig, state: Dict[str, object], path: Path) -> None:
+    import torch
+
+    from edge_mmm.models.llama import llama_param_shapes
+
     expected = llama_param_shapes(cfg)
     for name, shape in expected.items():
         if name not in state:

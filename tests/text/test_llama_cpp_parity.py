@@ -170,7 +170,7 @@ def test_teacher_forced_greedy_matches_llama_cpp(ours, ref_runs):
 def _greedy_with_logits(lm, prompt, n_new, stops):
     backend = lm.backend
     cache = backend.new_cache()
-    logits = backend.prefill(prompt, cache)
+    logits = torch.as_tensor(backend.prefill(prompt, cache))  # numpy from onnxruntime
     ids, rows = [], []
     for _ in range(n_new):
         tok = int(logits.argmax())
@@ -178,7 +178,7 @@ def _greedy_with_logits(lm, prompt, n_new, stops):
         if tok in stops:
             break
         ids.append(tok)
-        logits = backend.decode(tok, cache)
+        logits = torch.as_tensor(backend.decode(tok, cache))
     return ids, rows
 
 
@@ -222,7 +222,7 @@ def _fp32_greedy_divergences(ours, ref_runs, prompts):
     for k in prompts:
         prompt, ref_ids, _ = ref_runs[k]
         cache = backend.new_cache()
-        logits = backend.prefill(prompt, cache)
+        logits = torch.as_tensor(backend.prefill(prompt, cache))
         want = ref_ids + [None]  # None: llama.cpp stopped here (a stop token or N_NEW)
         for i, tok_ref in enumerate(want):
             tok = int(logits.argmax())
@@ -239,7 +239,7 @@ def _fp32_greedy_divergences(ours, ref_runs, prompts):
                 ranked = torch.argsort(logits, descending=True).tolist()
                 out.append((k, i, tok, tok_ref, ranked.index(tok_ref) + 1, float(logits[tok] - logits[tok_ref])))
                 break
-            logits = backend.decode(tok, cache)
+            logits = torch.as_tensor(backend.decode(tok, cache))
     return out
 
 
