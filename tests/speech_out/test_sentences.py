@@ -1,0 +1,38 @@
+from edge_mmm.speech_out.sentences import SentenceSplitter
+
+
+def _split(deltas):
+    s = SentenceSplitter()
+    out = []
+    for d in deltas:
+        out += s.feed(d)
+    return out, s.flush()
+
+
+def test_sentences_complete_as_tokens_arrive():
+    s = SentenceSplitter()
+    assert s.feed("Hello the") == []
+    assert s.feed("re. How") == ["Hello there."]
+    assert s.feed(" are you?") == []  # no whitespace after "?" yet: the answer may go on
+    assert s.feed(" Fine!\nNext") == ["How are you?", "Fine!"]
+    assert s.flush() == ["Next"] and s.flush() == []
+
+
+def test_numbers_and_abbreviations_do_not_end_a_sentence():
+    done, rest = _split(["It is 3.5 km ", "from Dr. Smith's house, ", "e.g. near St. Paul. Go", " now."])
+    assert done == ["It is 3.5 km from Dr. Smith's house, e.g. near St. Paul."]
+    assert rest == ["Go now."]
+
+
+def test_a_long_clause_is_spoken_at_its_last_comma():
+    s = SentenceSplitter(max_chars=40)
+    out = s.feed("one two three four five, six seven eight nine ten eleven")
+    assert out == ["one two three four five,"]
+    assert s.flush() == ["six seven eight nine ten eleven"]
+
+
+def test_reset_forgets_the_unfinished_sentence():
+    s = SentenceSplitter()
+    s.feed("half a sent")
+    s.reset()
+    assert s.feed("ence. ") == ["ence."]
