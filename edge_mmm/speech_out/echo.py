@@ -39,6 +39,7 @@ class EchoGate:
         self.config = config
         self.gated_frames = 0  # frames replaced by silence
         self.passed_frames = 0  # frames that passed during playback (barge-in candidates)
+        self.loudest_gated = 0.0  # RMS of the loudest frame silenced: what the echo reached
 
     def active(self, t: float) -> bool:
         last = self.buffer.last_audio_t
@@ -52,9 +53,11 @@ class EchoGate:
         out = np.array(samples, np.float32, copy=True)
         for i in range(0, out.size, FRAME):
             frame = out[i:i + FRAME]
-            if float(np.sqrt(np.mean(frame ** 2))) <= threshold:
+            rms = float(np.sqrt(np.mean(frame ** 2)))
+            if rms <= threshold:
                 frame[:] = 0.0
                 self.gated_frames += 1
+                self.loudest_gated = max(self.loudest_gated, rms)
             else:
                 self.passed_frames += 1
         return out

@@ -36,7 +36,6 @@ class PlaybackBuffer:
         self._levels: Deque[Tuple[float, float]] = deque(maxlen=LEVEL_HISTORY)  # (block play time, RMS)
         self.last_audio_t: Optional[float] = None  # play time of the end of the newest audible block
         self.last_write_t: Optional[float] = None  # when a sink last took audible samples (monotonic)
-        self.cleared_t: Optional[float] = None
 
     def push(self, samples: np.ndarray, tag: Any = None) -> None:
         x = np.asarray(samples, np.float32).reshape(-1)
@@ -49,13 +48,13 @@ class PlaybackBuffer:
         with self._lock:
             return sum(c.size for c, _ in self._clips) - self._offset
 
-    def clear(self) -> float:
-        """Drop everything not yet played; returns the monotonic time of the clear."""
+    def clear(self) -> Tuple[float, int]:
+        """Drop everything not yet played; returns (monotonic time of the clear, samples dropped)."""
         with self._lock:
+            dropped = sum(c.size for c, _ in self._clips) - self._offset
             self._clips.clear()
             self._offset = 0
-            self.cleared_t = time.monotonic()
-            return self.cleared_t
+            return time.monotonic(), dropped
 
     def pull(self, n: int, t_out: float) -> Tuple[np.ndarray, bool]:
         """The next `n` samples (zero-padded) and whether any were audio; `t_out`: when the first is heard."""

@@ -9,14 +9,21 @@ from typing import List
 _END = re.compile(r"(?<=[.!?;:])[\"')\]]*\s+|\n+")
 _ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "e.g.", "i.e.", "etc.", "vs.", "no.", "approx."}
 MAX_CHARS = 160  # a clause this long is spoken at its last comma instead of waiting for the full stop
+_CLAUSE = re.compile(r"[,;:]\s+")
+FIRST_CLAUSE_WORDS = 4  # an answer's first clause of at least this many words is spoken at once: sooner audio
 
 
 class SentenceSplitter:
-    """Feed text deltas; get back the sentences they complete. `flush()` returns the unfinished rest."""
+    """Feed text deltas; get back the sentences they complete. `flush()` returns the unfinished rest.
 
-    def __init__(self, max_chars: int = MAX_CHARS):
+    The first piece of an answer may be a clause (up to a comma) of `first_clause_words` words or more: the
+    listener hears the answer start while the model is still writing its first sentence."""
+
+    def __init__(self, max_chars: int = MAX_CHARS, first_clause_words: int = FIRST_CLAUSE_WORDS):
         self.max_chars = max_chars
+        self.first_clause_words = first_clause_words
         self._buf = ""
+        self._first = True  # nothing of this answer emitted yet
 
     def feed(self, text: str) -> List[str]:
         self._buf += text
@@ -31,17 +38,27 @@ class SentenceSplitter:
                 out.append(piece)
             start = m.end()
         self._buf = self._buf[start:]
+        if self._first and not out and self.first_clause_words:
+            for m in _CLAUSE.finditer(self._buf):
+                piece = self._buf[:m.start() + 1].strip()
+                if len(piece.split()) >= self.first_clause_words:
+                    out.append(piece)
+                    self._buf = self._buf[m.end():]
+                    break
         if len(self._buf) > self.max_chars:
             cut = self._buf.rfind(", ", 0, self.max_chars)
             cut = cut + 1 if cut > 0 else self._buf.rfind(" ", 0, self.max_chars)
             if cut > 0:
                 out.append(self._buf[:cut].strip())
                 self._buf = self._buf[cut:].lstrip()
+        if out:
+            self._first = False
         return out
 
     def flush(self) -> List[str]:
-        rest, self._buf = self._buf.strip(), ""
+        """The answer ended: its unfinished rest (the next `feed` starts a new answer)."""
+        rest, self._buf, self._first = self._buf.strip(), "", True
         return [rest] if rest else []
 
     def reset(self) -> None:
-        self._buf = ""
+        self._buf, self._first = "", True

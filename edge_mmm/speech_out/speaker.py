@@ -53,6 +53,7 @@ class Speaker:
         self._closing = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.spoken: List[Tuple[Any, str]] = []  # (tag, sentence) handed to the buffer, newest last (64)
+        self.stops: List[Tuple[float, int]] = []  # (time of stop(), samples it dropped unplayed), newest last (16)
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -83,7 +84,9 @@ class Speaker:
                 except queue.Empty:
                     break
             self.tts.cancel()
-            return self.buffer.clear()
+            t, dropped = self.buffer.clear()
+            self.stops = (self.stops + [(t, dropped)])[-16:]
+            return t
 
     def is_playing(self) -> bool:
         """Text queued, being synthesized, or samples waiting to be played."""
