@@ -78,6 +78,9 @@ class EspeakTts:
         self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
         self._cancelled = False
+        probe = subprocess.run([self._exe, "-v", self.config.voice, "-q", "."], capture_output=True, check=False)
+        if probe.returncode != 0:  # checked now: an unknown voice must not fail sentence by sentence later
+            raise InputError(f"espeak-ng voice {self.config.voice!r} does not exist (espeak-ng --voices lists them)")
 
     def synthesize(self, text: str) -> np.ndarray:
         text = text.strip()

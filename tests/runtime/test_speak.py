@@ -151,3 +151,32 @@ def test_loopback_the_assistant_does_not_answer_its_own_voice(pulse_null_sink, t
     assert own == [], f"the assistant transcribed its own voice: {own}"
     assert not [e for e in evs if e.type == "notice" and "barge-in" in e.data["message"]]
     assert len(_stage(evs, "turn")) == 1
+
+
+def test_cli_run_speak_plays_the_answer_and_times_first_audio(capsys, pulse_null_sink, question_clip, smollm2):
+    """`edge-mmm run --speak --speaker pulse`: the answer is played into the null sink through PortAudio and
+    the run ends after the last sample was played (--once waits for the speech)."""
+    import json
+
+    from edge_mmm.cli import main
+
+    rc = main(["run", "--camera", "none", "--mic", str(question_clip), "--once", "--json", "--max-tokens", "24",
+               "--speak", "--speaker", "pulse"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    events = [json.loads(line) for line in out.out.splitlines() if line.strip()]
+    timing = [e["data"] for e in events if e["type"] == "timing"]
+    turn = next(d for d in timing if d["stage"] == "turn")
+    spoken = next(d for d in timing if d["stage"] == "speech_out")
+    assert spoken["turn"] == turn["turn"] and spoken["eos_to_first_audio_s"] > turn["eos_to_first_token_s"]
+    assert not [e for e in events if e["type"] == "error"]
+
+
+def test_cli_run_speak_with_an_unknown_voice_exits_2_with_one_line(capsys):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    from edge_mmm.cli import main
+
+    rc = main(["run", "--camera", "none", "--mic", "default", "--speak", "--voice", "xx-nope"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "voice 'xx-nope' does not exist" in err[0]

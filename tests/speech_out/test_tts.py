@@ -54,6 +54,12 @@ def test_espeak_speaks_a_sentence_and_text_is_never_an_option():
 
 
 @needs_espeak
+def test_unknown_voice_is_an_input_error_at_construction():
+    with pytest.raises(InputError, match="voice 'xx-nope'"):
+        EspeakTts(EspeakConfig(voice="xx-nope"))
+
+
+@needs_espeak
 def test_cancel_ends_a_running_synthesis():
     tts = EspeakTts(EspeakConfig(speed=80))
     long_text = " ".join(["This sentence is long enough to take a while to synthesize."] * 40)
