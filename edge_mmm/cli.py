@@ -802,8 +802,8 @@ def demo(
     settings = ServeSettings(host=host, port=port, api_key=api_key)  # refuses an exposed host without a key
     require("fastapi", "serve", "edge-mmm demo")
     require("uvicorn", "serve", "edge-mmm demo")
-    from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
-    from edge_mmm.serve.demo import run_demo
+    from edge_mmm.runtime.assistant import LiveConfig
+    from edge_mmm.serve.demo import demo_assistant, run_demo
 
     lm_path, vlm_path = _lm_paths(model)
     choice = _choose(_profile(device), asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True)
@@ -814,7 +814,7 @@ def demo(
                         context_length=choice.context, vision_batch=choice.vision_batch)
     typer.echo(f"edge-mmm demo: {choice.describe()}", err=True)
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
-    run_demo(LiveAssistant(config), settings)
+    run_demo(demo_assistant(config), settings)
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""

@@ -45,6 +45,7 @@ class Speaker:
         self.echo_gate = EchoGate(self.buffer, self.config.echo)
         self.on_error = on_error or (lambda message: None)
         self.on_first_audio: Callable[[Any, float], None] = lambda tag, t: None
+        self.on_stop: Callable[[], None] = lambda: None  # after a stop() that silenced something
         self._splitter = SentenceSplitter()
         self._queue: "queue.Queue[Tuple[int, Any, str]]" = queue.Queue()
         self._epoch = 0  # bumped by stop(): sentences and samples of an older epoch are dropped
@@ -86,7 +87,9 @@ class Speaker:
             self.tts.cancel()
             t, dropped = self.buffer.clear()
             self.stops = (self.stops + [(t, dropped)])[-16:]
-            return t
+        if dropped:
+            self.on_stop()
+        return t
 
     def is_playing(self) -> bool:
         """Text queued, being synthesized, or samples waiting to be played."""
