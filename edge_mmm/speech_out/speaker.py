@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
-import numpy as np
 
 from edge_mmm.speech_out.echo import EchoGate, EchoGateConfig
 from edge_mmm.speech_out.playback import PlaybackBuffer
@@ -50,7 +49,6 @@ class Speaker:
         self._queue: "queue.Queue[Tuple[int, Any, str]]" = queue.Queue()
         self._epoch = 0  # bumped by stop(): sentences and samples of an older epoch are dropped
         self._lock = threading.Lock()
-        self._busy = False  # the TTS thread holds a sentence
         self._closing = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.spoken: List[Tuple[Any, str]] = []  # (tag, sentence) handed to the buffer, newest last (64)
@@ -84,6 +82,7 @@ class Speaker:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
+                self._queue.task_done()
             self.tts.cancel()
             t, dropped = self.buffer.clear()
             self.stops = (self.stops + [(t, dropped)])[-16:]
@@ -93,7 +92,7 @@ class Speaker:
 
     def is_playing(self) -> bool:
         """Text queued, being synthesized, or samples waiting to be played."""
-        return self._busy or not self._queue.empty() or self.buffer.pending() > 0
+        return self._queue.unfinished_tasks > 0 or self.buffer.pending() > 0
 
     def wait_done(self, timeout: float) -> bool:
         """Wait until everything said has been played (True) or `timeout` passed (False)."""
@@ -134,17 +133,20 @@ class Speaker:
                 epoch, tag, sentence = self._queue.get(timeout=POLL_S)
             except queue.Empty:
                 continue
-            if epoch != self._epoch:
-                continue
-            self._busy = True
             try:
-                samples = self.tts.synthesize(sentence)
-            except Exception as exc:  # noqa: BLE001 - a failed sentence is reported; speech goes on
-                self.on_error(f"text-to-speech failed on {sentence[:40]!r}: {exc.__class__.__name__}: {exc}")
-                samples = np.zeros(0, np.float32)
-            with self._lock:  # a stop() during synthesis bumped the epoch: these samples are stale
-                if epoch == self._epoch and samples.size:
-                    self.buffer.push(samples * self.config.volume, tag)
-                    self.spoken = (self.spoken + [(tag, sentence)])[-64:]
-            self._busy = False
+                if epoch == self._epoch:
+                    self._speak(epoch, tag, sentence)
+            finally:
+                self._queue.task_done()  # after the push: is_playing() never sees a gap
         self._report_started()
+
+    def _speak(self, epoch: int, tag: Any, sentence: str) -> None:
+        try:
+            samples = self.tts.synthesize(sentence)
+        except Exception as exc:  # noqa: BLE001 - a failed sentence is reported; speech goes on
+            self.on_error(f"text-to-speech failed on {sentence[:40]!r}: {exc.__class__.__name__}: {exc}")
+            return
+        with self._lock:  # a stop() during synthesis bumped the epoch: these samples are stale
+            if epoch == self._epoch and samples.size:
+                self.buffer.push(samples * self.config.volume, tag)
+                self.spoken = (self.spoken + [(tag, sentence)])[-64:]

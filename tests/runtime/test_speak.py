@@ -8,7 +8,6 @@ import queue
 import shutil
 import time
 
-import numpy as np
 import pytest
 
 from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, LiveModels

@@ -89,3 +89,34 @@ def test_echo_gate_silences_echo_level_audio_and_passes_louder_speech():
     buf.clear()
     assert gate.active(t0 + 0.2 + 0.29) and not gate.active(t0 + 0.2 + 0.31)  # the tail after the last sample
     assert np.array_equal(gate(echo, t0 + 0.6), echo)  # playback over: the mic is open again
+
+
+class BeepTts:
+    """Another engine through the same interface: a 100 ms beep and 50 ms of silence per word; "fail" raises."""
+
+    sample_rate = 8000
+
+    def synthesize(self, text):
+        if "fail" in text:
+            raise RuntimeError("cannot say that")
+        beep = 0.3 * np.sin(2 * np.pi * 440 * np.arange(800) / 8000)
+        return np.tile(np.concatenate([beep, np.zeros(400)]), len(text.split())).astype(np.float32)
+
+    def cancel(self):
+        pass
+
+
+def test_any_engine_plugs_in_and_a_failing_sentence_is_reported_not_fatal():
+    errors = []
+    sp = Speaker(BeepTts(), RecordingSink(), on_error=errors.append)
+    sp.start()
+    try:
+        sp.say("One two. Please fail now. Three four five.", tag="a")
+        sp.end(tag="a")
+        assert sp.wait_done(10.0)
+    finally:
+        assert sp.close(2.0)
+    assert len(errors) == 1 and "Please fail now." in errors[0] and "cannot say that" in errors[0]
+    audio = sp.sink.audio()
+    assert audio.size == pytest.approx(5 * 1200, abs=2 * 160)  # 5 words; each clip padded to whole 20 ms blocks
+    assert [s for _, s in sp.spoken] == ["One two.", "Three four five."]
