@@ -8,6 +8,7 @@ import queue
 import shutil
 import time
 
+import numpy as np
 import pytest
 
 from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, LiveModels
@@ -179,3 +180,42 @@ def test_cli_run_speak_with_an_unknown_voice_exits_2_with_one_line(capsys):
     rc = main(["run", "--camera", "none", "--mic", "default", "--speak", "--voice", "xx-nope"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "voice 'xx-nope' does not exist" in err[0]
+
+
+def test_stop_silences_portaudio_playback_on_the_loopback(pulse_null_sink):
+    """stop() during PortAudio playback: the last audible block leaves the output callback within 150 ms;
+    the microphone on the null sink's monitor hears silence soon after (printed: that adds PulseAudio's
+    output and input latency)."""
+    from edge_mmm.runtime.microphone import AudioRing, MicrophoneSource
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    ring = AudioRing(30.0)
+    mic = MicrophoneSource("pulse", ring, lambda m, r: None)
+    speaker = Speaker(EspeakTts(), SoundDeviceSink("pulse"))
+    mic.start()
+    speaker.start()
+    try:
+        speaker.say("This answer is long enough to be cut off in the middle, when the user starts talking "
+                    "over it, which is what this test does.", tag=1)
+        speaker.end(tag=1)
+        deadline = time.monotonic() + 20
+        while speaker.buffer.pending() == 0 or speaker.buffer.last_write_t is None:
+            assert time.monotonic() < deadline, "nothing was played"
+            time.sleep(0.01)
+        time.sleep(1.0)  # a second of it is heard
+        t_stop = speaker.stop()
+        time.sleep(1.0)
+        t_last_out = speaker.buffer.last_write_t
+    finally:
+        assert speaker.close(2.0)
+        assert mic.stop(timeout=2.0)
+    audio, start, _ = ring.read(ring.written, timeout=0)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    assert loud.size, "the microphone did not hear the playback"
+    t_last_heard = ring.capture_time(start + int(loud[-1]))
+    print(f"PortAudio stop: stop() -> last audible block out of the callback {1000 * (t_last_out - t_stop):.1f} ms; "
+          f"-> last sample heard on the monitor {1000 * (t_last_heard - t_stop):.0f} ms")
+    assert t_last_out - t_stop <= STOP_BOUND_S
+    dropped = next(d for t, d in speaker.stops if t == t_stop)
+    assert dropped > 2 * speaker.tts.sample_rate  # seconds of the answer were dropped, not played
