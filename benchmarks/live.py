@@ -194,8 +194,9 @@ def main() -> None:
                                                           / by["vlm cached: cached image"]["ttft_s"])
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    path = write_json("live_speak.json" if args.speak else "live.json", {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                    "summary": rows, "ratios": ratios, "turns": detail})
+    out = "live_speak.json" if args.speak else "live.json"  # a --speak run does not replace the reference
+    path = write_json(out, {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                            "summary": rows, "ratios": ratios, "turns": detail})
     print(f"wrote {path}")
 
 

@@ -158,14 +158,14 @@ BROWSER_ECHO_TAIL_S = 0.8
 
 def browser_speaker():
     """(Speaker, BrowserSink) for the demo, or None when espeak-ng is not installed (the page says so)."""
-    from edge_mmm.errors import MissingExtraError
+    from edge_mmm.errors import DeviceError
     from edge_mmm.speech_out.echo import EchoGateConfig
     from edge_mmm.speech_out.speaker import Speaker, SpeakerConfig
     from edge_mmm.speech_out.tts import EspeakTts
 
     try:
         tts = EspeakTts()
-    except MissingExtraError:
+    except DeviceError:  # no espeak-ng
         return None
     sink = BrowserSink()
     echo = EchoGateConfig(tail_s=BROWSER_ECHO_TAIL_S, window_s=BROWSER_ECHO_TAIL_S + 0.2)

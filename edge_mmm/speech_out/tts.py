@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from edge_mmm.errors import InputError, MissingExtraError
+from edge_mmm.errors import DeviceError, InputError
 
 ESPEAK_RATE = 22050  # espeak-ng's output rate (every voice)
 
@@ -74,7 +74,9 @@ class EspeakTts:
         self.config = config or EspeakConfig()
         self._exe = shutil.which("espeak-ng")
         if self._exe is None:
-            raise MissingExtraError("espeak-ng", "speak", "spoken answers; on Debian: apt-get install espeak-ng")
+            # a system package, not a pip extra
+            raise DeviceError("espeak-ng is not installed (needed for spoken answers); on Debian: apt-get install "
+                              "espeak-ng")
         self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
         self._cancelled = False

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_mmm.errors import InputError, MissingExtraError
+from edge_mmm.errors import DeviceError, InputError
 from edge_mmm.speech_out.tts import ESPEAK_RATE, EspeakConfig, EspeakTts, wav_samples
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
@@ -39,7 +39,7 @@ def test_bad_espeak_settings_are_input_errors():
 
 def test_missing_espeak_names_the_package(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(MissingExtraError, match="espeak-ng"):
+    with pytest.raises(DeviceError, match="apt-get install espeak-ng"):
         EspeakTts()
 
 
