@@ -1,6 +1,6 @@
 """Live runtime latency: end of speech -> first answer token, and where the time goes, over N spoken turns.
 
-    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm]
+    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--speak]
 
 Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
 `LiveAssistant.feed_audio` in real time (32 ms blocks), so VAD, streaming Whisper and the answer run as
@@ -17,6 +17,10 @@ Per turn (from the `timing` event): endpoint_s (end of speech -> VAD end, mostly
 wait), asr_final_s (final Whisper pass), vision_s, prefill_s, ttft_s (turn start -> first token: vision +
 prefill + first sample), eos_to_first_token_s (end of speech -> first token). Medians are printed; the JSON
 in benchmarks/results/live.json keeps every turn.
+
+--speak: every configuration speaks its answers (espeak-ng into a real-time RecordingSink, see
+benchmarks/live_speak.py) and gets a `first_audio_s` column: end of speech -> first answer sample played,
+taken from the played blocks; the next question waits until the answer has been heard.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, print_table, write_json  # noqa: E402
+from live_speak import make_speaker, wait_spoken  # noqa: E402
 
 COLUMNS = ["config", "turns", "eos_to_first_token_s", "endpoint_s", "asr_final_s", "vision_s", "prefill_s",
            "ttft_s", "decode_tok_s", "prompt_tokens", "prompt_reused"]
@@ -60,7 +65,7 @@ def camera_view(size: int = 512) -> np.ndarray:
 
 
 def run_conversation(assistant, clips, frame, before_turn=None, timeout=300.0):
-    """Speak each clip in real time; return the turn timing records."""
+    """Speak each clip in real time; return the turn timing records (+ first_audio_s with a speaker)."""
     q = assistant.subscribe(maxsize=100_000)
     rng = np.random.default_rng(0)
     records = []
@@ -90,6 +95,8 @@ def run_conversation(assistant, clips, frame, before_turn=None, timeout=300.0):
                     print(f"  error: {e.data}", file=sys.stderr)
             else:
                 raise RuntimeError(f"turn {i} got no answer within {timeout} s")
+            if assistant.voice is not None:
+                records[-1].update(wait_spoken(assistant, q, records[-1]["turn"], timeout))
             assistant.wait_idle(timeout)
     finally:
         assistant.stop(timeout=5.0)
@@ -124,7 +131,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--vlm", type=Path, default=None, help="SmolVLM/Idefics3 directory (default: random, real dims)")
     ap.add_argument("--skip-vlm", action="store_true")
+    ap.add_argument("--speak", action="store_true", help="speak the answers; adds the first_audio_s column")
     args = ap.parse_args()
+    if args.speak:
+        COLUMNS.insert(3, "first_audio_s")
+    speaker = make_speaker if args.speak else lambda: None
 
     from edge_mmm.asr.api import load_asr
     from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, LiveModels
@@ -140,7 +151,7 @@ def main() -> None:
     models = LiveModels(asr, lm)
     for name, hook in (("text cached", None), ("text no-cache", lm.reset)):
         lm.reset()
-        recs = run_conversation(LiveAssistant(cfg, models), clips, None, hook)
+        recs = run_conversation(LiveAssistant(cfg, models, speaker=speaker()), clips, None, hook)
         detail[name] = recs
         rows.append(summarize(name, recs))
         print(f"{name}: done", file=sys.stderr)
@@ -160,7 +171,7 @@ def main() -> None:
 
         for name, hook in (("vlm cached", None), ("vlm no-cache", no_cache)):
             no_cache()
-            recs = run_conversation(LiveAssistant(cfg, models), clips, frame, hook)
+            recs = run_conversation(LiveAssistant(cfg, models, speaker=speaker()), clips, frame, hook)
             detail[name] = recs
             if name == "vlm cached":
                 rows.append(summarize("vlm cached: first image", recs[:1]))
@@ -183,8 +194,9 @@ def main() -> None:
                                                           / by["vlm cached: cached image"]["ttft_s"])
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    path = write_json("live.json", {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
-                                    "summary": rows, "ratios": ratios, "turns": detail})
+    out = "live_speak.json" if args.speak else "live.json"  # a --speak run does not replace the reference
+    path = write_json(out, {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                            "summary": rows, "ratios": ratios, "turns": detail})
     print(f"wrote {path}")
 
 

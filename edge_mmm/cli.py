@@ -635,6 +635,10 @@ def _print_event(event, json_out: bool) -> None:
         if d.get("decode_tok_s"):
             parts.append(f"{d['decode_tok_s']:.1f} tok/s")
         err.write(f"[{', '.join(parts)}]\n")
+    elif event.type == "timing" and d.get("stage") == "speech_out":
+        since = (f"end of speech -> first audio out {d['eos_to_first_audio_s']:.2f}s"
+                 if d.get("eos_to_first_audio_s") is not None else f"question -> first audio out {d['ttfa_s']:.2f}s")
+        err.write(f"[{since}, first token -> audio {d['first_token_to_audio_s']:.2f}s]\n")
     elif event.type in ("error", "notice"):
         retry = f" (retrying in {d['retry_in_s']:g} s)" if d.get("retry_in_s") else ""
         err.write(f"{'error' if event.type == 'error' else 'note'}: {d.get('source', '')}: {d['message']}{retry}\n")
@@ -676,6 +680,12 @@ def run(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
     once: bool = typer.Option(False, "--once", help="Exit after the first answered question."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    speak: bool = typer.Option(False, "--speak", help="Speak the answers (espeak-ng, sentence by sentence as "
+                               "they stream) through PortAudio; the microphone is gated while it speaks "
+                               "(talk over it to interrupt)."),
+    speaker_device: Optional[str] = typer.Option(None, "--speaker", help="--speak output: PortAudio device "
+                                                 "index or name. Default: the default output."),
+    voice: str = typer.Option("en-us", "--voice", help="--speak: espeak-ng voice (espeak-ng --voices)."),
 ) -> None:
     """Live assistant: microphone (+ camera) in, spoken question -> streamed answer; Ctrl-C stops."""
     from edge_mmm.errors import DeviceError, InputError
@@ -713,7 +723,8 @@ def run(
     cfg = LiveConfig(camera=camera, mic=mic, bundle=bundle, threads=threads, **settings,
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
                      end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
-    assistant = LiveAssistant(cfg)
+    speaker = _speaker(speaker_device, voice) if speak else None
+    assistant = LiveAssistant(cfg, speaker=speaker)
     events = assistant.subscribe(maxsize=100_000)  # the terminal must not lose events; it reads fast
     for note in notes:
         assistant.bus.publish("notice", source="run", message=note)
@@ -729,7 +740,9 @@ def run(
         signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     assistant.start()
     try:
-        while not (assistant.finished.is_set() or interrupted.is_set()):
+        # finished: answered (--once) or the audio file ended; a spoken answer is heard to its end first
+        while not ((assistant.finished.is_set() and (speaker is None or not speaker.is_playing()))
+                   or interrupted.is_set()):
             try:
                 _print_event(events.get(timeout=0.1), json_out)
             except queue.Empty:
@@ -746,6 +759,19 @@ def run(
     if interrupted.is_set():
         raise KeyboardInterrupt
 
+
+
+def _speaker(device: Optional[str], voice: str):
+    """A Speaker for `run --speak`: espeak-ng into a PortAudio output (both checked before models load)."""
+    from edge_mmm.errors import require
+    from edge_mmm.speech_out.playback import SoundDeviceSink
+    from edge_mmm.speech_out.speaker import Speaker
+    from edge_mmm.speech_out.tts import EspeakConfig, EspeakTts
+
+    require("sounddevice", "audio", "--speak (PortAudio output)")
+    tts = EspeakTts(EspeakConfig(voice=voice))
+    target = int(device) if device is not None and device.strip().isdigit() else device
+    return Speaker(tts, SoundDeviceSink(target))
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,8 +802,8 @@ def demo(
     settings = ServeSettings(host=host, port=port, api_key=api_key)  # refuses an exposed host without a key
     require("fastapi", "serve", "edge-mmm demo")
     require("uvicorn", "serve", "edge-mmm demo")
-    from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
-    from edge_mmm.serve.demo import run_demo
+    from edge_mmm.runtime.assistant import LiveConfig
+    from edge_mmm.serve.demo import demo_assistant, run_demo
 
     lm_path, vlm_path = _lm_paths(model)
     choice = _choose(_profile(device), asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True)
@@ -788,7 +814,7 @@ def demo(
                         context_length=choice.context, vision_batch=choice.vision_batch)
     typer.echo(f"edge-mmm demo: {choice.describe()}", err=True)
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
-    run_demo(LiveAssistant(config), settings)
+    run_demo(demo_assistant(config), settings)
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""

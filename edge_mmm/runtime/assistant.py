@@ -177,7 +177,8 @@ class _TurnVad:
 class LiveAssistant:
     """See the module docstring. `start()`, then listen with `subscribe()`; `stop()` joins every thread."""
 
-    def __init__(self, config: LiveConfig, models: Optional[LiveModels] = None):
+    def __init__(self, config: LiveConfig, models: Optional[LiveModels] = None, speaker=None):
+        """`speaker`: a `speech_out.Speaker` to speak the answers (its echo gate filters the mic), or None."""
         from edge_mmm.audio.vad import SileroVad
 
         self.config = config
@@ -194,6 +195,12 @@ class LiveAssistant:
         if isinstance(self._mic_target, Path):
             self._file_source = AudioFileSource(self._mic_target, self.ring, config.audio_file_speed)
         self.models = models or load_live_models(config)
+        self.voice = None  # spoken answers (runtime.spoken)
+        if speaker is not None:
+            from edge_mmm.runtime.spoken import SpokenAnswers
+
+            self.voice = SpokenAnswers(speaker, self.bus)
+            self.ring.gate = speaker.echo_gate  # half-duplex: the mic does not hear the assistant's own voice
         self._vad_model = SileroVad(self.models.vad_path)
         self.turns = TurnManager(self.models.lm, self.bus, self.frames,
                                  TurnConfig(config.generation(), config.system_prompt, config.max_history_turns,
@@ -243,6 +250,8 @@ class LiveAssistant:
         elif self._mic_target is not None:
             device = None if self._mic_target == "default" else self._mic_target
             self._sources.append(MicrophoneSource(device, self.ring, self._source_error("microphone"), cfg.backoff))
+        if self.voice is not None:
+            self.voice.start()
         self._spawn("edge-mmm-asr", self._asr_loop)
         self._spawn("edge-mmm-turns", self._turn_loop)
         for src in self._sources:
@@ -259,6 +268,8 @@ class LiveAssistant:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
             ok &= not t.is_alive()
+        if self.voice is not None:
+            ok &= self.voice.close(max(0.0, deadline - time.monotonic()))
         if self._log is not None and ok:
             self._log.close()
         return ok
@@ -266,7 +277,8 @@ class LiveAssistant:
     @property
     def threads(self) -> List[threading.Thread]:
         """The runtime's Python threads (its own and its sources')."""
-        return list(self._threads) + [s.thread for s in self._sources if s.thread is not None]
+        voice = self.voice.threads if self.voice is not None else []
+        return list(self._threads) + [s.thread for s in self._sources if s.thread is not None] + voice
 
     def ask_text(self, text: str) -> None:
         """A typed question: answered by the same turn manager, with the latest camera frame."""
@@ -346,6 +358,8 @@ class LiveAssistant:
                     pass
 
     def _on_speech_start(self) -> None:
+        if self.voice is not None:
+            self.voice.barge_in()
         if self._answering:
             self._cancel.set()
             self._notice("turns", "barge-in: new speech cancelled the answer in progress")

@@ -8,6 +8,9 @@ Event types (the `type` field):
   timing              {"stage", ...seconds...}                          per ASR hypothesis and per turn
   error               {"source", "message", ...}                        a fault; the runtime goes on
   notice              {"source", "message"}                             something the user should know
+  speech.audio        {"rate", "pcm"}                                   spoken answer audio for a page (base64
+                                                                        int16 LE mono; the demo's browser speaker)
+  speech.stop         {}                                                drop the spoken audio not yet played
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 EVENT_TYPES = ("transcript.partial", "transcript.final", "answer.delta", "answer.done", "timing", "error",
-               "notice")
+               "notice", "speech.audio", "speech.stop")
 SUBSCRIBER_QUEUE = 256  # events a subscriber may fall behind before its oldest are dropped
 
 

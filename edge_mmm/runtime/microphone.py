@@ -39,6 +39,7 @@ class AudioRing:
         self._overflow_unreported = 0
         self._eos = False
         self._times: "deque[Tuple[int, float]]" = deque(maxlen=4096)  # (absolute end index, capture time)
+        self.gate: Optional[Callable[[np.ndarray, float], np.ndarray]] = None  # (samples, t) -> samples: echo gate
 
     def write(self, samples: np.ndarray, t: Optional[float] = None) -> None:
         """Append samples captured at monotonic time `t` (default: now, i.e. the block's last sample)."""
@@ -46,6 +47,8 @@ class AudioRing:
         if x.size == 0:
             return
         t = time.monotonic() if t is None else t
+        if self.gate is not None:
+            x = self.gate(x, t)
         with self._cond:
             if x.size > self.capacity:  # only the newest `capacity` samples fit; the rest count as lost below
                 self.written += x.size - self.capacity

@@ -6,7 +6,10 @@
 - `GET /events` the assistant's events as SSE, one `data: {"type", "data", "t"}` per event;
 - `POST /ask` `{"text"}` a typed question;
 - `POST /frame` (a JPEG/PNG) and `POST /audio` (float32 little-endian PCM, 16 kHz mono): the browser's own
-  camera and microphone, where the assistant has none of its own (else 409).
+  camera and microphone, where the assistant has none of its own (else 409);
+- `POST /speaker` `{"on": bool}`: speak the answers to the pages (espeak-ng, sentence by sentence; the
+  audio goes out as `speech.audio` events paced in real time, `speech.stop` on barge-in; 409 without a
+  speaker). One switch for the server: every open page with its speaker on plays the audio.
 The API key, the body limit and the error shape are those of `edge-mmm serve` (`serve.guard`,
 `serve.settings`); only the static page is served without the key (it holds no data).
 """
@@ -34,7 +37,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' b
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 # what each POST path accepts without an API key (the page sends these; see serve.guard)
 CONTENT_TYPES = {"/ask": ("application/json",), "/audio": ("application/octet-stream",),
-                 "/frame": ("image/jpeg", "image/png")}
+                 "/frame": ("image/jpeg", "image/png"), "/speaker": ("application/json",)}
 MAX_QUESTION_CHARS = 1000
 MAX_AUDIO_POST_S = 5.0  # one POST /audio carries at most this much audio
 MAX_SUBSCRIBERS = 16  # open /events streams; more get 429
@@ -114,6 +117,86 @@ def decode_frame(raw: bytes, max_pixels: int, keep_pixels: Optional[int] = None)
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
+class BrowserSink:
+    """A real-time paced sink whose audible blocks become `speech.audio` events for the pages (int16 base64).
+
+    "First audio out" is when a block leaves for the pages; a page plays it after the SSE hop plus its own
+    scheduling lead (demo.js SPEECH_LEAD_S)."""
+
+    def __init__(self, block_s: float = 0.04):
+        from edge_mmm.speech_out.playback import PacedSink
+
+        self._paced = PacedSink(self._deliver, block_s)
+        self.bus = None  # the assistant's EventBus, set by `demo_assistant`
+        self.rate = 0
+
+    @property
+    def thread(self):
+        return self._paced.thread
+
+    def start(self, buffer) -> None:
+        self.rate = buffer.sample_rate
+        self._paced.start(buffer)
+
+    def close(self, timeout: float = 1.0) -> bool:
+        return self._paced.close(timeout)
+
+    def _deliver(self, block, t: float) -> None:
+        import base64
+
+        import numpy as np
+
+        pcm = (np.clip(block, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        if self.bus is not None:
+            self.bus.publish("speech.audio", rate=self.rate, pcm=base64.b64encode(pcm).decode("ascii"))
+
+
+# the browser's echo reaches the server late: played after the SSE hop and the page's lead, heard, then sent
+# up in POST /audio chunks (BROWSER_AUDIO_MS in demo.js); the page's own echo canceller does the rest
+BROWSER_ECHO_TAIL_S = 0.8
+
+
+def browser_speaker():
+    """(Speaker, BrowserSink) for the demo, or None when espeak-ng is not installed (the page says so)."""
+    from edge_mmm.errors import DeviceError
+    from edge_mmm.speech_out.echo import EchoGateConfig
+    from edge_mmm.speech_out.speaker import Speaker, SpeakerConfig
+    from edge_mmm.speech_out.tts import EspeakTts
+
+    try:
+        tts = EspeakTts()
+    except DeviceError:  # no espeak-ng
+        return None
+    sink = BrowserSink()
+    echo = EchoGateConfig(tail_s=BROWSER_ECHO_TAIL_S, window_s=BROWSER_ECHO_TAIL_S + 0.2)
+    return Speaker(tts, sink, SpeakerConfig(echo=echo)), sink
+
+
+def bind_browser_speaker(assistant, sink: BrowserSink) -> None:
+    """Send the speaker's audio and stops to the pages, through the assistant's bus; off until a page asks."""
+    sink.bus = assistant.bus
+    assistant.voice.speaker.on_stop = lambda: assistant.bus.publish("speech.stop")
+    assistant.voice.set_enabled(False)
+
+
+def demo_assistant(config, models=None):
+    """The demo's LiveAssistant, with a browser speaker when espeak-ng is installed."""
+    from edge_mmm.runtime.assistant import LiveAssistant
+
+    made = browser_speaker()
+    assistant = LiveAssistant(config, models, speaker=made[0] if made else None)
+    if made:
+        bind_browser_speaker(assistant, made[1])
+    return assistant
+
+
+def decode_speaker_switch(body: dict) -> bool:
+    on = body.get("on")
+    if not isinstance(on, bool):
+        raise ApiError(400, "'on' must be true or false", param="on")
+    return on
+
+
 def sse_line(event) -> str:
     """One Event as one SSE message."""
     return f"data: {event.to_json()}\n\n"
@@ -150,10 +233,22 @@ def create_demo_app(assistant: Any, settings: ServeSettings):
             raise ApiError(409, f"this demo reads its own {kind} (--{kind}); start it without --{kind} to send "
                                 f"the browser's", code="source_in_use")
 
+    voice = getattr(assistant, "voice", None)
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "subscribers": len(subscribers),
-                "sources": {kind: "server" if mine else "browser" for kind, mine in own.items()}}
+                "sources": {kind: "server" if mine else "browser" for kind, mine in own.items()},
+                "speaker": None if voice is None else voice.enabled}
+
+    @app.post("/speaker")
+    async def speaker(request: fastapi.Request):
+        on = decode_speaker_switch(await json_body(request))
+        if voice is None:
+            raise ApiError(409, "this demo cannot speak: espeak-ng is not installed (Debian: apt-get install "
+                                "espeak-ng)", code="no_speaker")
+        voice.set_enabled(on)
+        return {"speaker": voice.enabled}
 
     @app.get("/frame.jpg")
     async def frame_jpg():
@@ -233,4 +328,4 @@ def run_demo(assistant: Any, settings: ServeSettings) -> None:
         assistant.stop()
 
 
-__all__ = ["create_demo_app", "run_demo", "MAX_QUESTION_CHARS", "MAX_AUDIO_POST_S", "MAX_SUBSCRIBERS"]
+__all__ = ["create_demo_app", "demo_assistant", "run_demo", "MAX_QUESTION_CHARS", "MAX_AUDIO_POST_S", "MAX_SUBSCRIBERS"]

@@ -4,6 +4,10 @@ video file made from skimage photos, and the real models loaded once per session
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +85,34 @@ def vlm_models(asr_model, tiny_vlm_dir):
     from edge_mmm.vision.api import load_vlm
 
     return LiveModels(asr_model, load_vlm(tiny_vlm_dir))
+
+
+@pytest.fixture
+def pulse_null_sink():
+    """A PulseAudio null sink: the playback device of ALSA's `pulse` plugin, its monitor the capture source (what
+    is played there is what the 'pulse' microphone records). Skips only when PulseAudio is absent."""
+    if not (shutil.which("pulseaudio") and shutil.which("pactl") and shutil.which("paplay")):
+        pytest.skip("PulseAudio (pulseaudio, pulseaudio-utils) is not installed")
+    sd = pytest.importorskip("sounddevice")
+    started = subprocess.run(["pulseaudio", "--check"]).returncode != 0
+    if started:
+        subprocess.run(["pulseaudio", "--start", "--exit-idle-time=-1"], capture_output=True, check=True)
+    name = f"edge_mmm_test_{uuid.uuid4().hex[:8]}"
+    module = subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={name}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    old = {k: os.environ.get(k) for k in ("PULSE_SOURCE", "PULSE_SINK")}
+    os.environ["PULSE_SOURCE"] = f"{name}.monitor"  # read by the ALSA pulse plugin when a stream opens
+    os.environ["PULSE_SINK"] = name
+    sd._terminate()
+    sd._initialize()  # re-enumerate: the ALSA 'pulse' device exists only while a server runs
+    try:
+        yield name
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        subprocess.run(["pactl", "unload-module", module], capture_output=True)
+        if started:
+            subprocess.run(["pulseaudio", "--kill"], capture_output=True)

@@ -1,11 +1,8 @@
 """Audio in: the ring buffer (overflow is counted and reported, never silent), the audio-file source, the
 sounddevice callback path with recorded frames, and a real PortAudio capture through a PulseAudio null sink."""
 
-import os
-import shutil
 import subprocess
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -119,34 +116,6 @@ def test_callback_resamples_device_rate_to_16k():
     assert abs(out.size - SAMPLE_RATE) < 200  # ~1 s at 16 kHz (the resampler holds back a few samples)
     spectrum = np.abs(np.fft.rfft(out[1000:1000 + 8000]))
     assert abs(np.argmax(spectrum) * SAMPLE_RATE / 8000 - 440) <= 2
-
-
-@pytest.fixture
-def pulse_null_sink():
-    """A PulseAudio null sink; its monitor is the capture source. Skips only when PulseAudio is absent."""
-    if not (shutil.which("pulseaudio") and shutil.which("pactl") and shutil.which("paplay")):
-        pytest.skip("PulseAudio (pulseaudio, pulseaudio-utils) is not installed")
-    sd = pytest.importorskip("sounddevice")
-    started = subprocess.run(["pulseaudio", "--check"]).returncode != 0
-    if started:
-        subprocess.run(["pulseaudio", "--start", "--exit-idle-time=-1"], capture_output=True, check=True)
-    name = f"edge_mmm_test_{uuid.uuid4().hex[:8]}"
-    module = subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={name}"],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    old = os.environ.get("PULSE_SOURCE")
-    os.environ["PULSE_SOURCE"] = f"{name}.monitor"  # read by the ALSA pulse plugin when a stream opens
-    sd._terminate()
-    sd._initialize()  # re-enumerate: the ALSA 'pulse' device exists only while a server runs
-    try:
-        yield name
-    finally:
-        if old is None:
-            os.environ.pop("PULSE_SOURCE", None)
-        else:
-            os.environ["PULSE_SOURCE"] = old
-        subprocess.run(["pactl", "unload-module", module], capture_output=True)
-        if started:
-            subprocess.run(["pulseaudio", "--kill"], capture_output=True)
 
 
 def test_real_portaudio_capture_through_pulseaudio(pulse_null_sink, question_clip, asr_model):

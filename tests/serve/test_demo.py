@@ -281,3 +281,56 @@ def test_browser_sources_only_where_the_server_has_none():
         _assert_error(httpx.post(url + "/audio", content=np.zeros(160, "<f4").tobytes(),
                                  headers={"Content-Type": "application/octet-stream"}), 409)
     assert assistant.frames == [] and assistant.audio == []
+
+
+def test_speaker_switch_is_409_without_a_speaker_and_400_on_a_bad_body(open_app):
+    url, _ = open_app
+    assert httpx.get(url + "/healthz").json()["speaker"] is None
+    _assert_error(httpx.post(url + "/speaker", json={"on": "yes"}), 400, param="on")
+    r = httpx.post(url + "/speaker", json={"on": True})
+    _assert_error(r, 409)
+    assert "espeak-ng" in r.json()["error"]["message"]
+
+
+def test_speaker_switch_speaks_the_answer_as_paced_speech_audio_events():
+    """The double's bus with the demo's real browser speaker (espeak-ng -> BrowserSink -> speech.audio)."""
+    import base64
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    from edge_mmm.runtime.spoken import SpokenAnswers
+
+    assistant = RecordingAssistant(answer=("Hello ", "there, ", "the sky ", "is blue today."))
+    speaker, sink = demo.browser_speaker()
+    assistant.voice = SpokenAnswers(speaker, assistant.bus)
+    demo.bind_browser_speaker(assistant, sink)
+    assistant.voice.start()
+    settings = ServeSettings(port=free_port(), max_body_bytes=MAX_BODY)
+    q = assistant.subscribe()
+    try:
+        with running(demo.create_demo_app(assistant, settings), settings.port) as url:
+            assistant.ask_text("Quiet?")  # speaker off: nothing is spoken
+            time.sleep(0.5)
+            assert httpx.get(url + "/healthz").json()["speaker"] is False
+            r = httpx.post(url + "/speaker", json={"on": True})
+            assert r.status_code == 200 and r.json() == {"speaker": True}
+            assistant.ask_text("Loud?")
+            deadline, audio, t = time.monotonic() + 20, [], []
+            while time.monotonic() < deadline and not (audio and not speaker.is_playing()):
+                try:
+                    e = q.get(timeout=0.1)
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    continue
+                if e.type == "speech.audio":
+                    audio.append(np.frombuffer(base64.b64decode(e.data["pcm"]), "<i2"))
+                    t.append(time.monotonic())
+                    assert e.data["rate"] == speaker.tts.sample_rate
+            assert httpx.post(url + "/speaker", json={"on": False}).json() == {"speaker": False}
+    finally:
+        assert assistant.voice.close(2.0)
+    pcm = np.concatenate(audio)
+    seconds = pcm.size / speaker.tts.sample_rate
+    assert 1.0 < seconds < 6.0 and np.abs(pcm).max() > 3000  # the answer, spoken once
+    assert [s for _, s in speaker.spoken] == ["Hello there, the sky is blue", "today."]  # first 6 words, then the rest
+    assert t[-1] - t[0] > 0.6 * seconds  # paced in real time, not sent in one burst

@@ -91,10 +91,9 @@ def question_clip(tmp_path_factory) -> Path:
 @contextmanager
 def demo_server(config, models):
     """(url, assistant, events queue) of the demo over a real LiveAssistant, not yet started."""
-    from edge_mmm.runtime.assistant import LiveAssistant
-    from edge_mmm.serve.demo import create_demo_app
+    from edge_mmm.serve.demo import create_demo_app, demo_assistant
 
-    assistant = LiveAssistant(config, models)
+    assistant = demo_assistant(config, models)  # as `edge-mmm demo` builds it: with the browser speaker
     events = assistant.subscribe(4096)
     settings = ServeSettings(port=free_port())
     try:
@@ -137,7 +136,8 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
     url, assistant, events = live_demo
     t0 = time.monotonic()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox",
+                                                                       "--autoplay-policy=no-user-gesture-required"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})  # the page's own CSP stays on
             page.set_default_timeout(PAGE_TIMEOUT_MS)
@@ -162,12 +162,17 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
             trace = page.evaluate("() => window.answerTrace")
             final_shown_ms = page.evaluate("() => window.finalShownAt")
 
-            # a typed question through the text box
+            # the speaker on, then a typed question through the text box: its answer is spoken into WebAudio
+            page.check("#speak")
+            page.wait_for_function("() => window.edgeMmmDemo !== undefined")
             page.fill("#question", TYPED)
             page.click("#ask-form button")
             page.wait_for_selector("#turns .turn:nth-child(2) .question.typed")
             page.wait_for_selector("#turns .turn:nth-child(2) .answer:not(.streaming)")
             typed_answer = page.inner_text("#turns .turn:nth-child(2) .answer")
+            page.wait_for_function("() => window.edgeMmmDemo.audioSamples > 0 && window.edgeMmmDemo.audioPeak > 0.01")
+            ttfa_row = page.wait_for_selector('#latency tr[data-key="ttfa_s"] td').inner_text()
+            ttfa_label = page.inner_text('#latency tr[data-key="ttfa_s"] th')
             page.wait_for_function("() => document.querySelectorAll('#latency tr').length >= 5")
             latency_rows = page.eval_on_selector_all(
                 "#latency tr", "rows => rows.map(r => [r.dataset.key, r.cells[0].textContent])")
@@ -181,6 +186,8 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
     evs = _drain(events)
     done = [e.data for e in evs if e.type == "answer.done"]
     turns = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"]
+    spoken_out = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "speech_out"]
+    audio_events = sum(e.type == "speech.audio" for e in evs)
     assert not console_errors, console_errors
 
     # the transcript is the clip's question
@@ -195,6 +202,11 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
     keys = {k for k, _ in latency_rows}
     assert {"ttft_s", "prefill_s", "decode_tok_s", "asr_s"} <= keys, latency_rows
     assert stats["deltas"] >= 2 and stats["events"] >= 5
+    # the speaker: only the typed answer (after the switch) was spoken, and the page played what was sent
+    assert len(spoken_out) == 1 and spoken_out[0]["turn"] == turns[1]["turn"] and spoken_out[0]["source"] == "text"
+    assert ttfa_label == "question → first audio out" and ttfa_row.endswith(" ms")
+    assert abs(int(ttfa_row[:-3]) - 1000 * spoken_out[0]["ttfa_s"]) <= 1
+    assert stats["audioBlocks"] >= 5 and stats["audioBlocks"] <= audio_events
     assert shot.is_file() and shot.stat().st_size > 10_000
 
     spoken = turns[0]
@@ -207,6 +219,8 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
               "asr_final_s": spoken.get("asr_final_s"), "prefill_s": spoken.get("prefill_s"),
               "ttft_s": spoken.get("ttft_s"), "decode_tok_s": spoken.get("decode_tok_s"),
               "typed_ttft_s": turns[1].get("ttft_s"), "page_latency_row_eos_to_first_token": eos_row,
+              "typed_ttfa_s": spoken_out[0]["ttfa_s"], "page_audio_blocks": stats["audioBlocks"],
+              "page_audio_peak": round(stats["audioPeak"], 3),
               "page_final_to_first_answer_text_ms": round(first_text_ms - final_shown_ms, 1),
               "event_delivery_lag_ms_mean": round(stats["lagMsSum"] / stats["events"], 1),
               "event_delivery_lag_ms_max": round(stats["lagMsMax"], 1)}

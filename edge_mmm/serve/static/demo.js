@@ -8,6 +8,7 @@ const BROWSER_FRAME_MS = 250;    // browser camera -> POST frame
 const BROWSER_AUDIO_MS = 200;    // browser mic -> POST audio
 const RECONNECT_MS = 1000;
 const MAX_MESSAGES = 30;
+const SPEECH_LEAD_S = 0.1;       // spoken audio is scheduled this far ahead: blocks arrive with SSE jitter
 
 // timing fields (runtime timing events: stage "asr" per hypothesis, stage "turn" per answer), in this order;
 // other numeric fields follow under their own names; ids are not latencies
@@ -23,6 +24,9 @@ const LATENCY_LABELS = [
   ["prefill_s", "LM prefill"],
   ["ttft_s", "question → first token"],
   ["eos_to_first_token_s", "end of speech → first token"],
+  ["eos_to_first_audio_s", "end of speech → first audio out"],
+  ["ttfa_s", "question → first audio out"],
+  ["first_token_to_audio_s", "first token → first audio out"],
   ["decode_tok_s", "decode tok/s"],
   ["tokens", "answer tokens"],
   ["prompt_tokens", "prompt tokens"],
@@ -33,7 +37,7 @@ const LATENCY_LABELS = [
 const NOT_LATENCY = new Set(["turn", "utterance"]);
 
 const $ = (id) => document.getElementById(id);
-const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0 } };
+const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0, audioBlocks: 0, audioSamples: 0, audioPeak: 0, speechStops: 0 } };
 window.edgeMmmDemo = state.stats; // read by the browser test and handy in the console
 
 // ---------------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ function fmt(key, value) {
 }
 
 // the last turn's record replaces the previous turn's; live ASR hypotheses fill in between turns
-const latency = { turn: new Map(), asr: new Map() };
+const latency = { turn: new Map(), asr: new Map(), turnId: null };
 function numbers(data) {
   const m = new Map();
   for (const [k, v] of Object.entries(data)) {
@@ -170,8 +174,12 @@ function numbers(data) {
 }
 
 function onTiming(data) {
-  if (data.stage === "turn") {
+  if (data.stage === "speech_out") {
+    if (data.turn !== latency.turnId) return; // the spoken part of an older turn
+    for (const [k, v] of numbers(data)) latency.turn.set(k, v);
+  } else if (data.stage === "turn") {
     latency.turn = numbers(data);
+    latency.turnId = data.turn;
     $("latency-turn").textContent = "(turn " + data.turn + ", " + (data.source === "text" ? "typed" : "spoken") + ")";
   } else {
     for (const [k, v] of numbers(data)) latency.asr.set(k, v);
@@ -211,7 +219,77 @@ function handle(event) {
     case "timing": return onTiming(data);
     case "error": return message("error", data.message || JSON.stringify(data));
     case "notice": return message("notice", data.message || JSON.stringify(data));
+    case "speech.audio": return onSpeechAudio(data);
+    case "speech.stop": return stopSpeech();
     default: return message("notice", event.type + " " + JSON.stringify(data));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// speaker: the server's spoken answer arrives as speech.audio blocks (int16 PCM, base64, paced in real
+// time) and is scheduled back to back in WebAudio; speech.stop (barge-in) drops what is scheduled
+// ---------------------------------------------------------------------------------------------
+const speech = { ctx: null, out: null, next: 0, sources: new Set(), meter: null };
+
+function onSpeechAudio(data) {
+  if (!$("speak").checked || !speech.ctx || typeof data.pcm !== "string") return;
+  const bytes = atob(data.pcm);
+  const n = bytes.length >> 1;
+  if (!n) return;
+  const buf = speech.ctx.createBuffer(1, n, data.rate);
+  const ch = buf.getChannelData(0);
+  for (let i = 0; i < n; i++) {
+    const v = bytes.charCodeAt(2 * i) | (bytes.charCodeAt(2 * i + 1) << 8);
+    ch[i] = (v >= 32768 ? v - 65536 : v) / 32768;
+  }
+  const src = speech.ctx.createBufferSource();
+  src.buffer = buf;
+  src.connect(speech.out);
+  const now = speech.ctx.currentTime;
+  const at = speech.next > now ? speech.next : now + SPEECH_LEAD_S; // after a gap: start anew with the lead
+  src.start(at);
+  speech.next = at + buf.duration;
+  speech.sources.add(src);
+  src.onended = () => speech.sources.delete(src);
+  state.stats.audioBlocks += 1;
+  state.stats.audioSamples += n;
+}
+
+function stopSpeech() {
+  for (const src of speech.sources) { try { src.stop(); } catch (e) { /* already ended */ } }
+  speech.sources.clear();
+  speech.next = 0;
+  state.stats.speechStops += 1;
+}
+
+function startSpeechOutput() {
+  if (speech.ctx) return speech.ctx.resume();
+  speech.ctx = new AudioContext();
+  speech.out = speech.ctx.createAnalyser(); // the output level, shown in stats (audioPeak)
+  speech.out.fftSize = 2048;
+  speech.out.connect(speech.ctx.destination);
+  const wave = new Float32Array(speech.out.fftSize);
+  speech.meter = setInterval(() => {
+    speech.out.getFloatTimeDomainData(wave);
+    let peak = 0;
+    for (const v of wave) peak = Math.max(peak, Math.abs(v));
+    state.stats.audioPeak = Math.max(state.stats.audioPeak, peak);
+  }, 40);
+  return speech.ctx.resume();
+}
+
+async function toggleSpeaker(ev) {
+  const on = ev.target.checked;
+  if (on) await startSpeechOutput(); // inside the click: browsers let a page start audio only on a gesture
+  else stopSpeech();
+  let msg = null;
+  try {
+    const r = await api("speaker", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ on }) });
+    if (!r.ok) msg = await errorText(r);
+  } catch (e) { msg = String(e); }
+  if (msg !== null) {
+    ev.target.checked = false;
+    message("error", "speaker: " + msg);
   }
 }
 
@@ -324,8 +402,16 @@ function makeResampler(rate) {
 async function loadSources() {
   try {
     const r = await api("healthz");
-    if (r.ok) state.sources = (await r.json()).sources;
+    if (r.ok) {
+      const health = await r.json();
+      state.sources = health.sources;
+      state.speaker = health.speaker;
+    }
   } catch (e) { /* retried when the toggle is used */ }
+  if (state.speaker === null) {
+    $("speak").disabled = true;
+    $("speak").parentElement.title = "this demo cannot speak: espeak-ng is not installed on the server";
+  }
   const toggle = $("use-browser");
   if (state.sources && state.sources.camera === "server" && state.sources.mic === "server") {
     toggle.disabled = true;
@@ -354,8 +440,9 @@ async function startBrowserSources() {
   }
   const stream = await navigator.mediaDevices.getUserMedia({
     video: wantVideo ? { width: { ideal: 640 }, height: { ideal: 480 } } : false,
-    // nothing is played back, so no echo to cancel; noise suppression and gain help a far microphone
-    audio: wantAudio ? { channelCount: 1, echoCancellation: false, noiseSuppression: true, autoGainControl: true } : false,
+    // the page may speak the answers: the browser's echo canceller keeps them out of the microphone (the
+    // server's echo gate is the second line); noise suppression and gain help a far microphone
+    audio: wantAudio ? { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true } : false,
   });
   browser.stream = stream;
   const sending = [];
@@ -432,6 +519,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("ask-form").addEventListener("submit", ask);
   $("use-browser").addEventListener("change", toggleBrowser);
+  $("speak").addEventListener("change", toggleSpeaker);
   listen();
   pollFrames();
   loadSources();
