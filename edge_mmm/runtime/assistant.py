@@ -62,6 +62,7 @@ class LiveConfig:
     system_prompt: Optional[str] = None
     max_history_turns: int = 6
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
+    speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -335,8 +336,9 @@ class LiveAssistant:
         if self._answering:
             self._cancel.set()
             self._notice("turns", "barge-in: new speech cancelled the answer in progress")
-        self._speaking = utterance
-        self._job("start", utterance, t if t is not None else time.monotonic())
+        if self.config.speculate:
+            self._speaking = utterance
+            self._job("start", utterance, t if t is not None else time.monotonic())
 
     def _job(self, *job) -> None:
         with self._spec_lock:
@@ -461,7 +463,7 @@ class LiveAssistant:
     def _asr_loop(self) -> None:
         from edge_mmm.asr.streaming import UtteranceRecognizer
 
-        rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=True)
+        rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=self.config.speculate)
         last: Optional[_Heard] = None
         while not self._stop.is_set():
             with self._heard_cv:
