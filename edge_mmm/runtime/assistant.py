@@ -372,8 +372,8 @@ class LiveAssistant:
     def _turn_loop(self) -> None:
         while not self._stop.is_set():
             with self._spec_lock:
+                self._speculating = bool(self._spec_jobs)  # before the queue empties: see _idle
                 job = self._spec_jobs.popleft() if self._spec_jobs else None
-                self._speculating = job is not None
             if job is not None:
                 try:
                     self._speculate(job)
@@ -469,10 +469,10 @@ class LiveAssistant:
             with self._heard_cv:
                 if not self._heard and not rec.has_work():
                     self._heard_cv.wait(0.05)
+                self._asr_busy = bool(self._heard) or rec.has_work()  # before the inbox empties: see _idle
                 batch = list(self._heard)
                 self._heard.clear()
                 self._heard_samples = 0
-                self._asr_busy = bool(batch) or rec.has_work()
             for item in batch:
                 if item.event is None:
                     rec.reset()

@@ -312,9 +312,11 @@ class TurnManager:
                                    "queue_s": round(t0 - req.submitted_t, 6)}
         timings.update(req.asr)
         image = None
-        spec, self.speculation = self.speculation, None
-        if spec is not None and (spec.utterance != req.utterance or req.source != "speech"):
-            spec = None
+        spec = None
+        if req.source == "speech":  # a typed question leaves the speculation of a spoken one alone
+            spec, self.speculation = self.speculation, None
+            if spec is not None and spec.utterance != req.utterance:
+                spec = None
         if spec is not None:
             timings.update({"spec_vision_s": round(spec.vision_s, 6), "spec_encodes": spec.encodes,
                             "spec_prefill_s": round(spec.prefill_s, 6), "spec_prefix_tokens": spec.prefix_tokens,
