@@ -241,13 +241,16 @@ class TurnManager:
                 n = len(ids) - 1
             if n <= 0:
                 return
+            # an image the history holds whose embedding left the cache is encoded by prepare(): vision time
+            vision = prompt.timings.get("vision_s", 0.0) if self.vlm else 0.0
             if self.vlm:
                 self.model.prefill_prefix(prompt, n)
             else:
                 self.model.prefill_prefix(ids[:n])
         except ContextOverflowError:
             return  # the turn itself trims the history
-        spec.prefill_s += time.perf_counter() - t0
+        spec.vision_s += vision
+        spec.prefill_s += time.perf_counter() - t0 - vision
         if question is None:
             spec.prefix_tokens = n
         else:

@@ -57,6 +57,17 @@ def _spec(evs, step=None):
             and (step is None or e.data["step"] == step)]
 
 
+@pytest.fixture
+def fresh_vlm(vlm_models):
+    """The session's VLM holds one conversation KV cache and an embedding cache: start and leave them empty,
+    so other modules' tests see the fresh model they expect."""
+    vlm_models.lm.cache.clear()
+    vlm_models.lm.reset()
+    yield
+    vlm_models.lm.cache.clear()
+    vlm_models.lm.reset()
+
+
 @pytest.fixture(scope="module")
 def paused_question(tmp_path_factory):
     """'Can you see the red car' + 1.2 s pause + 'parked next to the old building?', 2.2 s of silence after."""
@@ -71,10 +82,10 @@ def paused_question(tmp_path_factory):
     return np.concatenate([first, np.zeros(int(1.2 * SAMPLE_RATE), np.float32), second])
 
 
+@pytest.mark.usefixtures("fresh_vlm")
 def test_scene_change_during_speech_reencodes_once(vlm_models, question_clip):
     from edge_mmm.audio.io import load_audio
 
-    vlm_models.lm.cache.clear()
     a = LiveAssistant(LiveConfig(max_tokens=4), vlm_models)
     q = a.subscribe(maxsize=10_000)
     a.feed_frame(_bgr("chelsea"))
@@ -104,6 +115,7 @@ def test_scene_change_during_speech_reencodes_once(vlm_models, question_clip):
     assert len(images) == 1 and np.array_equal(images[0], _bgr("coffee"))
 
 
+@pytest.mark.usefixtures("fresh_vlm")
 def test_speech_resuming_after_a_pause_discards_the_speculative_pass_and_prefill(vlm_models, paused_question):
     """Whisper is a stand-in that answers at once (it says how much audio it heard), so the order of the
     passes does not depend on how busy the machine is; the VAD, the threads and the VLM are real."""
