@@ -4,7 +4,6 @@ speculative final pass and question prefill that the resumed speech discards; th
 became the end reuses the speculative transcript and the prefilled prompt. The recognizer's pass decisions
 are checked on their own with a scripted Whisper. Speeds are in benchmarks/live.py."""
 
-import queue
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
+from test_assistant import _events
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -34,18 +34,6 @@ def _speak(assistant, audio, stop):
             return
         time.sleep(max(0.0, t0 + (j + BLOCK) / SAMPLE_RATE - time.monotonic()))
         assistant.feed_audio(audio[j:j + BLOCK])
-
-
-def _collect(q, until, timeout=90.0):
-    out, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            out.append(q.get(timeout=0.1))
-        except queue.Empty:
-            continue
-        if until(out):
-            return out
-    raise AssertionError(f"timed out; got {[(e.type, e.data.get('stage')) for e in out]}")
 
 
 def _turn_done(evs):
@@ -94,10 +82,10 @@ def test_scene_change_during_speech_reencodes_once(vlm_models, question_clip):
     speaker = threading.Thread(target=_speak, args=(a, load_audio(question_clip), stop), name="test-speaker")
     speaker.start()
     try:
-        evs = _collect(q, lambda evs: bool(_spec(evs, "start")))
+        evs = _events(q, lambda evs: bool(_spec(evs, "start")))
         first = _spec(evs, "start")[0]
         a.feed_frame(_bgr("coffee"))  # the camera now shows another scene, while the user still speaks
-        evs += _collect(q, _turn_done)
+        evs += _events(q, _turn_done, timeout=120)
     finally:
         stop.set()
         speaker.join()
@@ -131,7 +119,7 @@ def test_speech_resuming_after_a_pause_discards_the_speculative_pass_and_prefill
     speaker = threading.Thread(target=_speak, args=(a, paused_question, stop), name="test-speaker")
     speaker.start()
     try:
-        evs = _collect(q, _turn_done)
+        evs = _events(q, _turn_done, timeout=120)
     finally:
         stop.set()
         speaker.join()
