@@ -1,6 +1,7 @@
 """Live runtime latency: end of speech -> first answer token, and where the time goes, over N spoken turns.
 
-    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--speak]
+    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm]
+                              [--end-silence-ms 500] [--no-baseline] [--speak]
 
 Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
 `LiveAssistant.feed_audio` in real time (32 ms blocks), so VAD, streaming Whisper and the answer run as
@@ -12,11 +13,15 @@ they would on a microphone. One conversation per configuration:
                    DIR for real weights), one 512x512 camera view (no image splitting) with sensor noise each
                    turn: turn 1 encodes the image, later turns reuse its embedding and the KV cache
   vlm   no-cache   the same, with the image-embedding cache and the KV cache cleared before each turn
+Each runs as a pipeline (work during speech: frame encoded and prefix prefilled at speech start, final
+Whisper pass and question prefill at the pause); "sequential" rows (skip with --no-baseline) run the cached
+configurations again with `LiveConfig(speculate=False)`: every stage after the VAD end, as before.
 
-Per turn (from the `timing` event): endpoint_s (end of speech -> VAD end, mostly the 500 ms end-silence
-wait), asr_final_s (final Whisper pass), vision_s, prefill_s, ttft_s (turn start -> first token: vision +
-prefill + first sample), eos_to_first_token_s (end of speech -> first token). Medians are printed; the JSON
-in benchmarks/results/live.json keeps every turn.
+Per turn (from the `timing` event): endpoint_s (end of speech -> VAD end: the end-silence wait),
+asr_wait_s (VAD end -> final text: 0 when the pass at the pause was reused), asr_final_s (the final
+Whisper pass, wherever it ran), spec_vision_s / spec_prefill_s (vision encoder / prefill done during
+speech), vision_s, prefill_s (at the turn), ttft_s (turn start -> first token), eos_to_first_token_s (end of
+speech -> first token). Medians are printed; the JSON in benchmarks/results/live.json keeps every turn.
 
 --speak: every configuration speaks its answers (espeak-ng into a real-time RecordingSink, see
 benchmarks/live_speak.py) and gets a `first_audio_s` column: end of speech -> first answer sample played,
@@ -39,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, print_table, write_json  # noqa: E402
 from live_speak import make_speaker, wait_spoken  # noqa: E402
 
-COLUMNS = ["config", "turns", "eos_to_first_token_s", "endpoint_s", "asr_final_s", "vision_s", "prefill_s",
-           "ttft_s", "decode_tok_s", "prompt_tokens", "prompt_reused"]
+COLUMNS = ["config", "turns", "eos_to_first_token_s", "endpoint_s", "asr_wait_s", "asr_final_s", "asr_reused",
+           "spec_vision_s", "spec_prefill_s", "vision_s", "prefill_s", "ttft_s", "decode_tok_s", "prompt_tokens",
+           "prompt_reused"]
 BLOCK = 512  # samples per feed (32 ms)
 
 
@@ -107,7 +113,10 @@ def summarize(name: str, records):
     row = {"config": name, "turns": len(records)}
     for c in COLUMNS[2:]:
         vals = [r[c] for r in records if r.get(c) is not None]
-        row[c] = statistics.median(vals) if vals else None
+        if vals and isinstance(vals[0], bool):  # a share of the turns
+            row[c] = sum(vals) / len(vals)
+        else:
+            row[c] = statistics.median(vals) if vals else None
     return row
 
 
@@ -131,6 +140,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--vlm", type=Path, default=None, help="SmolVLM/Idefics3 directory (default: random, real dims)")
     ap.add_argument("--skip-vlm", action="store_true")
+    ap.add_argument("--end-silence-ms", type=int, default=500)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the sequential (speculate=False) rows")
     ap.add_argument("--speak", action="store_true", help="speak the answers; adds the first_audio_s column")
     args = ap.parse_args()
     if args.speak:
@@ -141,7 +152,10 @@ def main() -> None:
     from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig, LiveModels
     from edge_mmm.text.api import load_lm
 
-    cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads)
+    cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms)
+    sequential = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
+                            speculate=False)
+    baseline = () if args.no_baseline else (("sequential", sequential),)
     tmp = Path(tempfile.mkdtemp(prefix="edge-mmm-live-"))
     clips = spoken_turns(args.turns, tmp)
     asr = load_asr(threads=args.threads)
@@ -149,9 +163,10 @@ def main() -> None:
 
     lm = load_lm(backend="onnxruntime", threads=args.threads)
     models = LiveModels(asr, lm)
-    for name, hook in (("text cached", None), ("text no-cache", lm.reset)):
+    for name, hook, conf in (("text cached", None, cfg), ("text no-cache", lm.reset, cfg),
+                             *((f"text cached {b}", None, c) for b, c in baseline)):
         lm.reset()
-        recs = run_conversation(LiveAssistant(cfg, models, speaker=speaker()), clips, None, hook)
+        recs = run_conversation(LiveAssistant(conf, models, speaker=speaker()), clips, None, hook)
         detail[name] = recs
         rows.append(summarize(name, recs))
         print(f"{name}: done", file=sys.stderr)
@@ -169,29 +184,32 @@ def main() -> None:
             vlm.cache.clear()
             vlm.reset()
 
-        for name, hook in (("vlm cached", None), ("vlm no-cache", no_cache)):
+        for name, hook, conf in (("vlm cached", None, cfg), ("vlm no-cache", no_cache, cfg),
+                                 *((f"vlm cached {b}", None, c) for b, c in baseline)):
             no_cache()
-            recs = run_conversation(LiveAssistant(cfg, models, speaker=speaker()), clips, frame, hook)
+            recs = run_conversation(LiveAssistant(conf, models, speaker=speaker()), clips, frame, hook)
             detail[name] = recs
-            if name == "vlm cached":
-                rows.append(summarize("vlm cached: first image", recs[:1]))
-                rows.append(summarize("vlm cached: cached image", recs[1:]))
+            if name.startswith("vlm cached"):
+                rows.append(summarize(f"{name}: first image", recs[:1]))
+                rows.append(summarize(f"{name}: cached image", recs[1:]))
             else:
                 rows.append(summarize(name, recs))
             print(f"{name}: done", file=sys.stderr)
 
     print_table(rows, COLUMNS)
-    ratios = {}
     by = {r["config"]: r for r in rows}
-    if "text no-cache" in by:
-        ratios["text eos->first token, no-cache / cached"] = (by["text no-cache"]["eos_to_first_token_s"]
-                                                              / by["text cached"]["eos_to_first_token_s"])
-        ratios["text prefill, no-cache / cached"] = by["text no-cache"]["prefill_s"] / by["text cached"]["prefill_s"]
-    if "vlm no-cache" in by:
-        ratios["vlm eos->first token, no-cache / cached image"] = (
-            by["vlm no-cache"]["eos_to_first_token_s"] / by["vlm cached: cached image"]["eos_to_first_token_s"])
-        ratios["vlm ttft, first image / cached image"] = (by["vlm cached: first image"]["ttft_s"]
-                                                          / by["vlm cached: cached image"]["ttft_s"])
+    pairs = {  # eos -> first token, slower / faster
+        "text, KV cache dropped / cached": ("text no-cache", "text cached"),
+        "text cached, sequential / pipeline": ("text cached sequential", "text cached"),
+        "vlm, caches cleared / cached image": ("vlm no-cache", "vlm cached: cached image"),
+        "vlm first image, sequential / pipeline": ("vlm cached sequential: first image", "vlm cached: first image"),
+        "vlm cached image, sequential / pipeline": ("vlm cached sequential: cached image", "vlm cached: cached image"),
+    }
+    ratios = {}
+    for label, (slow, fast) in pairs.items():
+        a, b = (by.get(slow) or {}).get("eos_to_first_token_s"), (by.get(fast) or {}).get("eos_to_first_token_s")
+        if a and b:
+            ratios[f"eos->first token, {label}"] = a / b
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     out = "live_speak.json" if args.speak else "live.json"  # a --speak run does not replace the reference

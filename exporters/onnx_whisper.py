@@ -20,7 +20,7 @@ from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import DECODER_FILE, ENCODER_FILE, Whisper, cross_names, onnx_files  # noqa: F401
 
 OPSET = 17
-EXPORTER_VERSION = "whisper-onnx-5"  # bump when the graphs change: invalidates cached exports
+EXPORTER_VERSION = "whisper-onnx-6"  # bump when the graphs change: invalidates cached exports
 
 
 class _OrtMultiHeadAttention(torch.autograd.Function):
@@ -84,11 +84,14 @@ class ExportCheck:
 
 
 def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True,
-                        ort_fused_attention: bool = False) -> ExportCheck | None:
+                        ort_fused_attention: bool = False, dynamic_frames: bool = False) -> ExportCheck | None:
     """Write encoder.onnx and decoder.onnx (fp32) to `out_dir` and compare them with eager on random inputs.
 
     `ort_fused_attention`: the encoder's self-attention becomes onnxruntime's fused MultiHeadAttention
     (for the onnxruntime backend; keep False for graphs meant for TensorRT, which supports standard ops only).
+    `dynamic_frames`: the encoder takes any even number of mel frames up to 3000 (the positional embedding
+    is sliced, as whisper.cpp's audio_ctx does) and the decoder cross-attends over as many positions; else
+    both are fixed to the 30 s window (what the TensorRT profiles and Triton configs expect).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,13 +107,16 @@ def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True,
     self_k, self_v = torch.randn(past), torch.randn(past)
     offset = torch.tensor(2, dtype=torch.int64)
     k_names, v_names = cross_names(cfg.n_text_layer)
-    batch_axes = {name: {0: "batch"} for name in k_names + v_names}
+    # cross K^T [B, H, Dh, audio], V [B, H, audio, Dh]
+    batch_axes = {**{name: {0: "batch", **({3: "audio"} if dynamic_frames else {})} for name in k_names},
+                  **{name: {0: "batch", **({2: "audio"} if dynamic_frames else {})} for name in v_names}}
+    mel_axes = {0: "batch", 2: "frames"} if dynamic_frames else {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _fused_encoder_attention(model) if ort_fused_attention else nullcontext():
             torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],
                               output_names=k_names + v_names, opset_version=OPSET, dynamo=False,
-                              dynamic_axes={"mel": {0: "batch"}, **batch_axes},
+                              dynamic_axes={"mel": mel_axes, **batch_axes},
                               custom_opsets={"com.microsoft": 1} if ort_fused_attention else None)
         torch.onnx.export(dec, (tokens, offset, self_k, self_v, *cross), str(out_dir / DECODER_FILE),
                           input_names=["tokens", "offset", "self_k", "self_v"] + k_names + v_names,
@@ -122,7 +128,7 @@ def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True,
     _share_tied_embedding(out_dir / DECODER_FILE, "decoder.token_embedding.weight")
     if not check:
         return None
-    return check_whisper_onnx(model, out_dir)
+    return check_whisper_onnx(model, out_dir, frames=N_FRAMES // 6 if dynamic_frames else N_FRAMES)
 
 
 def _share_tied_embedding(path: Path, embedding: str) -> None:
@@ -173,13 +179,14 @@ def quantize_whisper_onnx(src_dir: Path, out_dir: Path) -> None:
         root.setLevel(level)
 
 
-def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0) -> ExportCheck:
-    """Max abs error of the ONNX graphs vs eager on fresh random inputs (new shapes, not the export ones)."""
+def check_whisper_onnx(model: Whisper, out_dir: Path, seed: int = 0, frames: int = N_FRAMES) -> ExportCheck:
+    """Max abs error of the ONNX graphs vs eager on fresh random inputs (new shapes, not the export ones;
+    `frames` mel frames: fewer than 3000 checks a `dynamic_frames` export)."""
     import onnxruntime as ort
 
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
-    mel = torch.randn(1, cfg.n_mels, N_FRAMES, generator=g)
+    mel = torch.randn(1, cfg.n_mels, frames, generator=g)
     enc_sess = ort.InferenceSession(str(Path(out_dir) / ENCODER_FILE), providers=["CPUExecutionProvider"])
     dec_sess = ort.InferenceSession(str(Path(out_dir) / DECODER_FILE), providers=["CPUExecutionProvider"])
     with torch.no_grad():

@@ -131,11 +131,11 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
         model = ckpt.build()  # weights are checked before anything is announced or written
         sys.stderr.write(f"exporting Whisper to ONNX ({precision}; first use of these weights, cached for next time)\n")
         if precision == "fp32":
-            export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True)
+            export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True, dynamic_frames=True)
         else:
             import shutil
 
-            export_whisper_onnx(model, tmp / "fp32", check=False, ort_fused_attention=True)
+            export_whisper_onnx(model, tmp / "fp32", check=False, ort_fused_attention=True, dynamic_frames=True)
             quantize_whisper_onnx(tmp / "fp32", tmp)
             shutil.rmtree(tmp / "fp32")
         (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))

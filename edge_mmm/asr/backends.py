@@ -3,6 +3,7 @@
 All expose the same small interface used by `edge_mmm.asr.decoding`:
     device: where the log-mel front end runs (`kernels.log_mel`: our Triton kernel on CUDA); host for ORT
     encode(mel[B, n_mels, 3000]) -> audio state (cross-attention K/V, computed once per window)
+    short_mel: True when encode also takes fewer frames (an utterance plus a margin: whisper.cpp's audio_ctx)
     new_state(audio, group) -> decoder state for `group` parallel hypotheses of that audio
     step(state, tokens[B, T]) -> float32 logits [B, T, n_vocab] (numpy), extending the KV cache
     reorder(state, order) -> keep/duplicate hypotheses (beam search)
@@ -37,6 +38,7 @@ class TorchWhisperBackend:
     """The eager model on `device` ("cpu", or "cuda" where our Triton kernels run inside the model)."""
 
     name = "torch"
+    short_mel = True  # the encoder slices its positional embedding to the input
 
     def __init__(self, model: Whisper, threads: int = 0, device: str = "cpu"):
         if threads > 0:
@@ -82,6 +84,8 @@ class OnnxWhisperBackend:
         self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads, inputs=["mel"])
         self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads,
                                    inputs=["tokens", "offset", "self_k", "self_v"])
+        # an export with a named (dynamic) frame axis takes short inputs; an older, fixed one only 3000 frames
+        self.short_mel = isinstance(self.encoder.get_inputs()[0].shape[2], str)
 
     def encode(self, mel: np.ndarray):
         out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})
@@ -122,6 +126,7 @@ class TensorRTWhisperBackend:
     (exporters/onnx_whisper.py, ort_fused_attention=False). K/V stay on the GPU."""
 
     name = "tensorrt"
+    short_mel = False  # engines are built for the 30 s window
 
     def __init__(self, encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
         from edge_mmm.runners.tensorrt_engine import TensorRTEngine

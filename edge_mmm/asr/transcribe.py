@@ -14,6 +14,7 @@ from edge_mmm.asr.decoding import DecodingOptions, DecodingResult, decode_window
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.audio.constants import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
 from edge_mmm.audio.mel import pad_or_trim
+from edge_mmm.errors import InputError
 
 
 @dataclass
@@ -30,6 +31,13 @@ class TranscribeOptions:
     no_speech_threshold: Optional[float] = 0.6
     condition_on_previous_text: bool = False
     seed: int = 0
+    # encoder positions (20 ms each) kept after the audio of a window shorter than 30 s, the rest cut
+    # (whisper.cpp's audio_ctx); None: every window padded to 30 s. Backends without `short_mel` ignore it.
+    audio_ctx_margin: Optional[int] = None
+
+    def __post_init__(self):
+        if self.audio_ctx_margin is not None and self.audio_ctx_margin < 0:
+            raise InputError(f"TranscribeOptions.audio_ctx_margin must be >= 0 or None, got {self.audio_ctx_margin}")
 
 
 @dataclass
@@ -48,13 +56,14 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def _decode_with_fallback(backend, tok, audio, opts: TranscribeOptions, language: str, prompt) -> DecodingResult:
+def _decode_with_fallback(backend, tok, audio, opts: TranscribeOptions, language: str, prompt,
+                          sample_len: Optional[int] = None) -> DecodingResult:
     result = None
     for t in opts.temperatures:
         dopts = DecodingOptions(task=opts.task, language=language, temperature=t,
                                 beam_size=opts.beam_size if t == 0 else 1,
                                 best_of=opts.best_of if t > 0 else 1, patience=opts.patience,
-                                timestamps=opts.timestamps, seed=opts.seed)
+                                timestamps=opts.timestamps, seed=opts.seed, sample_len=sample_len)
         result = decode_window(backend, tok, audio, dopts, prompt)
         too_repetitive = (opts.compression_ratio_threshold is not None
                           and compression_ratio(result.text) > opts.compression_ratio_threshold)
@@ -91,6 +100,14 @@ def padded_log_mel(backend, audio: np.ndarray) -> np.ndarray:
     return kernels.log_mel(wav, backend.config.n_mels, padding=N_SAMPLES).cpu().numpy()
 
 
+def window_frames(backend, segment_size: int, opts: TranscribeOptions) -> int:
+    """Mel frames the encoder gets for `segment_size` frames of audio: 3000, or with `audio_ctx_margin` on a
+    backend that takes short input, the audio plus the margin (even: the encoder's conv has stride 2)."""
+    if opts.audio_ctx_margin is None or not getattr(backend, "short_mel", False):
+        return N_FRAMES
+    return min(N_FRAMES, 2 * (-(-segment_size // 2) + opts.audio_ctx_margin))
+
+
 def _t(x):
     import torch
 
@@ -105,10 +122,18 @@ def _segments(backend, tok, mel, content_frames, opts, language, on_progress) ->
     while seek < content_frames:
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
         segment_size = min(N_FRAMES, content_frames - seek)
-        window = pad_or_trim(_t(mel[:, seek : seek + segment_size]), N_FRAMES).numpy()[None]
-        audio = backend.encode(window)
+        frames = window_frames(backend, segment_size, opts)
+        segment = _t(mel[:, seek : seek + segment_size])
         prompt = all_tokens[prompt_reset:] if opts.condition_on_previous_text else []
-        result = _decode_with_fallback(backend, tok, audio, opts, language, prompt)
+        # a loop in a short window stops after what the audio could hold (~16 tokens a second is fast speech)
+        cap = None if frames == N_FRAMES else 16 + -(-segment_size * 16 * HOP_LENGTH // SAMPLE_RATE)
+        result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, frames).numpy()[None]),
+                                       opts, language, prompt, cap)
+        if frames < N_FRAMES and compression_ratio(result.text) > (opts.compression_ratio_threshold or 2.4):
+            # a short window can send the decoder into a loop (whisper.cpp's audio_ctx does the same):
+            # decode this window again as the model was trained, padded to 30 s
+            result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, N_FRAMES).numpy()[None]),
+                                           opts, language, prompt)
         tokens = np.array(result.tokens, dtype=np.int64)
         if opts.no_speech_threshold is not None and result.no_speech_prob > opts.no_speech_threshold and not (
                 opts.logprob_threshold is not None and result.avg_logprob > opts.logprob_threshold):

@@ -131,6 +131,12 @@ class VADIterator:
         """True between an emitted start and its end."""
         return self.started
 
+    @property
+    def silence_from(self) -> Optional[int]:
+        """Inside speech: the first sample of the silence now going on (the speech ends there if it lasts
+        `min_silence_ms`), else None."""
+        return self._temp_end if self.started and self._temp_end else None
+
     def feed(self, audio: np.ndarray) -> List[VadEvent]:
         """Push samples (any length); return the events completed by them, in order."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)

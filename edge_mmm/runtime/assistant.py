@@ -3,9 +3,13 @@
 Threads (all named `edge-mmm-*`, all joined by `stop()`):
   camera    OpenCV grabber -> FrameStore (latest frame + sampled history; stale frames are overwritten)
   mic       sounddevice stream supervisor, or the audio-file player -> AudioRing (16 kHz, never blocks)
-  asr       AudioRing -> Silero VAD -> streaming Whisper (LocalAgreement-2) -> transcript events; a final
-            transcript becomes a turn; speech starting while an answer streams cancels it (barge-in)
-  turns     turn queue -> TurnManager -> answer events + a timing record per turn
+  vad       AudioRing -> Silero VAD (`SpeechSegmenter`) -> speech events for the asr thread; never waits for
+            Whisper. Speech start cancels an answer in progress (barge-in) and starts the speculative work.
+  asr       speech events -> streaming Whisper (`UtteranceRecognizer`, LocalAgreement-2) -> transcript events:
+            partials while the user speaks, a speculative final pass at the first silent frame (dropped if
+            the speech resumes), the final transcript at the VAD end, which becomes a turn
+  turns     speculative work while the user speaks (frame encoding, prefix and question prefill: see
+            `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
 Listeners get `Event`s through `subscribe()` (bounded queues, oldest dropped) and the JSONL log.
 
 The models are shared objects with one conversation state (the LM's KV cache): one assistant uses them
@@ -17,9 +21,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -57,6 +62,7 @@ class LiveConfig:
     system_prompt: Optional[str] = None
     max_history_turns: int = 6
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
+    speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -135,43 +141,15 @@ def load_bundle_models(config: LiveConfig) -> LiveModels:
     return LiveModels(bundle.load_asr(threads=config.threads), lm, vad)
 
 
-class _TurnVad:
-    """Wraps the Silero VAD iterator for the runtime: calls `on_start` as soon as speech starts (barge-in
-    must not wait for the Whisper pass that the same feed may trigger) and remembers end-of-speech samples,
-    which the transcriber's events do not carry (turn latency is measured from the end of speech, not from
-    the end of the utterance buffer that runs on through the end-silence wait)."""
+@dataclass
+class _Heard:
+    """A speech event on its way from the vad thread to the asr thread (event None: the stream restarted)."""
 
-    def __init__(self, options, model, on_start):
-        from edge_mmm.audio.vad import VADIterator
-
-        self._it = VADIterator(options, model)
-        self._on_start = on_start
-        self._ends: List[int] = []
-
-    def __getattr__(self, name):  # n_samples, in_speech, options, ...: the wrapped iterator's
-        return getattr(self._it, name)
-
-    def reset(self) -> None:
-        self._it.reset()
-        self._ends = []
-
-    def feed(self, audio):
-        return self._track(self._it.feed(audio))
-
-    def flush(self):
-        return self._track(self._it.flush())
-
-    def _track(self, events):
-        if any(e.kind == "start" for e in events):
-            self._on_start()
-        self._ends += [e.sample for e in events if e.kind == "end"]
-        return events
-
-    def take_end(self, event, pad: int) -> Optional[int]:
-        """For a final transcript event: the oldest unclaimed end sample, minus the VAD's end padding."""
-        if event.kind != "final" or not self._ends:
-            return None
-        return max(0, self._ends.pop(0) - pad)
+    event: Any
+    base: int  # ring index of the segmenter's sample 0
+    utterance: int  # the vad thread's utterance number
+    t: float  # monotonic time the VAD saw it
+    cap_to_vad: Optional[float] = None  # capture of the newest sample -> VAD
 
 
 class LiveAssistant:
@@ -216,10 +194,17 @@ class LiveAssistant:
         self._turn_q: "queue.Queue[TurnRequest]" = queue.Queue(maxsize=TURN_QUEUE)
         self._cancel = threading.Event()
         self._answering = False
-        self._asr_busy = False  # the recognizer is working on audio it took from the ring
+        self._vad_busy = False  # the vad thread is working on audio it took from the ring
+        self._asr_busy = False  # the asr thread is working on speech events it took from the inbox
         self._input_ended = False
-        self._utterance = 0
-        self._last_hypothesis = (0.0, 0.0)  # (audio_s, asr_s) of the latest partial pass
+        self._heard: "deque[_Heard]" = deque()  # vad -> asr; bounded by `ring_capacity_s` of audio
+        self._heard_samples = 0
+        self._heard_cv = threading.Condition()
+        self._vad_utterance = 0
+        self._spec_jobs: "deque[tuple]" = deque()  # vad/asr -> turns: speculative work, in order
+        self._spec_lock = threading.Lock()
+        self._speculating = False
+        self._speaking: Optional[int] = None  # utterance being spoken (speculation checks the scene)
         self._sources: List[Any] = []
         self._threads: List[threading.Thread] = []
         self._started = False
@@ -252,6 +237,7 @@ class LiveAssistant:
             self._sources.append(MicrophoneSource(device, self.ring, self._source_error("microphone"), cfg.backoff))
         if self.voice is not None:
             self.voice.start()
+        self._spawn("edge-mmm-vad", self._vad_loop)
         self._spawn("edge-mmm-asr", self._asr_loop)
         self._spawn("edge-mmm-turns", self._turn_loop)
         for src in self._sources:
@@ -312,7 +298,8 @@ class LiveAssistant:
 
     # ------------------------------------------------------------------ internals
     def _idle(self) -> bool:
-        return (not self._answering and not self._asr_busy and self._turn_q.empty()
+        return (not self._answering and not self._speculating and not self._vad_busy and not self._asr_busy
+                and not self._heard and not self._spec_jobs and self._turn_q.empty()
                 and self.ring.read_pos == self.ring.written)
 
     def _spawn(self, name: str, target) -> None:
@@ -357,18 +344,64 @@ class LiveAssistant:
                 except queue.Empty:
                     pass
 
-    def _on_speech_start(self) -> None:
+    def _on_speech_start(self, utterance: int, t: Optional[float]) -> None:
         if self.voice is not None:
             self.voice.barge_in()
         if self._answering:
             self._cancel.set()
             self._notice("turns", "barge-in: new speech cancelled the answer in progress")
+        if self.config.speculate:
+            self._speaking = utterance
+            self._job("start", utterance, t if t is not None else time.monotonic())
+
+    def _job(self, *job) -> None:
+        with self._spec_lock:
+            self._spec_jobs.append(job)
+
+    def _speculate(self, job) -> None:
+        """Run one piece of speculative work on the turn thread and publish what it did."""
+        kind, utt = job[0], job[1]
+        timing: Dict[str, Any] = {"stage": "speculative", "step": kind, "utterance": utt}
+        t0 = time.perf_counter()
+        if kind == "start":
+            spec = self.turns.speculate(utt, job[2])
+            timing.update(vision_s=round(spec.vision_s, 6), encodes=spec.encodes, prefill_s=round(spec.prefill_s, 6),
+                          prefix_tokens=spec.prefix_tokens, scene_changed=spec.scene_changed)
+        elif kind == "scene":
+            spec = self.turns.speculation
+            timing.update(vision_s=round(spec.vision_s, 6), encodes=spec.encodes, scene_changed=spec.scene_changed)
+        elif kind == "question":
+            before = self.turns.speculation.prefill_s if self.turns.speculation is not None else 0.0
+            if not self.turns.speculate_question(utt, job[2]):
+                return
+            spec = self.turns.speculation
+            timing.update(prefill_s=round(spec.prefill_s - before, 6), question_tokens=spec.question_tokens)
+        elif kind == "discard":
+            if not self.turns.discard_question(utt):
+                return
+            timing["discarded"] = self.turns.speculation.discarded
+        timing["took_s"] = round(time.perf_counter() - t0, 6)
+        self.bus.publish("timing", **timing)
 
     def _turn_loop(self) -> None:
         while not self._stop.is_set():
+            with self._spec_lock:
+                self._speculating = bool(self._spec_jobs)  # before the queue empties: see _idle
+                job = self._spec_jobs.popleft() if self._spec_jobs else None
+            if job is not None:
+                try:
+                    self._speculate(job)
+                except Exception as exc:  # noqa: BLE001 - speculative work failing must not end the assistant
+                    self.bus.publish("error", source="speculation", message=f"{exc.__class__.__name__}: {exc}")
+                finally:
+                    self._speculating = False
+                continue
             try:
-                req = self._turn_q.get(timeout=0.05)
+                req = self._turn_q.get(timeout=0.02)
             except queue.Empty:
+                speaking = self._speaking
+                if speaking is not None and self.turns.check_scene(speaking):
+                    self._speculate(("scene", speaking))
                 if self._input_ended and self._idle():
                     self.finished.set()
                 continue
@@ -385,76 +418,132 @@ class LiveAssistant:
             if self.config.once and not self._cancel.is_set() and timings.get("ttft_s") is not None:
                 self.finished.set()
 
-    def _asr_loop(self) -> None:
-        from edge_mmm.asr.streaming import StreamingOptions, VadTranscriber
-        from edge_mmm.audio.vad import VadOptions
+    def _vad_loop(self) -> None:
+        from edge_mmm.asr.streaming import SpeechSegmenter
 
-        vad_opts = VadOptions(min_silence_ms=self.config.end_silence_ms)
-        vt = VadTranscriber(self.models.asr, StreamingOptions(), vad_opts, vad_model=self._vad_model)
-        vt.vad = _TurnVad(vad_opts, self._vad_model, self._on_speech_start)
-        pad = int(SAMPLE_RATE * vad_opts.speech_pad_ms / 1000)
-        base = self.ring.read_pos  # ring index of the transcriber's sample 0
+        seg = SpeechSegmenter(self._vad_options(), self._vad_model, self._stream_options().max_utterance_s)
+        base = self.ring.read_pos  # ring index of the segmenter's sample 0
         while not self._stop.is_set():
             lost = self.ring.take_overflow()
             if lost:
-                self.bus.publish("error", source="audio", samples_lost=lost,
-                                 message=f"audio overflow: {lost / SAMPLE_RATE:.2f} s of audio dropped because "
-                                         f"speech recognition fell behind; the current utterance restarts")
-            # everything that is waiting, in one piece: after a slow Whisper pass the backlog gets one VAD sweep
-            # and at most one new hypothesis, so recognition catches up instead of lagging further
+                self._report_lost(lost)
             chunk, pos, eos = self.ring.read(MAX_READ_S * SAMPLE_RATE, timeout=0.05)
-            self._asr_busy = bool(chunk.size) or eos
+            self._vad_busy = bool(chunk.size) or eos
             if chunk.size:
-                if pos != base + vt.vad.n_samples:  # samples were lost: restart segmentation there
-                    vt.reset()
+                if pos != base + seg.n_samples:  # samples were lost: restart segmentation there
+                    seg.reset()
                     base = pos
-                t_read = time.monotonic()
-                events = vt.feed(chunk)  # a speech start inside calls _on_speech_start (barge-in) first
+                    self._hear([None], base, None)
+                events = seg.feed(chunk)
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
-                cap_to_vad = t_read - t_cap if t_cap is not None else None
-                for ev in events:
-                    self._transcript(ev, base, cap_to_vad, vt.vad.take_end(ev, pad))
+                self._hear(events, base, time.monotonic() - t_cap if t_cap is not None else None)
             if eos:
-                for ev in vt.flush():
-                    self._transcript(ev, base, None, vt.vad.take_end(ev, pad))
+                self._hear(seg.flush(), base, None)
                 if self._file_source is not None:
                     self._input_ended = True
                     self._notice("microphone", f"audio file {self._file_source.path} ended")
+            self._vad_busy = False
+
+    def _report_lost(self, lost: int) -> None:
+        self.bus.publish("error", source="audio", samples_lost=lost,
+                         message=f"audio overflow: {lost / SAMPLE_RATE:.2f} s of audio dropped because "
+                                 f"speech recognition fell behind; the current utterance restarts")
+
+    def _hear(self, events, base: int, cap_to_vad: Optional[float]) -> None:
+        """Hand speech events to the asr thread; a speech start also goes to the turn thread at once."""
+        if not events:
+            return
+        t = time.monotonic()
+        items = []
+        for ev in events:
+            if ev is not None and ev.kind == "start":
+                self._vad_utterance += 1
+                self._on_speech_start(self._vad_utterance, self.ring.capture_time(base + ev.sample))
+            items.append(_Heard(ev, base, self._vad_utterance, t, cap_to_vad))
+        with self._heard_cv:
+            for item in items:
+                self._heard.append(item)
+                if item.event is not None and item.event.audio is not None:
+                    self._heard_samples += item.event.audio.size
+            # Whisper fell a ring's worth behind: drop what waits and restart the utterance there
+            if self._heard_samples > self.ring.capacity:
+                lost = self._heard_samples
+                self._heard.clear()
+                self._heard.append(_Heard(None, base, self._vad_utterance, t))
+                self._heard_samples = 0
+                self._report_lost(lost)
+            self._heard_cv.notify()
+
+    def _asr_loop(self) -> None:
+        from edge_mmm.asr.streaming import UtteranceRecognizer
+
+        rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=self.config.speculate)
+        last: Optional[_Heard] = None
+        while not self._stop.is_set():
+            with self._heard_cv:
+                if not self._heard and not rec.has_work():
+                    self._heard_cv.wait(0.05)
+                self._asr_busy = bool(self._heard) or rec.has_work()  # before the inbox empties: see _idle
+                batch = list(self._heard)
+                self._heard.clear()
+                self._heard_samples = 0
+            for item in batch:
+                if item.event is None:
+                    rec.reset()
+                    continue
+                last = item
+                for ev in rec.push([item.event]):
+                    self._transcript(ev, item)
+            if last is not None:
+                for ev in rec.step():
+                    self._transcript(ev, last)
             self._asr_busy = False
 
-    def _transcript(self, ev, base: int, cap_to_vad: Optional[float], speech_end: Optional[int]) -> None:
-        """Publish a transcript event; a final one becomes a turn. `speech_end`: the VAD's end of speech
-        (transcriber samples), None when the utterance was cut at Whisper's window instead."""
+    def _vad_options(self):
+        from edge_mmm.audio.vad import VadOptions
+
+        return VadOptions(min_silence_ms=self.config.end_silence_ms)
+
+    def _stream_options(self):
+        from edge_mmm.asr.streaming import StreamingOptions
+
+        return StreamingOptions()
+
+    def _transcript(self, ev, heard: _Heard) -> None:
+        """Publish a transcript event; a speculative one goes to the turn thread, a final one becomes a turn."""
+        utt = heard.utterance
+        if ev.kind in ("speculative", "discarded"):
+            self.bus.publish("timing", stage="speculative_asr", utterance=utt, asr_s=round(ev.asr_s, 6),
+                             audio_s=round(ev.audio_s, 3), discarded=ev.kind == "discarded")
+            self._job("question" if ev.kind == "speculative" else "discard", utt, ev.committed)
+            return
         if ev.kind == "partial":
-            self._last_hypothesis = (ev.audio_s, ev.asr_s)
             self.bus.publish("transcript.partial", text=ev.text, committed=ev.committed, tentative=ev.tentative,
-                             utterance=self._utterance, audio_s=round(ev.audio_s, 3))
-            timing = {"stage": "asr", "utterance": self._utterance, "asr_s": round(ev.asr_s, 6),
-                      "audio_s": round(ev.audio_s, 3)}
-            if cap_to_vad is not None:
-                timing["capture_to_vad_s"] = round(cap_to_vad, 6)
+                             utterance=utt, audio_s=round(ev.audio_s, 3))
+            timing = {"stage": "asr", "utterance": utt, "asr_s": round(ev.asr_s, 6), "audio_s": round(ev.audio_s, 3)}
+            if heard.cap_to_vad is not None:
+                timing["capture_to_vad_s"] = round(heard.cap_to_vad, 6)
             self.bus.publish("timing", **timing)
             return
         t_final = time.monotonic()
-        utt = self._utterance
-        self._utterance += 1
+        if self._speaking == utt:
+            self._speaking = None
         text = ev.committed.strip()
-        start = base + int(round(ev.start_s * SAMPLE_RATE))
-        # the utterance buffer runs on through the end-silence wait; time the turn from the speech end itself
-        end = base + speech_end if speech_end is not None else start + int(round(ev.audio_s * SAMPLE_RATE))
+        start = heard.base + int(round(ev.start_s * SAMPLE_RATE))
+        # time the turn from the speech end itself, not from the end of the end-silence wait
+        end = (heard.base + int(round(ev.end_s * SAMPLE_RATE)) if ev.end_s is not None
+               else start + int(round(ev.audio_s * SAMPLE_RATE)))
         speech_end_t = self.ring.capture_time(end - 1)
         speech_start_t = self.ring.capture_time(start)
-        asr_s = ev.asr_s
-        if asr_s == 0.0 and self._last_hypothesis[0] == ev.audio_s:  # the final text is that pass's, reused
-            asr_s = self._last_hypothesis[1]
-        self._last_hypothesis = (0.0, 0.0)
-        asr = {"asr_final_s": round(asr_s, 6), "audio_s": round(ev.audio_s, 3)}
-        if cap_to_vad is not None:
-            asr["capture_to_vad_s"] = round(cap_to_vad, 6)
+        asr: Dict[str, Any] = {"asr_final_s": round(ev.asr_s, 6), "audio_s": round(ev.audio_s, 3),
+                               "asr_reused": ev.reused, "asr_wait_s": round(t_final - heard.t, 6)}
+        if heard.cap_to_vad is not None:
+            asr["capture_to_vad_s"] = round(heard.cap_to_vad, 6)
         if speech_end_t is not None:
-            # end of speech -> start of the Whisper pass that gave the final text: the end-silence wait, plus
-            # any earlier pass still running when the user stopped talking
-            asr["endpoint_s"] = round(t_final - asr_s - speech_end_t, 6)
+            # end of speech -> the VAD's end (the end-silence wait; the vad thread never waits for Whisper)
+            asr["endpoint_s"] = round(heard.t - speech_end_t, 6)
+            if ev.pass_t is not None:  # end of speech -> start of the pass that gave the final text
+                asr["final_pass_lag_s"] = round(ev.pass_t - speech_end_t, 6)
         if not text:
             self._notice("asr", f"utterance {utt}: no words recognized")
             return

@@ -55,6 +55,13 @@ def thumbnail(frame: np.ndarray) -> np.ndarray:
     return g[:h, :w].reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
 
 
+def scene_difference(a: np.ndarray, b: Optional[np.ndarray]) -> float:
+    """Mean absolute difference of two thumbnails (0-255); inf when there is nothing to compare with."""
+    if b is None or a.shape != b.shape:
+        return float("inf")
+    return float(np.abs(a - b).mean())
+
+
 def check_frame(frame) -> np.ndarray:
     """A BGR uint8 HxWx3 (or gray HxW) frame, else InputError."""
     arr = np.asarray(frame)
@@ -138,16 +145,22 @@ class SceneTracker:
         self._thumb: Optional[np.ndarray] = None
 
     def choose(self, image: np.ndarray) -> Tuple[np.ndarray, bool, float]:
-        """(image to show the model, scene changed, difference)."""
-        thumb = thumbnail(image)
-        if self._thumb is not None and self._thumb.shape == thumb.shape:
-            diff = float(np.abs(thumb - self._thumb).mean())
-            if diff < self.threshold:
-                return self._image, False, diff
-        else:
-            diff = float("inf")
-        self._image, self._thumb = image, thumb
+        """(image to show the model, scene changed, difference); a changed scene becomes the one seen."""
+        chosen, changed, diff = self.peek(image)
+        if changed:
+            self.commit(image)
+        return chosen, changed, diff
+
+    def peek(self, image: np.ndarray) -> Tuple[np.ndarray, bool, float]:
+        """As `choose`, without remembering the image (speculative work while the user still speaks)."""
+        diff = scene_difference(thumbnail(image), self._thumb)
+        if diff < self.threshold:
+            return self._image, False, diff
         return image, True, diff
+
+    def commit(self, image: np.ndarray) -> None:
+        """`image` is now the scene the model saw."""
+        self._image, self._thumb = image, thumbnail(image)
 
     def reset(self) -> None:
         self._image = self._thumb = None

@@ -12,6 +12,16 @@ that still overflows the context drops its oldest exchanges until it fits.
 
 `answer()` runs in the turn thread and checks `cancel` between tokens (barge-in): the answer stops at
 once, and what was said so far stays in the history.
+
+Work while the user speaks (`Speculation`, all on the turn thread, so the model still serves one caller):
+at speech start the frame is chosen (the frame policy over the frames so far) and encoded, and the prompt's
+prefix (system + history + this user message up to the question: image tokens included) is prefilled into
+the KV cache; if the scene changes before the end of speech the frame is encoded again (`check_scene`).
+At a pause the speculative transcript's whole prompt is prefilled (`speculate_question`); speech resuming
+discards it (`discard_question`). The turn then finds its image embedding in the cache and its prompt in
+the KV cache, all but the tokens that differ. Speculation never changes the history or the scene state:
+`answer()` commits them, using the speculated frame unless the frame chosen at the end of speech shows a
+different scene.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from typing import Any, Dict, List, Optional
 
 from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.runtime.events import EventBus
-from edge_mmm.runtime.frames import FrameStore, SceneTracker
-from edge_mmm.text.generation import GenerationConfig
+from edge_mmm.runtime.frames import FrameStore, SceneTracker, scene_difference, thumbnail
+from edge_mmm.text.generation import GenerationConfig, common_prefix
+
+# two questions whose tokens differ from the first: the common prefix of their prompts is the part of a
+# prompt that does not depend on the question
+_PROBES = ("a", "b")
 
 
 @dataclass
@@ -53,6 +67,27 @@ class TurnRequest:
     submitted_t: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class Speculation:
+    """Work done for the utterance being spoken, before its end. Times in seconds of compute."""
+
+    utterance: int
+    speech_start_t: float
+    frame: Any = None  # the frame chosen during speech (BGR array) or None
+    thumb: Any = None  # its scene thumbnail
+    image: Any = None  # the image this turn's user message carries; None: none, or the history's stands
+    scene_changed: bool = False
+    scene_diff: float = float("inf")
+    encodes: int = 0  # vision encoder runs (a scene change during speech adds one)
+    vision_s: float = 0.0
+    prefix_tokens: int = 0
+    prefill_s: float = 0.0  # prefix + question prefills
+    question: Optional[str] = None  # the speculative transcript whose prompt is prefilled
+    question_tokens: int = 0
+    discarded: int = 0  # speculative transcripts dropped because the speech resumed
+    checked_t: float = 0.0
+
+
 def is_vlm(model) -> bool:
     """A VisionLanguageModel (takes images) rather than a text-only LanguageModel."""
     return hasattr(model, "image_features")
@@ -70,12 +105,14 @@ class TurnManager:
         self.scene = SceneTracker(self.config.scene_threshold)
         self.history: List[Dict[str, Any]] = []  # alternating user / assistant messages
         self.turns = 0
+        self.speculation: Optional[Speculation] = None
         self._lock = threading.Lock()  # one generation at a time on the shared model
 
     def reset(self) -> None:
         """Forget the conversation (and the model's KV cache of it)."""
         with self._lock:
             self.history = []
+            self.speculation = None
             self.scene.reset()
             self.model.reset()
 
@@ -123,6 +160,131 @@ class TurnManager:
         self._drop_history_images()
         return image, frame.seq
 
+    # ------------------------------------------------------------------ speculation (while the user speaks)
+    def speculate(self, utterance: int, speech_start_t: float) -> Speculation:
+        """At speech start: choose and encode the frame and prefill the prompt up to the question."""
+        with self._lock:
+            spec = self.speculation = Speculation(utterance, speech_start_t)
+            self._speculate_scene(spec)
+            self._prefill(spec, None)
+            return spec
+
+    def check_scene(self, utterance: int, every_s: float = 0.1) -> bool:
+        """During speech: if the frame the policy would choose now shows another scene than the speculated
+        one, encode it and prefill again. True when it did."""
+        spec = self.speculation
+        now = time.monotonic()
+        if not self.vlm or spec is None or spec.utterance != utterance or now - spec.checked_t < every_s:
+            return False
+        spec.checked_t = now
+        frame = self.frames.select(spec.speech_start_t, now)
+        if frame is None or scene_difference(thumbnail(frame.image), spec.thumb) < self.scene.threshold:
+            return False
+        with self._lock:
+            self._speculate_scene(spec, frame)
+            self._prefill(spec, spec.question)
+        return True
+
+    def speculate_question(self, utterance: int, question: str) -> bool:
+        """At a pause: prefill the whole prompt for the speculative transcript `question`."""
+        spec = self.speculation
+        if spec is None or spec.utterance != utterance or not question.strip():
+            return False
+        with self._lock:
+            self._prefill(spec, question.strip())
+        return True
+
+    def discard_question(self, utterance: int) -> bool:
+        """The speech resumed: the speculative transcript is void (its KV positions past the prefix are
+        overwritten by the next prefill; nothing else to undo)."""
+        spec = self.speculation
+        if spec is None or spec.utterance != utterance or spec.question is None:
+            return False
+        spec.question = None
+        spec.discarded += 1
+        return True
+
+    def _speculate_scene(self, spec: Speculation, frame=None) -> None:
+        if not self.vlm:
+            return
+        if frame is None:
+            frame = self.frames.select(spec.speech_start_t, time.monotonic())
+        if frame is None:
+            return
+        image, changed, diff = self.scene.peek(frame.image)
+        spec.frame, spec.thumb, spec.scene_changed, spec.scene_diff = frame.image, thumbnail(frame.image), changed, diff
+        spec.image = None if not changed and self._history_has_image() else image
+        if spec.image is not None:
+            _, _, timings, _ = self.model.image_features([spec.image])
+            if not timings.get("image_cache_hit"):
+                spec.encodes += 1
+            spec.vision_s += timings.get("vision_s", 0.0)
+
+    def _spec_history(self, spec: Speculation) -> List[Dict[str, Any]]:
+        if spec.image is None:
+            return self.history
+        return [dict(m, content=[p for p in m["content"] if p.get("type") != "image"])
+                if isinstance(m["content"], list) else m for m in self.history]
+
+    def _prefill(self, spec: Speculation, question: Optional[str]) -> None:
+        """Prefill the prompt of `question` (all but its last token), or with None the part of the prompt
+        that any question shares."""
+        history = self._spec_history(spec)
+        t0 = time.perf_counter()
+        try:
+            if question is None:
+                probes = [self._prompt_ids(history, q, spec.image) for q in _PROBES]
+                n = common_prefix(probes[0][1], probes[1][1])
+                prompt, ids = probes[0]
+            else:
+                prompt, ids = self._prompt_ids(history, question, spec.image)
+                n = len(ids) - 1
+            if n <= 0:
+                return
+            # an image the history holds whose embedding left the cache is encoded by prepare(): vision time
+            vision = prompt.timings.get("vision_s", 0.0) if self.vlm else 0.0
+            if self.vlm:
+                self.model.prefill_prefix(prompt, n)
+            else:
+                self.model.prefill_prefix(ids[:n])
+        except ContextOverflowError:
+            return  # the turn itself trims the history
+        spec.vision_s += vision
+        spec.prefill_s += time.perf_counter() - t0 - vision
+        if question is None:
+            spec.prefix_tokens = n
+        else:
+            spec.question, spec.question_tokens = question, n + 1
+
+    def _prompt_ids(self, history, question: str, image):
+        """(what `prefill_prefix` takes, token ids) of the prompt for `question`."""
+        messages = self._messages(history, self._user_message(question, image))
+        if self.vlm:
+            prepared = self.model.prepare(messages)
+            return prepared, prepared.ids
+        ids = self.model.encode_prompt(messages)
+        return ids, ids
+
+    def _spec_image(self, spec: Speculation, req: TurnRequest, timings: Dict[str, Any]):
+        """(used, image for this user message) from the speculation, committing the scene; used is False
+        when the frame chosen at the end of speech shows another scene than the speculated one (the
+        caller then picks afresh)."""
+        frame = self.frames.select(req.speech_start_t, req.speech_end_t)
+        if frame is None and spec.frame is None:
+            timings["frame"] = "none"
+            return True, None
+        if frame is None or spec.frame is None or \
+                scene_difference(thumbnail(frame.image), spec.thumb) >= self.scene.threshold:
+            return False, None
+        timings["frame_age_s"] = round(time.monotonic() - frame.t, 4)
+        timings["scene_changed"] = spec.scene_changed
+        timings["scene_diff"] = round(spec.scene_diff, 3) if spec.scene_diff != float("inf") else None
+        if spec.scene_changed:
+            self.scene.commit(spec.frame)
+        if spec.image is not None:
+            self._drop_history_images()
+        return True, spec.image
+
     # ------------------------------------------------------------------ generation
     def _start(self, user: Dict[str, Any], timings: Dict[str, Any]):
         """Prepare and start the stream, dropping the oldest exchanges while the prompt overflows."""
@@ -153,8 +315,22 @@ class TurnManager:
                                    "queue_s": round(t0 - req.submitted_t, 6)}
         timings.update(req.asr)
         image = None
+        spec = None
+        if req.source == "speech":  # a typed question leaves the speculation of a spoken one alone
+            spec, self.speculation = self.speculation, None
+            if spec is not None and spec.utterance != req.utterance:
+                spec = None
+        if spec is not None:
+            timings.update({"spec_vision_s": round(spec.vision_s, 6), "spec_encodes": spec.encodes,
+                            "spec_prefill_s": round(spec.prefill_s, 6), "spec_prefix_tokens": spec.prefix_tokens,
+                            "spec_question": spec.question == req.question, "spec_discarded": spec.discarded})
+        used = False
         if self.vlm:
-            image, _ = self._pick_image(req, timings)
+            if spec is not None:
+                used, image = self._spec_image(spec, req, timings)
+                timings["spec_frame_used"] = used
+            if not used:
+                image, _ = self._pick_image(req, timings)
         user = self._user_message(req.question, image)
         stream = self._start(user, timings)
         pieces: List[str] = []

@@ -104,6 +104,22 @@ class LanguageModel:
     def generate(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> Generation:
         return self.stream(prompt, config).consume()
 
+    def prefill_prefix(self, ids: Sequence[int]) -> int:
+        """Run the prefill of a prompt's first tokens ahead of time (the live runtime does it while the user
+        speaks): a later prompt that starts with `ids` reuses them from the KV cache. Returns how many of
+        `ids` were already cached."""
+        ids = list(ids)
+        check_prompt(len(ids) + 1, self.context_length)  # the prompt that extends them must fit too
+        self._sync_cache()
+        if self._cache is None:
+            self._cache = self.backend.new_cache()
+        reuse = common_prefix(self._cached_ids, ids)
+        self._cache.truncate(reuse)
+        if reuse < len(ids):
+            self.backend.prefill(ids[reuse:], self._cache)
+        self._cached_ids, self._last_stream = ids, None
+        return reuse
+
     def reset(self) -> None:
         """Forget the cached conversation."""
         self._cached_ids = []

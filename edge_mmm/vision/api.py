@@ -216,13 +216,32 @@ class VisionLanguageModel:
             start += count
         return n
 
-    def _stream(self, prepared: PreparedPrompt, config: Optional[GenerationConfig]) -> TokenStream:
-        config = config or GenerationConfig()
-        config.validate()
-        check_prompt(len(prepared.ids), self.context_length)
-        reuse = self._reusable_prefix(prepared)
-        # sized to this answer, grown on demand: SmolVLM's full 8k context would be ~380 MB
-        need = min(len(prepared.ids) + config.max_tokens, self.context_length)
+    def prefill_prefix(self, prepared: PreparedPrompt, n: int, room: int = 256) -> int:
+        """Run the prefill of the prompt's first `n` tokens (image tokens included) ahead of time (the live
+        runtime does it while the user speaks); a later prompt that starts the same way, with the same
+        images, reuses them from the KV cache. `room`: positions kept free for what follows. Returns how
+        many of the `n` were already cached."""
+        n = min(n, len(prepared.ids))
+        check_prompt(n + 1, self.context_length)
+        reuse = min(self._reusable_prefix(prepared), n)
+        reuse = self._ensure_kv(min(n + room, self.context_length), reuse)
+        self._kv.truncate(reuse)
+        ids = prepared.ids[:n]
+        n_img = sum(1 for t in ids if t == self.model.config.image_token_id)
+        feats = prepared.features[:n_img] if prepared.features is not None and n_img else None
+        if reuse < n:
+            self.backend.for_prompt(feats).prefill(ids[reuse:], self._kv)
+        kept, start = [], 0  # the images whose tokens lie inside the prefix
+        for key, count in zip(prepared.image_keys, prepared.image_tokens):
+            if start + count > n_img:
+                break
+            kept.append(key)
+            start += count
+        self._kv_prompt, self._kv_images, self._last_stream = list(ids), kept, None
+        return reuse
+
+    def _ensure_kv(self, need: int, reuse: int) -> int:
+        """A KV cache of at least `need` positions whose first `reuse` are kept; returns what was kept."""
         if self._kv is None or self._kv.max_len < need:
             old, self._kv = self._kv, self.backend.new_cache(need)
             if old is not None and reuse > 0:
@@ -231,6 +250,15 @@ class VisionLanguageModel:
                 self._kv.length = reuse
             else:
                 reuse = 0
+        return reuse
+
+    def _stream(self, prepared: PreparedPrompt, config: Optional[GenerationConfig]) -> TokenStream:
+        config = config or GenerationConfig()
+        config.validate()
+        check_prompt(len(prepared.ids), self.context_length)
+        reuse = self._reusable_prefix(prepared)
+        # sized to this answer, grown on demand: SmolVLM's full 8k context would be ~380 MB
+        reuse = self._ensure_kv(min(len(prepared.ids) + config.max_tokens, self.context_length), reuse)
         self._kv_prompt, self._kv_images = list(prepared.ids), list(prepared.image_keys)
         self._last_stream = TokenStream(self.backend.for_prompt(prepared.features), self.tokenizer, prepared.ids, config, self._kv,
                                         reuse=reuse, load_s=self.load_s)

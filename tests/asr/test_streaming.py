@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import tempfile
+from pathlib import Path
+
+import jiwer
 import pytest
 
 from edge_mmm.asr.streaming import (StreamingOptions, StreamingTranscriber, TranscriptEvent, _norm,
@@ -80,10 +84,11 @@ def test_vad_cuts_stream_into_utterances(asr, clips):
     assert finals[0].start_s == pytest.approx(1.0 + 0.3, abs=0.15)  # a's lead silence is 0.3 s
     assert finals[1].start_s == pytest.approx(1.0 + len(a) / SAMPLE_RATE + 1.5, abs=0.15)
     assert words(finals[0].text) == words(asr.transcribe(a, opts.transcribe).text)
-    # the second utterance is cut by VAD (not by the clip edges): most of its words must match
+    # the second utterance is cut by VAD (not by the clip edges): most of its words must match (a word may
+    # differ: the encoder sees the utterance plus a margin, whose length differs from the clip's)
     ref_b = words(asr.transcribe(b, opts.transcribe).text)
     got_b = words(finals[1].text)
-    assert common_prefix_len(got_b, ref_b) >= len(ref_b) // 2, (got_b, ref_b)
+    assert jiwer.wer(" ".join(ref_b), " ".join(got_b)) <= 0.5, (got_b, ref_b)
     assert all(isinstance(e, TranscriptEvent) for e in events)
 
 
@@ -92,3 +97,37 @@ def test_options_validated():
         StreamingOptions(min_chunk_s=0)
     with pytest.raises(InputError, match="max_utterance_s"):
         StreamingOptions(max_utterance_s=45)
+
+
+def test_short_window_frames_and_loop_fallback(asr):
+    """audio_ctx: the encoder gets the utterance plus the margin (even frames), never more than 30 s; a backend
+    without short input keeps the full window; a short window that loops is decoded again padded to 30 s."""
+    from edge_mmm.asr.transcribe import TranscribeOptions, window_frames
+
+    class Fixed:
+        short_mel = False
+
+    opts = TranscribeOptions(audio_ctx_margin=50)
+    assert window_frames(asr.backend, 301, opts) == 2 * (151 + 50)
+    assert window_frames(asr.backend, 2990, opts) == 3000
+    assert window_frames(Fixed(), 301, opts) == 3000 and window_frames(asr.backend, 301, TranscribeOptions()) == 3000
+    with pytest.raises(InputError):
+        TranscribeOptions(audio_ctx_margin=-1)
+    # a short question with no silence after it: tiny.en loops on its 2.3 s window ("Can you see the red
+    # car? Can you see the red car? ..."); the repetition is caught and the window decoded again at 30 s
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = load_audio(synthesize("Can you see the red car", Path(tmp) / "q.wav", lead_silence=0.8))
+    frames = []
+    encode = asr.backend.encode
+    asr.backend.encode = lambda mel: frames.append(mel.shape[-1]) or encode(mel)
+    try:
+        text = asr.transcribe(wav, TranscribeOptions(temperatures=(0.0,), audio_ctx_margin=50)).text
+    finally:
+        del asr.backend.encode
+    assert frames == [2 * (-(-wav.size // 320) + 50), 3000]
+    assert text.strip().rstrip("?.").lower() == "can you see the red car"

@@ -179,3 +179,22 @@ def test_prefill_and_decode_record_no_autograd_graph(lm):
     tensors = [logits, logits2] + [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
     assert tensors[2:], "the cache holds tensors"
     assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+
+
+def test_prefill_prefix_ahead_gives_same_tokens(lm, model_dir):
+    """The live runtime prefills a prompt's start while the user speaks: the answer is unchanged and the
+    prefilled tokens come from the KV cache."""
+    cfg = GenerationConfig(max_tokens=8)
+    lm.reset()
+    first = lm.generate(CHAT, cfg)
+    turn2 = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    ids = lm.encode_prompt(turn2)
+    assert lm.prefill_prefix(ids[:-3]) > 0  # the first exchange was cached already
+    ahead = lm.generate(turn2, cfg)
+    assert ahead.timings["prompt_reused"] == len(ids) - 3
+    assert ahead.token_ids == load_lm(model_dir, context_length=96).generate(turn2, cfg).token_ids
+    lm.prefill_prefix(lm.encode_prompt(CHAT)[:-1])  # a prefix the next prompt does not share (history cut)
+    again = lm.generate(turn2, cfg)
+    assert again.token_ids == ahead.token_ids and again.timings["prompt_reused"] < len(ids) - 3
+    with pytest.raises(InputError):
+        lm.prefill_prefix(list(range(96)))  # no room left for the prompt that extends it

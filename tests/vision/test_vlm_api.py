@@ -109,3 +109,26 @@ def test_kv_prefix_reuse_is_exact(tiny):
     first_image_pos = vlm.prepare(msgs(cup, "x")).ids.index(vlm.model.config.image_token_id)
     assert third.timings["prompt_reused"] <= first_image_pos
     assert third.token_ids == load_vlm(d).generate(msgs(cup, "What color?"), cfg).token_ids
+
+
+def test_prefill_prefix_with_image_tokens_gives_same_tokens(tiny):
+    """The image tokens prefilled ahead of the question (the live runtime, while the user speaks) are reused
+    and the answer is the one without it; another image voids the prefilled image tokens."""
+    _, _, d = tiny
+    cfg = GenerationConfig(max_tokens=6)
+    cat, coffee = Image.fromarray(skdata.chelsea()), Image.fromarray(skdata.coffee())
+
+    def msgs(img, q):
+        return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+
+    ref = load_vlm(d).generate(msgs(cat, "What is it?"), cfg)
+    vlm = load_vlm(d)
+    prefix = vlm.prepare(msgs(cat, "a"))
+    n = next(i for i, (x, y) in enumerate(zip(prefix.ids, vlm.prepare(msgs(cat, "b")).ids)) if x != y)
+    assert sum(t == vlm.model.config.image_token_id for t in prefix.ids[:n]) == prefix.image_tokens[0]
+    assert vlm.prefill_prefix(prefix, n) == 0
+    ahead = vlm.generate(msgs(cat, "What is it?"), cfg)
+    assert ahead.timings["prompt_reused"] == n and ahead.token_ids == ref.token_ids
+    vlm.prefill_prefix(vlm.prepare(msgs(coffee, "a")), n)  # the scene changed: other image tokens
+    again = vlm.generate(msgs(cat, "What is it?"), cfg)
+    assert again.token_ids == ref.token_ids and again.timings["prompt_reused"] < n

@@ -10,18 +10,27 @@ const RECONNECT_MS = 1000;
 const MAX_MESSAGES = 30;
 const SPEECH_LEAD_S = 0.1;       // spoken audio is scheduled this far ahead: blocks arrive with SSE jitter
 
-// timing fields (runtime timing events: stage "asr" per hypothesis, stage "turn" per answer), in this order;
-// other numeric fields follow under their own names; ids are not latencies
+// timing fields (runtime timing events: stage "asr" per hypothesis, stage "turn" per answer, stages
+// "speculative" / "speculative_asr" for the work done while the user speaks, shown with a spec_ prefix),
+// in this order; other numeric fields follow under their own names; ids are not latencies
 const LATENCY_LABELS = [
   ["capture_to_vad_s", "capture → VAD"],
   ["asr_s", "ASR (partial hypothesis)"],
+  ["spec_asr_s", "speculative final ASR (at the pause)"],
+  ["spec_vision_s", "speculative vision (during speech)"],
+  ["spec_encodes", "frame encodings during speech"],
+  ["spec_prefill_s", "speculative prefill (during speech)"],
+  ["spec_prefix_tokens", "prompt tokens prefilled at speech start"],
+  ["spec_discarded", "speculations discarded (speech resumed)"],
+  ["endpoint_s", "end of speech → VAD end"],
+  ["final_pass_lag_s", "end of speech → final ASR pass"],
   ["asr_final_s", "ASR (final)"],
-  ["endpoint_s", "end-of-speech detection"],
+  ["asr_wait_s", "VAD end → final text"],
   ["queue_s", "queued"],
   ["frame_age_s", "frame age"],
   ["preprocess_s", "image preprocess"],
-  ["vision_s", "vision encoder"],
-  ["prefill_s", "LM prefill"],
+  ["vision_s", "vision encoder (at the turn)"],
+  ["prefill_s", "LM prefill (at the turn)"],
   ["ttft_s", "question → first token"],
   ["eos_to_first_token_s", "end of speech → first token"],
   ["eos_to_first_audio_s", "end of speech → first audio out"],
@@ -34,7 +43,8 @@ const LATENCY_LABELS = [
   ["answer_s", "whole answer"],
   ["audio_s", "utterance audio"],
 ];
-const NOT_LATENCY = new Set(["turn", "utterance"]);
+const NOT_LATENCY = new Set(["turn", "utterance", "took_s"]);
+const SPECULATIVE = new Set(["speculative", "speculative_asr"]);
 
 const $ = (id) => document.getElementById(id);
 const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0, audioBlocks: 0, audioSamples: 0, audioPeak: 0, speechStops: 0 } };
@@ -165,10 +175,10 @@ function fmt(key, value) {
 
 // the last turn's record replaces the previous turn's; live ASR hypotheses fill in between turns
 const latency = { turn: new Map(), asr: new Map(), turnId: null };
-function numbers(data) {
+function numbers(data, prefix) {
   const m = new Map();
   for (const [k, v] of Object.entries(data)) {
-    if (typeof v === "number" && Number.isFinite(v) && !NOT_LATENCY.has(k)) m.set(k, v);
+    if (typeof v === "number" && Number.isFinite(v) && !NOT_LATENCY.has(k)) m.set((prefix || "") + k, v);
   }
   return m;
 }
@@ -182,7 +192,8 @@ function onTiming(data) {
     latency.turnId = data.turn;
     $("latency-turn").textContent = "(turn " + data.turn + ", " + (data.source === "text" ? "typed" : "spoken") + ")";
   } else {
-    for (const [k, v] of numbers(data)) latency.asr.set(k, v);
+    // work done during speech keeps its own rows: its vision_s / prefill_s are not the turn's
+    for (const [k, v] of numbers(data, SPECULATIVE.has(data.stage) ? "spec_" : "")) latency.asr.set(k, v);
   }
   const value = (key) => (latency.turn.has(key) ? latency.turn.get(key) : latency.asr.get(key));
   const keys = new Set([...latency.turn.keys(), ...latency.asr.keys()]);

@@ -1,0 +1,186 @@
+"""The live turn as a pipeline: work done while the user speaks (real Whisper tiny.en, the tiny random Idefics3).
+A scene change during speech re-encodes the frame once and the turn uses that encoding; a pause starts a
+speculative final pass and question prefill that the resumed speech discards; the turn after a pause that
+became the end reuses the speculative transcript and the prefilled prompt. The recognizer's pass decisions
+are checked on their own with a scripted Whisper. Speeds are in benchmarks/live.py."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
+from test_assistant import _events
+
+skdata = pytest.importorskip("skimage.data")
+
+BLOCK = 512  # samples per feed (32 ms), as a microphone delivers them
+
+
+def _bgr(name, size=96):
+    img = getattr(skdata, name)()[:, :, ::-1]
+    step = max(1, min(img.shape[:2]) // size)
+    return np.ascontiguousarray(img[::step, ::step][:size, :size])
+
+
+def _speak(assistant, audio, stop):
+    """Feed `audio` in real time, as a microphone would."""
+    t0 = time.monotonic()
+    for j in range(0, audio.size, BLOCK):
+        if stop.is_set():
+            return
+        time.sleep(max(0.0, t0 + (j + BLOCK) / SAMPLE_RATE - time.monotonic()))
+        assistant.feed_audio(audio[j:j + BLOCK])
+
+
+def _turn_done(evs):
+    return any(e.type == "timing" and e.data.get("stage") == "turn" for e in evs)
+
+
+def _spec(evs, step=None):
+    return [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "speculative"
+            and (step is None or e.data["step"] == step)]
+
+
+@pytest.fixture
+def fresh_vlm(vlm_models):
+    """The session's VLM holds one conversation KV cache and an embedding cache: start and leave them empty,
+    so other modules' tests see the fresh model they expect."""
+    vlm_models.lm.cache.clear()
+    vlm_models.lm.reset()
+    yield
+    vlm_models.lm.cache.clear()
+    vlm_models.lm.reset()
+
+
+@pytest.fixture(scope="module")
+def paused_question(tmp_path_factory):
+    """'Can you see the red car' + 1.2 s pause + 'parked next to the old building?', 2.2 s of silence after."""
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    d = tmp_path_factory.mktemp("paused")
+    first = load_audio(synthesize("Can you see the red car", d / "a.wav", lead_silence=0.8))
+    second = load_audio(synthesize("parked next to the old building?", d / "b.wav", trail_silence=2.2))
+    return np.concatenate([first, np.zeros(int(1.2 * SAMPLE_RATE), np.float32), second])
+
+
+@pytest.mark.usefixtures("fresh_vlm")
+def test_scene_change_during_speech_reencodes_once(vlm_models, question_clip):
+    from edge_mmm.audio.io import load_audio
+
+    a = LiveAssistant(LiveConfig(max_tokens=4), vlm_models)
+    q = a.subscribe(maxsize=10_000)
+    a.feed_frame(_bgr("chelsea"))
+    a.start()
+    stop = threading.Event()
+    speaker = threading.Thread(target=_speak, args=(a, load_audio(question_clip), stop), name="test-speaker")
+    speaker.start()
+    try:
+        evs = _events(q, lambda evs: bool(_spec(evs, "start")))
+        first = _spec(evs, "start")[0]
+        a.feed_frame(_bgr("coffee"))  # the camera now shows another scene, while the user still speaks
+        evs += _events(q, _turn_done, timeout=120)
+    finally:
+        stop.set()
+        speaker.join()
+        assert a.stop()
+    assert first["encodes"] == 1 and first["scene_changed"] and first["prefix_tokens"] > 0
+    scene = _spec(evs, "scene")
+    assert len(scene) == 1 and scene[0]["encodes"] == 2  # re-encoded once, not again on every check
+    turn = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"][0]
+    assert turn["spec_encodes"] == 2 and turn["spec_frame_used"]
+    assert turn["vision_s"] == 0 and turn["image_cache_hit"] == 1  # the turn found the new scene's embedding
+    assert turn["prompt_reused"] >= turn["spec_prefix_tokens"]  # and its image tokens in the KV cache
+    # the history holds the coffee frame: one image, the one encoded during speech
+    images = [p["image"] for m in a.turns.history if isinstance(m["content"], list)
+              for p in m["content"] if p.get("type") == "image"]
+    assert len(images) == 1 and np.array_equal(images[0], _bgr("coffee"))
+
+
+@pytest.mark.usefixtures("fresh_vlm")
+def test_speech_resuming_after_a_pause_discards_the_speculative_pass_and_prefill(vlm_models, paused_question):
+    """Whisper is a stand-in that answers at once (it says how much audio it heard), so the order of the
+    passes does not depend on how busy the machine is; the VAD, the threads and the VLM are real."""
+    from edge_mmm.runtime.assistant import LiveModels
+
+    asr = _ScriptedASR()
+    models = LiveModels(asr, vlm_models.lm, vlm_models.vad_path)
+    # the end-silence wait (2 s) outlasts the pause (1.2 s): the pause must not end the turn
+    a = LiveAssistant(LiveConfig(max_tokens=4, end_silence_ms=2000), models)
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    stop = threading.Event()
+    speaker = threading.Thread(target=_speak, args=(a, paused_question, stop), name="test-speaker")
+    speaker.start()
+    try:
+        evs = _events(q, _turn_done, timeout=120)
+    finally:
+        stop.set()
+        speaker.join()
+        assert a.stop()
+    spec_asr = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "speculative_asr"]
+    # a pass at the pause, dropped when the speech resumed, another at the end (the dips inside words,
+    # shorter than speculate_after_s, start none)
+    assert [s["discarded"] for s in spec_asr] == [False, True, False]
+    assert spec_asr[0]["audio_s"] < 2.5 < spec_asr[2]["audio_s"]
+    steps = [s["step"] for s in _spec(evs)]
+    assert steps == ["start", "question", "discard", "question"]
+    finals = [e.data for e in evs if e.type == "transcript.final"]
+    assert len(finals) == 1 and finals[0]["text"].endswith(str(int(spec_asr[2]["audio_s"] * SAMPLE_RATE)))
+    turn = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"][0]
+    assert turn["spec_discarded"] == 1 and turn["spec_question"]  # the final question's prompt was prefilled
+    assert turn["asr_reused"] and turn["asr_wait_s"] < turn["endpoint_s"]  # the end found the text ready
+    assert turn["prompt_reused"] == turn["prompt_tokens"] - 1  # only the last token is computed at the turn
+    assert a.turns.history[-2]["content"][-1]["text"] == finals[0]["text"]
+
+
+class _ScriptedASR:
+    """A Whisper stand-in that says how many samples it heard, to follow the recognizer's passes exactly."""
+
+    def __init__(self):
+        self.passes = []
+
+    def transcribe(self, audio, options):
+        self.passes.append(audio.size)
+
+        class _T:
+            text = f"heard {audio.size}"
+        return _T()
+
+
+def test_recognizer_drops_the_speculative_final_when_speech_resumes():
+    asr = _ScriptedASR()
+    rec = UtteranceRecognizer(asr)
+    second = np.zeros(SAMPLE_RATE, np.float32)
+    assert rec.push([SpeechEvent("start", 1000), SpeechEvent("audio", 1000, audio=second)]) == []
+    assert [e.kind for e in rec.step()] == ["partial"] and asr.passes == [16000]
+    rec.push([SpeechEvent("pause", 1000 + 12000, speech_end=1000 + 11520)])
+    spec = rec.step()
+    assert [e.kind for e in spec] == ["speculative"] and asr.passes[-1] == 12000 and spec[0].end_s == 12520 / 16000
+    assert rec.step() == [] and not rec.has_work()  # one speculative pass per pause
+    dropped = rec.push([SpeechEvent("resume", 1000 + 16000), SpeechEvent("audio", 17000, audio=second)])
+    assert [e.kind for e in dropped] == ["discarded"] and dropped[0].committed == "heard 12000"
+    assert [e.kind for e in rec.step()] == ["partial"]  # the speech went on: partials again
+    rec.push([SpeechEvent("pause", 1000 + 30000, speech_end=1000 + 29520)])
+    spec = rec.step()
+    n_passes = len(asr.passes)
+    final = rec.push([SpeechEvent("end", 1000 + 30000, speech_end=1000 + 29520)])
+    assert len(asr.passes) == n_passes  # the speculative pass covered exactly the utterance: no final pass
+    assert final[0].kind == "final" and final[0].reused and final[0].committed.endswith("30000")
+    assert final[0].pass_t == spec[0].pass_t and rec.discarded_passes == 1 and rec.speculative_passes == 2
+
+
+def test_recognizer_runs_the_final_pass_when_the_end_differs_from_the_pause():
+    asr = _ScriptedASR()
+    rec = UtteranceRecognizer(asr, speculate=False)
+    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=np.zeros(20000, np.float32)),
+              SpeechEvent("pause", 15000, speech_end=14520)])
+    assert rec.step() == [] and asr.passes == []  # no speculation: nothing runs during a pause
+    final = rec.push([SpeechEvent("end", 15000, speech_end=14520)])
+    assert asr.passes == [15000] and not final[0].reused and final[0].audio_s == 15000 / 16000
