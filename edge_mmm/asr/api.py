@@ -18,9 +18,8 @@ from edge_mmm.audio.io import AudioInput, resolve_audio
 from edge_mmm.audio.media_guard import MAX_AUDIO_SECONDS
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.weights.hub import resolve_model_path
-from edge_mmm.models.whisper import WhisperConfig
+from edge_mmm.models.whisper_config import EXPORTER_VERSION, WhisperConfig
 from edge_mmm.runners.torch_device import check_device
-from edge_mmm.weights.whisper import load_whisper_checkpoint
 
 __all__ = ["load_asr", "ASRModel", "Transcript", "Segment", "TranscribeOptions", "default_asr_model"]
 
@@ -114,35 +113,46 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
 
 def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
     """The speech door into exporters: (config, tokenizer file, verified ONNX dir) of the cached export,
-    written on first use; the weights are only parsed when the cache misses."""
+    written on first use; the weights are only parsed when the cache misses. The cached graphs are the ones
+    onnxruntime optimized (`save_optimized_onnx`), so the entry is keyed by the onnxruntime version too."""
     import json
 
-    from edge_mmm.exporters.onnx_whisper import (DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, export_whisper_onnx,
-                                                 quantize_whisper_onnx)
+    import onnxruntime
+
+    from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
-    from edge_mmm.weights.whisper import locate_whisper_files, tokenizer_file_for
+    from edge_mmm.weights.whisper_files import locate_whisper_files, tokenizer_file_for
 
     files = locate_whisper_files(path)
 
-    def build(tmp: Path) -> None:
+    def build(tmp: Path) -> None:  # torch and the exporter load only here, on a cache miss
+        import shutil
         import sys
+
+        from edge_mmm.exporters.onnx_whisper import export_whisper_onnx, quantize_whisper_onnx
+        from edge_mmm.weights.whisper import load_whisper_checkpoint
 
         ckpt = load_whisper_checkpoint(path)
         model = ckpt.build()  # weights are checked before anything is announced or written
         sys.stderr.write(f"exporting Whisper to ONNX ({precision}; first use of these weights, cached for next time)\n")
-        if precision == "fp32":
-            export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True)
-        else:
-            import shutil
-
-            export_whisper_onnx(model, tmp / "fp32", check=False, ort_fused_attention=True)
-            quantize_whisper_onnx(tmp / "fp32", tmp)
-            shutil.rmtree(tmp / "fp32")
+        graphs = tmp / "fp32"
+        export_whisper_onnx(model, graphs, check=False, ort_fused_attention=True)
+        if precision == "int8":
+            (tmp / "int8").mkdir()
+            quantize_whisper_onnx(graphs, tmp / "int8")
+            graphs = tmp / "int8"
+        for name in (ENCODER_FILE, DECODER_FILE):
+            save_optimized_onnx(graphs / name, tmp / name, f"ONNX Whisper {name}")
+        for d in ("fp32", "int8"):
+            shutil.rmtree(tmp / d, ignore_errors=True)
         (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))
 
     version = EXPORTER_VERSION if precision == "fp32" else f"{EXPORTER_VERSION}-{precision}"
+    version += f"-ort{onnxruntime.__version__}"
+    graph_files = [f for name in (ENCODER_FILE, DECODER_FILE) for f in (name, external_data_name(name))]
     onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", files.source, version,
-                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"],
+                            build, graph_files + ["whisper_config.json"],
                             extra_sources=[files.location / "config.json"] if files.format == "hf" else [])
     cfg = WhisperConfig(**json.loads((onnx_dir / "whisper_config.json").read_text()))
     return cfg, tokenizer_file_for(files), onnx_dir

@@ -47,7 +47,7 @@ def _whisper_tokenizer(tok_file: Path, cfg):
 
 
 def _whisper_locate(path: Path):
-    from edge_mmm.weights.whisper import locate_whisper_files
+    from edge_mmm.weights.whisper_files import locate_whisper_files
 
     return locate_whisper_files(path)
 

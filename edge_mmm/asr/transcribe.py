@@ -5,7 +5,7 @@ temperature fallback and no-speech skipping, as openai-whisper's `transcribe()`.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from edge_mmm.asr.decoding import DecodingOptions, DecodingResult, decode_window, detect_language
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.audio.constants import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
-from edge_mmm.audio.mel import pad_or_trim
+from edge_mmm.audio.mel import log_mel_spectrogram_np, pad_or_trim
 
 
 @dataclass
@@ -73,7 +73,7 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
     language = opts.language
     if language is None:
         if tok.multilingual:
-            first = pad_or_trim(_t(mel[:, :N_FRAMES]), N_FRAMES).numpy()[None]
+            first = pad_or_trim(mel[:, :N_FRAMES], N_FRAMES)[None]
             language = detect_language(backend, tok, backend.encode(first))[0]
         else:
             language = "en"
@@ -82,19 +82,16 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
 
 def padded_log_mel(backend, audio: np.ndarray) -> np.ndarray:
     """Log-mel of `audio` plus 30 s of zeros, computed where the backend's model runs (`backend.device`):
-    our Triton kernel on CUDA, the reference (openai-whisper's math) on the CPU."""
+    numpy for a backend on host arrays (device None: onnxruntime, which runs without torch), else
+    `kernels.log_mel` on the torch device (our Triton kernel on CUDA, openai's torch ops on the CPU)."""
+    if backend.device is None:
+        return log_mel_spectrogram_np(audio, backend.config.n_mels, padding=N_SAMPLES)
     import torch
 
     from edge_mmm import kernels
 
     wav = torch.as_tensor(np.ascontiguousarray(audio, dtype=np.float32), device=backend.device)
     return kernels.log_mel(wav, backend.config.n_mels, padding=N_SAMPLES).cpu().numpy()
-
-
-def _t(x):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _segments(backend, tok, mel, content_frames, opts, language, on_progress) -> Iterator[Segment]:
@@ -105,7 +102,7 @@ def _segments(backend, tok, mel, content_frames, opts, language, on_progress) ->
     while seek < content_frames:
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
         segment_size = min(N_FRAMES, content_frames - seek)
-        window = pad_or_trim(_t(mel[:, seek : seek + segment_size]), N_FRAMES).numpy()[None]
+        window = pad_or_trim(mel[:, seek : seek + segment_size], N_FRAMES)[None]
         audio = backend.encode(window)
         prompt = all_tokens[prompt_reset:] if opts.condition_on_previous_text else []
         result = _decode_with_fallback(backend, tok, audio, opts, language, prompt)

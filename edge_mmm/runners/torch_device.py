@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-
 from edge_mmm.errors import DeviceError, InputError
 
 
 def check_device(device: str, backend: str) -> str:
     """`device` is "cpu" or a CUDA device ("cuda", "cuda:N"); CUDA needs the torch backend and a GPU."""
+    if device == "cpu":  # the onnxruntime loaders run without torch: nothing to ask it
+        return device
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
