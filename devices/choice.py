@@ -93,22 +93,21 @@ def _pick(override: Optional[str], profile: DeviceProfile, offered: Tuple[str, .
 
 
 def _asr_spec(path: Path):
-    """The Whisper spec from the checkpoint's config (HF), or its dims (openai .pt / CTranslate2: read by the
-    loader's header parser only when no config gives them)."""
+    """The Whisper spec from the checkpoint's config.json (HF) or its dims (CTranslate2: the model.bin headers,
+    not its weights; openai .pt: the pickle's dims), unless the name is a known size."""
     from dataclasses import asdict
 
-    from edge_mmm.weights.whisper import locate_whisper_files
+    from edge_mmm.weights.whisper_files import locate_whisper_files, read_whisper_config
 
     files = locate_whisper_files(path)
     if files.format == "hf":
         return spec_from_file(files.location, "asr")
     from .specs import whisper_spec_from_dims
-    from edge_mmm.weights.whisper import load_whisper_checkpoint
 
     name = files.location.name if files.location.is_dir() else files.location.stem
     if name.lower() in WHISPER:
         return WHISPER[name.lower()]
-    return whisper_spec_from_dims(asdict(load_whisper_checkpoint(path).config), name)
+    return whisper_spec_from_dims(asdict(read_whisper_config(path)), name)
 
 
 def _lm_spec(path: Path):

@@ -45,9 +45,10 @@ def _root(
                                      "torch references, for comparison) | triton"),
 ) -> None:
     STATE.debug = debug
-    from edge_mmm.kernels.dispatch import set_kernel_mode
+    if kernels != "auto":  # "auto" is every process's initial mode; the kernels module imports torch
+        from edge_mmm.kernels.dispatch import set_kernel_mode
 
-    set_kernel_mode(kernels)
+        set_kernel_mode(kernels)
 
 
 def _emit_json(obj) -> None:

@@ -18,9 +18,9 @@ from torch import nn
 from edge_mmm.audio.constants import N_FRAMES
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import DECODER_FILE, ENCODER_FILE, Whisper, cross_names, onnx_files  # noqa: F401
+from edge_mmm.models.whisper_config import EXPORTER_VERSION  # noqa: F401  (named beside the file names, torch-free)
 
 OPSET = 17
-EXPORTER_VERSION = "whisper-onnx-6"  # bump when the graphs change: invalidates cached exports
 
 
 class _OrtMultiHeadAttention(torch.autograd.Function):

@@ -180,13 +180,15 @@ def floor_cycles(edges: Sequence[Edge], floors: Floors) -> List[List[str]]:
 
 def side_doors(edges: Sequence[Edge], floors: Floors) -> List[str]:
     """Run-time code that imports a build-time floor outside the named doors (`module:function`, or a whole
-    module such as the CLI)."""
+    module such as the CLI). A function nested in a door is part of it (e.g. the build step it runs on a
+    cache miss, which imports the exporter only then)."""
     bad = []
     for e in edges:
         a, b = floors.floor_of(e.src), floors.floor_of(e.dst)
-        scope = f"{e.src}:{e.scope}"  # a function nested in a door (e.g. its build callback) is the door
+        outer = e.scope.split(".")
+        scopes = {f"{e.src}:{'.'.join(outer[:i])}" for i in range(1, len(outer) + 1)}
         if b in floors.build and a not in floors.build and e.src not in floors.doors \
-                and not any(scope == d or scope.startswith(d + ".") for d in floors.doors):
+                and not scopes & set(floors.doors):
             bad.append(f"{e.where}: run-time {e.src} imports build-time {e.dst}; go through a door")
     return bad
 
@@ -242,12 +244,12 @@ def test_checker_finds_a_cycle_and_an_upward_import():
 def test_checker_allows_only_the_doors_into_build_time():
     door = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:1", "export_on_first_use")
     beside = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:9", "load")
-    nested = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:3", "export_on_first_use.build")
-    lookalike = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:5", "export_on_first_use_fast")
-    assert not check([nested], SYNTHETIC)
-    assert check([lookalike], SYNTHETIC)
     side = Edge("edge_mmm.high.other", "edge_mmm.exporters.onnx", "o:1")
+    inner = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:2", "export_on_first_use.build")
+    lookalike = Edge("edge_mmm.high.door", "edge_mmm.exporters.onnx", "d:8", "export_on_first_use_x")
     assert not check([door], SYNTHETIC)
+    assert not check([inner], SYNTHETIC)
+    assert check([lookalike], SYNTHETIC)
     assert check([beside], SYNTHETIC) == ["d:9: run-time edge_mmm.high.door imports build-time "
                                           "edge_mmm.exporters.onnx; go through a door"]
     assert check([side], SYNTHETIC) == ["o:1: run-time edge_mmm.high.other imports build-time "

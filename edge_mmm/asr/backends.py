@@ -1,26 +1,33 @@
 """Whisper inference backends: `torch` (reference, eager), `onnxruntime` (default on CPU) and `tensorrt`.
 
 All expose the same small interface used by `edge_mmm.asr.decoding`:
-    device: where the log-mel front end runs (`kernels.log_mel`: our Triton kernel on CUDA); host for ORT
+    device: the torch device the model runs on, where the log-mel front end runs too (`kernels.log_mel`:
+        our Triton kernel on CUDA); None for a backend on host numpy arrays (onnxruntime), whose front end
+        is numpy (`audio.mel.log_mel_spectrogram_np`)
     encode(mel[B, n_mels, 3000]) -> audio state (cross-attention K/V, computed once per window)
     short_mel: True when encode also takes fewer frames (an utterance plus a margin: whisper.cpp's audio_ctx)
     new_state(audio, group) -> decoder state for `group` parallel hypotheses of that audio
     step(state, tokens[B, T]) -> float32 logits [B, T, n_vocab] (numpy), extending the KV cache
     reorder(state, order) -> keep/duplicate hypotheses (beam search)
+
+torch is imported by the torch and TensorRT backends when they are built, never by this module: the
+onnxruntime path (numpy in, numpy out) runs without it and starts ~2 s sooner on a small CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from edge_mmm.errors import InputError
-from edge_mmm.models.whisper import Whisper, WhisperConfig, cross_names, onnx_files, repeat_batch
+from edge_mmm.models.whisper_config import WhisperConfig, cross_names, onnx_files
 from edge_mmm.runners.ort_session import ort_session
+
+if TYPE_CHECKING:
+    from edge_mmm.models.whisper import Whisper
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -40,19 +47,25 @@ class TorchWhisperBackend:
     name = "torch"
     short_mel = True  # the encoder slices its positional embedding to the input
 
-    def __init__(self, model: Whisper, threads: int = 0, device: str = "cpu"):
+    def __init__(self, model: "Whisper", threads: int = 0, device: str = "cpu"):
+        import torch
+
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.config: WhisperConfig = model.config
 
-    @torch.inference_mode()
     def encode(self, mel: np.ndarray):
-        mel = torch.as_tensor(mel, dtype=torch.float32, device=self.device)
-        return self.model.decoder.cross_kv(self.model.encoder(mel))
+        import torch
+
+        with torch.inference_mode():
+            mel = torch.as_tensor(mel, dtype=torch.float32, device=self.device)
+            return self.model.decoder.cross_kv(self.model.encoder(mel))
 
     def new_state(self, audio, group: int) -> DecoderState:
+        from edge_mmm.models.whisper import repeat_batch
+
         ck, cv = audio
         if group > 1:
             ck = [repeat_batch(k, group) for k in ck]
@@ -60,23 +73,31 @@ class TorchWhisperBackend:
         sk, sv = self.model.empty_cache(ck[0].shape[0])
         return DecoderState(ck, cv, sk, sv)
 
-    @torch.inference_mode()
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        logits, state.self_k, state.self_v = self.model.decoder(
-            torch.as_tensor(np.ascontiguousarray(tokens), device=self.device),
-            torch.tensor(state.offset, device=self.device),
-            state.cross_k, state.cross_v, state.self_k, state.self_v)
+        import torch
+
+        with torch.inference_mode():
+            logits, state.self_k, state.self_v = self.model.decoder(
+                torch.as_tensor(np.ascontiguousarray(tokens), device=self.device),
+                torch.tensor(state.offset, device=self.device),
+                state.cross_k, state.cross_v, state.self_k, state.self_v)
         state.offset += tokens.shape[1]
         return logits.cpu().numpy()
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
-        idx = torch.as_tensor(order, device=self.device)
-        state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
+        _reorder_torch(state, order, self.device)
+
+
+def _reorder_torch(state: DecoderState, order: np.ndarray, device) -> None:
+    import torch
+
+    idx = torch.as_tensor(order, device=device)
+    state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
 
 
 class OnnxWhisperBackend:
     name = "onnxruntime"
-    device = torch.device("cpu")  # the CPU execution provider reads host arrays
+    device = None  # host numpy arrays in and out: the numpy front end, no torch
 
     def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0):
         self.config = config
@@ -129,6 +150,8 @@ class TensorRTWhisperBackend:
     short_mel = False  # engines are built for the 30 s window
 
     def __init__(self, encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):
+        import torch
+
         from edge_mmm.runners.tensorrt_engine import TensorRTEngine
 
         self.config = config
@@ -137,11 +160,15 @@ class TensorRTWhisperBackend:
         self.device = torch.device(device)
 
     def encode(self, mel):
+        import torch
+
         out = self.encoder({"mel": torch.as_tensor(mel, dtype=torch.float32)})
         k_names, v_names = cross_names(self.config.n_text_layer)
         return [out[n] for n in k_names], [out[n] for n in v_names]
 
     def new_state(self, audio, group: int) -> DecoderState:
+        import torch
+
         ck, cv = audio
         if group > 1:
             ck = [k.repeat_interleave(group, 0) for k in ck]
@@ -151,6 +178,8 @@ class TensorRTWhisperBackend:
         return DecoderState(ck, cv, empty, empty.clone())
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
         k_names, v_names = cross_names(self.config.n_text_layer)
         feeds = {"tokens": torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
                  "offset": torch.tensor(state.offset, dtype=torch.int64), "self_k": state.self_k,
@@ -161,8 +190,7 @@ class TensorRTWhisperBackend:
         return out["logits"].float().cpu().numpy()
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
-        idx = torch.as_tensor(order, device=self.device)
-        state.self_k, state.self_v = state.self_k[:, idx], state.self_v[:, idx]
+        _reorder_torch(state, order, self.device)
 
 
 def tensorrt_backend(encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):

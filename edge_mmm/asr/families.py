@@ -33,11 +33,11 @@ def _whisper_torch(path: Path, threads: int, device: str) -> Tuple:
 
 
 def _whisper_onnx(path: Path, cache_dir: Optional[Path], precision: str, threads: int) -> Tuple:
-    from edge_mmm.asr.api import export_on_first_use
+    from edge_mmm.asr.api import export_on_first_use, onnxruntime_graphs
     from edge_mmm.asr.backends import OnnxWhisperBackend
 
     cfg, tok_file, onnx_dir = export_on_first_use(path, cache_dir, precision)
-    return OnnxWhisperBackend(onnx_dir, cfg, threads), cfg, tok_file
+    return OnnxWhisperBackend(onnxruntime_graphs(onnx_dir, cache_dir), cfg, threads), cfg, tok_file
 
 
 def _whisper_tokenizer(tok_file: Path, cfg):
@@ -47,7 +47,7 @@ def _whisper_tokenizer(tok_file: Path, cfg):
 
 
 def _whisper_locate(path: Path):
-    from edge_mmm.weights.whisper import locate_whisper_files
+    from edge_mmm.weights.whisper_files import locate_whisper_files
 
     return locate_whisper_files(path)
 

@@ -5,7 +5,7 @@ temperature fallback and no-speech skipping, as openai-whisper's `transcribe()`.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from edge_mmm.asr.decoding import DecodingOptions, DecodingResult, decode_window, detect_language
 from edge_mmm.asr.tokenizer import WhisperTokenizer
 from edge_mmm.audio.constants import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, TIME_PRECISION
-from edge_mmm.audio.mel import pad_or_trim
+from edge_mmm.audio.mel import log_mel_spectrogram_np, pad_or_trim
 from edge_mmm.errors import InputError
 
 
@@ -82,7 +82,7 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
     language = opts.language
     if language is None:
         if tok.multilingual:
-            first = pad_or_trim(_t(mel[:, :N_FRAMES]), N_FRAMES).numpy()[None]
+            first = pad_or_trim(mel[:, :N_FRAMES], N_FRAMES)[None]
             language = detect_language(backend, tok, backend.encode(first))[0]
         else:
             language = "en"
@@ -91,7 +91,10 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
 
 def padded_log_mel(backend, audio: np.ndarray) -> np.ndarray:
     """Log-mel of `audio` plus 30 s of zeros, computed where the backend's model runs (`backend.device`):
-    our Triton kernel on CUDA, the reference (openai-whisper's math) on the CPU."""
+    numpy for a backend on host arrays (device None: onnxruntime, which runs without torch), else
+    `kernels.log_mel` on the torch device (our Triton kernel on CUDA, openai's torch ops on the CPU)."""
+    if backend.device is None:
+        return log_mel_spectrogram_np(audio, backend.config.n_mels, padding=N_SAMPLES)
     import torch
 
     from edge_mmm import kernels
@@ -108,12 +111,6 @@ def window_frames(backend, segment_size: int, opts: TranscribeOptions) -> int:
     return min(N_FRAMES, 2 * (-(-segment_size // 2) + opts.audio_ctx_margin))
 
 
-def _t(x):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
 def _segments(backend, tok, mel, content_frames, opts, language, on_progress) -> Iterator[Segment]:
     input_stride = N_FRAMES // backend.config.n_audio_ctx
     seek = 0
@@ -123,16 +120,16 @@ def _segments(backend, tok, mel, content_frames, opts, language, on_progress) ->
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
         segment_size = min(N_FRAMES, content_frames - seek)
         frames = window_frames(backend, segment_size, opts)
-        segment = _t(mel[:, seek : seek + segment_size])
+        segment = mel[:, seek : seek + segment_size]  # numpy: the onnxruntime path runs without torch
         prompt = all_tokens[prompt_reset:] if opts.condition_on_previous_text else []
         # a loop in a short window stops after what the audio could hold (~16 tokens a second is fast speech)
         cap = None if frames == N_FRAMES else 16 + -(-segment_size * 16 * HOP_LENGTH // SAMPLE_RATE)
-        result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, frames).numpy()[None]),
+        result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, frames)[None]),
                                        opts, language, prompt, cap)
         if frames < N_FRAMES and compression_ratio(result.text) > (opts.compression_ratio_threshold or 2.4):
             # a short window can send the decoder into a loop (whisper.cpp's audio_ctx does the same):
             # decode this window again as the model was trained, padded to 30 s
-            result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, N_FRAMES).numpy()[None]),
+            result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, N_FRAMES)[None]),
                                            opts, language, prompt)
         tokens = np.array(result.tokens, dtype=np.int64)
         if opts.no_speech_threshold is not None and result.no_speech_prob > opts.no_speech_threshold and not (

@@ -1,12 +1,12 @@
-"""Whisper's log-mel spectrogram, computed exactly as openai-whisper does (filters built, not shipped)."""
+"""Whisper's log-mel spectrogram, computed as openai-whisper does (filters built, not shipped): in numpy for
+the CPU (`log_mel_spectrogram_np`: the onnxruntime path runs without torch) and in torch, openai's own ops,
+for tensors on any device (`log_mel_spectrogram`: the reference of our Triton kernel)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from edge_mmm.audio.constants import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from edge_mmm.errors import InputError
@@ -48,8 +48,45 @@ def mel_filters(n_mels: int, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT)
     return (weights * enorm[:, None]).astype(np.float32)
 
 
-def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tensor:
-    """Log-mel [n_mels, frames] of a 16 kHz mono waveform, with `padding` zero samples appended first."""
+def _finish(mel_spec, xp):
+    """log10, clamp to 8 below the peak, scale: Whisper's normalization, for numpy or torch arrays."""
+    log_spec = xp.log10(xp.maximum(mel_spec, 1e-10)) if xp is np else xp.clamp(mel_spec, min=1e-10).log10()
+    log_spec = xp.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@lru_cache(maxsize=None)
+def _hann(n: int) -> np.ndarray:
+    """The periodic Hann window (torch.hann_window's default)."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+def log_mel_spectrogram_np(audio, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+    """Log-mel [n_mels, frames] float32 of a 16 kHz mono waveform, with `padding` zero samples appended
+    first: torch.stft(center=True, reflect padding, periodic Hann) re-done with numpy's FFT."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise InputError(f"log-mel needs a mono waveform (1-D), got shape {audio.shape}")
+    if padding > 0:
+        audio = np.pad(audio, (0, padding))
+    half = N_FFT // 2
+    if len(audio) <= half:
+        raise InputError(f"log-mel needs more than {half} samples (reflect padding), got {len(audio)}")
+    x = np.pad(audio, (half, half), mode="reflect")
+    n_frames = 1 + (len(x) - N_FFT) // HOP_LENGTH
+    frames = np.lib.stride_tricks.as_strided(x, (n_frames - 1, N_FFT), (HOP_LENGTH * x.strides[0], x.strides[0]),
+                                             writeable=False)  # the last frame is dropped, as openai's [..., :-1]
+    spec = np.fft.rfft(frames * _hann(N_FFT), axis=-1)
+    magnitudes = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
+    return _finish(mel_filters(n_mels) @ magnitudes.T, np).astype(np.float32)
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0):
+    """Log-mel [n_mels, frames] torch tensor of a 16 kHz mono waveform (numpy or tensor, on its device), with
+    `padding` zero samples appended first: openai-whisper's torch ops."""
+    import torch
+    import torch.nn.functional as F
+
     audio = torch.as_tensor(np.asarray(audio, dtype=np.float32) if not torch.is_tensor(audio) else audio,
                             dtype=torch.float32)
     if padding > 0:
@@ -58,17 +95,18 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> torch.Tens
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     magnitudes = stft[..., :-1].abs() ** 2
     filters = torch.from_numpy(mel_filters(n_mels)).to(audio.device)
-    mel_spec = filters @ magnitudes
-    log_spec = torch.clamp(mel_spec, min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    return (log_spec + 4.0) / 4.0
+    return _finish(filters @ magnitudes, torch)
 
 
-def pad_or_trim(mel: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad with zeros or trim the last axis of `mel` to `length` frames."""
+def pad_or_trim(mel, length: int):
+    """Pad with zeros or trim the last axis of `mel` (numpy array or torch tensor) to `length` frames."""
     n = mel.shape[-1]
     if n > length:
         return mel[..., :length]
     if n < length:
+        if isinstance(mel, np.ndarray):
+            return np.pad(mel, [(0, 0)] * (mel.ndim - 1) + [(0, length - n)])
+        import torch.nn.functional as F
+
         return F.pad(mel, (0, length - n))
     return mel

@@ -1,4 +1,5 @@
-"""Whisper as plain nn.Modules: config dataclass, blocks, encoder, decoder with an explicit KV cache.
+"""Whisper as plain nn.Modules: blocks, encoder, decoder with an explicit KV cache (the config dataclass and
+the ONNX names live in whisper_config.py, which needs no torch, and are re-exported here).
 
 Parameter names follow openai-whisper's `model.py`, so its checkpoints load as they are. The decoder is a
 pure function of (tokens, offset, cross K/V, past self K/V) -> (logits, new self K/V): the same code runs
@@ -7,7 +8,6 @@ eagerly and exports to ONNX. Cross-attention K/V are computed once per 30 s wind
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
@@ -15,37 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_mmm import kernels  # Triton attention on CUDA (kernels.use_triton); the torch code otherwise
-
-
-@dataclass
-class WhisperConfig:
-    n_mels: int = 80
-    n_audio_ctx: int = 1500
-    n_audio_state: int = 384
-    n_audio_head: int = 6
-    n_audio_layer: int = 4
-    n_vocab: int = 51864
-    n_text_ctx: int = 448
-    n_text_state: int = 384
-    n_text_head: int = 6
-    n_text_layer: int = 4
-
-    @property
-    def is_multilingual(self) -> bool:
-        return self.n_vocab >= 51865
-
-    @property
-    def num_languages(self) -> int:
-        return self.n_vocab - 51765 - int(self.is_multilingual)
-
-
-PRESETS = {
-    "tiny": WhisperConfig(80, 1500, 384, 6, 4, 51865, 448, 384, 6, 4),
-    "base": WhisperConfig(80, 1500, 512, 8, 6, 51865, 448, 512, 8, 6),
-    "small": WhisperConfig(80, 1500, 768, 12, 12, 51865, 448, 768, 12, 12),
-    "medium": WhisperConfig(80, 1500, 1024, 16, 24, 51865, 448, 1024, 16, 24),
-    "large-v3": WhisperConfig(128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32),
-}
+from edge_mmm.models.whisper_config import (DECODER_FILE, ENCODER_FILE, PRESETS, WhisperConfig,  # noqa: F401
+                                            cross_names, onnx_files)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -228,21 +199,3 @@ class Whisper(nn.Module):
         shape = (cfg.n_text_layer, batch, 0, cfg.n_text_state)
         device = self.decoder.token_embedding.weight.device if device is None else device
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-
-
-# The exported graphs' file and tensor names: exporters/onnx_whisper.py writes them, the onnxruntime and
-# TensorRT backends (edge_mmm.asr.backends) read them.
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-
-
-def cross_names(n_layer: int):
-    """Graph names of the per-layer cross-attention K^T and V tensors."""
-    return [f"cross_k_{i}" for i in range(n_layer)], [f"cross_v_{i}" for i in range(n_layer)]
-
-
-def onnx_files(out_dir) -> dict:
-    """{"encoder": path, "decoder": path} of an exported Whisper in `out_dir`."""
-    from pathlib import Path
-
-    return {"encoder": Path(out_dir) / ENCODER_FILE, "decoder": Path(out_dir) / DECODER_FILE}

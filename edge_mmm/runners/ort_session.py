@@ -44,3 +44,31 @@ def check_onnx_inputs(session, names: Sequence[str], path) -> None:
     if missing:
         raise ModelFileError(f"{path} is not the expected graph: it has no input {missing[0]!r} "
                              f"(its inputs: {', '.join(sorted(have))[:200]})")
+
+
+def external_data_name(model_file: str) -> str:
+    """The file beside an optimized graph that holds its initializers (`save_optimized_onnx`)."""
+    return f"{model_file}.data"
+
+
+def save_optimized_onnx(src: Union[str, Path], dst: Union[str, Path], what: str) -> None:
+    """Write the graph at `src` as onnxruntime optimizes it to `dst`, its weights in a flat file beside it
+    (`external_data_name`). A session on `dst` skips the fusions and the protobuf parse of the weights: the
+    Whisper tiny graphs open in ~0.5 s instead of ~1.1 s on a 2-core x86. Level ORT_ENABLE_EXTENDED: its
+    fusions hold on any CPU (ENABLE_ALL's layout transforms are machine-specific; a session still applies them
+    on load). The file depends on the onnxruntime version: callers key their cache by it."""
+    import onnxruntime as ort
+
+    src, dst = Path(src), Path(dst)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                  external_data_name(dst.name))
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(src), opts, providers=list(CPU_PROVIDERS))
+    except Exception as exc:  # onnxruntime's own Fail/InvalidGraph types, not exported
+        raise ModelFileError(f"cannot optimize {what} {src}: {exc}") from exc
+    if not dst.is_file():
+        raise ModelFileError(f"onnxruntime wrote no optimized {what} to {dst}")

@@ -6,9 +6,8 @@ from edge_mmm.errors import DeviceError, InputError
 
 
 def check_device(device: str, backend: str) -> str:
-    """`device` is "cpu" or a CUDA device ("cuda", "cuda:N"); CUDA needs the torch backend and a GPU.
-    "cpu" is answered without importing torch (the onnxruntime paths never load it)."""
-    if device == "cpu":
+    """`device` is "cpu" or a CUDA device ("cuda", "cuda:N"); CUDA needs the torch backend and a GPU."""
+    if device == "cpu":  # the onnxruntime loaders run without torch: nothing to ask it
         return device
     import torch
 

@@ -10,6 +10,8 @@ Source of the layout: ctranslate2/specs/model_spec.py (`_serialize`).
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +75,36 @@ class _Cursor:
 
 def read_ct2_model(path: Path) -> CT2Model:
     """Parse a CTranslate2 `model.bin` fully into numpy arrays (copies; the file is closed afterwards)."""
-    path = Path(path)
+    return _read(Path(path), header_only=False)
+
+
+def read_ct2_header(path: Path) -> CT2Model:
+    """The variables' shapes without their data: `variables` holds zero-stride views of the right shape and
+    dtype (no memory behind them), except scalars (rank 0, e.g. `num_heads`), whose values are read. The
+    file is memory-mapped, so only the pages holding the headers are read (a few KB of a 75 MB tiny.en)."""
+    return _read(Path(path), header_only=True)
+
+
+def _read(path: Path, header_only: bool) -> CT2Model:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as exc:
         raise ModelFileError(f"cannot read CTranslate2 model {path}: {exc}") from exc
-    cur = _Cursor(memoryview(data), path)
+    view = memoryview(data)
+    try:
+        return _parse(_Cursor(view, path), path, header_only)
+    finally:
+        view.release()
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:  # a slice is still held by the error's traceback: the map goes with it
+                pass
+
+
+def _parse(cur: _Cursor, path: Path, header_only: bool) -> CT2Model:
     version = cur.u32()
     if not 1 <= version <= MAX_BINARY_VERSION:
         raise ModelFileError(f"{path}: not a CTranslate2 model.bin (binary version {version}, "
@@ -104,15 +130,30 @@ def read_ct2_model(path: Path) -> CT2Model:
             dtype = _ITEM_SIZE_DTYPES[item]
             nbytes = cur.u32() * item
         raw = cur.take(nbytes)
-        variables[name] = _to_array(raw, dtype, dims, name, path)
+        if header_only and rank > 0:
+            variables[name] = _shape_only(dtype, dims, nbytes, name, path)
+        else:
+            variables[name] = _to_array(raw, dtype, dims, name, path)
     aliases: Dict[str, str] = {}
     if version >= 3:
         for _ in range(cur.u32()):
             alias, target = cur.string(), cur.string()
             aliases[alias] = target
-    if cur.pos != len(data):
-        raise ModelFileError(f"{path}: {len(data) - cur.pos} unexpected trailing bytes; corrupt model.bin")
+    if cur.pos != len(cur.buf):
+        raise ModelFileError(f"{path}: {len(cur.buf) - cur.pos} unexpected trailing bytes; corrupt model.bin")
     return CT2Model(spec_name, spec_revision, variables, aliases)
+
+
+def _shape_only(dtype, dims, nbytes: int, name: str, path: Path) -> np.ndarray:
+    """A read-only array of shape `dims` backed by one element: the shape and dtype, checked against the
+    byte count, without touching the data."""
+    np_dtype = np.dtype(np.float32 if dtype == "bfloat16" else dtype)
+    count = int(np.prod(dims))
+    item = 2 if dtype == "bfloat16" else np_dtype.itemsize
+    if count * item != nbytes:
+        raise ModelFileError(f"{path}: variable {name} holds {nbytes} bytes, its shape {dims} needs {count * item}")
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np_dtype), shape=dims, strides=[0] * len(dims),
+                                           writeable=False)
 
 
 def _to_array(raw: memoryview, dtype, dims, name: str, path: Path) -> np.ndarray:

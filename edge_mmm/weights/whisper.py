@@ -7,10 +7,9 @@ Formats: CTranslate2 `model.bin` directories (faster-whisper), Hugging Face `mod
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -18,6 +17,8 @@ import torch
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import Whisper, WhisperConfig
 from edge_mmm.weights.ct2 import read_ct2_model
+from edge_mmm.weights.whisper_files import (WhisperFiles, _tokenizer_file, ct2_config, hf_config,  # noqa: F401
+                                           locate_whisper_files, read_whisper_config, tokenizer_file_for)
 
 
 @dataclass
@@ -45,35 +46,6 @@ class WhisperCheckpoint:
         return model.to(dtype).eval()
 
 
-@dataclass
-class WhisperFiles:
-    format: str  # "ct2" | "hf" | "openai"
-    location: Path  # the model directory (ct2, hf) or the .pt file (openai)
-    source: Path  # the file whose bytes define the weights
-
-
-def locate_whisper_files(path: Path) -> WhisperFiles:
-    """Detect the checkpoint format of `path` (file or directory) without reading the weights."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
-        return WhisperFiles("openai", path, path)
-    if path.is_file() and path.name == "model.bin":
-        path = path.parent
-    if path.is_dir():
-        if (path / "model.bin").exists():
-            return WhisperFiles("ct2", path, path / "model.bin")
-        if (path / "model.safetensors").exists():
-            return WhisperFiles("hf", path, path / "model.safetensors")
-        if (path / "model.safetensors.index.json").exists():
-            return WhisperFiles("hf", path, path / "model.safetensors.index.json")
-        pts = sorted(path.glob("*.pt"))
-        if len(pts) == 1:
-            return WhisperFiles("openai", pts[0], pts[0])
-        raise ModelFileError(f"{path}: no Whisper weights found (expected model.bin, model.safetensors "
-                             f"+ config.json, or one openai-whisper .pt file)")
-    raise ModelFileError(f"{path}: not a Whisper model file or directory")
-
-
 def load_whisper_checkpoint(path: Path) -> WhisperCheckpoint:
     """Detect the format of `path` (file or directory) and load it."""
     files = locate_whisper_files(path)
@@ -81,26 +53,11 @@ def load_whisper_checkpoint(path: Path) -> WhisperCheckpoint:
     return loader(files.location)
 
 
-def tokenizer_file_for(files: WhisperFiles) -> Path:
-    directory = files.location if files.location.is_dir() else files.location.parent
-    return _tokenizer_file(directory, files.source)
-
-
-def _tokenizer_file(directory: Path, weights: Path) -> Path:
-    tok = directory / "tokenizer.json"
-    if not tok.exists():
-        hint = (" (openai .pt checkpoints carry no tokenizer: put the model's Hugging Face tokenizer.json beside it)"
-                if weights.suffix == ".pt" else "")
-        raise ModelFileError(f"{directory}: tokenizer.json missing (needed with {weights.name}){hint}")
-    return tok
-
-
 # ------------------------------------------------------------------ CTranslate2
 def _load_ct2(directory: Path) -> WhisperCheckpoint:
     source = directory / "model.bin"
     ct2 = read_ct2_model(source)
-    if ct2.spec_name and ct2.spec_name != "WhisperSpec":
-        raise ModelFileError(f"{source}: a CTranslate2 {ct2.spec_name} model, not a Whisper model")
+    cfg = ct2_config(ct2, source)  # checks the spec name first
     v = ct2.variables
 
     def get(name: str) -> np.ndarray:
@@ -116,18 +73,7 @@ def _load_ct2(directory: Path) -> WhisperCheckpoint:
     def t(name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(get(name)).astype(np.float32))
 
-    n_enc = _count_layers(v, "encoder/layer_")
-    n_dec = _count_layers(v, "decoder/layer_")
-    try:
-        cfg = WhisperConfig(
-            n_mels=v["encoder/conv1/weight"].shape[1], n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
-            n_audio_state=v["encoder/conv1/weight"].shape[0], n_audio_head=int(v["encoder/num_heads"]),
-            n_audio_layer=n_enc, n_vocab=ct2.get("decoder/embeddings/weight").shape[0],
-            n_text_ctx=v["decoder/position_encodings/encodings"].shape[0],
-            n_text_state=ct2.get("decoder/embeddings/weight").shape[1], n_text_head=int(v["decoder/num_heads"]),
-            n_text_layer=n_dec)
-    except KeyError as exc:
-        raise ModelFileError(f"{source}: variable {exc.args[0]} missing") from None
+    n_enc, n_dec = cfg.n_audio_layer, cfg.n_text_layer
     d = cfg.n_audio_state
     sd: Dict[str, torch.Tensor] = {}
     for name in ("conv1", "conv2"):
@@ -158,11 +104,6 @@ def _load_ct2(directory: Path) -> WhisperCheckpoint:
     return WhisperCheckpoint(cfg, sd, _tokenizer_file(directory, source), source, "ct2")
 
 
-def _count_layers(variables, prefix: str) -> int:
-    ids = {int(m.group(1)) for k in variables if (m := re.match(re.escape(prefix) + r"(\d+)/", k))}
-    return max(ids) + 1 if ids else 0
-
-
 def _ct2_self_attention(t, ct: str, pt: str, ln: str, d: int) -> Dict[str, torch.Tensor]:
     w, b = t(f"{ct}/linear_0/weight"), t(f"{ct}/linear_0/bias")  # fused [q; k; v]
     return {
@@ -188,31 +129,11 @@ def _ct2_ffn(t, ct: str, pt: str) -> Dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ Hugging Face
-_HF_CONFIG_KEYS = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
-                   "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer",
-                   "vocab_size": "n_vocab", "max_target_positions": "n_text_ctx",
-                   "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer"}
-
-
 def _load_hf(directory: Path) -> WhisperCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path = directory / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ModelFileError(f"{directory}: config.json missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if raw.get("model_type") != "whisper":
-        raise ModelFileError(f"{cfg_path}: model_type is {raw.get('model_type')!r}, expected 'whisper'")
-    try:
-        kw = {ours: int(raw[theirs]) for theirs, ours in _HF_CONFIG_KEYS.items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{cfg_path}: field {exc.args[0] if exc.args else ''} missing or not an integer") from None
-    kw["n_text_state"] = kw["n_audio_state"]
-    cfg = WhisperConfig(**kw)
+    cfg = hf_config(directory)
     files = [directory / "model.safetensors"]
     index = directory / "model.safetensors.index.json"
     if not files[0].exists() and index.exists():

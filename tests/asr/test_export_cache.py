@@ -49,8 +49,17 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     asr = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
     path, text, audio = speech_clips[0]
     first = asr.transcribe(path, TranscribeOptions(temperatures=(0.0,)))
-    entry = next((tmp_path / "whisper-onnx").iterdir())
-    (entry / "decoder.onnx").write_bytes(b"corrupt")
+    import onnxruntime
+
+    # the portable export (bundles copy it) and, beside it, the graphs as this onnxruntime optimized them,
+    # weights in a flat file beside each, keyed by the onnxruntime version
+    assert {f.name for f in next((tmp_path / "whisper-onnx").iterdir()).iterdir()} >= {"encoder.onnx", "decoder.onnx"}
+    entry = next((tmp_path / "whisper-onnx-ort").iterdir())
+    assert entry.name.endswith(f"-ort{onnxruntime.__version__}")
+    assert {"encoder.onnx.data", "decoder.onnx.data"} <= {f.name for f in entry.iterdir()}
+    assert (entry / "decoder.onnx").stat().st_size < 1_000_000 < (entry / "decoder.onnx.data").stat().st_size
+    data = entry / "decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4096] + bytes(4096))  # same size, other weights: must be caught
     asr2 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
     assert asr2.transcribe(audio, TranscribeOptions(temperatures=(0.0,))).text == first.text
     assert "fox" in first.text.lower() or "dog" in first.text.lower()

@@ -89,3 +89,48 @@ def test_ct2_garbage_is_clear(tmp_path):
 def test_empty_dir_is_clear(tmp_path):
     with pytest.raises(ModelFileError, match="no Whisper weights"):
         load_whisper_checkpoint(tmp_path)
+
+
+def test_ct2_header_matches_full_read(tiny_en_dir):
+    """The header reader sees every variable with the full reader's shape and dtype, and the scalars' values,
+    and gives the loader's config: what the device planner and the onnxruntime path read instead of the weights."""
+    from edge_mmm.weights.ct2 import read_ct2_header, read_ct2_model
+    from edge_mmm.weights.whisper_files import read_whisper_config
+
+    full, head = read_ct2_model(tiny_en_dir / "model.bin"), read_ct2_header(tiny_en_dir / "model.bin")
+    assert head.spec_name == full.spec_name and head.aliases == full.aliases
+    assert head.variables.keys() == full.variables.keys()
+    for name, arr in full.variables.items():
+        assert (head.variables[name].shape, head.variables[name].dtype) == (arr.shape, arr.dtype), name
+        if arr.ndim == 0:
+            assert head.variables[name] == arr, name
+    assert read_whisper_config(tiny_en_dir) == load_whisper_checkpoint(tiny_en_dir).config
+
+
+def test_ct2_header_truncated_is_clear(tiny_en_dir, tmp_path):
+    from edge_mmm.weights.whisper_files import read_whisper_config
+
+    shutil.copy(tiny_en_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    data = (tiny_en_dir / "model.bin").read_bytes()
+    for cut in (0, 3, 1000, len(data) // 2, len(data) - 1):
+        (tmp_path / "model.bin").write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match="model.bin"):
+            read_whisper_config(tmp_path)
+
+
+def test_read_whisper_config_hf_and_openai(tiny_en_ckpt, tiny_en_dir, tmp_path):
+    from edge_mmm.weights.whisper_files import read_whisper_config
+
+    shutil.copy(tiny_en_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    save_openai_checkpoint(tiny_en_ckpt, tmp_path / "tiny.en.pt")
+    assert read_whisper_config(tmp_path / "tiny.en.pt") == tiny_en_ckpt.config
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")  # the config alone is read
+    c = tiny_en_ckpt.config
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "whisper", "num_mel_bins": c.n_mels, "max_source_positions": c.n_audio_ctx,
+        "d_model": c.n_audio_state, "encoder_attention_heads": c.n_audio_head, "encoder_layers": c.n_audio_layer,
+        "vocab_size": c.n_vocab, "max_target_positions": c.n_text_ctx, "decoder_attention_heads": c.n_text_head,
+        "decoder_layers": c.n_text_layer}))
+    assert read_whisper_config(hf) == c

@@ -15,7 +15,8 @@ whisper = pytest.importorskip("whisper")
 from edge_mmm.asr.backends import OnnxWhisperBackend, TorchWhisperBackend  # noqa: E402
 from edge_mmm.asr.decoding import DecodingOptions, decode_window  # noqa: E402
 from edge_mmm.asr.tokenizer import WhisperTokenizer  # noqa: E402
-from edge_mmm.audio.mel import log_mel_spectrogram  # noqa: E402
+from edge_mmm.audio.constants import N_FRAMES, N_SAMPLES  # noqa: E402
+from edge_mmm.audio.mel import log_mel_spectrogram, log_mel_spectrogram_np, pad_or_trim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,19 @@ def torch_backend(tiny_en_ckpt):
 
 @pytest.fixture(scope="module")
 def onnx_backend(tiny_en_ckpt, tmp_path_factory):
+    """What load_asr caches: the fused-attention export, saved as onnxruntime optimized it (weights beside)."""
     from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
+    from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.runners.ort_session import save_optimized_onnx
 
-    out = tmp_path_factory.mktemp("onnx")
+    raw, out = tmp_path_factory.mktemp("onnx"), tmp_path_factory.mktemp("onnx-optimized")
     # what load_asr exports; the check runs a 10 s input through the dynamic frame axis
-    check = export_whisper_onnx(tiny_en_ckpt.build(), out, ort_fused_attention=True, dynamic_frames=True)
+    check = export_whisper_onnx(tiny_en_ckpt.build(), raw, ort_fused_attention=True, dynamic_frames=True)
     print(f"ONNX export check: encoder max abs err {check.encoder_max_abs_err:.2e}, "
           f"decoder logits max abs err {check.decoder_max_abs_err:.2e}")
     assert check.encoder_max_abs_err < 1e-3 and check.decoder_max_abs_err < 1e-3
+    for name in (ENCODER_FILE, DECODER_FILE):
+        save_optimized_onnx(raw / name, out / name, name)
     backend = OnnxWhisperBackend(out, tiny_en_ckpt.config, threads=2)
     assert backend.short_mel
     return backend
@@ -57,6 +63,26 @@ def test_log_mel_matches_openai(speech_clips):
             ours = log_mel_spectrogram(audio, n_mels=n_mels, padding=whisper.audio.N_SAMPLES)
             assert ours.shape == ref.shape
             assert (ours - ref).abs().max().item() < 1e-4
+            host = log_mel_spectrogram_np(audio, n_mels=n_mels, padding=whisper.audio.N_SAMPLES)
+            assert host.dtype == np.float32 and host.shape == tuple(ref.shape)
+            assert np.abs(host - ref.numpy()).max() < 1e-4
+            assert np.abs(host - ref.numpy()).mean() < 1e-6
+
+
+def test_log_mel_np_odd_lengths_and_errors():
+    from edge_mmm.errors import InputError
+
+    rng = np.random.default_rng(0)
+    for n in (201, 401, 1601, 16000 + 37):
+        audio = rng.standard_normal(n).astype(np.float32) * 0.1
+        ref = whisper.log_mel_spectrogram(torch.from_numpy(audio))
+        host = log_mel_spectrogram_np(audio)
+        assert host.shape == tuple(ref.shape), n
+        assert np.abs(host - ref.numpy()).max() < 1e-4, n
+    with pytest.raises(InputError):
+        log_mel_spectrogram_np(np.zeros(200, np.float32))
+    with pytest.raises(InputError):
+        log_mel_spectrogram_np(np.zeros((2, 1600), np.float32))
 
 
 def test_tokenizer_specials_match_openai(tokenizer):
@@ -92,6 +118,21 @@ def test_greedy_tokens_identical(openai_model, tokenizer, torch_backend, onnx_ba
         assert got == ref, f"clip {i}: torch tokens differ"
         got_onnx = decode_window(onnx_backend, tokenizer, onnx_backend.encode(mel[None].numpy()), ours_opts).tokens
         assert got_onnx == ref, f"clip {i}: onnxruntime tokens differ"
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_greedy_tokens_identical_from_our_front_end(openai_model, tokenizer, torch_backend, onnx_backend,
+                                                     speech_clips, mels, timestamps):
+    """The whole CPU path as transcribe runs it: our numpy log-mel (not openai's) -> both backends -> the
+    same tokens as openai-whisper on its own mel."""
+    opts = whisper.DecodingOptions(language="en", without_timestamps=not timestamps, fp16=False)
+    ours_opts = DecodingOptions(language="en", timestamps=timestamps)
+    for i, ((_, _, audio), ref_mel) in enumerate(zip(speech_clips, mels)):
+        ref = whisper.decode(openai_model, ref_mel, opts).tokens
+        mel = pad_or_trim(log_mel_spectrogram_np(audio, padding=N_SAMPLES), N_FRAMES)[None]
+        for backend in (torch_backend, onnx_backend):
+            got = decode_window(backend, tokenizer, backend.encode(mel), ours_opts).tokens
+            assert got == ref, f"clip {i}: {backend.name} tokens from our log-mel differ"
 
 
 def test_beam_search_tokens_identical(openai_model, tokenizer, onnx_backend, mels):
