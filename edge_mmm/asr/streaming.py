@@ -36,10 +36,13 @@ class StreamingOptions:
     # silence that starts the speculative final pass: the VAD sees 32-64 ms dips inside words, each of which
     # would otherwise cost a whole pass that the next word throws away
     speculate_after_s: float = 0.1
-    # encoder input cut to the utterance + 1 s (audio_ctx): +0.6 WER points over 32 held-out clips against
-    # the full 30 s window (benchmarks/asr_audio_ctx.py, docs/live.md), several times less encoder work
+    # the full 30 s window (openai-whisper's tokens). `audio_ctx_margin=50` cuts the encoder input to the
+    # utterance + 1 s (whisper.cpp's audio_ctx): several times less encoder work, +0.6 WER points over 32
+    # held-out clips (benchmarks/asr_audio_ctx.py, docs/live.md), but it turned "What is the capital of
+    # France?" (espeak-ng, the demo/bundle/run tests' clip) into "... and friends" on every cut tried, so it
+    # is an option, not the default
     transcribe: TranscribeOptions = field(default_factory=lambda: TranscribeOptions(temperatures=(0.0,),
-                                                                                    audio_ctx_margin=50))
+                                                                                    audio_ctx_margin=None))
 
     def __post_init__(self):
         if self.min_chunk_s <= 0:

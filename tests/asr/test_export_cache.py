@@ -65,6 +65,7 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     assert "fox" in first.text.lower() or "dog" in first.text.lower()
 
 
+@pytest.mark.slow  # ~40 s (an int8 Whisper export); CI time
 def test_int8_precision(tmp_path, tiny_en_dir, speech_clips):
     """INT8 ONNX: a separate cache entry, smaller encoder, transcripts close to the spoken words."""
     import jiwer

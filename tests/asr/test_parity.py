@@ -108,7 +108,7 @@ def test_encoder_matches_openai(openai_model, torch_backend, onnx_backend, mels)
         assert np.abs(np.stack(onnx_k) - ref_k.numpy()).max() < 1e-3
 
 
-@pytest.mark.parametrize("timestamps", [False, True])
+@pytest.mark.parametrize("timestamps", [False, pytest.param(True, marks=pytest.mark.slow)])  # CI time: [True] under -m slow
 def test_greedy_tokens_identical(openai_model, tokenizer, torch_backend, onnx_backend, mels, timestamps):
     opts = whisper.DecodingOptions(language="en", without_timestamps=not timestamps, fp16=False)
     ours_opts = DecodingOptions(language="en", timestamps=timestamps)
@@ -120,7 +120,7 @@ def test_greedy_tokens_identical(openai_model, tokenizer, torch_backend, onnx_ba
         assert got_onnx == ref, f"clip {i}: onnxruntime tokens differ"
 
 
-@pytest.mark.parametrize("timestamps", [False, True])
+@pytest.mark.parametrize("timestamps", [False, pytest.param(True, marks=pytest.mark.slow)])  # CI time: [True] under -m slow
 def test_greedy_tokens_identical_from_our_front_end(openai_model, tokenizer, torch_backend, onnx_backend,
                                                      speech_clips, mels, timestamps):
     """The whole CPU path as transcribe runs it: our numpy log-mel (not openai's) -> both backends -> the

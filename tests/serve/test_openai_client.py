@@ -45,6 +45,7 @@ def test_chat_streaming(client, models):
     assert "".join(deltas) == plain.choices[0].message.content
 
 
+@pytest.mark.slow  # ~28 s of generation; CI time
 def test_max_tokens_capped(client, models, server):
     _, settings = server
     out = client.chat.completions.create(model=models.lm_id, max_tokens=10_000, temperature=0,
