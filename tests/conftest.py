@@ -15,3 +15,17 @@ import os
 HOST_INDEPENDENT_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 for _name, _value in HOST_INDEPENDENT_CPU.items():
     os.environ.setdefault(_name, _value)
+
+
+import pytest  # noqa: E402  (after the CPU caps above, which must precede any torch import)
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_1_gguf(tmp_path_factory):
+    """A tiny random Llama written as a Q4_1 GGUF (untied head, so every linear is packed)."""
+    pytest.importorskip("transformers")
+    from tiny_llama import tiny_hf_model, write_gguf
+
+    path = tmp_path_factory.mktemp("tiny_gguf") / "tiny-q4_1.gguf"
+    write_gguf(path, tiny_hf_model("llama", tie_word_embeddings=False), qtype="Q4_1")
+    return path

@@ -5,15 +5,13 @@ fp32 activations (accuracy_level 0) matches torch within 1e-4 * max|logit| throu
 a truncated-and-reused cache. The SmolLM2 tests (slow) check greedy ids on the parity prompts.
 """
 
-import os
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from tiny_llama import SMOLLM2_GGUF, tiny_hf_model, write_gguf  # noqa: E402
+from tiny_llama import SMOLLM2_GGUF  # noqa: E402
 
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.models.llama import KVCache  # noqa: E402
@@ -21,10 +19,8 @@ from edge_mmm.text.backends import OrtBackend, export_on_first_use, load_weights
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf"
-    write_gguf(path, tiny_hf_model("llama", tie_word_embeddings=False), qtype="Q4_1")
-    return path
+def tiny_gguf(tiny_q4_1_gguf):
+    return tiny_q4_1_gguf
 
 
 def test_cache_hit_and_corrupt_entry_rebuilt(tiny_gguf, tmp_path):

@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from tiny_llama import tiny_hf_model, write_gguf
-
 from edge_mmm.errors import ModelFileError
 from edge_mmm.weights import gguf_lm
 
@@ -19,11 +17,9 @@ def cache(tmp_path, monkeypatch):
     gguf_lm._summary.cache_clear()
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny-q4_1.gguf"
-    write_gguf(path, tiny_hf_model("llama", tie_word_embeddings=False), qtype="Q4_1")
-    return path
+@pytest.fixture()
+def tiny_gguf(tiny_q4_1_gguf):
+    return tiny_q4_1_gguf
 
 
 def test_summary_is_cached_and_equal_to_a_parse(cache, tiny_gguf):
