@@ -147,7 +147,8 @@ def choose(profile: DeviceProfile, models: ModelSet, overrides: Overrides = Over
     request = PlanRequest(
         asr=asr_spec, vlm=vlm_spec, llm=llm_spec,
         vad=models.vad, quant=quant, group_size=group, zeros=zeros, scale_dtype=scale, context=context,
-        vision_batch=vision_batch if models.vlm else None)
+        vision_batch=vision_batch if models.vlm else None,
+        torch=models.vlm is not None or "torch" in (asr_backend, lm_backend, vision_backend))
     plan = check_fits(request, profile)
     torch_device = "cpu" if profile.kind == "cpu" else "cuda"
     return RunChoice(profile.id, asr_backend, lm_backend, vision_backend, lm_quant, torch_device, context,

@@ -14,9 +14,11 @@ Method (docs/devices.md has the derivation and the CPU validation):
   T x T score matrix) for Whisper's 30 s window (or its fp32 log-mel front end, if larger), one vision
   batch of image tiles and one LM prefill chunk, plus last-token fp32 logits. On CPU the torch reference
   dequantizes one weight at a time in fp32 (`PackedWeight.dequantize`: codes -> q, q*s, w), so the
-  largest packed matrix x 12 bytes is added.
+  largest packed matrix x 12 bytes is added (not when the process runs no torch: `PlanRequest.torch`).
 - workspace: TensorRT tactic workspace (profile) for the engines; the onnxruntime session for VAD.
-- overhead: CUDA context, libraries and the interpreter (profile, measured for CPU).
+- overhead: CUDA context, libraries and the interpreter (profile, measured for CPU); without torch
+  (`PlanRequest.torch` False: every backend onnxruntime, as the default CPU `run` text path) less the
+  profile's `torch_runtime_mib`.
 All stages are assumed resident at once (the live runtime keeps them loaded and runs them in parallel).
 """
 
@@ -57,6 +59,7 @@ class PlanRequest:
     asr_beams: int = 1
     vision_batch: Optional[int] = None
     prefill_chunk: Optional[int] = None
+    torch: bool = True  # the process imports torch (a torch backend, or a VLM: its LM runs in torch)
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         elems = _block_activation_elems(chunk, lm.hidden, lm.heads * lm.head_dim, lm.kv_heads * lm.head_dim,
                                         lm.intermediate, True)
         add("lm", "activations", elems * ab + lm.vocab * 4, f"prefill chunk of {chunk} tokens + last-token logits")
-        if quantized and not gpu:
+        if quantized and not gpu and request.torch:
             largest = max(lm.hidden * lm.intermediate, lm.hidden * lm.heads * lm.head_dim)
             add("lm", "workspace", largest * CPU_DEQUANT_BYTES_PER_WEIGHT,
                 f"torch CPU reference dequantizes one weight at a time ({largest / 1e6:.1f}M x 12 B)")
@@ -274,13 +277,17 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         else:
             add("vad", "weights", 0, "silero VAD runs on the host CPU (not in the GPU budget)")
 
-    add("runtime", "overhead", profile.runtime_overhead_mib * MIB,
-        "CUDA context + libraries + interpreter (profile)" if gpu else "Python + torch + onnxruntime (measured)")
+    if request.torch or not profile.torch_runtime_mib:
+        add("runtime", "overhead", profile.runtime_overhead_mib * MIB,
+            "CUDA context + libraries + interpreter (profile)" if gpu else "Python + torch + onnxruntime (measured)")
+    else:
+        add("runtime", "overhead", (profile.runtime_overhead_mib - profile.torch_runtime_mib) * MIB,
+            "libraries + interpreter, no torch (profile, measured)" if gpu else "Python + onnxruntime, no torch (measured)")
 
     req = {"asr": asr.name if asr else None, "vlm": vlm.name if vlm else None, "llm": llm.name if llm else None,
            "vad": request.vad, "quant": request.quant, "group_size": request.group_size, "zeros": request.zeros,
            "context": context, "prefill_chunk": chunk, "encoder_precision": enc, "activation_dtype": act,
-           "asr_beams": request.asr_beams,
+           "asr_beams": request.asr_beams, "torch": request.torch,
            "vision_batch": min(request.vision_batch or profile.vision_batch, vlm.max_tiles) if vlm else None}
     return DevicePlan(profile.id, profile.name, profile.usable_bytes, req, items)
 

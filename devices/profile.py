@@ -50,6 +50,7 @@ class DeviceProfile:
     runtime_overhead_mib: int  # CUDA context + libraries + interpreter
     tensorrt_version: str  # "" when TensorRT does not apply
     jetpack: str  # "" when not a Jetson
+    torch_runtime_mib: int = 0  # the part of runtime_overhead_mib that importing torch adds (0: not split)
     source: str = ""  # file the profile came from
 
     @property
@@ -72,7 +73,7 @@ class DeviceProfile:
 
 
 _TYPES = {f.name: f.type for f in fields(DeviceProfile)}
-_OPTIONAL = {"source"}
+_OPTIONAL = {"source", "torch_runtime_mib"}
 
 
 def _check_field(path: Path, key: str, value, want: str):

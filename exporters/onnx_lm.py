@@ -35,6 +35,7 @@ from edge_mmm.errors import InputError
 from edge_mmm.exporters.versions import ONNX_LM as EXPORTER_VERSION
 from edge_mmm.models.llama import Llama
 from edge_mmm.quant.linear import QuantLinear
+from edge_mmm.runners.ort_session import keep_unpacked
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO, PackedWeight
 from edge_mmm.quant.quantize import quantize_weight
 
@@ -49,7 +50,7 @@ class OnnxLMOptions:
     weights always use 4, see `_accuracy`). `head_bits` quantizes a float
     LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
     `all_logits` returns logits for every position (else only the last one). A float head is a Gemm
-    on the (tied) embedding table itself, so it costs no extra memory."""
+    on the (tied) embedding table itself, kept unpacked (`keep_unpacked`), so it costs no extra memory."""
 
     accuracy_level: int = 4
     head_bits: Optional[int] = 8
@@ -281,6 +282,8 @@ class _Builder:
         g.op("Identity", [logits], outputs=["logits"])
 
         graph = helper.make_graph(g.nodes, "edge_mmm_llama", inputs, outputs, g.inits)
+        if type(head) is nn.Linear:  # a float head: one copy of its table (tied: the embedding's), unpacked
+            keep_unpacked(graph, [self._float_names[id(head.weight)]])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
                                   producer_name="edge-mmm", producer_version=EXPORTER_VERSION)

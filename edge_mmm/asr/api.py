@@ -163,7 +163,31 @@ def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path]) -> Path:
     def build(tmp: Path) -> None:
         for name in (ENCODER_FILE, DECODER_FILE):
             save_optimized_onnx(onnx_dir / name, tmp / name, f"ONNX Whisper {name}")
+        _keep_tied_embedding_unpacked(tmp / DECODER_FILE)
 
     files = [f for name in (ENCODER_FILE, DECODER_FILE) for f in (name, external_data_name(name))]
     return cached_build(cache_dir or default_cache_root(), "whisper-onnx-ort", onnx_dir / DECODER_FILE,
-                        f"ort{onnxruntime.__version__}", build, files, extra_sources=[onnx_dir / ENCODER_FILE])
+                        f"ort{onnxruntime.__version__}-{ORT_GRAPHS_VERSION}", build, files,
+                        extra_sources=[onnx_dir / ENCODER_FILE])
+
+
+ORT_GRAPHS_VERSION = "tied2"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes
+
+
+def _keep_tied_embedding_unpacked(decoder: Path) -> None:
+    """The decoder's token embedding is read by the embedding Gather and by the output projection (a Gemm
+    with transB, `exporters/onnx_whisper._share_tied_embedding`); onnxruntime would prepack a second copy for
+    the Gemm (n_vocab * d floats: 80 MB for tiny). Listing it as a graph input keeps one copy
+    (`keep_unpacked`): decode steps (one row) read it in place; the first step of a window (the prompt's
+    rows) packs it once."""
+    import onnx
+
+    from edge_mmm.runners.ort_session import keep_unpacked
+
+    proto = onnx.load(str(decoder), load_external_data=False)  # the weights stay in the file beside it
+    inits = {i.name for i in proto.graph.initializer}
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    tied = [n.input[1] for n in proto.graph.node if n.op_type == "Gemm" and n.input[1] in inits
+            and n.input[1] in gathered and any(a.name == "transB" and a.i == 1 for a in n.attribute)]
+    if keep_unpacked(proto.graph, tied):
+        onnx.save(proto, str(decoder))

@@ -2,13 +2,14 @@
 
 Policy: `threads` > 0 sets the intra-op pool (0 leaves onnxruntime's default, one thread per core);
 the inter-op pool is 1 because every graph here runs sequentially; full graph optimization; the CPU
-execution provider unless `providers` names others (CUDA / TensorRT EPs on a GPU machine).
+execution provider unless `providers` names others (CUDA / TensorRT EPs on a GPU machine); onnxruntime's
+own log shows errors only (its warnings, e.g. on an initializer kept unpacked, are not the user's business).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 from edge_mmm.errors import ModelFileError
 
@@ -29,6 +30,7 @@ def ort_session(path: Union[str, Path], what: str, threads: int = 0,
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=list(providers or CPU_PROVIDERS))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, not exported
@@ -44,6 +46,25 @@ def check_onnx_inputs(session, names: Sequence[str], path) -> None:
     if missing:
         raise ModelFileError(f"{path} is not the expected graph: it has no input {missing[0]!r} "
                              f"(its inputs: {', '.join(sorted(have))[:200]})")
+
+
+def keep_unpacked(graph, names: Sequence[str]) -> List[str]:
+    """List the initializers `names` of an ONNX `graph` as graph inputs too (overridable initializers), so
+    onnxruntime neither constant-folds nor prepacks them: a float matrix read by a Gather and a Gemm (a tied
+    token embedding and output projection) then stays one copy in memory, where prepacking the Gemm's operand
+    would add a second one of the same size. The cost: a Gemm with more than one row packs the operand on
+    every call; one row (a decode step) reads it in place (MLAS's M=1 kernels). Returns the names added."""
+    from onnx import helper
+
+    have = {i.name for i in graph.input}
+    inits = {i.name: i for i in graph.initializer}
+    added = []
+    for name in names:
+        if name in inits and name not in have:
+            init = inits[name]
+            graph.input.append(helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+            added.append(name)
+    return added
 
 
 def external_data_name(model_file: str) -> str:

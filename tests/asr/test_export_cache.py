@@ -55,9 +55,20 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     # weights in a flat file beside each, keyed by the onnxruntime version
     assert {f.name for f in next((tmp_path / "whisper-onnx").iterdir()).iterdir()} >= {"encoder.onnx", "decoder.onnx"}
     entry = next((tmp_path / "whisper-onnx-ort").iterdir())
-    assert entry.name.endswith(f"-ort{onnxruntime.__version__}")
+    from edge_mmm.asr.api import ORT_GRAPHS_VERSION
+
+    assert entry.name.endswith(f"-ort{onnxruntime.__version__}-{ORT_GRAPHS_VERSION}")
     assert {"encoder.onnx.data", "decoder.onnx.data"} <= {f.name for f in entry.iterdir()}
     assert (entry / "decoder.onnx").stat().st_size < 1_000_000 < (entry / "decoder.onnx.data").stat().st_size
+    import onnx
+
+    # the tied token embedding (Gather + output Gemm) is an overridable initializer: onnxruntime keeps one
+    # copy instead of prepacking a second one for the Gemm
+    graph = onnx.load(str(entry / "decoder.onnx"), load_external_data=False).graph
+    shared = {i.name for i in graph.input} & {i.name for i in graph.initializer}
+    assert len(shared) == 1
+    (name,) = shared
+    assert {n.op_type for n in graph.node if name in n.input} == {"Gather", "Gemm"}
     data = entry / "decoder.onnx.data"
     data.write_bytes(data.read_bytes()[:-4096] + bytes(4096))  # same size, other weights: must be caught
     asr2 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)

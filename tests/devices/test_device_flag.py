@@ -129,6 +129,19 @@ def test_run_prints_its_choice_in_the_first_notice(capsys, monkeypatch, lm_file,
     events = [json.loads(line) for line in out.out.splitlines() if line.strip()]
     notices = [e["data"]["message"] for e in events if e["type"] == "notice"]
     assert notices[0].startswith("device cpu-x86, asr onnxruntime, lm onnxruntime, context 2048, plan "), notices
+    # onnxruntime everywhere: no torch in the process, none in the plan; a torch backend brings it back
+    import re
+
+    def planned(argv_extra):
+        assert main(["run", "--device", "cpu-x86", "--model", str(lm_file), "--camera", "none", "--mic", str(clip),
+                     "--json"] + argv_extra) == 0
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        message = next(e["data"]["message"] for e in events if e["type"] == "notice")
+        return int(re.search(r"plan ([\d,]+) of", message).group(1).replace(",", ""))
+
+    from edge_mmm.devices.profile import get_profile
+
+    assert planned(["--backend", "torch"]) - planned([]) >= get_profile("cpu-x86").torch_runtime_mib
 
 
 def test_transcribe_device(capsys, monkeypatch, small_device, tmp_path):

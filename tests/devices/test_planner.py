@@ -194,6 +194,26 @@ def test_discrete_gpu_keeps_vad_off_the_gpu_budget():
     assert sum(i.bytes for i in p.items if i.component == "vad") == 0
 
 
+def test_a_process_without_torch_is_planned_without_it():
+    """The default CPU `run` text path (every backend onnxruntime) imports no torch: its plan leaves out the
+    profile's torch share of the runtime overhead and the torch dequantization workspace."""
+    cpu = get_profile("cpu-x86")
+    req = PlanRequest(asr="tiny.en", vlm=None, llm="smollm2-135m", quant="int4", context=2048)
+    with_torch, without = plan(req, cpu), plan(PlanRequest(**{**req.__dict__, "torch": False}), cpu)
+    items = lambda p: {(i.component, i.part): i.bytes for i in p.items}  # noqa: E731
+    a, b = items(with_torch), items(without)
+    assert a[("runtime", "overhead")] - b[("runtime", "overhead")] == cpu.torch_runtime_mib * MIB > 0
+    assert ("lm", "workspace") in a and ("lm", "workspace") not in b
+    assert {k: v for k, v in a.items() if k not in (("runtime", "overhead"), ("lm", "workspace"))} == \
+        {k: v for k, v in b.items() if k != ("runtime", "overhead")}
+    assert without.request["torch"] is False
+    # a profile that does not split its overhead (the GPU estimates) plans the whole of it either way
+    gpu = get_profile("orin-nano-8gb")
+    assert gpu.torch_runtime_mib == 0
+    assert items(plan(req, gpu))[("runtime", "overhead")] == \
+        items(plan(PlanRequest(**{**req.__dict__, "torch": False}), gpu))[("runtime", "overhead")]
+
+
 @pytest.mark.slow
 def test_vlm_spec_counts_equal_our_idefics3_model(tmp_path):
     """SigLIP + connector + LM counts from config.json = the parameters of the model our loader builds."""

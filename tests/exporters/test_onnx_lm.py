@@ -63,6 +63,20 @@ def test_float_model_with_biases_untied():
     assert err <= 1e-4 * scale
 
 
+def test_tied_float_head_is_one_unpacked_table():
+    """fp32 activations keep a float head: a Gemm on the embedding table itself, listed as an overridable
+    initializer so onnxruntime does not prepack a second copy of it; callers still feed only the ids."""
+    model = quantize_model(_model(), 4, 32, False)
+    proto = build_llama_onnx(model, OnnxLMOptions(accuracy_level=0, head_bits=None))
+    inits = {t.name for t in proto.graph.initializer}
+    shared = inits & {i.name for i in proto.graph.input}
+    assert shared == {"embed_tokens.weight"}
+    assert sorted(n.op_type for n in proto.graph.node if "embed_tokens.weight" in n.input) == ["Gather", "Gemm"]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert "embed_tokens.weight" not in {i.name for i in sess.get_inputs()}
+    assert "embed_tokens.weight" in {i.name for i in sess.get_overridable_initializers()}
+
+
 def test_int8_activations_and_shared_int8_embedding():
     model = quantize_model(_model(), 4, 32, False)
     # An embedding that is exactly INT8 g32 (as GGUF Q8_0): the head is quantized losslessly and the
