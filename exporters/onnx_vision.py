@@ -9,7 +9,7 @@ weights) calibrated on real tiles (exporters/int8_calibration.py): the same mode
 TensorRT's explicit-quantization input (no DynamicQuantizeLinear, which TensorRT cannot parse). INT8-DYNAMIC
 is the CPU onnxruntime variant (`quantize_int8_dynamic`): the FP32 graph with every weight MatMul turned into
 int8 weights (per output channel, 7-bit `reduce_range`) and activations quantized per call; the attention
-matmuls (activation x activation: Q K^T and A V) stay FP32. No calibration, and not a TensorRT input. Every
+matmuls (activation x activation: Q K^T and A V) and the connector projection stay FP32. No calibration, and not a TensorRT input. Every
 export is run once with onnxruntime on random tiles and compared with the eager module (max abs error and
 mean cosine returned; FP32 must be < 1e-4, INT8-DYNAMIC must reach cosine >= 0.999).
 """
@@ -105,13 +105,33 @@ def activation_matmuls(model) -> list:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
 
 
+def output_matmuls(model) -> list:
+    """Names of the MatMul nodes nearest the graph output (walking back through non-MatMul nodes): here the
+    connector's projection, whose 12288-long reductions (pixel-shuffled 768 x 16) add up the most
+    activation-quantization noise; it is ~0.3% of the encoder's multiply-adds."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    found, seen = [], set()
+    todo = [o.name for o in model.graph.output]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "MatMul":
+            found.append(node.name)
+        else:
+            todo.extend(node.input)
+    return found
+
+
 def quantize_int8_dynamic(src: Path, dst: Path) -> int:
     """Write `dst`: `src` (an FP32 vision graph) with its weight MatMuls quantized by onnxruntime's dynamic
     quantization: int8 weights per output channel with `reduce_range` (7-bit: onnxruntime's AVX2 u8 x s8
     kernel adds pairs of products in int16 (vpmaddubsw) and saturates with full-range weights; measured
     cosine 0.993 without it, 0.9999 with it, on SmolVLM-256M dims), uint8 activations quantized per call.
-    The activation x activation MatMuls stay FP32. Written to a temp file beside `dst`, then renamed.
-    Returns how many MatMuls were left FP32."""
+    The activation x activation MatMuls stay FP32, and so does the connector projection (`output_matmuls`:
+    at SmolVLM-256M dims it moves the cosine from 0.99915 to 0.99936 for ~0.3% of the work). Written to a
+    temp file beside `dst`, then renamed. Returns how many MatMuls were left FP32."""
     import logging
     import os
     import tempfile
@@ -120,7 +140,8 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
-    excluded = activation_matmuls(onnx.load(str(src), load_external_data=False))
+    model = onnx.load(str(src), load_external_data=False)
+    excluded = activation_matmuls(model) + output_matmuls(model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", suffix=".onnx", dir=dst.parent)
     os.close(fd)

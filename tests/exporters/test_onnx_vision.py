@@ -18,7 +18,7 @@ from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 from edge_mmm.exporters.int8_calibration import vision_calibration_inputs  # noqa: E402
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.exporters.onnx_vision import (FP32_ATOL, INT8_DYNAMIC_MIN_COSINE, activation_matmuls,  # noqa: E402
-                                            export_vision)
+                                            export_vision, output_matmuls)
 from edge_mmm.vision.processor import Idefics3ImageProcessor  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.vision.api import load_vlm  # noqa: E402
@@ -52,8 +52,9 @@ def test_export_fp32_fp16_int8(exported):
 
 
 def test_int8_dynamic_quantizes_weight_matmuls_only(exported):
-    """Every weight MatMul of the fp32 graph became an int8 one (7-bit reduce_range weights, per channel);
-    the attention's activation x activation MatMuls stayed fp32; the static Q/DQ int8 file is untouched."""
+    """Every weight MatMul of the fp32 graph but the connector's became an int8 one (7-bit reduce_range
+    weights, per channel); the attention's activation x activation MatMuls and the connector stayed fp32;
+    the static Q/DQ int8 file is a separate file."""
     import onnx
     from onnx import numpy_helper
 
@@ -61,7 +62,9 @@ def test_int8_dynamic_quantizes_weight_matmuls_only(exported):
     fp32 = onnx.load(str(ex["fp32"].path))
     q = onnx.load(str(ex["int8-dynamic"].path))
     assert ex["int8-dynamic"].path.name == "vision_int8_dynamic.onnx" and ex["int8"].path.name == "vision_int8.onnx"
-    n_weight = sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(activation_matmuls(fp32))
+    kept = output_matmuls(fp32)  # the connector projection stays fp32 too
+    assert len(kept) == 1 and kept[0] not in activation_matmuls(fp32)
+    n_weight = sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(activation_matmuls(fp32)) - len(kept)
     ops = [n.op_type for n in q.graph.node]
     quantized = [n for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
     assert n_weight > 0 and len(quantized) == n_weight, ops
@@ -76,6 +79,7 @@ def test_int8_dynamic_quantizes_weight_matmuls_only(exported):
     # the attention matmuls are still float MatMuls on two activations
     float_acts = activation_matmuls(q)
     assert len(float_acts) == len(activation_matmuls(fp32)) > 0
+    assert [n.op_type for n in q.graph.node if n.name == kept[0]] == ["MatMul"]
 
 
 def test_onnxruntime_backend_same_answer(exported):
