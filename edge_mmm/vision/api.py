@@ -336,7 +336,7 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     """Load a SmolVLM/Idefics3 directory or cached HF repo id. `backend` picks the vision runtime
     (torch | onnxruntime: `vision_onnx`, or an export built once under `onnx_cache_dir`);
     `vision_precision` (onnxruntime export only): fp32 (default) | int8 (int8 weight matmuls, attention fp32:
-    ~1.4x faster per tile on a 2-core AVX2 CPU at cosine ~0.9999 vs fp32, measured with random weights
+    1.3-1.4x faster per tile on a 2-core AVX2 CPU at cosine 0.9994 vs fp32, measured with random weights
     only, so opt-in); `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps
     the image tiles per encoder call (a device profile's vision_batch; None: all tiles at once)."""
     from edge_mmm.vision.backends import TorchVisionEncoder
