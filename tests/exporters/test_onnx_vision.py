@@ -1,9 +1,12 @@
 """ONNX export of the vision part (SigLIP + connector) vs eager: FP32 max abs error < 1e-4; FP16 and INT8
-errors reported (FP16 < 1e-2, INT8 cosine > 0.9 on the tiny random model); the onnxruntime backend gives the
-same greedy answer as torch."""
+errors reported (FP16 < 1e-2, INT8 cosine > 0.9 on the tiny random model); INT8-DYNAMIC (the CPU int8 of
+`load_vlm(vision_precision="int8")`) cosine >= 0.999 with int8 weight matmuls and fp32 attention matmuls;
+the onnxruntime backend gives the same greedy answer as torch."""
 
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -13,11 +16,14 @@ skdata = pytest.importorskip("skimage.data")
 from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 
 from edge_mmm.exporters.int8_calibration import vision_calibration_inputs  # noqa: E402
-from edge_mmm.exporters.onnx_vision import FP32_ATOL, export_vision  # noqa: E402
+from edge_mmm.errors import InputError  # noqa: E402
+from edge_mmm.exporters.onnx_vision import (FP32_ATOL, INT8_DYNAMIC_MIN_COSINE, activation_matmuls,  # noqa: E402
+                                            export_vision, output_matmuls)
 from edge_mmm.vision.processor import Idefics3ImageProcessor  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.vision.api import load_vlm  # noqa: E402
 from edge_mmm.vision.idefics3 import load_idefics3  # noqa: E402
+from edge_mmm.vision.processor import load_image  # noqa: E402
 
 MSGS = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(skdata.rocket())},
                                      {"type": "text", "text": "What is this?"}]}]
@@ -32,7 +38,7 @@ def exported(tmp_path_factory):
     calib = vision_calibration_inputs([skdata.astronaut(), skdata.coffee(), skdata.chelsea()],
                                       Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
     return d, {p: export_vision(model.vision, out, p, calibration=calib if p == "int8" else None)
-               for p in ("fp32", "fp16", "int8")}
+               for p in ("fp32", "fp16", "int8", "int8-dynamic")}
 
 
 def test_export_fp32_fp16_int8(exported):
@@ -42,6 +48,38 @@ def test_export_fp32_fp16_int8(exported):
     assert ex["fp32"].max_abs_err < FP32_ATOL
     assert ex["fp16"].max_abs_err < 1e-2
     assert ex["int8"].cosine > 0.9
+    assert ex["int8-dynamic"].cosine >= INT8_DYNAMIC_MIN_COSINE
+
+
+def test_int8_dynamic_quantizes_weight_matmuls_only(exported):
+    """Every weight MatMul of the fp32 graph but the connector's became an int8 one (7-bit reduce_range
+    weights, per channel); the attention's activation x activation MatMuls and the connector stayed fp32;
+    the static Q/DQ int8 file is a separate file."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, ex = exported
+    fp32 = onnx.load(str(ex["fp32"].path))
+    q = onnx.load(str(ex["int8-dynamic"].path))
+    assert ex["int8-dynamic"].path.name == "vision_int8_dynamic.onnx" and ex["int8"].path.name == "vision_int8.onnx"
+    kept = output_matmuls(fp32)  # the connector projection stays fp32 too
+    assert len(kept) == 1 and kept[0] not in activation_matmuls(fp32)
+    n_weight = sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(activation_matmuls(fp32)) - len(kept)
+    ops = [n.op_type for n in q.graph.node]
+    quantized = [n for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert n_weight > 0 and len(quantized) == n_weight, ops
+    assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops  # not the static Q/DQ recipe
+    inits = {i.name: i for i in q.graph.initializer}
+    for node in quantized:  # the second operand is a stored int8 weight, never an activation
+        assert node.input[1] in inits, f"{node.name} quantizes an activation (attention) operand"
+        w = inits[node.input[1]]
+        assert w.data_type == onnx.TensorProto.INT8
+        assert np.abs(numpy_helper.to_array(w).astype(np.int32)).max() <= 64  # reduce_range: 7 bits
+    # the attention matmuls are still float MatMuls on two activations
+    float_acts = activation_matmuls(q)
+    assert len(float_acts) == len(activation_matmuls(fp32)) > 0
+    assert [n.op_type for n in q.graph.node if n.name == kept[0]] == ["MatMul"]
 
 
 def test_onnxruntime_backend_same_answer(exported):
@@ -59,3 +97,43 @@ def test_onnx_export_is_built_once_and_cached(exported, tmp_path):
     vlm = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path)
     again = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path)
     assert again.encoder.path == vlm.encoder.path and vlm.encoder.path.is_file()
+
+
+def _encode_photo(vlm):
+    processed = vlm.processor.process_images([load_image(Image.fromarray(skdata.astronaut()))])
+    return vlm.encoder.encode(torch.from_numpy(processed.pixel_values),
+                              torch.from_numpy(processed.pixel_attention_mask))
+
+
+def test_vision_precision_int8_close_to_fp32_and_cached(exported, tmp_path, monkeypatch):
+    """load_vlm(vision_precision="int8"): built once into its own export-cache entry (never the fp32 one),
+    features of a real photo within cosine 0.999 of the fp32 export's; a second load reuses the entry."""
+    import edge_mmm.exporters.onnx_vision as onnx_vision
+
+    d, ex = exported
+    int8 = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path, vision_precision="int8")
+    path = int8.encoder.path
+    assert path.name == "vision_int8_dynamic.onnx" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json", path.name]  # no fp32 left over
+    fp32 = load_vlm(d, backend="onnxruntime", vision_onnx=ex["fp32"].path)
+    a, b = _encode_photo(int8), _encode_photo(fp32)
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+    assert a.shape == b.shape and cos >= 0.999, cos
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached int8 export was rebuilt")
+
+    monkeypatch.setattr(onnx_vision, "export_vision", no_export)
+    again = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path, vision_precision="int8")
+    assert again.encoder.path == path
+    assert torch.equal(_encode_photo(again), a)
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="onnxruntime", vision_precision="fp16"),
+                                    dict(backend="onnxruntime", vision_precision="int4"),
+                                    dict(backend="torch", vision_precision="int8"),
+                                    dict(backend="onnxruntime", vision_precision="int8", vision_onnx="x.onnx")])
+def test_vision_precision_bad_values_are_input_errors(exported, kwargs):
+    d, _ = exported
+    with pytest.raises(InputError, match="precision"):
+        load_vlm(d, **kwargs)

@@ -142,3 +142,29 @@ def test_devices_list_inputs(capsys):
     rc = main(["devices", "--list-inputs"])
     text = capsys.readouterr().out
     assert rc == 0 and "cameras (--camera):" in text and "microphones (--mic):" in text
+
+
+def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
+    """`run --vision-precision int8` with a VLM: the live config asks load_vlm for the int8 encoder on
+    onnxruntime (picked by the flag); with a torch --vlm-backend or a text-only model it is refused, exit 2."""
+    import edge_mmm.runtime.assistant as assistant
+    from edge_mmm.errors import InputError
+
+    seen = {}
+
+    class Stop(InputError):
+        pass
+
+    def capture(cfg, speaker=None):
+        seen["cfg"] = cfg
+        raise Stop("captured the live config")
+
+    monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    base = ["run", "--camera", "none", "--mic", str(question_clip), "--model", str(tiny_vlm_dir)]
+    assert main(base + ["--vision-precision", "int8"]) == 2
+    assert "captured the live config" in capsys.readouterr().err
+    assert seen["cfg"].vision_precision == "int8" and seen["cfg"].vlm_backend == "onnxruntime"
+    seen.clear()
+    assert main(base + ["--vision-precision", "int8", "--vlm-backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "precision" in err and "onnxruntime" in err and not seen

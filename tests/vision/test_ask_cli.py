@@ -157,3 +157,27 @@ def test_corrupt_model_file_exits_2_naming_it(env, capsys, tmp_path, damage):
     (dst / name).write_bytes(data[: len(data) // 2])
     code, _, err = _run(capsys, "ask", "--model", str(dst), "--image", str(env["photo"]), "What?")
     assert code == 2 and name in err and err.count("\n") == 1
+
+
+def test_ask_vision_precision_int8_builds_the_int8_export(env, capsys, tmp_path, monkeypatch):
+    """--vision-precision int8 picks the onnxruntime encoder and builds its int8 export into the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code, out, err = _run(capsys, "ask", "--model", str(env["model"]), "--image", str(env["photo"]), "What?",
+                          "--vision-precision", "int8", "--json", "--max-tokens", "2")
+    assert code == 0, err
+    assert json.loads(out)["timings"]["vision_s"] > 0
+    built = list((tmp_path / "edge-mmm" / "vision-onnx").glob("*/vision_int8_dynamic.onnx"))
+    assert len(built) == 1 and not list((tmp_path / "edge-mmm" / "vision-onnx").glob("*/vision_fp32.onnx"))
+
+
+@pytest.mark.parametrize("flags, words", [(["--vision-precision", "int8", "--backend", "torch"], "onnxruntime"),
+                                          (["--vision-precision", "fp16"], "fp16")])
+def test_ask_vision_precision_refused_before_loading(env, capsys, flags, words):
+    code, _, err = _run(capsys, "ask", "--model", str(env["model"]), "--image", str(env["photo"]), "What?", *flags)
+    assert code == 2 and "precision" in err and words in err and err.count("\n") == 1, err
+
+
+def test_vision_precision_in_help(capsys):
+    for cmd in ("ask", "run"):
+        code, out, _ = _run(capsys, cmd, "--help")
+        assert code == 0 and "--vision-precision" in out and "int8" in out
