@@ -49,8 +49,9 @@ class OnnxLMOptions:
     (as llama.cpp does; ~4x faster on CPU), 0 keeps fp32 activations for 4-bit weights (8-bit
     weights always use 4, see `_accuracy`). `head_bits` quantizes a float
     LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
-    `all_logits` returns logits for every position (else only the last one). A float head is a Gemm
-    on the (tied) embedding table itself, kept unpacked (`keep_unpacked`), so it costs no extra memory."""
+    `all_logits` returns logits for every position (else only the last one). A float head is a MatMul
+    on its table stored transposed and kept unpacked (`keep_unpacked`); a tied embedding gathers from that
+    same table, so it costs no extra memory."""
 
     accuracy_level: int = 4
     head_bits: Optional[int] = 8
@@ -196,8 +197,26 @@ class _Builder:
                   and torch.equal(head.packed.dequantize(torch.float32), emb.float()))
         return head, shares
 
+    def _float_head_table(self, head: nn.Linear, name: str) -> str:
+        """A float head's weight stored transposed, [K, N]: the head runs as MatMul on it unpacked
+        (`keep_unpacked`; one row per call: MLAS's M=1 kernel streams it, as fast as a prepacked copy would
+        be) and a tied embedding gathers its columns, so the table is in memory once."""
+        key = ("t", id(head.weight))
+        if key not in self._float_names:
+            self._float_names[key] = self.g.const(f"{name}.weight_t", _np(head.weight.detach().float().t().contiguous()))
+        return self._float_names[key]
+
+    def float_head(self, x: str, head: nn.Linear, name: str) -> str:
+        y = self.g.op("MatMul", [x, self._float_head_table(head, name)])
+        if head.bias is not None:
+            y = self.g.op("Add", [y, self.g.const(f"{name}.bias", _np(head.bias.detach().float()))])
+        return y
+
     def embedding(self, ids: str, head: nn.Module, shares: bool, head_name: str) -> str:
         g = self.g
+        if type(head) is nn.Linear and head.weight is self.model.embed_tokens.weight:  # tied float head
+            cols = g.op("Gather", [self._float_head_table(head, head_name), ids], axis=1)  # [K, b, t]
+            return g.op("Transpose", [cols], perm=[1, 2, 0])
         if not shares:
             table = self._float_weight(self.model.embed_tokens.weight, "embed_tokens.weight")
             return g.op("Gather", [table, ids], axis=0)
@@ -278,12 +297,13 @@ class _Builder:
                                g.const("batch_end", np.array([1], np.int64))])
         logits_shape = g.op("Concat", [batch, g.const("logits_tail", np.array([-1, cfg.vocab_size], np.int64))],
                             axis=0)
-        logits = g.op("Reshape", [self.linear(h, [head], head_name), logits_shape])
+        logits = g.op("Reshape", [self.float_head(h, head, head_name) if type(head) is nn.Linear
+                                  else self.linear(h, [head], head_name), logits_shape])
         g.op("Identity", [logits], outputs=["logits"])
 
         graph = helper.make_graph(g.nodes, "edge_mmm_llama", inputs, outputs, g.inits)
-        if type(head) is nn.Linear:  # a float head: one copy of its table (tied: the embedding's), unpacked
-            keep_unpacked(graph, [self._float_names[id(head.weight)]])
+        if type(head) is nn.Linear:  # a float head: one copy of its table (tied: the embedding's too), unpacked
+            keep_unpacked(graph, [self._float_head_table(head, head_name)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
                                   producer_name="edge-mmm", producer_version=EXPORTER_VERSION)

@@ -174,7 +174,7 @@ def quantize_whisper_onnx(src_dir: Path, out_dir: Path) -> None:
     try:
         for name in (ENCODER_FILE, DECODER_FILE):
             quantize_dynamic(str(Path(src_dir) / name), str(Path(out_dir) / name), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
+                             op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=True)
     finally:
         root.setLevel(level)
 

@@ -83,6 +83,7 @@ def save_optimized_onnx(src: Union[str, Path], dst: Union[str, Path], what: str)
     src, dst = Path(src), Path(dst)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.log_severity_level = 3
     opts.optimized_model_filepath = str(dst)
     opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                   external_data_name(dst.name))

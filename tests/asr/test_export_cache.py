@@ -62,13 +62,15 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     assert (entry / "decoder.onnx").stat().st_size < 1_000_000 < (entry / "decoder.onnx.data").stat().st_size
     import onnx
 
-    # the tied token embedding (Gather + output Gemm) is an overridable initializer: onnxruntime keeps one
-    # copy instead of prepacking a second one for the Gemm
+    # the tied token embedding (embedding Gather + output projection) is one table, stored [d, n_vocab] and
+    # listed as an overridable initializer: onnxruntime keeps it once instead of prepacking a second copy
     graph = onnx.load(str(entry / "decoder.onnx"), load_external_data=False).graph
     shared = {i.name for i in graph.input} & {i.name for i in graph.initializer}
     assert len(shared) == 1
     (name,) = shared
-    assert {n.op_type for n in graph.node if name in n.input} == {"Gather", "Gemm"}
+    assert {n.op_type for n in graph.node if name in n.input} == {"Gather", "MatMul"}
+    dims = next(list(i.dims) for i in graph.initializer if i.name == name)
+    assert dims == [asr.backend.config.n_text_state, asr.backend.config.n_vocab]
     data = entry / "decoder.onnx.data"
     data.write_bytes(data.read_bytes()[:-4096] + bytes(4096))  # same size, other weights: must be caught
     asr2 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
