@@ -157,13 +157,14 @@ def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path]) -> Path:
     import onnxruntime
 
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.asr.ort_graphs import rewrite_tied_projection
     from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
 
     def build(tmp: Path) -> None:
         for name in (ENCODER_FILE, DECODER_FILE):
             save_optimized_onnx(onnx_dir / name, tmp / name, f"ONNX Whisper {name}")
-        _keep_tied_embedding_unpacked(tmp / DECODER_FILE)
+        rewrite_tied_projection(tmp / DECODER_FILE)
 
     files = [f for name in (ENCODER_FILE, DECODER_FILE) for f in (name, external_data_name(name))]
     return cached_build(cache_dir or default_cache_root(), "whisper-onnx-ort", onnx_dir / DECODER_FILE,
@@ -172,55 +173,3 @@ def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path]) -> Path:
 
 
 ORT_GRAPHS_VERSION = "tied3"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes
-
-
-def _keep_tied_embedding_unpacked(decoder: Path) -> None:
-    """The decoder's token embedding is read by the embedding Gather and by the output projection (a Gemm
-    with transB, `exporters/onnx_whisper._share_tied_embedding`); onnxruntime would prepack a second copy for
-    the Gemm (n_vocab * d floats: 80 MB for tiny). Here the table is stored transposed, [d, n_vocab], the
-    projection becomes a MatMul on it and the embedding gathers its columns, and it is listed as a graph
-    input (`keep_unpacked`), so it is in memory once: a decode step (one row) streams it with MLAS's M=1
-    kernel, as fast as the prepacked copy; a step of several rows (the prompt, best-of-5 sampling) packs it
-    per call."""
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from edge_mmm.runners.ort_session import external_data_name, keep_unpacked
-
-    proto = onnx.load(str(decoder))  # weights included (read from the file beside it)
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    gathers = {n.input[0]: n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
-
-    def plain_transposed(node) -> bool:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        return (len(node.input) == 2 and attrs.get("transB") == 1 and not attrs.get("transA")
-                and attrs.get("alpha", 1.0) == 1.0)
-
-    gemm = next((n for n in graph.node if n.op_type == "Gemm" and n.input[1] in gathers and plain_transposed(n)), None)
-    if gemm is None:
-        return
-    name, gather = gemm.input[1], gathers[gemm.input[1]]
-    table_t = f"{name}_t"
-    cols = f"{gather.output[0]}_cols"
-    nodes = []
-    for node in graph.node:
-        if node is gather:
-            nodes += [helper.make_node("Gather", [table_t, gather.input[1]], [cols], name=gather.name, axis=1),
-                      helper.make_node("Transpose", [cols], list(gather.output), name=f"{gather.name}_rows",
-                                       perm=[1, 2, 0])]
-        elif node is gemm:
-            nodes.append(helper.make_node("MatMul", [gemm.input[0], table_t], list(gemm.output), name=gemm.name))
-        else:
-            nodes.append(node)
-    table = numpy_helper.to_array(inits[name])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.remove(inits[name])
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), table_t))
-    keep_unpacked(graph, [table_t])
-    data = decoder.parent / external_data_name(decoder.name)
-    data.unlink()  # onnx.save appends to an existing data file
-    onnx.save(proto, str(decoder), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=data.name, size_threshold=1024)
