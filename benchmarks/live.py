@@ -1,6 +1,7 @@
 """Live runtime latency: end of speech -> first answer token, and where the time goes, over N spoken turns.
 
-    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm]
+    python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--skip-text]
+                              [--vlm-backend torch|onnxruntime] [--vision-precision fp32|int8]
                               [--end-silence-ms 500] [--no-baseline] [--speak]
 
 Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
@@ -140,6 +141,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--vlm", type=Path, default=None, help="SmolVLM/Idefics3 directory (default: random, real dims)")
     ap.add_argument("--skip-vlm", action="store_true")
+    ap.add_argument("--skip-text", action="store_true")
+    ap.add_argument("--vlm-backend", default="torch", choices=["torch", "onnxruntime"],
+                    help="vision encoder runtime (load_vlm backend)")
+    ap.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"],
+                    help="onnxruntime vision encoder precision (int8: dynamic, opt-in)")
     ap.add_argument("--end-silence-ms", type=int, default=500)
     ap.add_argument("--no-baseline", action="store_true", help="skip the sequential (speculate=False) rows")
     ap.add_argument("--speak", action="store_true", help="speak the answers; adds the first_audio_s column")
@@ -163,8 +169,9 @@ def main() -> None:
 
     lm = load_lm(backend="onnxruntime", threads=args.threads)
     models = LiveModels(asr, lm)
-    for name, hook, conf in (("text cached", None, cfg), ("text no-cache", lm.reset, cfg),
-                             *((f"text cached {b}", None, c) for b, c in baseline)):
+    text_runs = () if args.skip_text else (("text cached", None, cfg), ("text no-cache", lm.reset, cfg),
+                                           *((f"text cached {b}", None, c) for b, c in baseline))
+    for name, hook, conf in text_runs:
         lm.reset()
         recs = run_conversation(LiveAssistant(conf, models, speaker=speaker()), clips, None, hook)
         detail[name] = recs
@@ -176,7 +183,8 @@ def main() -> None:
         from edge_mmm.vision.api import load_vlm
 
         vlm_dir = args.vlm or build_vlm(Path.home() / ".cache" / "edge-mmm" / "bench")
-        vlm = load_vlm(vlm_dir, threads=args.threads)
+        vlm = load_vlm(vlm_dir, backend=args.vlm_backend, threads=args.threads,
+                       vision_precision=args.vision_precision)
         models = LiveModels(asr, vlm)
         frame = camera_view()
 
