@@ -150,26 +150,16 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
 
 
 def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path]) -> Path:
-    """The graphs of an export as this onnxruntime optimized them (`save_optimized_onnx`: fusions done, weights
-    in a flat file beside each graph), cached beside the export under the graphs' content and the onnxruntime
-    version: they open ~2x faster than the portable graphs, and an onnxruntime upgrade re-optimizes them
-    (seconds, no torch) instead of re-exporting."""
-    import onnxruntime
-
-    from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    """The graphs of an export as this onnxruntime optimized them (`cached_onnxruntime_graphs`: fusions done,
+    weights in a flat file beside each graph; they open ~2x faster than the portable graphs), the decoder's
+    tied projection rewritten for the CPU (`asr.ort_graphs.rewrite_tied_projection`)."""
     from edge_mmm.asr.ort_graphs import rewrite_tied_projection
-    from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
-    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+    from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.weights.export_cache import cached_onnxruntime_graphs
 
-    def build(tmp: Path) -> None:
-        for name in (ENCODER_FILE, DECODER_FILE):
-            save_optimized_onnx(onnx_dir / name, tmp / name, f"ONNX Whisper {name}")
-        rewrite_tied_projection(tmp / DECODER_FILE)
-
-    files = [f for name in (ENCODER_FILE, DECODER_FILE) for f in (name, external_data_name(name))]
-    return cached_build(cache_dir or default_cache_root(), "whisper-onnx-ort", onnx_dir / DECODER_FILE,
-                        f"ort{onnxruntime.__version__}-{ORT_GRAPHS_VERSION}", build, files,
-                        extra_sources=[onnx_dir / ENCODER_FILE])
+    return cached_onnxruntime_graphs([onnx_dir / ENCODER_FILE, onnx_dir / DECODER_FILE], "whisper-onnx-ort",
+                                     cache_dir, ORT_GRAPHS_VERSION,
+                                     rewrite=lambda tmp: rewrite_tied_projection(tmp / DECODER_FILE))
 
 
 ORT_GRAPHS_VERSION = "tied3"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes

@@ -232,21 +232,11 @@ ORT_GRAPH_KIND = "onnx-lm-ort"
 
 
 def onnxruntime_graph(onnx_path: Path, cache_root: Optional[Path] = None) -> Path:
-    """The export as this onnxruntime optimizes it (`save_optimized_onnx`: fusions done, weights in a flat file
-    beside the graph), cached under the export's content and the onnxruntime version: a session opens it
-    without parsing ~200 MB of protobuf weights (SmolLM2-135M: 0.8 s -> 0.4 s on a 2-core x86); an onnxruntime
-    upgrade re-optimizes it (seconds, no torch) instead of re-exporting."""
-    import onnxruntime
+    """The export as this onnxruntime optimizes it (`cached_onnxruntime_graphs`): a session opens it without
+    parsing ~200 MB of protobuf weights (SmolLM2-135M: 0.8 s -> 0.4 s on a 2-core x86)."""
+    from edge_mmm.weights.export_cache import cached_onnxruntime_graphs
 
-    from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
-    from edge_mmm.weights.export_cache import cached_build, default_cache_root
-
-    def build(tmp: Path) -> None:
-        save_optimized_onnx(onnx_path, tmp / ONNX_FILE, "ONNX LM")
-
-    entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), ORT_GRAPH_KIND, onnx_path,
-                         f"ort{onnxruntime.__version__}", build, [ONNX_FILE, external_data_name(ONNX_FILE)])
-    return entry / ONNX_FILE
+    return cached_onnxruntime_graphs([onnx_path], ORT_GRAPH_KIND, cache_root) / ONNX_FILE
 
 
 def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, cache_root: Optional[Path] = None,

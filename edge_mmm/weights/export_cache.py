@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 MANIFEST = "manifest.json"
 DIGESTS = "digests.json"  # in the cache root: {source path: {"stamp": [...], "sha256": ...}}
@@ -108,6 +108,32 @@ def cached_build(root: Path, kind: str, source: Path, version: str,
                     "files": {name: sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return entry
+
+
+def cached_onnxruntime_graphs(graphs: Iterable[Path], kind: str, cache_root: Optional[Path] = None,
+                              variant: str = "", rewrite: Optional[Callable[[Path], None]] = None) -> Path:
+    """A cache entry holding each of `graphs` (ONNX files of one export) as this onnxruntime optimizes it
+    (`runners.ort_session.save_optimized_onnx`: fusions done, weights in a flat file beside each graph, so a
+    session opens it without parsing the weights out of protobuf), under the same file names. Keyed by the
+    graphs' content, the onnxruntime version and `variant` (bump it when `rewrite` changes): an onnxruntime
+    upgrade re-optimizes (seconds, no torch) instead of re-exporting. `rewrite(tmp_dir)` may edit the
+    optimized graphs before the entry is sealed."""
+    import onnxruntime
+
+    from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
+
+    graphs = [Path(g) for g in graphs]
+
+    def build(tmp: Path) -> None:
+        for graph in graphs:
+            save_optimized_onnx(graph, tmp / graph.name, f"ONNX graph {graph.name}")
+        if rewrite is not None:
+            rewrite(tmp)
+
+    files = [f for g in graphs for f in (g.name, external_data_name(g.name))]
+    version = f"ort{onnxruntime.__version__}" + (f"-{variant}" if variant else "")
+    return cached_build(Path(cache_root) if cache_root else default_cache_root(), kind, graphs[-1], version, build,
+                        files, extra_sources=graphs[:-1])
 
 
 @contextmanager
