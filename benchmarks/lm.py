@@ -274,8 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--packed-new-tokens", type=int, default=4, help="decode steps for the packed torch path")
-    ap.add_argument("--accuracy-levels", default="4,0",
-                    help="MatMulNBits accuracy_level per onnxruntime row (4: int8 activations, 0: fp32)")
+    ap.add_argument("--activations", default="mixed,int8,fp32",
+                    help="onnx_activations mode per onnxruntime row (mixed: the default, int8 activations except "
+                         "q|k|v; int8; fp32)")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--quality-positions", type=int, default=1024,
                     help="positions of English text for the quality columns (top-1 / KL vs the float model; "
@@ -298,11 +299,11 @@ def main(argv=None) -> int:
     path = args.model or default_lm_path()
     n_ctx = 1024
     engines, loads = [], {}
-    for level in (int(a) for a in args.accuracy_levels.split(",")):
-        name = f"ours onnxruntime (acc {level})"
+    for mode in args.activations.split(","):
+        name = f"ours onnxruntime ({mode})"
         t0 = time.perf_counter()  # includes the one-time export when the cache is cold
         ort_backend, tokenizer = load_onnxruntime_backend(path, n_ctx, threads=args.threads,
-                                                          cache_root=args.cache_dir, accuracy_level=level)
+                                                          cache_root=args.cache_dir, activations=mode)
         loads[name] = time.perf_counter() - t0
         engines.append(Ours(name, ort_backend))
     prompt = tokenizer.encode(english_text(), add_special_tokens=False)[:args.prompt_tokens]
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
     out = write_json("lm.json", {"model": str(path), "threads": args.threads, "rounds": args.rounds,
                                  "llama_cpp_build": build,
                                  "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                                 "accuracy_levels": args.accuracy_levels, "rows": rows,
+                                 "activations": args.activations, "rows": rows,
                                  "quality": {"positions": args.quality_positions, "window": args.quality_window,
                                              "text": "Zen of Python + stdlib docstrings (benchmarks/quant_quality.py)",
                                              "reference": "the GGUF dequantized to float32, torch, full windows",

@@ -263,8 +263,8 @@ def _export_lm(request: ExportRequest, dest: Path) -> dict:
     dest.mkdir(parents=True)
     tokenizer, source = load_tokenizer(Path(request.lm))
     if request.quant == "int4":
-        # the file's own 4-bit blocks (GGUF Q4_x as is), fp32 activations: load_lm's default ONNX, cached
-        onnx_path, io = export_on_first_use(source, request.cache_root, accuracy_level=0)
+        # the file's own 4-bit blocks (GGUF Q4_x as is), fp32 activations: load_lm's fp32 ONNX, cached
+        onnx_path, io = export_on_first_use(source, request.cache_root, activations="fp32")
         _copy(onnx_path, dest, ONNX_FILE)
         weights = "source 4-bit blocks" if source.suffix == ".gguf" else "float (source)"
     else:

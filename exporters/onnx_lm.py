@@ -20,10 +20,11 @@ buffer length and `position_ids` says how much of it is valid.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -47,7 +48,9 @@ MS_DOMAIN = "com.microsoft"
 class OnnxLMOptions:
     """Export choices. `accuracy_level` 4 lets MatMulNBits quantize activations to int8 per block
     (as llama.cpp does; ~4x faster on CPU), 0 keeps fp32 activations for 4-bit weights (8-bit
-    weights always use 4, see `_accuracy`). `head_bits` quantizes a float
+    weights always use 4, see `_accuracy`). `fp32_linears`: linears, by name suffix (`attn.qkv`,
+    `attn.o`, `mlp.gate_up`, `mlp.down`), whose 4-bit weights keep fp32 activations (level 0) whatever
+    `accuracy_level` says. `head_bits` quantizes a float
     LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
     `all_logits` returns logits for every position (else only the last one). A float head is a MatMul
     on its table stored transposed and kept unpacked (`keep_unpacked`); a tied embedding gathers from that
@@ -57,12 +60,30 @@ class OnnxLMOptions:
     head_bits: Optional[int] = 8
     head_group_size: int = 32
     all_logits: bool = False
+    fp32_linears: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
         if self.head_bits not in (None, 4, 8):
             raise InputError(f"head_bits must be 4, 8 or None, got {self.head_bits}")
+        unknown = set(self.fp32_linears) - set(LINEAR_NAMES)
+        if unknown:
+            raise InputError(f"fp32_linears: unknown linear(s) {sorted(unknown)}; known: {', '.join(LINEAR_NAMES)}")
+
+
+LINEAR_NAMES = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+
+
+def int8_head_is_lossless(model: Llama, group_size: int = 32) -> bool:
+    """True when the LM head re-quantized to symmetric INT8 (groups of `group_size`) gives back exactly its
+    weights: a head that came from GGUF Q8_0. Then an INT8 head (`head_bits=8`) costs only llama.cpp's own
+    activation rounding, not a second weight rounding."""
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.in_features % group_size:
+        return False
+    w = head.weight.detach().float()
+    return bool(torch.equal(quantize_weight(w, 8, group_size, symmetric=True).dequantize(torch.float32), w))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -156,7 +177,7 @@ class _Builder:
         n, k = packed.shape
         gs = packed.group_size
         y = g.op("MatMulNBits", [x, f"{name}.B", f"{name}.scales"], domain=MS_DOMAIN, name=name, K=k, N=n,
-                 bits=packed.bits, block_size=gs, accuracy_level=self._accuracy(packed.bits))
+                 bits=packed.bits, block_size=gs, accuracy_level=self._accuracy(packed.bits, name))
         if packed.zeros is None:
             return y
         # W = q*s + z = (q - 8)*s + (8*s + z): the second term is per-group, so it acts on group sums.
@@ -316,10 +337,15 @@ class _Builder:
                               g.const(f"{x}_e", np.array([np.iinfo(np.int64).max], np.int64)),
                               g.const(f"{x}_a", np.array([1], np.int64))])
 
-    def _accuracy(self, bits: int) -> int:
+    def _accuracy(self, bits: int, name: str) -> int:
         # onnxruntime 1.32's CPU MatMulNBits has no fp32-activation kernel for 8-bit weights: it would
         # dequantize the whole matrix on every call (~50x slower), so 8-bit always takes the int8 path.
-        return 4 if bits == 8 else self.opts.accuracy_level
+        if bits == 8:
+            return 4
+        base = re.sub(r"(\.\d+)+$", "", name)  # the parts of an unfused linear: "{name}.{i}"
+        if any(base.endswith(suffix) for suffix in self.opts.fp32_linears):
+            return 0
+        return self.opts.accuracy_level
 
     def norm(self, residual: str, add: Optional[str], module: nn.Module, name: str):
         """RMSNorm of `residual + add` -> (normalized, new residual)."""

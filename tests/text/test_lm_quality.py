@@ -1,9 +1,10 @@
 """LM quality vs the float model (edge_mmm.text.quality): the metric itself, and the default onnxruntime
 path against llama.cpp's own arithmetic on real text (top-1 agreement and mean KL over teacher-forced decode).
 
-The default `chat` path keeps fp32 activations because int8 activations (MatMulNBits accuracy level 4) measured
-slightly below llama.cpp on both numbers (benchmarks/lm.py, docs/lm.md); this test holds the default to
-"at least as good as llama.cpp" on 256 positions."""
+The default `chat` path is the `mixed` mode (int8 activations as llama.cpp rounds them, except the attention
+input projection): int8 activations everywhere measured slightly below llama.cpp on both numbers, the mixed
+mode above it (benchmarks/lm.py, docs/lm.md); this test holds the default to "at least as good as llama.cpp"
+on 256 positions."""
 
 import sys
 from pathlib import Path
