@@ -327,11 +327,12 @@ def chat(
     backend: Optional[str] = typer.Option(None, "--backend", "-b",
                                           help="onnxruntime (MatMulNBits int4) | torch (reference). Default: the "
                                                "device profile's (onnxruntime on a CPU)"),
-    onnx_activations: str = typer.Option("mixed", "--onnx-activations",
-                                         help="onnxruntime, 4-bit weights: mixed (default: int8 activations "
-                                              "except q|k|v; closer to the float model than llama.cpp, ~1.8x "
-                                              "fp32's decode speed) | int8 (fastest, slightly below llama.cpp's "
-                                              "fidelity) | fp32 (exact, token-identical to torch)"),
+    onnx_activations: str = typer.Option("fp32", "--onnx-activations",
+                                         help="onnxruntime, 4-bit weights: fp32 (default: exact, token-identical "
+                                              "to torch) | mixed (int8 activations except q|k|v: ~1.7x faster "
+                                              "decode, closer to the float model than llama.cpp, near-tie "
+                                              "tokens flip as in llama.cpp) | int8 (fastest, slightly below "
+                                              "llama.cpp's fidelity)"),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="Context length (KV cache size). "
                                           "Default: the profile's, up to the model's."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),

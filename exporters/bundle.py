@@ -258,13 +258,16 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
-    from edge_mmm.text.backends import IO_FILE, ONNX_FILE, export_on_first_use, lm_io, load_tokenizer, load_weights
+    from edge_mmm.text.backends import (DEFAULT_ACTIVATIONS, IO_FILE, ONNX_FILE, export_on_first_use, lm_io,
+                                        load_tokenizer, load_weights)
 
     dest.mkdir(parents=True)
     tokenizer, source = load_tokenizer(Path(request.lm))
     if request.quant == "int4":
-        # the file's own 4-bit blocks (GGUF Q4_x as is), fp32 activations: load_lm's fp32 ONNX, cached
-        onnx_path, io = export_on_first_use(source, request.cache_root, activations="fp32")
+        # the file's own 4-bit blocks (GGUF Q4_x as is), load_lm's default activations (fp32): its cached ONNX,
+        # so a bundle answers as `edge-mmm run` on the source model does
+        activations = DEFAULT_ACTIVATIONS
+        onnx_path, io = export_on_first_use(source, request.cache_root, activations)
         _copy(onnx_path, dest, ONNX_FILE)
         weights = "source 4-bit blocks" if source.suffix == ".gguf" else "float (source)"
     else:
@@ -276,12 +279,13 @@ def _export_lm(request: ExportRequest, dest: Path) -> dict:
         quantize_model(model, bits=8, group_size=LM_INT8_GROUP, symmetric=True)
         export_llama_onnx(model, dest / ONNX_FILE, OnnxLMOptions(accuracy_level=4, head_bits=8))
         io = lm_io(model.config, accuracy_level=4)
+        activations = "int8"
         weights = f"int8 g{LM_INT8_GROUP} symmetric (RTN of the dequantized source)"
     (dest / IO_FILE).write_text(json.dumps(io))
     save_text_tokenizer(tokenizer, dest)
     return {"kind": "llama", "source": str(source), "name": _model_name(source), "exporter": EXPORTER_VERSION,
             "opset": OPSET, "precision": request.quant, "weights": weights,
-            "activations": "fp32" if io["accuracy_level"] == 0 else "int8", "dir": "lm"}
+            "activations": activations, "dir": "lm"}
 
 
 def save_text_tokenizer(tokenizer, dest: Path) -> None:

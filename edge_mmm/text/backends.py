@@ -30,14 +30,12 @@ ONNX_FILE = "model.onnx"
 IO_FILE = "lm_io.json"  # the shapes the backend needs without building the torch model
 
 
-def lm_io(cfg, accuracy_level: int, activations: Optional[str] = None) -> dict:
-    """The contents of IO_FILE for an exported LM with config `cfg`."""
-    io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-          "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
-          "accuracy_level": accuracy_level}
-    if activations is not None:
-        io["activations"] = activations
-    return io
+def lm_io(cfg, accuracy_level: int) -> dict:
+    """The contents of IO_FILE for an exported LM with config `cfg` (`accuracy_level`: the graph's main one;
+    bundles check these keys, edge_mmm.bundle.LM_IO_SCHEMA)."""
+    return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+            "accuracy_level": accuracy_level}
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -193,17 +191,18 @@ class ActivationMode:
     key: str = ""  # the export cache's version suffix
 
 
-# `mixed` (default): int8 activations except the attention input projection (q|k|v), whose input (the
-# RMSNorm output, with its outlier channels) loses the most to int8 rounding; measured on SmolLM2-135M
-# Q4_1 over 3072 positions of English text: top-1 vs the float model 0.9756 (llama.cpp 0.9632), mean KL
-# 0.00336 (llama.cpp 0.00517), decode ~1.1x llama.cpp's (docs/lm.md). A float model has no 4-bit weights
-# and runs fp32 throughout in every mode except `int8` (INT8 head).
+# `fp32` (default): exact to the float model (greedy ids identical to torch). `mixed`: int8 activations
+# except the attention input projection (q|k|v), whose input (the RMSNorm output, with its outlier channels)
+# loses the most to int8 rounding; measured on SmolLM2-135M Q4_1 over 3072 positions of English text: top-1
+# vs the float model 0.9756 (llama.cpp 0.9632), mean KL 0.00336 (llama.cpp 0.00517), decode 1.03x
+# llama.cpp's and 1.74x fp32's (docs/lm.md). `int8`: every 4-bit linear and the head, 1.1x llama.cpp,
+# slightly below its fidelity. A float model has no 4-bit weights and runs fp32 in every mode but `int8`.
 ACTIVATIONS = {
+    "fp32": ActivationMode(0, (), int8_head=False, key="acc0"),
     "mixed": ActivationMode(4, ("attn.qkv",), int8_head=True, key="acc4-qkv0"),
     "int8": ActivationMode(4, (), int8_head=True, key="acc4"),
-    "fp32": ActivationMode(0, (), int8_head=False, key="acc0"),
 }
-DEFAULT_ACTIVATIONS = "mixed"
+DEFAULT_ACTIVATIONS = "fp32"
 
 
 def activation_mode(name: str) -> ActivationMode:
@@ -239,7 +238,7 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None,
                                 fp32_linears=mode.fp32_linears)
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)
-        (tmp / IO_FILE).write_text(json.dumps(lm_io(cfg, mode.accuracy_level, activations)))
+        (tmp / IO_FILE).write_text(json.dumps(lm_io(cfg, mode.accuracy_level)))
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), KIND, source, version, build,
                          [ONNX_FILE, IO_FILE])

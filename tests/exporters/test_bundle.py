@@ -118,7 +118,7 @@ def test_chat_bundle_matches_source(bundle_dir, capsys):
     code, out, _ = _run(capsys, "chat", "--bundle", bundle_dir, "-p", PROMPT, "--max-tokens", "24", "--json")
     assert code == 0
     got = json.loads(out)
-    src = load_lm(backend="onnxruntime", onnx_activations="fp32")  # the bundle's int4 LM: fp32 activations
+    src = load_lm(backend="onnxruntime")  # the GGUF, exported and cached by the normal loader
     ref = src.generate([{"role": "user", "content": PROMPT}], GenerationConfig(max_tokens=24))
     assert got["token_ids"] == ref.token_ids and got["text"] == ref.text and len(ref.token_ids) > 3
     # the tokenizer rebuilt from GGUF metadata survives the round trip through tokenizer.json

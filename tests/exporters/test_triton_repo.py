@@ -243,7 +243,7 @@ def test_lm_bls_loop_matches_edge_mmm(repo):
         outs = sess.run(["logits"] + present_names, {"input_ids": ids, "position_ids": positions, **past})
         return outs[0], dict(zip(past_names, outs[1:]))
 
-    lm = load_lm(default_lm_path(), backend="onnxruntime", onnx_activations="fp32")  # the bundle's LM
+    lm = load_lm(default_lm_path(), backend="onnxruntime")
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ref = lm.generate(msgs, GenerationConfig(max_tokens=20))
     got = bls.greedy_generate(step, lm.encode_prompt(msgs), params["stop_ids"], 20, params["num_layers"],

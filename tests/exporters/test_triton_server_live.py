@@ -99,7 +99,7 @@ def reference(clip):
     from edge_mmm.text.generation import GenerationConfig
 
     greedy = TranscribeOptions(timestamps=False, temperatures=(0.0,))  # the server's rule
-    lm = load_lm(backend="onnxruntime", onnx_activations="fp32")  # the bundle's LM graph
+    lm = load_lm(backend="onnxruntime")
     return {"asr": load_asr().transcribe(clip, greedy).text.strip(),
             "lm": lm.generate(QUESTION, GenerationConfig(max_tokens=MAX_TOKENS))}
 

