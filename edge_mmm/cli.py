@@ -117,6 +117,10 @@ def _lm_paths(model: Optional[str]):
     return (None, path) if model_kind(path) == "vlm" else (path, None)
 
 
+ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: fp32 (default: exact, token-identical to torch) | "
+                         "mixed (int8 activations except q|k|v: ~1.7x faster decode, closer to the float model "
+                         "than llama.cpp, near-tie tokens flip as in llama.cpp) | int8 (fastest, slightly below "
+                         "llama.cpp's fidelity)")
 VISION_PRECISION_HELP = ("VLM vision encoder precision on onnxruntime: fp32 (default) | int8 (int8 weight "
                          "matmuls, attention fp32; built once into the export cache: 1.3-1.4x faster per 512-px tile "
                          "than fp32 on a 2-core AVX2 CPU (issue #15 asked 2x), features at cosine >= 0.999 to fp32 "
@@ -327,12 +331,7 @@ def chat(
     backend: Optional[str] = typer.Option(None, "--backend", "-b",
                                           help="onnxruntime (MatMulNBits int4) | torch (reference). Default: the "
                                                "device profile's (onnxruntime on a CPU)"),
-    onnx_activations: str = typer.Option("fp32", "--onnx-activations",
-                                         help="onnxruntime, 4-bit weights: fp32 (default: exact, token-identical "
-                                              "to torch) | mixed (int8 activations except q|k|v: ~1.7x faster "
-                                              "decode, closer to the float model than llama.cpp, near-tie "
-                                              "tokens flip as in llama.cpp) | int8 (fastest, slightly below "
-                                              "llama.cpp's fidelity)"),
+    onnx_activations: str = typer.Option("fp32", "--onnx-activations", help="onnxruntime: " + ONNX_ACTIVATIONS_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="Context length (KV cache size). "
                                           "Default: the profile's, up to the model's."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),
@@ -690,6 +689,8 @@ def run(
     vlm_backend: Optional[str] = typer.Option(None, "--vlm-backend", help="VLM vision encoder: torch | onnxruntime "
                                               "(default: the profile's)"),
     vision_precision: Optional[str] = typer.Option(None, "--vision-precision", help=VISION_PRECISION_HELP),
+    onnx_activations: Optional[str] = typer.Option(None, "--onnx-activations", help="Text-only LM on onnxruntime: "
+                                                   + ONNX_ACTIVATIONS_HELP),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="VLM LM weights: int4 | int8 | float (default: "
                                            "the profile's smallest)."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Maximum tokens per answer."),
@@ -722,8 +723,16 @@ def run(
     profile = _profile(device)
     if bundle is not None and vision_precision not in (None, "fp32"):
         raise InputError("--bundle runs the bundle's own vision graph; --vision-precision applies to --model")
+    if bundle is not None and onnx_activations is not None:
+        raise InputError("--bundle runs the bundle's own LM graph; --onnx-activations applies to --model")
     if bundle is None:  # the memory plan, before any source is opened or any model loads
         lm_path, vlm_path = _lm_paths(model)
+        if onnx_activations is not None:
+            from edge_mmm.text.backends import activation_mode
+
+            activation_mode(onnx_activations)
+            if vlm_path is not None:
+                raise InputError("--onnx-activations applies to a text-only LM; the VLM's LM runs in torch")
         if vlm_path is not None:
             vlm_backend = _vision_backend_for(vision_precision, vlm_backend)
         elif vision_precision not in (None, "fp32"):
@@ -732,12 +741,16 @@ def run(
         choice = _choose(profile, asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True,
                          lm_backend=backend if lm_path else None, vision_backend=vlm_backend if vlm_path else None,
                          lm_quant=quantize if vlm_path else None, context=context)
+        if onnx_activations is not None and choice.lm_backend != "onnxruntime":
+            raise InputError(f"--onnx-activations applies to the onnxruntime LM backend, not {choice.lm_backend}")
         chose = choice.describe() + ("; vision encoder int8 (onnxruntime)" if vision_precision == "int8" else "")
+        if onnx_activations not in (None, "fp32"):
+            chose += f"; LM activations {onnx_activations}"
         settings = dict(model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
                         lm_backend=choice.lm_backend or "onnxruntime", vlm_backend=choice.vision_backend or "torch",
                         vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
                         context_length=choice.context, vision_batch=choice.vision_batch,
-                        vision_precision=vision_precision or "fp32")
+                        vision_precision=vision_precision or "fp32", lm_activations=onnx_activations or "fp32")
     else:
         chose = f"device {profile.id}: the models, backends and plan of bundle {bundle}"
         settings = dict(context_length=context or profile.default_context)

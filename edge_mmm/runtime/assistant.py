@@ -49,6 +49,7 @@ class LiveConfig:
     mic: Optional[str] = None  # sounddevice index or name ("default"), or an audio file
     model: Optional[str] = None  # LM (.gguf / HF dir) or SmolVLM/Idefics3 dir or cached repo id; None: SmolLM2
     lm_backend: str = "onnxruntime"  # text-only LM: onnxruntime (MatMulNBits int4) | torch
+    lm_activations: str = "fp32"  # onnxruntime text LM: fp32 (exact) | mixed | int8 (load_lm's onnx_activations)
     vlm_backend: str = "torch"  # vision encoder runtime of a VLM: torch | onnxruntime
     vision_precision: str = "fp32"  # the VLM's onnxruntime vision encoder: fp32 | int8 (load_vlm)
     vlm_quantize: Optional[str] = None  # VLM's LM weights: int4 | int8 | None (float)
@@ -123,7 +124,7 @@ def load_live_models(config: LiveConfig) -> LiveModels:
         from edge_mmm.text.api import load_lm
 
         lm = load_lm(path, backend=config.lm_backend, context_length=config.context_length,
-                     threads=config.threads)
+                     threads=config.threads, onnx_activations=config.lm_activations)
     asr = load_asr(config.asr_model, backend=config.asr_backend, threads=config.threads)
     return LiveModels(asr, lm)
 

@@ -168,3 +168,36 @@ def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_
     assert main(base + ["--vision-precision", "int8", "--vlm-backend", "torch"]) == 2
     err = capsys.readouterr().err
     assert "precision" in err and "onnxruntime" in err and not seen
+
+
+def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
+    """`run --onnx-activations mixed` with the default text LM reaches LiveConfig.lm_activations (and the
+    notice); an unknown mode, a torch LM backend, a VLM or a bundle are refused with one line, exit 2."""
+    import edge_mmm.runtime.assistant as assistant
+    from edge_mmm.errors import InputError
+
+    seen = {}
+
+    class Stop(InputError):
+        pass
+
+    def capture(cfg, speaker=None):
+        seen["cfg"] = cfg
+        raise Stop("captured the live config")
+
+    monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    base = ["run", "--camera", "none", "--mic", str(question_clip)]
+    assert main(base + ["--onnx-activations", "mixed"]) == 2
+    assert "captured the live config" in capsys.readouterr().err
+    assert seen["cfg"].lm_activations == "mixed" and seen["cfg"].lm_backend == "onnxruntime"
+    seen.clear()
+    assert main(base) == 2 and seen["cfg"].lm_activations == "fp32"  # the default: exact
+    capsys.readouterr()
+    for extra, words in ((["--onnx-activations", "int4"], "fp32, mixed, int8"),
+                         (["--onnx-activations", "mixed", "--backend", "torch"], "onnxruntime LM backend"),
+                         (["--onnx-activations", "mixed", "--model", str(tiny_vlm_dir)], "text-only LM"),
+                         (["--onnx-activations", "mixed", "--bundle", str(tiny_vlm_dir)], "--bundle")):
+        seen.clear()
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and not seen, (extra, err)
