@@ -2,6 +2,7 @@
 
     python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--skip-text]
                               [--vlm-backend torch|onnxruntime] [--vision-precision fp32|int8]
+                              [--vlm-lm-backend torch|onnxruntime]
                               [--end-silence-ms 500] [--no-baseline] [--speak]
 
 Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--skip-text", action="store_true")
     ap.add_argument("--vlm-backend", default="torch", choices=["torch", "onnxruntime"],
                     help="vision encoder runtime (load_vlm backend)")
+    ap.add_argument("--vlm-lm-backend", default="torch", choices=["torch", "onnxruntime"],
+                    help="where the VLM's language model runs (load_vlm lm_backend)")
     ap.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"],
                     help="onnxruntime vision encoder precision (int8: dynamic, opt-in)")
     ap.add_argument("--end-silence-ms", type=int, default=500)
@@ -184,7 +187,7 @@ def main() -> None:
 
         vlm_dir = args.vlm or build_vlm(Path.home() / ".cache" / "edge-mmm" / "bench")
         vlm = load_vlm(vlm_dir, backend=args.vlm_backend, threads=args.threads,
-                       vision_precision=args.vision_precision)
+                       vision_precision=args.vision_precision, lm_backend=args.vlm_lm_backend)
         models = LiveModels(asr, vlm)
         frame = camera_view()
 

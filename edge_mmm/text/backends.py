@@ -99,10 +99,12 @@ class OrtKVCache:
         self.max_len = max_len
         self.length = 0
         self.binding = session.io_binding()
-        self._buffers = []
+        self._buffers, self._arrays = [], []  # an OrtValue made from a CPU numpy array shares its memory
         for i in range(num_layers):
             for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, num_kv_heads, max_len, head_dim), np.float32))
+                array = np.zeros((1, num_kv_heads, max_len, head_dim), np.float32)
+                buf = ort.OrtValue.ortvalue_from_numpy(array)
+                self._arrays.append(array)
                 self._buffers.append(buf)
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
@@ -113,6 +115,14 @@ class OrtKVCache:
         """Keep the first `n` positions; later writes overwrite the rest."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def copy_prefix_from(self, other: "OrtKVCache", n: int) -> None:
+        """Take the first `n` positions of `other` (a smaller cache being grown); this cache then holds `n`."""
+        if not 0 <= n <= min(other.length, self.max_len):
+            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
+        for mine, theirs in zip(self._arrays, other._arrays):
+            mine[:, :, :n] = theirs[:, :, :n]
         self.length = n
 
 

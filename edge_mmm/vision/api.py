@@ -4,8 +4,9 @@
 `{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": path | data URL}}` or
 `{"type": "image", "image": path | PIL image | OpenCV BGR array}`. Image features go through an
 `ImageEmbeddingCache`, so a second question about the same image skips the vision encoder. The vision
-part runs on torch or onnxruntime (an ONNX export built once and cached); the LM on torch, with the
-shared generation loop of `edge_mmm.text.generation`.
+part runs on torch or onnxruntime (an ONNX export built once and cached); the LM on torch or, with
+`lm_backend="onnxruntime"`, on onnxruntime (`edge_mmm.vision.lm_onnx`), with the shared generation loop of
+`edge_mmm.text.generation`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from edge_mmm.vision.families import IDEFICS3, VLMFamily, vlm_family
 from edge_mmm.vision.processor import ImageLike, ProcessedImages, load_image
 
 BACKENDS = ("torch", "onnxruntime")
+LM_BACKENDS = ("torch", "onnxruntime")
+VLM_LM_KIND = "vlm-lm-onnx"
 DEFAULT_CONTEXT = 8192
 VISION_ONNX_VERSION = "vision-v1"  # bump when the exported graph changes
 # onnxruntime vision precisions: (exporter precision, cached file, export-cache version). int8 is the fp32
@@ -137,7 +140,7 @@ class VisionLanguageModel:
 
     def __init__(self, model, files, encoder, context_length: int = DEFAULT_CONTEXT,
                  cache: Optional[ImageEmbeddingCache] = None, load_s: float = 0.0, model_id: str = "",
-                 family: VLMFamily = IDEFICS3):
+                 family: VLMFamily = IDEFICS3, lm_backend=None):
         self.model = model
         self.files = files
         self.family = family
@@ -145,7 +148,9 @@ class VisionLanguageModel:
         self.processor = family.processor(files)
         self.encoder = encoder
         self.cache = cache if cache is not None else ImageEmbeddingCache()
-        self.backend = VLMBackend(model, min(context_length, model.config.text.max_position_embeddings))
+        # the LM backend (`for_prompt` / `new_cache` / `prefill` / `decode`): torch, or OrtVLMBackend
+        self.backend = lm_backend if lm_backend is not None else VLMBackend(
+            model, min(context_length, model.config.text.max_position_embeddings))
         self.load_s = load_s
         self.model_id = model_id or str(files.root)
         self._source_tag = f"{self.model_id}|{files.image_processor!r}"  # same image, same settings
@@ -252,9 +257,7 @@ class VisionLanguageModel:
         if self._kv is None or self._kv.max_len < need:
             old, self._kv = self._kv, self.backend.new_cache(need)
             if old is not None and reuse > 0:
-                self._kv.k[:, :, :, :reuse] = old.k[:, :, :, :reuse]
-                self._kv.v[:, :, :, :reuse] = old.v[:, :, :, :reuse]
-                self._kv.length = reuse
+                self._kv.copy_prefix_from(old, reuse)
             else:
                 reuse = 0
         return reuse
@@ -321,6 +324,46 @@ def export_on_first_use(model, files, cache_root: Optional[Path], precision: str
     return entry / name
 
 
+def export_lm_on_first_use(model, files, cache_root: Optional[Path], quantize: Optional[str]) -> Tuple[Path, dict]:
+    """The VLM's LM as the cached, verified ONNX graph that takes `inputs_embeds` (exporters/onnx_lm.py; the
+    weights as `model.lm` holds them after `quantize`: MatMulNBits with fp32 activations, the head float),
+    written on first use; with its io dict (layers, KV heads, head dim, vocabulary, max positions)."""
+    import json
+
+    from edge_mmm.exporters.versions import ONNX_LM
+    from edge_mmm.weights.export_cache import cached_build, default_cache_root
+    from edge_mmm.weights.hf_lm import safetensors_files
+
+    index = files.root / "model.safetensors.index.json"
+    source = index if index.is_file() else safetensors_files(files.root)[0]
+    cfg = model.lm.config
+    io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+          "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings}
+
+    def build(tmp: Path) -> None:
+        from edge_mmm.exporters.onnx_lm import OnnxLMOptions, export_llama_onnx
+
+        export_llama_onnx(model.lm, tmp / "model.onnx",
+                          OnnxLMOptions(accuracy_level=0, head_bits=None, inputs_embeds=True))
+        (tmp / "lm_io.json").write_text(json.dumps(io))
+
+    version = f"{ONNX_LM}-embeds-{quantize or 'float'}-{next(model.lm.parameters()).dtype}".replace("torch.", "")
+    entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), VLM_LM_KIND, source, version,
+                         build, ["model.onnx", "lm_io.json"], extra_sources=[files.root / "config.json"])
+    return entry / "model.onnx", json.loads((entry / "lm_io.json").read_text())
+
+
+def _onnx_lm_backend(model, files, cache_root: Optional[Path], quantize: Optional[str], context_length: int,
+                     threads: int):
+    from edge_mmm.vision.lm_onnx import OrtVLMBackend
+
+    if next(model.lm.parameters()).dtype != torch.float32:
+        raise InputError("lm_backend='onnxruntime' runs the VLM's LM in float32 (load it with dtype=torch.float32)")
+    path, io = export_lm_on_first_use(model, files, cache_root, quantize)
+    table = model.lm.embed_tokens.weight.detach().numpy()  # float32: a view, no copy
+    return OrtVLMBackend.load(path, io, table, model.config.image_token_id, context_length, threads)
+
+
 def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int, precision: str = "fp32"):
     from edge_mmm.vision.backends import OrtVisionEncoder
 
@@ -332,13 +375,16 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
              context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32, threads: int = 0,
              cache: Optional[ImageEmbeddingCache] = None, onnx_cache_dir: Optional[Path] = None,
              vision_onnx: Optional[Path] = None, tile_batch: Optional[int] = None,
-             vision_precision: str = "fp32") -> VisionLanguageModel:
+             vision_precision: str = "fp32", lm_backend: str = "torch") -> VisionLanguageModel:
     """Load a SmolVLM/Idefics3 directory or cached HF repo id. `backend` picks the vision runtime
     (torch | onnxruntime: `vision_onnx`, or an export built once under `onnx_cache_dir`);
     `vision_precision` (onnxruntime export only): fp32 (default) | int8 (int8 weight matmuls, attention fp32:
     1.3-1.4x faster per tile on a 2-core AVX2 CPU at cosine 0.9994 vs fp32, measured with random weights
     only, so opt-in); `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps
-    the image tiles per encoder call (a device profile's vision_batch; None: all tiles at once)."""
+    the image tiles per encoder call (a device profile's vision_batch; None: all tiles at once). `lm_backend`:
+    where the LM runs, torch (default) or onnxruntime (the LM exported once with MatMulNBits for the quantized
+    linears and fp32 activations, cached beside the vision export; same logits as torch within 1e-4 relative,
+    ~3-4x faster decode on a CPU, docs/models.md)."""
     from edge_mmm.vision.backends import TorchVisionEncoder
     from edge_mmm.vision.families import FAMILIES, model_type
     from edge_mmm.weights.hub import resolve_model_path
@@ -346,6 +392,8 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
 
     if backend not in BACKENDS:
         raise InputError(f"unknown vision backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if lm_backend not in LM_BACKENDS:
+        raise InputError(f"unknown VLM LM backend {lm_backend!r}; choose one of: {', '.join(LM_BACKENDS)}")
     check_vision_precision(vision_precision, backend)
     if vision_precision != "fp32" and vision_onnx is not None:
         raise InputError("vision_precision applies to the export built under onnx_cache_dir; vision_onnx names "
@@ -368,5 +416,8 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     else:
         encoder = TorchVisionEncoder(model.vision)
     encoder.max_tiles = tile_batch
+    lm = None
+    if lm_backend == "onnxruntime":
+        lm = _onnx_lm_backend(model, files, onnx_cache_dir, quantize, context_length, threads)
     return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
-                               model_id=str(root), family=family)
+                               model_id=str(root), family=family, lm_backend=lm)

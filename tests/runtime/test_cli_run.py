@@ -201,3 +201,29 @@ def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1 and not seen, (extra, err)
+
+
+def test_run_vlm_lm_backend_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
+    """`run --vlm-lm-backend onnxruntime` with a VLM reaches LiveConfig.vlm_lm_backend; with the text-only
+    default LM it is refused with one line, exit 2."""
+    import edge_mmm.runtime.assistant as assistant
+    from edge_mmm.errors import InputError
+
+    seen = {}
+
+    class Stop(InputError):
+        pass
+
+    def capture(cfg, speaker=None):
+        seen["cfg"] = cfg
+        raise Stop("captured the live config")
+
+    monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    base = ["run", "--camera", "none", "--mic", str(question_clip), "--vlm-lm-backend", "onnxruntime"]
+    assert main(base + ["--model", str(tiny_vlm_dir)]) == 2
+    assert "captured the live config" in capsys.readouterr().err
+    assert seen["cfg"].vlm_lm_backend == "onnxruntime"
+    seen.clear()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "needs a VLM" in err and len(err.strip().splitlines()) == 1 and not seen
