@@ -121,7 +121,9 @@ def choose(profile: DeviceProfile, models: ModelSet, overrides: Overrides = Over
     if models.lm is not None and models.vlm is not None:
         raise InputError("give either a VLM or a text-only LM, not both")
     asr_backend = _pick(overrides.asr_backend, profile, ASR_BACKENDS, "--backend (speech)") if models.asr else None
-    lm_backend = _pick(overrides.lm_backend, profile, LM_BACKENDS, "--backend (LM)") if models.lm else None
+    # the language model's runtime, text-only or the VLM's (onnxruntime on a CPU profile, torch on a GPU one)
+    lm_backend = (_pick(overrides.lm_backend, profile, LM_BACKENDS,
+                        "--backend (LM)" if models.lm else "--vlm-lm-backend") if models.lm or models.vlm else None)
     vision_backend = (_pick(overrides.vision_backend, profile, VISION_BACKENDS, "the vision backend (--backend / --vlm-backend)")
                       if models.vlm else None)
     if overrides.lm_quant is not None:

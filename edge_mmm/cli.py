@@ -121,8 +121,9 @@ ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: fp32 (default: exa
                          "mixed (int8 activations except q|k|v: ~1.7x faster decode, closer to the float model "
                          "than llama.cpp, near-tie tokens flip as in llama.cpp) | int8 (fastest, slightly below "
                          "llama.cpp's fidelity)")
-VLM_LM_BACKEND_HELP = ("where the VLM's language model runs: torch (default) | onnxruntime (exported once: "
-                       "MatMulNBits weights, fp32 activations, same logits within 1e-4; ~3-4x faster decode on a CPU)")
+VLM_LM_BACKEND_HELP = ("where the VLM's language model runs: onnxruntime (exported once: MatMulNBits weights, "
+                       "fp32 activations, the torch logits within 1e-4; 3-11x faster decode on a CPU) | torch "
+                       "(the reference; our Triton kernels on CUDA). Default: the profile's (onnxruntime on a CPU)")
 VISION_PRECISION_HELP = ("VLM vision encoder precision on onnxruntime: fp32 (default) | int8 (int8 weight "
                          "matmuls, attention fp32; built once into the export cache: 1.3-1.4x faster per 512-px tile "
                          "than fp32 on a 2-core AVX2 CPU (issue #15 asked 2x), features at cosine >= 0.999 to fp32 "
@@ -421,7 +422,7 @@ def ask(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="LM weights: int4 | int8 | float (default: "
                                            "the profile's smallest)."),
     vision_precision: Optional[str] = typer.Option(None, "--vision-precision", help=VISION_PRECISION_HELP),
-    vlm_lm_backend: str = typer.Option("torch", "--vlm-lm-backend", help=VLM_LM_BACKEND_HELP),
+    vlm_lm_backend: Optional[str] = typer.Option(None, "--vlm-lm-backend", help=VLM_LM_BACKEND_HELP),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
@@ -444,10 +445,11 @@ def ask(
     if model_kind(vlm_path) != "vlm":
         raise InputError(f"{vlm_path} is not a SmolVLM/Idefics3 model (config.json model_type); ask needs one")
     backend = _vision_backend_for(vision_precision, backend)
-    choice = _choose(_profile(device), vlm=vlm_path, vision_backend=backend, lm_quant=quantize)
+    choice = _choose(_profile(device), vlm=vlm_path, vision_backend=backend, lm_quant=quantize,
+                     lm_backend=vlm_lm_backend)
     vlm = load_vlm(vlm_path, backend=choice.vision_backend, quantize=choice.lm_quant, threads=threads,
                    context_length=choice.context, tile_batch=choice.vision_batch,
-                   vision_precision=vision_precision or "fp32", lm_backend=vlm_lm_backend)
+                   vision_precision=vision_precision or "fp32", lm_backend=choice.lm_backend)
     content = [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": question}]
     result = vlm.generate([{"role": "user", "content": content}],
                           GenerationConfig(max_tokens=max_tokens, temperature=temperature))
@@ -748,7 +750,8 @@ def run(
             raise InputError(f"--vlm-lm-backend needs a VLM --model (a SmolVLM/Idefics3 directory); {lm_path} is a "
                              f"text-only LM (its backend: --backend)")
         choice = _choose(profile, asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True,
-                         lm_backend=backend if lm_path else None, vision_backend=vlm_backend if vlm_path else None,
+                         lm_backend=backend if lm_path else vlm_lm_backend,
+                         vision_backend=vlm_backend if vlm_path else None,
                          lm_quant=quantize if vlm_path else None, context=context)
         if onnx_activations is not None and choice.lm_backend != "onnxruntime":
             raise InputError(f"--onnx-activations applies to the onnxruntime LM backend, not {choice.lm_backend}")
@@ -756,11 +759,12 @@ def run(
         if onnx_activations not in (None, "fp32"):
             chose += f"; LM activations {onnx_activations}"
         settings = dict(model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
-                        lm_backend=choice.lm_backend or "onnxruntime", vlm_backend=choice.vision_backend or "torch",
+                        lm_backend=choice.lm_backend if lm_path else "onnxruntime",
+                        vlm_backend=choice.vision_backend or "torch",
                         vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
                         context_length=choice.context, vision_batch=choice.vision_batch,
                         vision_precision=vision_precision or "fp32", lm_activations=onnx_activations or "fp32",
-                        vlm_lm_backend=vlm_lm_backend or "torch")
+                        vlm_lm_backend=choice.lm_backend if vlm_path else "torch")
     else:
         chose = f"device {profile.id}: the models, backends and plan of bundle {bundle}"
         settings = dict(context_length=context or profile.default_context)
@@ -865,9 +869,11 @@ def demo(
     choice = _choose(_profile(device), asr=_asr_path(asr_model), lm=lm_path, vlm=vlm_path, vad=True)
     config = LiveConfig(camera=camera, mic=mic, model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
                         max_tokens=max_tokens, threads=threads, log_path=log,
-                        lm_backend=choice.lm_backend or "onnxruntime", vlm_backend=choice.vision_backend or "torch",
+                        lm_backend=choice.lm_backend if lm_path else "onnxruntime",
+                        vlm_backend=choice.vision_backend or "torch",
                         vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
-                        context_length=choice.context, vision_batch=choice.vision_batch)
+                        context_length=choice.context, vision_batch=choice.vision_batch,
+                        vlm_lm_backend=choice.lm_backend if vlm_path else "torch")
     typer.echo(f"edge-mmm demo: {choice.describe()}", err=True)
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
     run_demo(demo_assistant(config), settings)

@@ -100,10 +100,12 @@ def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, tmp_path):
     assert main(argv) == 2
     cfg = calls[-1][0][0]
     assert (cfg.asr_backend, cfg.vlm_backend, cfg.vlm_quantize) == ("onnxruntime", "onnxruntime", "int4")
-    assert (cfg.context_length, cfg.vision_batch) == (2048, 1)
-    assert main(argv + ["--vlm-backend", "torch", "--quantize", "float", "--context", "1536"]) == 2
+    assert (cfg.context_length, cfg.vision_batch, cfg.vlm_lm_backend) == (2048, 1, "onnxruntime")
+    assert main(argv + ["--vlm-backend", "torch", "--quantize", "float", "--context", "1536",
+                        "--vlm-lm-backend", "torch"]) == 2
     cfg = calls[-1][0][0]
     assert (cfg.vlm_backend, cfg.vlm_quantize, cfg.context_length) == ("torch", None, 1536)  # flags win
+    assert cfg.vlm_lm_backend == "torch"
     capsys.readouterr()
 
 

@@ -184,16 +184,18 @@ def test_vision_precision_in_help(capsys):
 
 
 def test_ask_vlm_lm_backend_onnxruntime_gives_the_torch_answer(env, capsys, tmp_path, monkeypatch):
-    """--vlm-lm-backend onnxruntime: the VLM's LM exported once into the cache, the same greedy tokens as the
-    torch LM (the profile's int4 weights both ways); an unknown backend exits 2 with one line."""
+    """The VLM's LM on onnxruntime (the CPU profile's default, or --vlm-lm-backend): exported once into the cache,
+    the same greedy tokens as --vlm-lm-backend torch (the profile's int4 weights both ways); an unknown backend
+    exits 2 with one line."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     base = ["ask", "--model", str(env["model"]), "--image", str(env["photo"]), "What is it?", "--json",
             "--max-tokens", "8"]
-    code, out, err = _run(capsys, *base)
+    code, out, err = _run(capsys, *base, "--vlm-lm-backend", "torch")
     assert code == 0, err
-    code, out_ort, err = _run(capsys, *base, "--vlm-lm-backend", "onnxruntime")
+    assert not (tmp_path / "edge-mmm" / "vlm-lm-onnx").exists()
+    code, out_ort, err = _run(capsys, *base)  # the cpu profile's choice
     assert code == 0, err
     assert json.loads(out_ort)["token_ids"] == json.loads(out)["token_ids"]
     assert len(list((tmp_path / "edge-mmm" / "vlm-lm-onnx").glob("*/model.onnx"))) == 1
     code, _, err = _run(capsys, *base, "--vlm-lm-backend", "tensorrt")
-    assert code == 2 and "VLM LM backend" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--vlm-lm-backend" in err and len(err.strip().splitlines()) == 1
