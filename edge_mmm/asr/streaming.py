@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -287,11 +287,16 @@ class UtteranceRecognizer:
     `speculate_after_s` (its text is
     the final one if the speech ends there, and is dropped with a "discarded" event if it resumes); else a
     partial hypothesis when enough new audio arrived. A pause whose latest partial already covers the speech
-    and agrees with the one before needs no pass: its words are the speculative (and final) text."""
+    and agrees with the one before needs no pass: its words are the speculative (and final) text.
+    `hold_partials()` True (the live runtime: an image is being encoded on the other core) defers partial
+    passes (they resume, over all the audio so far, when it turns False); the pause's and the final pass
+    are never held."""
 
-    def __init__(self, asr, options: Optional[StreamingOptions] = None, speculate: bool = True):
+    def __init__(self, asr, options: Optional[StreamingOptions] = None, speculate: bool = True,
+                 hold_partials: Optional[Callable[[], bool]] = None):
         self.stt = StreamingTranscriber(asr, options)
         self.speculate = speculate
+        self.hold_partials = hold_partials
         self.reset()
 
     def reset(self) -> None:
@@ -336,7 +341,7 @@ class UtteranceRecognizer:
             silent = self._start + self.stt.n_samples - self._pause.speech_end
             return (self.speculate and self._spec is None
                     and silent >= self.stt.options.speculate_after_s * SAMPLE_RATE)
-        return self.stt.due()
+        return self.stt.due() and not (self.hold_partials is not None and self.hold_partials())
 
     def step(self) -> List[TranscriptEvent]:
         if not self.has_work():

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -66,6 +67,9 @@ class LiveConfig:
     max_history_turns: int = 6
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
     speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
+    # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
+    # cores (on 2 cores the two side by side each take ~2x as long, and the encoder outlasted the question)
+    partials_during_vision: bool = False
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -209,6 +213,7 @@ class LiveAssistant:
         self._spec_lock = threading.Lock()
         self._speculating = False
         self._speaking: Optional[int] = None  # utterance being spoken (speculation checks the scene)
+        self._encoding = threading.Event()  # a speculative frame encode runs: partial passes wait (asr thread)
         self._sources: List[Any] = []
         self._threads: List[threading.Thread] = []
         self._started = False
@@ -368,7 +373,8 @@ class LiveAssistant:
         timing: Dict[str, Any] = {"stage": "speculative", "step": kind, "utterance": utt}
         t0 = time.perf_counter()
         if kind == "start":
-            spec = self.turns.speculate(utt, job[2])
+            with self._vision_first():
+                spec = self.turns.speculate(utt, job[2])
             timing.update(vision_s=round(spec.vision_s, 6), encodes=spec.encodes, prefill_s=round(spec.prefill_s, 6),
                           prefix_tokens=spec.prefix_tokens, scene_changed=spec.scene_changed)
         elif kind == "scene":
@@ -387,6 +393,18 @@ class LiveAssistant:
         timing["took_s"] = round(time.perf_counter() - t0, 6)
         self.bus.publish("timing", **timing)
 
+    @contextmanager
+    def _vision_first(self):
+        """While the turn thread encodes a frame during speech (VLM), Whisper's partial passes wait."""
+        if not self.models.vlm:
+            yield
+            return
+        self._encoding.set()
+        try:
+            yield
+        finally:
+            self._encoding.clear()
+
     def _turn_loop(self) -> None:
         while not self._stop.is_set():
             with self._spec_lock:
@@ -404,8 +422,11 @@ class LiveAssistant:
                 req = self._turn_q.get(timeout=0.02)
             except queue.Empty:
                 speaking = self._speaking
-                if speaking is not None and self.turns.check_scene(speaking):
-                    self._speculate(("scene", speaking))
+                if speaking is not None and self.turns.scene_check_due(speaking):
+                    with self._vision_first():
+                        changed = self.turns.check_scene(speaking)
+                    if changed:
+                        self._speculate(("scene", speaking))
                 if self._input_ended and self._idle():
                     self.finished.set()
                 continue
@@ -481,7 +502,8 @@ class LiveAssistant:
     def _asr_loop(self) -> None:
         from edge_mmm.asr.streaming import UtteranceRecognizer
 
-        rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=self.config.speculate)
+        rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=self.config.speculate,
+                                  hold_partials=None if self.config.partials_during_vision else self._encoding.is_set)
         last: Optional[_Heard] = None
         while not self._stop.is_set():
             with self._heard_cv:

@@ -169,13 +169,20 @@ class TurnManager:
             self._prefill(spec, None)
             return spec
 
+    def scene_check_due(self, utterance: int, every_s: float = 0.1) -> bool:
+        """`check_scene` would look at the frames now (a VLM speculating on this utterance, `every_s` since the
+        last look)."""
+        spec = self.speculation
+        return (self.vlm and spec is not None and spec.utterance == utterance
+                and time.monotonic() - spec.checked_t >= every_s)
+
     def check_scene(self, utterance: int, every_s: float = 0.1) -> bool:
         """During speech: if the frame the policy would choose now shows another scene than the speculated
         one, encode it and prefill again. True when it did."""
+        if not self.scene_check_due(utterance, every_s):
+            return False
         spec = self.speculation
         now = time.monotonic()
-        if not self.vlm or spec is None or spec.utterance != utterance or now - spec.checked_t < every_s:
-            return False
         spec.checked_t = now
         frame = self.frames.select(spec.speech_start_t, now)
         if frame is None or scene_difference(thumbnail(frame.image), spec.thumb) < self.scene.threshold:

@@ -184,3 +184,69 @@ def test_recognizer_runs_the_final_pass_when_the_end_differs_from_the_pause():
     assert rec.step() == [] and asr.passes == []  # no speculation: nothing runs during a pause
     final = rec.push([SpeechEvent("end", 15000, speech_end=14520)])
     assert asr.passes == [15000] and not final[0].reused and final[0].audio_s == 15000 / 16000
+
+
+def test_recognizer_holds_partials_but_not_the_pause_pass():
+    """`hold_partials` (the live runtime while a frame is encoded) defers partial passes, which resume over all
+    the audio so far; the pause's speculative pass and the final pass are never held."""
+    asr = _ScriptedASR()
+    hold = [True]
+    rec = UtteranceRecognizer(asr, hold_partials=lambda: hold[0])
+    second = np.zeros(SAMPLE_RATE, np.float32)
+    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=second)])
+    assert not rec.has_work() and rec.step() == [] and asr.passes == []
+    rec.push([SpeechEvent("audio", 16000, audio=second)])
+    assert rec.step() == [] and asr.passes == []
+    hold[0] = False
+    assert [e.kind for e in rec.step()] == ["partial"] and asr.passes == [32000]  # all the audio so far
+    hold[0] = True
+    rec.push([SpeechEvent("audio", 32000, audio=second), SpeechEvent("pause", 44000, speech_end=43520)])
+    assert [e.kind for e in rec.step()] == ["speculative"] and asr.passes[-1] == 44000
+    final = rec.push([SpeechEvent("end", 48000, speech_end=43520)])
+    assert final[0].kind == "final" and asr.passes[-1] == 48000  # the end differs from the pause: a final pass
+
+
+@pytest.mark.usefixtures("fresh_vlm")
+def test_partials_wait_while_the_frame_is_encoded(vlm_models, question_clip, monkeypatch):
+    """While the first frame is encoded during speech (made slow here), no partial Whisper pass starts; they
+    resume after it. With `partials_during_vision=True` they run beside it."""
+    from edge_mmm.audio.io import load_audio
+
+    encoder = vlm_models.lm.encoder
+    original = encoder.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", slow_encode)
+
+    def run(config):
+        vlm_models.lm.cache.clear()
+        vlm_models.lm.reset()
+        a = LiveAssistant(config, vlm_models)
+        q = a.subscribe(maxsize=10_000)
+        a.feed_frame(_bgr("chelsea"))
+        a.start()
+        stop = threading.Event()
+        speaker = threading.Thread(target=_speak, args=(a, load_audio(question_clip), stop), name="test-speaker")
+        speaker.start()
+        try:
+            evs = _events(q, _turn_done, timeout=120)
+        finally:
+            stop.set()
+            speaker.join()
+            assert a.stop()
+        start = [e for e in evs if e.type == "timing" and e.data.get("stage") == "speculative"
+                 and e.data["step"] == "start"][0]
+        began, ended = start.t - start.data["took_s"], start.t
+        partial_starts = [e.t - e.data["asr_s"] for e in evs if e.type == "timing" and e.data.get("stage") == "asr"]
+        during = [t for t in partial_starts if began + 0.05 < t < ended - 0.05]
+        after = [t for t in partial_starts if t >= ended - 0.05]
+        return start.data, during, after
+
+    spec, during, after = run(LiveConfig(max_tokens=2))
+    assert spec["encodes"] == 1 and spec["vision_s"] >= 1.4
+    assert during == [] and after, (during, after)
+    _, during, _ = run(LiveConfig(max_tokens=2, partials_during_vision=True))
+    assert during, "partials ran beside the encoder when allowed"
