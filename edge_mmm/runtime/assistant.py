@@ -380,12 +380,6 @@ class LiveAssistant:
         elif kind == "scene":
             spec = self.turns.speculation
             timing.update(vision_s=round(spec.vision_s, 6), encodes=spec.encodes, scene_changed=spec.scene_changed)
-        elif kind == "partial":
-            before = self.turns.speculation.prefill_s if self.turns.speculation is not None else 0.0
-            if not self.turns.speculate_partial(utt, job[2]):
-                return
-            spec = self.turns.speculation
-            timing.update(prefill_s=round(spec.prefill_s - before, 6), partial_tokens=spec.partial_tokens)
         elif kind == "question":
             before = self.turns.speculation.prefill_s if self.turns.speculation is not None else 0.0
             if not self.turns.speculate_question(utt, job[2]):
@@ -416,11 +410,6 @@ class LiveAssistant:
             with self._spec_lock:
                 self._speculating = bool(self._spec_jobs)  # before the queue empties: see _idle
                 job = self._spec_jobs.popleft() if self._spec_jobs else None
-                # a partial transcript's prefill is only worth it while the user still speaks and no newer
-                # work for the utterance waits behind it (a stale one would delay the turn)
-                if job is not None and job[0] == "partial" and (
-                        self._speaking != job[1] or any(j[1] == job[1] for j in self._spec_jobs)):
-                    job = None
             if job is not None:
                 try:
                     self._speculate(job)
@@ -557,8 +546,6 @@ class LiveAssistant:
         if ev.kind == "partial":
             self.bus.publish("transcript.partial", text=ev.text, committed=ev.committed, tentative=ev.tentative,
                              utterance=utt, audio_s=round(ev.audio_s, 3))
-            if self.config.speculate and ev.committed.strip():
-                self._job("partial", utt, ev.committed)  # prefill the question's words agreed on so far
             timing = {"stage": "asr", "utterance": utt, "asr_s": round(ev.asr_s, 6), "audio_s": round(ev.audio_s, 3)}
             if heard.cap_to_vad is not None:
                 timing["capture_to_vad_s"] = round(heard.cap_to_vad, 6)

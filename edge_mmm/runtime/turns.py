@@ -84,7 +84,6 @@ class Speculation:
     prefill_s: float = 0.0  # prefix + question prefills
     question: Optional[str] = None  # the speculative transcript whose prompt is prefilled
     question_tokens: int = 0
-    partial_tokens: int = 0  # prompt tokens prefilled through the last partial transcript's agreed words
     discarded: int = 0  # speculative transcripts dropped because the speech resumed
     checked_t: float = 0.0
 
@@ -202,36 +201,6 @@ class TurnManager:
             self._prefill(spec, question.strip())
         return True
 
-    def speculate_partial(self, utterance: int, words: str) -> bool:
-        """During speech: prefill the prompt through the words two partial transcripts agreed on, so that at
-        the end only the question's last words remain. The speculative transcript (`speculate_question`) and
-        the turn reuse it as a KV prefix; nothing is committed."""
-        spec = self.speculation
-        if spec is None or spec.utterance != utterance or not words.strip() or spec.question is not None:
-            return False
-        with self._lock:
-            return self._prefill_words(spec, words.strip())
-
-    def _prefill_words(self, spec: Speculation, words: str) -> bool:
-        history = self._spec_history(spec)
-        t0 = time.perf_counter()
-        try:  # the prompt's tokens up to the words, whatever follows them (two continuations agree so far)
-            probes = [self._prompt_ids(history, f"{words} {p}", spec.image) for p in _PROBES]
-            n = common_prefix(probes[0][1], probes[1][1])
-            if n <= spec.partial_tokens:
-                return False
-            vision = probes[0][0].timings.get("vision_s", 0.0) if self.vlm else 0.0
-            if self.vlm:
-                self.model.prefill_prefix(probes[0][0], n)
-            else:
-                self.model.prefill_prefix(probes[0][1][:n])
-        except ContextOverflowError:
-            return False
-        spec.vision_s += vision
-        spec.prefill_s += time.perf_counter() - t0 - vision
-        spec.partial_tokens = n
-        return True
-
     def discard_question(self, utterance: int) -> bool:
         """The speech resumed: the speculative transcript is void (its KV positions past the prefix are
         overwritten by the next prefill; nothing else to undo)."""
@@ -289,7 +258,6 @@ class TurnManager:
             return  # the turn itself trims the history
         spec.vision_s += vision
         spec.prefill_s += time.perf_counter() - t0 - vision
-        spec.partial_tokens = 0  # the KV cache now ends with this prefill, not with a partial's words
         if question is None:
             spec.prefix_tokens = n
         else:
