@@ -126,6 +126,26 @@ class OrtKVCache:
         self.length = n
 
 
+def check_room(cache: OrtKVCache, n: int) -> None:
+    """InputError unless `n` (> 0) more positions fit into `cache`."""
+    if n == 0:
+        raise InputError("no tokens to run")
+    if cache.length + n > cache.max_len:
+        raise InputError(f"KV cache overflow: position {cache.length + n} exceeds the context length {cache.max_len}")
+
+
+def run_cached(session, cache: OrtKVCache, name: str, values: np.ndarray) -> np.ndarray:
+    """One run of an exported LM that appends `values` ([1, n] ids or [1, n, hidden] embeddings, fed as
+    input `name`) to `cache`; float32 logits of the last position."""
+    start, n = cache.length, values.shape[1]
+    b = cache.binding
+    b.bind_cpu_input(name, values)
+    b.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
+    session.run_with_iobinding(b)
+    cache.length = start + n
+    return cache.logits.numpy()[0, -1].copy()
+
+
 class OrtBackend:
     """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
 
@@ -141,17 +161,8 @@ class OrtBackend:
                           io["head_dim"], io["vocab_size"])
 
     def _run(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
-        start, n = cache.length, len(ids)
-        if n == 0:
-            raise InputError("no tokens to run")
-        if start + n > cache.max_len:
-            raise InputError(f"KV cache overflow: position {start + n} exceeds the context length {cache.max_len}")
-        b = cache.binding
-        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        b.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
-        self.session.run_with_iobinding(b)
-        cache.length = start + n
-        return cache.logits.numpy()[0, -1].copy()
+        check_room(cache, len(ids))
+        return run_cached(self.session, cache, "input_ids", np.asarray([ids], dtype=np.int64))
 
     def prefill(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
         """float32 logits of the last position (numpy: this path never imports torch)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_mmm.errors import InputError
 from edge_mmm.runners.ort_session import ort_session
-from edge_mmm.text.backends import OrtKVCache
+from edge_mmm.text.backends import OrtKVCache, check_room, run_cached
 
 
 class OrtVLMBackend:
@@ -65,17 +65,9 @@ class OrtVLMBackend:
         return emb[None]
 
     def _run(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
-        start, n = cache.length, len(ids)
-        if n == 0:
-            raise InputError("no tokens to run")
-        if start + n > cache.max_len:
-            raise InputError(f"KV cache overflow: position {start + n} exceeds the context length {cache.max_len}")
-        b = cache.binding
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(self.embed(ids), dtype=np.float32))
-        b.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
-        self.session.run_with_iobinding(b)
-        cache.length = start + n
-        return cache.logits.numpy()[0, -1].copy()
+        check_room(cache, len(ids))
+        return run_cached(self.session, cache, "inputs_embeds",
+                          np.ascontiguousarray(self.embed(ids), dtype=np.float32))
 
     def prefill(self, ids: Sequence[int], cache: OrtKVCache) -> np.ndarray:
         """float32 logits of the last position; `ids` is the prompt after the reused prefix."""

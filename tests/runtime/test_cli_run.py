@@ -144,9 +144,9 @@ def test_devices_list_inputs(capsys):
     assert rc == 0 and "cameras (--camera):" in text and "microphones (--mic):" in text
 
 
-def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
-    """`run --vision-precision int8` with a VLM: the live config asks load_vlm for the int8 encoder on
-    onnxruntime (picked by the flag); with a torch --vlm-backend or a text-only model it is refused, exit 2."""
+def _capture_live_config(monkeypatch) -> dict:
+    """Replace LiveAssistant: the CLI's LiveConfig lands in the returned dict (key "cfg") and the run stops
+    with exit 2 and "captured the live config", before any model loads."""
     import edge_mmm.runtime.assistant as assistant
     from edge_mmm.errors import InputError
 
@@ -160,6 +160,13 @@ def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_
         raise Stop("captured the live config")
 
     monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    return seen
+
+
+def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
+    """`run --vision-precision int8` with a VLM: the live config asks load_vlm for the int8 encoder on
+    onnxruntime (picked by the flag); with a torch --vlm-backend or a text-only model it is refused, exit 2."""
+    seen = _capture_live_config(monkeypatch)
     base = ["run", "--camera", "none", "--mic", str(question_clip), "--model", str(tiny_vlm_dir)]
     assert main(base + ["--vision-precision", "int8"]) == 2
     assert "captured the live config" in capsys.readouterr().err
@@ -173,19 +180,7 @@ def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_
 def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
     """`run --onnx-activations mixed` with the default text LM reaches LiveConfig.lm_activations (and the
     notice); an unknown mode, a torch LM backend, a VLM or a bundle are refused with one line, exit 2."""
-    import edge_mmm.runtime.assistant as assistant
-    from edge_mmm.errors import InputError
-
-    seen = {}
-
-    class Stop(InputError):
-        pass
-
-    def capture(cfg, speaker=None):
-        seen["cfg"] = cfg
-        raise Stop("captured the live config")
-
-    monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    seen = _capture_live_config(monkeypatch)
     base = ["run", "--camera", "none", "--mic", str(question_clip)]
     assert main(base + ["--onnx-activations", "mixed"]) == 2
     assert "captured the live config" in capsys.readouterr().err
@@ -206,19 +201,7 @@ def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_
 def test_run_vlm_lm_backend_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
     """`run --vlm-lm-backend onnxruntime` with a VLM reaches LiveConfig.vlm_lm_backend; with the text-only
     default LM it is refused with one line, exit 2."""
-    import edge_mmm.runtime.assistant as assistant
-    from edge_mmm.errors import InputError
-
-    seen = {}
-
-    class Stop(InputError):
-        pass
-
-    def capture(cfg, speaker=None):
-        seen["cfg"] = cfg
-        raise Stop("captured the live config")
-
-    monkeypatch.setattr(assistant, "LiveAssistant", capture)
+    seen = _capture_live_config(monkeypatch)
     base = ["run", "--camera", "none", "--mic", str(question_clip), "--vlm-lm-backend", "onnxruntime"]
     assert main(base + ["--model", str(tiny_vlm_dir)]) == 2
     assert "captured the live config" in capsys.readouterr().err
