@@ -6,6 +6,7 @@ are checked on their own with a scripted Whisper. Speeds are in benchmarks/live.
 
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -34,6 +35,20 @@ def _speak(assistant, audio, stop):
             return
         time.sleep(max(0.0, t0 + (j + BLOCK) / SAMPLE_RATE - time.monotonic()))
         assistant.feed_audio(audio[j:j + BLOCK])
+
+
+@contextmanager
+def _speaking(assistant, audio):
+    """The user speaks `audio` in real time on a thread while the body runs; then the assistant stops."""
+    stop = threading.Event()
+    speaker = threading.Thread(target=_speak, args=(assistant, audio, stop), name="test-speaker")
+    speaker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        speaker.join()
+        assert assistant.stop()
 
 
 def _turn_done(evs):
@@ -78,18 +93,11 @@ def test_scene_change_during_speech_reencodes_once(vlm_models, question_clip):
     q = a.subscribe(maxsize=10_000)
     a.feed_frame(_bgr("chelsea"))
     a.start()
-    stop = threading.Event()
-    speaker = threading.Thread(target=_speak, args=(a, load_audio(question_clip), stop), name="test-speaker")
-    speaker.start()
-    try:
+    with _speaking(a, load_audio(question_clip)):
         evs = _events(q, lambda evs: bool(_spec(evs, "start")))
         first = _spec(evs, "start")[0]
         a.feed_frame(_bgr("coffee"))  # the camera now shows another scene, while the user still speaks
         evs += _events(q, _turn_done, timeout=120)
-    finally:
-        stop.set()
-        speaker.join()
-        assert a.stop()
     assert first["encodes"] == 1 and first["scene_changed"] and first["prefix_tokens"] > 0
     scene = _spec(evs, "scene")
     assert len(scene) == 1 and scene[0]["encodes"] == 2  # re-encoded once, not again on every check
@@ -115,15 +123,8 @@ def test_speech_resuming_after_a_pause_discards_the_speculative_pass_and_prefill
     a = LiveAssistant(LiveConfig(max_tokens=4, end_silence_ms=2000), models)
     q = a.subscribe(maxsize=10_000)
     a.start()
-    stop = threading.Event()
-    speaker = threading.Thread(target=_speak, args=(a, paused_question, stop), name="test-speaker")
-    speaker.start()
-    try:
+    with _speaking(a, paused_question):
         evs = _events(q, _turn_done, timeout=120)
-    finally:
-        stop.set()
-        speaker.join()
-        assert a.stop()
     spec_asr = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "speculative_asr"]
     # a pass at the pause, dropped when the speech resumed, another at the end (the dips inside words,
     # shorter than speculate_after_s, start none)
@@ -228,15 +229,8 @@ def test_partials_wait_while_the_frame_is_encoded(vlm_models, question_clip, mon
         q = a.subscribe(maxsize=10_000)
         a.feed_frame(_bgr("chelsea"))
         a.start()
-        stop = threading.Event()
-        speaker = threading.Thread(target=_speak, args=(a, load_audio(question_clip), stop), name="test-speaker")
-        speaker.start()
-        try:
+        with _speaking(a, load_audio(question_clip)):
             evs = _events(q, _turn_done, timeout=120)
-        finally:
-            stop.set()
-            speaker.join()
-            assert a.stop()
         start = [e for e in evs if e.type == "timing" and e.data.get("stage") == "speculative"
                  and e.data["step"] == "start"][0]
         began, ended = start.t - start.data["took_s"], start.t
