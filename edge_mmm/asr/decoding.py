@@ -149,8 +149,14 @@ def detect_language(backend, tok: WhisperTokenizer, audio) -> Tuple[str, Dict[st
 
 
 def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
-                  prompt: Sequence[int] = ()) -> DecodingResult:
-    """Decode one window whose encoder output is `audio` (from `backend.encode`)."""
+                  prompt: Sequence[int] = (), draft: Sequence[int] = ()) -> DecodingResult:
+    """Decode one window whose encoder output is `audio` (from `backend.encode`).
+
+    `draft`: tokens this window probably decodes to (an earlier pass over a prefix of the same audio, as the
+    live recognizer has). Greedy decoding at temperature 0 then checks them all in the first decoder call and
+    keeps the longest prefix that greedy decoding picks itself (speculative decoding with the last hypothesis
+    as the draft model): the same tokens as without a draft, up to float rounding of the batched call, in
+    one call for the agreed part instead of one per token. Ignored by sampling and beam search."""
     language = opts.language
     if language is None:
         language = detect_language(backend, tok, audio)[0] if tok.multilingual else "en"
@@ -177,20 +183,33 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
         group = opts.best_of if opts.temperature > 0 else 1
     state = backend.new_state(audio, group)
     tokens = np.tile(np.array(initial, dtype=np.int64), (group, 1))
+    draft = [int(t) for t in draft][: max(0, min(sample_len, n_ctx - sample_begin) - 1)]
+    if group > 1 or opts.temperature > 0:
+        draft = []
     sum_logprobs = np.zeros(group, dtype=np.float64)
     no_speech_prob = float("nan")
-    new = tokens
+    new = np.concatenate([tokens, np.array([draft], dtype=np.int64).reshape(group, -1)], axis=1)
+    rows = None  # logits of positions already computed whose prefix is still the decoded one
     for i in range(sample_len):
-        logits = backend.step(state, new)
-        if i == 0:
-            ns = log_softmax(logits[:, sot_index].astype(np.float32))
-            no_speech_prob = float(np.exp(ns[0, tok.no_speech]))
-        logits = np.array(logits[:, -1], dtype=np.float32)
+        if rows is None:
+            first = state.offset  # position of new[:, 0]
+            rows = backend.step(state, new)
+            if i == 0:
+                ns = log_softmax(rows[:, sot_index].astype(np.float32))
+                no_speech_prob = float(np.exp(ns[0, tok.no_speech]))
+            rows = rows[:, tokens.shape[1] - 1 - first :]  # from the prediction of the next token on
+        logits = np.array(rows[:, 0], dtype=np.float32)
+        rows = rows[:, 1:]
         for f in filters:
             f.apply(logits, tokens)
         tokens, completed, order = search.update(tokens, logits, sum_logprobs)
         if order is not None:
             backend.reorder(state, order)
+        if rows.shape[1] == 0 or tokens[0, -1] != draft[i]:
+            # the draft ends here or greedy decoding left it: drop its cached positions past the agreed part
+            if state.offset > tokens.shape[1] - 1:
+                _truncate(state, tokens.shape[1] - 1)
+            rows = None
         new = tokens[:, -1:]
         if completed or tokens.shape[1] >= n_ctx:
             break
@@ -203,6 +222,15 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
     return DecodingResult(
         tokens=sampled, text=tok.decode(sampled), language=language,
         avg_logprob=logprob / (len(sampled) + 1), no_speech_prob=no_speech_prob, temperature=opts.temperature)
+
+
+def _truncate(state, n: int) -> None:
+    """Keep the first `n` positions of a decoder state's self-attention cache ([L, B, T, D], numpy or torch)."""
+    def cut(x):
+        x = x[:, :, :n]
+        return x.contiguous() if hasattr(x, "contiguous") else np.ascontiguousarray(x)
+
+    state.self_k, state.self_v, state.offset = cut(state.self_k), cut(state.self_v), n
 
 
 def _rank(candidates: List[Tuple[Tuple[int, ...], float]], sample_begin: int, eot: int,

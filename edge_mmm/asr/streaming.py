@@ -105,6 +105,7 @@ class StreamingTranscriber:
         self.committed: List[str] = []
         self._prev: Optional[List[str]] = None  # previous hypothesis (words)
         self._last: List[str] = []
+        self._draft: List[int] = []  # tokens of the latest pass: the next pass checks them in one decoder call
 
     @property
     def audio_s(self) -> float:
@@ -154,7 +155,7 @@ class StreamingTranscriber:
     def hypothesis(self, n: int) -> Tuple[List[str], float]:
         """Words of the first `n` samples, without touching the agreement state (a speculative pass)."""
         t0 = time.perf_counter()
-        text = self.asr.transcribe(self.audio()[:n], self.options.transcribe).text
+        text = self._transcribe(self.audio()[:n])
         return text.split(), time.perf_counter() - t0
 
     def finalize(self, words: Optional[Sequence[str]] = None, asr_s: float = 0.0, n: Optional[int] = None
@@ -177,9 +178,17 @@ class StreamingTranscriber:
         self.reset()
         return event
 
+    def _transcribe(self, audio: np.ndarray) -> str:
+        """One Whisper pass; the previous pass's tokens go along as the draft (same text, fewer decoder calls:
+        `decode_window`). An ASR whose transcripts carry no tokens is called without one."""
+        extra = {"draft": self._draft} if self._draft else {}
+        transcript = self.asr.transcribe(audio, self.options.transcribe, **extra)
+        self._draft = list(getattr(transcript, "tokens", ()))
+        return transcript.text
+
     def _hypothesis(self):
         t0 = time.perf_counter()
-        text = self.asr.transcribe(self.audio(), self.options.transcribe).text
+        text = self._transcribe(self.audio())
         self._last_run = self.n_samples
         self._last = text.split()
         return self._last, time.perf_counter() - t0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,14 +57,14 @@ def compression_ratio(text: str) -> float:
 
 
 def _decode_with_fallback(backend, tok, audio, opts: TranscribeOptions, language: str, prompt,
-                          sample_len: Optional[int] = None) -> DecodingResult:
+                          sample_len: Optional[int] = None, draft: Sequence[int] = ()) -> DecodingResult:
     result = None
     for t in opts.temperatures:
         dopts = DecodingOptions(task=opts.task, language=language, temperature=t,
                                 beam_size=opts.beam_size if t == 0 else 1,
                                 best_of=opts.best_of if t > 0 else 1, patience=opts.patience,
                                 timestamps=opts.timestamps, seed=opts.seed, sample_len=sample_len)
-        result = decode_window(backend, tok, audio, dopts, prompt)
+        result = decode_window(backend, tok, audio, dopts, prompt, draft)
         too_repetitive = (opts.compression_ratio_threshold is not None
                           and compression_ratio(result.text) > opts.compression_ratio_threshold)
         too_unlikely = opts.logprob_threshold is not None and result.avg_logprob < opts.logprob_threshold
@@ -75,8 +75,10 @@ def _decode_with_fallback(backend, tok, audio, opts: TranscribeOptions, language
 
 
 def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: TranscribeOptions,
-                     on_progress: Optional[Callable[[float], None]] = None) -> Tuple[str, Iterator[Segment]]:
-    """Return (language, generator of Segments) for a 16 kHz mono waveform."""
+                     on_progress: Optional[Callable[[float], None]] = None, draft: Sequence[int] = ()
+                     ) -> Tuple[str, Iterator[Segment]]:
+    """Return (language, generator of Segments) for a 16 kHz mono waveform. `draft`: the tokens the first
+    window probably decodes to (`decode_window`: checked in one decoder call, the result unchanged)."""
     mel = padded_log_mel(backend, audio)
     content_frames = mel.shape[-1] - N_FRAMES
     language = opts.language
@@ -86,7 +88,7 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
             language = detect_language(backend, tok, backend.encode(first))[0]
         else:
             language = "en"
-    return language, _segments(backend, tok, mel, content_frames, opts, language, on_progress)
+    return language, _segments(backend, tok, mel, content_frames, opts, language, on_progress, draft)
 
 
 def padded_log_mel(backend, audio: np.ndarray) -> np.ndarray:
@@ -111,7 +113,7 @@ def window_frames(backend, segment_size: int, opts: TranscribeOptions) -> int:
     return min(N_FRAMES, 2 * (-(-segment_size // 2) + opts.audio_ctx_margin))
 
 
-def _segments(backend, tok, mel, content_frames, opts, language, on_progress) -> Iterator[Segment]:
+def _segments(backend, tok, mel, content_frames, opts, language, on_progress, draft=()) -> Iterator[Segment]:
     input_stride = N_FRAMES // backend.config.n_audio_ctx
     seek = 0
     all_tokens: List[int] = []
@@ -125,7 +127,7 @@ def _segments(backend, tok, mel, content_frames, opts, language, on_progress) ->
         # a loop in a short window stops after what the audio could hold (~16 tokens a second is fast speech)
         cap = None if frames == N_FRAMES else 16 + -(-segment_size * 16 * HOP_LENGTH // SAMPLE_RATE)
         result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, frames)[None]),
-                                       opts, language, prompt, cap)
+                                       opts, language, prompt, cap, draft if seek == 0 else ())
         if frames < N_FRAMES and compression_ratio(result.text) > (opts.compression_ratio_threshold or 2.4):
             # a short window can send the decoder into a loop (whisper.cpp's audio_ctx does the same):
             # decode this window again as the model was trained, padded to 30 s

@@ -50,7 +50,15 @@ def test_committed_text_only_grows_and_final_equals_offline(asr, clips):
     audio, _ = clips
     opts = StreamingOptions()
     offline = asr.transcribe(audio, opts.transcribe).text
-    st = StreamingTranscriber(asr, opts)
+    passes = []  # (draft given, tokens returned)
+
+    class Recording:
+        def transcribe(self, audio, options, draft=()):
+            out = asr.transcribe(audio, options, draft=draft)
+            passes.append((list(draft), out.tokens))
+            return out
+
+    st = StreamingTranscriber(Recording(), opts)
     rng = np.random.default_rng(0)
     events, i = [], 0
     while i < len(audio):
@@ -70,6 +78,8 @@ def test_committed_text_only_grows_and_final_equals_offline(asr, clips):
     assert words(events[-1].committed) == words(offline), (events[-1].committed, offline)
     assert events[-1].tentative == "" and events[-1].text == events[-1].committed
     assert st.n_samples == 0  # finalize() starts a new utterance
+    # every pass after the first checks the previous pass's tokens as its draft (decode_window)
+    assert passes[0][0] == [] and all(d == prev for (_, prev), (d, _) in zip(passes, passes[1:])), passes
 
 
 def test_vad_cuts_stream_into_utterances(asr, clips):

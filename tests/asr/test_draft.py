@@ -1,0 +1,74 @@
+"""Whisper decoding with a draft (the previous hypothesis, as the live recognizer has): the same tokens as
+without one, in fewer decoder calls. Real tiny.en weights on espeak-ng clips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_mmm.asr.transcribe import TranscribeOptions
+
+GREEDY = TranscribeOptions(temperatures=(0.0,))
+
+
+@pytest.fixture(scope="module")
+def asr(tiny_en_dir):
+    from edge_mmm.asr.api import load_asr
+
+    return load_asr(tiny_en_dir, threads=2)
+
+
+def _counting(monkeypatch, backend):
+    calls = []
+    real = backend.step
+
+    def step(state, tokens):
+        calls.append(tokens.shape[1])
+        return real(state, tokens)
+
+    monkeypatch.setattr(backend, "step", step)
+    return calls
+
+
+def _same(a, b):
+    assert a.tokens == b.tokens and a.text == b.text
+    for x, y in zip(a.segments, b.segments):
+        assert (x.start, x.end) == (y.start, y.end)
+        assert abs(x.avg_logprob - y.avg_logprob) < 1e-4 and abs(x.no_speech_prob - y.no_speech_prob) < 1e-5
+
+
+def test_any_draft_gives_the_tokens_of_plain_greedy_decoding(asr, speech_clips, monkeypatch):
+    rng = np.random.default_rng(7)
+    for k, (_, _, audio) in enumerate([speech_clips[1], speech_clips[6]]):
+        calls = _counting(monkeypatch, asr.backend)
+        ref = asr.transcribe(audio, GREEDY)
+        plain_calls = len(calls)
+        assert plain_calls > 5 and ref.tokens
+        start = asr.transcribe(audio[: int(0.6 * len(audio))], GREEDY).tokens  # what a partial pass had
+        corrupt = list(ref.tokens)
+        corrupt[len(corrupt) // 2] = 440
+        drafts = {"start": start, "whole": ref.tokens, "corrupt": corrupt}
+        if k == 0:
+            drafts.update({"noise": rng.integers(0, 50257, size=30).tolist(), "too long": ref.tokens * 30})
+        for name, draft in drafts.items():
+            calls.clear()
+            got = asr.transcribe(audio, GREEDY, draft=draft)
+            _same(got, ref)
+            if name == "whole":  # checked and ended (<|endoftext|>) in the one call
+                assert len(calls) == 1 and calls[0] > len(got.tokens), (name, calls)
+            if name in ("start", "corrupt"):
+                assert len(calls) < plain_calls, (name, calls, plain_calls)
+    beam = TranscribeOptions(temperatures=(0.0,), beam_size=3)  # a draft is for greedy decoding only
+    audio = speech_clips[1][2]
+    _same(asr.transcribe(audio, beam, draft=corrupt), asr.transcribe(audio, beam))
+
+
+def test_draft_on_the_torch_backend(tiny_en_dir, speech_clips):
+    from edge_mmm.asr.api import load_asr
+
+    model = load_asr(tiny_en_dir, backend="torch", threads=2)
+    audio = speech_clips[2][2]
+    ref = model.transcribe(audio, GREEDY)
+    corrupt = list(ref.tokens)
+    corrupt[-3] = 1000
+    _same(model.transcribe(audio, GREEDY, draft=corrupt), ref)
