@@ -550,6 +550,7 @@ def serve(
                              context_length=text.context, lm_backend=text.lm_backend,
                              asr_backend=text.asr_backend,
                              vlm_backend=vision.vision_backend if vision else "torch",
+                             vlm_lm_backend=vision.lm_backend if vision else "torch",
                              vlm_quantize=vision.lm_quant if vision else None,
                              vision_batch=vision.vision_batch if vision else None)
     typer.echo(f"edge-mmm serve: {text.describe()}" + (f"; vlm: {vision.describe()}" if vision else ""), err=True)

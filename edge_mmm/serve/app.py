@@ -56,7 +56,8 @@ def load_models(settings: ServeSettings) -> Models:
         from edge_mmm.vision.api import load_vlm
 
         models.vlm = load_vlm(settings.vlm_model, backend=settings.vlm_backend, quantize=settings.vlm_quantize,
-                              threads=settings.threads, tile_batch=settings.vision_batch)
+                              threads=settings.threads, tile_batch=settings.vision_batch,
+                              lm_backend=settings.vlm_lm_backend)
         models.vlm_id = Path(str(settings.vlm_model)).name
     if settings.asr:
         from edge_mmm.asr.api import load_asr

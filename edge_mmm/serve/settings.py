@@ -55,6 +55,7 @@ class ServeSettings:
     # what loads (edge-mmm serve fills these from the device profile; flags override)
     lm_backend: str = "torch"
     vlm_backend: str = "torch"
+    vlm_lm_backend: str = "torch"  # the VLM's language model: torch | onnxruntime
     vlm_quantize: Optional[str] = None
     vision_batch: Optional[int] = None
     asr_backend: str = "onnxruntime"

@@ -41,6 +41,18 @@ def big_vlm(tmp_path) -> Path:
 
 
 @pytest.fixture
+def smolvlm_dims(tmp_path) -> Path:
+    """A config with SmolVLM-256M's dimensions; the config is all the plan reads."""
+    vlm = tmp_path / "smolvlm-256m-config"
+    vlm.mkdir()
+    small = json.loads(json.dumps(TOO_BIG_VLM))
+    small["text_config"].update(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, vocab_size=49280)
+    (vlm / "config.json").write_text(json.dumps(small))
+    return vlm
+
+
+@pytest.fixture
 def small_device(tmp_path) -> Path:
     """cpu-x86 with 0.2 GiB usable: nothing fits."""
     text = (PROFILES_DIR / "cpu-x86.toml").read_text()
@@ -87,13 +99,8 @@ def test_run_refuses_a_vlm_too_big_for_orin_nano_before_loading(capsys, monkeypa
     assert not calls  # nothing was constructed, no source opened
 
 
-def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, tmp_path):
-    vlm = tmp_path / "smolvlm-256m-config"  # SmolVLM-256M's dimensions; the config is all the plan reads
-    vlm.mkdir()
-    small = json.loads(json.dumps(TOO_BIG_VLM))
-    small["text_config"].update(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                num_key_value_heads=3, vocab_size=49280)
-    (vlm / "config.json").write_text(json.dumps(small))
+def test_run_cpu_x86_loads_the_profile_choice(capsys, monkeypatch, tmp_path, smolvlm_dims):
+    vlm = smolvlm_dims
     calls = []
     _record(monkeypatch, "edge_mmm.runtime.assistant.LiveAssistant", calls)
     argv = ["run", "--device", "cpu-x86", "--model", str(vlm), "--camera", "none", "--mic", str(tmp_path / "q.wav")]
@@ -195,7 +202,7 @@ def test_ask_device(capsys, monkeypatch, small_device, big_vlm, photo):
     assert len(calls) == 2
 
 
-def test_serve_device(capsys, monkeypatch, small_device, lm_file):
+def test_serve_device(capsys, monkeypatch, small_device, lm_file, smolvlm_dims):
     pytest.importorskip("fastapi")
     _refused(capsys, ["serve", "--device", str(small_device), "--model", str(lm_file)], "tiny-mem")
     calls = []
@@ -204,6 +211,10 @@ def test_serve_device(capsys, monkeypatch, small_device, lm_file):
     settings = calls[-1][0][0]
     assert (settings.lm_backend, settings.asr_backend, settings.context_length) == ("onnxruntime", "onnxruntime",
                                                                                    2048)
+    assert main(["serve", "--device", "cpu-x86", "--model", str(lm_file), "--vlm-model", str(smolvlm_dims)]) == 2
+    settings = calls[-1][0][0]
+    assert (settings.vlm_backend, settings.vlm_quantize, settings.vlm_lm_backend) == ("onnxruntime", "int4",
+                                                                                     "onnxruntime")
     capsys.readouterr()
 
 

@@ -103,10 +103,16 @@ def _tiny_gguf(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def test_fuzz_gguf(tmp_path):
+def test_fuzz_gguf(tmp_path, monkeypatch):
+    import types
+
     from edge_mmm.models.llama import build_llama
+    from edge_mmm.weights import gguf_lm
     from edge_mmm.weights.gguf_lm import load_gguf_lm
 
+    # the loader's full garbage collections (after a real load they hand the reader's heap back) scan all of
+    # pytest's objects, ~0.15 s each here, most of this test's time; Python's own collections still run
+    monkeypatch.setattr(gguf_lm, "gc", types.SimpleNamespace(collect=lambda *a: 0))
     seed = _tiny_gguf(tmp_path / "seed.gguf")
 
     def load(path):
