@@ -109,8 +109,8 @@ def _bundle_backend(profile) -> str:
 
 def _lm_paths(model: Optional[str]):
     """(lm, vlm): the resolved model path in the slot its config says (a SmolVLM/Idefics3 dir is a VLM)."""
-    from edge_mmm.runtime.assistant import model_kind
     from edge_mmm.text.api import default_lm_path
+    from edge_mmm.vision.families import model_kind
     from edge_mmm.weights.hub import resolve_model_path
 
     path = default_lm_path() if model is None else resolve_model_path(str(model))
@@ -437,7 +437,7 @@ def ask(
     if not question.strip():
         raise InputError("the question is empty")
     images = [load_image(p) for p in image]  # fail on a bad image before loading the model
-    from edge_mmm.runtime.assistant import model_kind
+    from edge_mmm.vision.families import model_kind
     from edge_mmm.weights.hub import resolve_model_path
     from edge_mmm.weights.idefics3 import REQUIRED_FILES
 

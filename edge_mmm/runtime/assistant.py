@@ -37,6 +37,7 @@ from edge_mmm.runtime.frames import FrameStore
 from edge_mmm.runtime.retry import Backoff
 from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm
 from edge_mmm.text.generation import GenerationConfig
+from edge_mmm.vision.families import model_kind
 
 TURN_QUEUE = 4  # questions waiting for an answer; more and the oldest waiting one is dropped (with a notice)
 MAX_READ_S = 10  # most audio the recognizer takes from the ring at once
@@ -101,13 +102,6 @@ class LiveModels:
     @property
     def vlm(self) -> bool:
         return is_vlm(self.lm)
-
-
-def model_kind(path: Path) -> str:
-    """"vlm" for a directory of a registered VLM family (edge_mmm.vision.families), else "lm"."""
-    from edge_mmm.vision.families import vlm_family
-
-    return "vlm" if vlm_family(path) is not None else "lm"
 
 
 def load_live_models(config: LiveConfig) -> LiveModels:

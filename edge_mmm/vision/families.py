@@ -69,3 +69,8 @@ def model_type(root: Path) -> Optional[str]:
 def vlm_family(root: Path) -> Optional[VLMFamily]:
     """The family of a VLM directory, or None when it is not a VLM this package runs."""
     return FAMILIES.get(model_type(root) or "")
+
+
+def model_kind(path: Path) -> str:
+    """"vlm" for a directory of a registered VLM family, else "lm" (a GGUF file, an LM directory)."""
+    return "vlm" if vlm_family(path) is not None else "lm"
