@@ -85,6 +85,18 @@ class ASRModel:
                           {"load_s": round(self.load_s, 4), "audio_s": round(audio_s, 3), "total_s": round(total, 4),
                            "rtf": round(total / audio_s, 4)})
 
+    def interruptible(self):
+        """A context manager: `with asr.interruptible() as handle:` transcriptions on this thread inside the
+        block stop when another thread calls `handle.cancel()` (they raise `PassInterrupted`). The live
+        recognizer uses it to drop a partial pass when the speaker pauses. Only the onnxruntime backend can
+        stop a running pass (`handle.supported`); elsewhere `cancel()` does nothing."""
+        import contextlib
+
+        from edge_mmm.asr.backends import PassHandle
+
+        make = getattr(self.backend, "interruptible", None)
+        return make() if make is not None else contextlib.nullcontext(PassHandle())
+
     def _with_progress(self, wav, options, audio_s, label):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

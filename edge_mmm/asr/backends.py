@@ -16,6 +16,8 @@ onnxruntime path (numpy in, numpy out) runs without it and starts ~2 s sooner on
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,28 @@ if TYPE_CHECKING:
     from edge_mmm.models.whisper import Whisper
 
 BACKENDS = ("torch", "onnxruntime")
+
+
+class PassInterrupted(RuntimeError):
+    """A Whisper pass was stopped from another thread (`PassHandle.cancel`); it has no result."""
+
+
+class PassHandle:
+    """Stops the pass it was made for (`ASRModel.interruptible`), from any thread, within one onnxruntime
+    kernel; a no-op for a backend that cannot be stopped or a pass that has ended."""
+
+    def __init__(self, run_options=None):
+        self.run_options = run_options
+        self.cancelled = False
+
+    @property
+    def supported(self) -> bool:
+        return self.run_options is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.run_options is not None:
+            self.run_options.terminate = True
 
 
 @dataclass
@@ -107,9 +131,34 @@ class OnnxWhisperBackend:
                                    inputs=["tokens", "offset", "self_k", "self_v"])
         # an export with a named (dynamic) frame axis takes short inputs; an older, fixed one only 3000 frames
         self.short_mel = isinstance(self.encoder.get_inputs()[0].shape[2], str)
+        self._pass = threading.local()  # the RunOptions of this thread's interruptible pass, if any
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Runs on this thread inside the block can be stopped by the yielded handle's `cancel()` (from
+        another thread: onnxruntime's RunOptions.terminate); a stopped run raises PassInterrupted."""
+        import onnxruntime as ort
+
+        handle = PassHandle(ort.RunOptions())
+        self._pass.run_options = handle.run_options
+        try:
+            yield handle
+        finally:
+            self._pass.run_options = None
+
+    def _run(self, session, feeds):
+        options = getattr(self._pass, "run_options", None)
+        if options is not None and options.terminate:
+            raise PassInterrupted("the Whisper pass was interrupted")
+        try:
+            return session.run(None, feeds, options)
+        except Exception:  # onnxruntime's Fail type is not exported
+            if options is not None and options.terminate:
+                raise PassInterrupted("the Whisper pass was interrupted") from None
+            raise
 
     def encode(self, mel: np.ndarray):
-        out = self.encoder.run(None, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})
+        out = self._run(self.encoder, {"mel": np.ascontiguousarray(mel, dtype=np.float32)})
         n = self.config.n_text_layer
         return out[:n], out[n:]
 
@@ -127,7 +176,7 @@ class OnnxWhisperBackend:
         k_names, v_names = cross_names(self.config.n_text_layer)
         feeds.update(zip(k_names, state.cross_k))
         feeds.update(zip(v_names, state.cross_v))
-        logits, state.self_k, state.self_v = self.decoder.run(None, feeds)
+        logits, state.self_k, state.self_v = self._run(self.decoder, feeds)
         state.offset += tokens.shape[1]
         return logits
 

@@ -14,6 +14,7 @@ ends there and dropped if it resumes, the final at the end). `VadTranscriber` ru
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -235,6 +236,13 @@ class SpeechSegmenter:
     def in_utterance(self) -> bool:
         return self._utt_start is not None
 
+    @property
+    def pause(self) -> Optional[Tuple[int, float]]:
+        """(first silent sample, seconds of silence so far) of the pause now going on in an utterance, else None."""
+        if self._utt_start is None or self._paused is None:
+            return None
+        return self._paused, (self.vad.n_samples - self._paused) / SAMPLE_RATE
+
     def feed(self, audio: np.ndarray) -> List[SpeechEvent]:
         """Push samples; return the events they complete, in order."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -299,7 +307,9 @@ class UtteranceRecognizer:
     and agrees with the one before needs no pass: its words are the speculative (and final) text.
     `hold_partials()` True (the live runtime: an image is being encoded on the other core) defers partial
     passes (they resume, over all the audio so far, when it turns False); the pause's and the final pass
-    are never held."""
+    are never held. `interrupt_partial()` (from another thread, e.g. the VAD's once a pause has lasted
+    `speculate_after_s`) stops a partial pass that is running, so the pause's pass need not wait for it
+    (an onnxruntime Whisper: `ASRModel.interruptible`); the speculative and final passes are never stopped."""
 
     def __init__(self, asr, options: Optional[StreamingOptions] = None, speculate: bool = True,
                  hold_partials: Optional[Callable[[], bool]] = None):
@@ -315,6 +325,8 @@ class UtteranceRecognizer:
         self._spec: Optional[_Speculation] = None
         self.speculative_passes = 0
         self.discarded_passes = 0
+        self.interrupted_passes = 0
+        self._partial = None  # the PassHandle of the partial pass now running (another thread may cancel it)
 
     @property
     def in_utterance(self) -> bool:
@@ -367,9 +379,28 @@ class UtteranceRecognizer:
             committed = self.stt.committed
             return [TranscriptEvent("speculative", " ".join(committed + words[len(committed):]), "", n / SAMPLE_RATE,
                                     asr_s, self._start / SAMPLE_RATE, self._pause.speech_end / SAMPLE_RATE, t_pass)]
-        ev = self.stt.step()
+        from edge_mmm.asr.backends import PassInterrupted
+
+        interruptible = getattr(self.stt.asr, "interruptible", None)
+        with (interruptible() if interruptible is not None else contextlib.nullcontext()) as handle:
+            self._partial = handle
+            try:
+                ev = self.stt.step()
+            except PassInterrupted:  # the speaker paused: the pause's pass covers this audio and more
+                self.interrupted_passes += 1
+                return []
+            finally:
+                self._partial = None
         ev.start_s = self._start / SAMPLE_RATE
         return [ev]
+
+    def interrupt_partial(self) -> bool:
+        """Stop the partial pass now running, if any (thread-safe); True when one was told to stop."""
+        handle = self._partial
+        if handle is None or not getattr(handle, "supported", False):
+            return False
+        handle.cancel()
+        return True
 
     def _settled(self) -> bool:
         return self._pause is not None and self.stt.settled(self._pause.speech_end - self._start)

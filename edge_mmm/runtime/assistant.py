@@ -71,6 +71,9 @@ class LiveConfig:
     # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
     # cores (on 2 cores the two side by side each take ~2x as long, and the encoder outlasted the question)
     partials_during_vision: bool = False
+    # a partial Whisper pass still running when a pause has lasted speculate_after_s is stopped (onnxruntime
+    # backend), so the pause's speculative pass, whose text is the final one if the speech ends, starts at once
+    interrupt_partials: bool = True
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -208,6 +211,7 @@ class LiveAssistant:
         self._speculating = False
         self._speaking: Optional[int] = None  # utterance being spoken (speculation checks the scene)
         self._encoding = threading.Event()  # a speculative frame encode runs: partial passes wait (asr thread)
+        self._recognizer = None  # the asr thread's UtteranceRecognizer (the vad thread may stop its partial pass)
         self._sources: List[Any] = []
         self._threads: List[threading.Thread] = []
         self._started = False
@@ -251,6 +255,8 @@ class LiveAssistant:
         deadline = time.monotonic() + timeout
         self._stop.set()
         self._cancel.set()
+        if self._recognizer is not None:
+            self._recognizer.interrupt_partial()  # a partial Whisper pass need not run to its end
         ok = True
         for src in self._sources:
             ok &= src.stop(max(0.0, deadline - time.monotonic()))
@@ -442,6 +448,7 @@ class LiveAssistant:
 
         seg = SpeechSegmenter(self._vad_options(), self._vad_model, self._stream_options().max_utterance_s)
         base = self.ring.read_pos  # ring index of the segmenter's sample 0
+        interrupted = None  # the pause (its first silent sample) whose running partial pass was stopped
         while not self._stop.is_set():
             lost = self.ring.take_overflow()
             if lost:
@@ -456,12 +463,25 @@ class LiveAssistant:
                 events = seg.feed(chunk)
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
                 self._hear(events, base, time.monotonic() - t_cap if t_cap is not None else None)
+                interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             if eos:
                 self._hear(seg.flush(), base, None)
                 if self._file_source is not None:
                     self._input_ended = True
                     self._notice("microphone", f"audio file {self._file_source.path} ended")
             self._vad_busy = False
+
+    def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
+        """Once per pause that has lasted `speculate_after_s`: stop the partial Whisper pass that is running, so
+        the pause's pass starts now instead of after it. Returns the pause handled (its first silent sample)."""
+        pause, rec = seg.pause, self._recognizer
+        if pause is None or pause[0] == done or rec is None or not (self.config.speculate and
+                                                                       self.config.interrupt_partials):
+            return done
+        if pause[1] < self._stream_options().speculate_after_s:
+            return done
+        rec.interrupt_partial()
+        return pause[0]
 
     def _report_lost(self, lost: int) -> None:
         self.bus.publish("error", source="audio", samples_lost=lost,
@@ -498,6 +518,7 @@ class LiveAssistant:
 
         rec = UtteranceRecognizer(self.models.asr, self._stream_options(), speculate=self.config.speculate,
                                   hold_partials=None if self.config.partials_during_vision else self._encoding.is_set)
+        self._recognizer = rec
         last: Optional[_Heard] = None
         while not self._stop.is_set():
             with self._heard_cv:

@@ -72,3 +72,44 @@ def test_draft_on_the_torch_backend(tiny_en_dir, speech_clips):
     corrupt = list(ref.tokens)
     corrupt[-3] = 1000
     _same(model.transcribe(audio, GREEDY, draft=corrupt), ref)
+
+
+def test_a_pass_stops_when_another_thread_cancels_it(asr, speech_clips):
+    """`ASRModel.interruptible()`: another thread's `cancel()` stops the running onnxruntime pass within a
+    kernel (PassInterrupted); the next pass, outside the block or in a new one, runs normally."""
+    import threading
+    import time
+
+    from edge_mmm.asr.backends import PassInterrupted
+
+    audio = np.concatenate([c[2] for c in speech_clips[:4]])  # ~15 s: a pass of well over half a second
+    ref = asr.transcribe(audio, GREEDY)
+    with asr.interruptible() as handle:
+        assert handle.supported
+        threading.Timer(0.15, handle.cancel).start()
+        t0 = time.perf_counter()
+        with pytest.raises(PassInterrupted):
+            asr.transcribe(audio, GREEDY)
+        stopped = time.perf_counter() - t0
+    assert stopped < 0.15 + 0.4, stopped  # the encoder alone takes ~0.4 s here; a stop waits for one kernel
+    assert asr.transcribe(audio, GREEDY).tokens == ref.tokens
+    with asr.interruptible() as handle:  # a fresh handle: the old cancel does not carry over
+        assert asr.transcribe(audio, GREEDY).tokens == ref.tokens
+
+
+def test_recognizer_drops_a_partial_pass_interrupted_at_a_pause(asr, speech_clips):
+    import threading
+
+    from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
+
+    audio = np.concatenate([c[2] for c in speech_clips[:2]])
+    rec = UtteranceRecognizer(asr)
+    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=audio)])
+    assert not rec.interrupt_partial()  # nothing running
+    threading.Timer(0.1, rec.interrupt_partial).start()
+    assert rec.step() == [] and rec.interrupted_passes == 1
+    assert rec.has_work()  # the partial is still due; the pause's pass would run first if a pause came
+    rec.push([SpeechEvent("pause", len(audio), speech_end=len(audio))])
+    rec.stt.options.speculate_after_s = 0.0
+    spec = rec.step()
+    assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip()

@@ -161,6 +161,7 @@ def test_recognizer_drops_the_speculative_final_when_speech_resumes():
     second = np.zeros(SAMPLE_RATE, np.float32)
     assert rec.push([SpeechEvent("start", 1000), SpeechEvent("audio", 1000, audio=second)]) == []
     assert [e.kind for e in rec.step()] == ["partial"] and asr.passes == [16000]
+    assert not rec.interrupt_partial()  # no pass running (and this stand-in cannot be stopped anyway)
     rec.push([SpeechEvent("pause", 1000 + 12000, speech_end=1000 + 11520)])
     spec = rec.step()
     assert [e.kind for e in spec] == ["speculative"] and asr.passes[-1] == 12000 and spec[0].end_s == 12520 / 16000
