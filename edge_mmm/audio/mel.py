@@ -67,18 +67,24 @@ def log_mel_spectrogram_np(audio, n_mels: int = 80, padding: int = 0) -> np.ndar
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1:
         raise InputError(f"log-mel needs a mono waveform (1-D), got shape {audio.shape}")
+    n_audio = len(audio)
     if padding > 0:
         audio = np.pad(audio, (0, padding))
     half = N_FFT // 2
     if len(audio) <= half:
         raise InputError(f"log-mel needs more than {half} samples (reflect padding), got {len(audio)}")
     x = np.pad(audio, (half, half), mode="reflect")
-    n_frames = 1 + (len(x) - N_FFT) // HOP_LENGTH
-    frames = np.lib.stride_tricks.as_strided(x, (n_frames - 1, N_FFT), (HOP_LENGTH * x.strides[0], x.strides[0]),
-                                             writeable=False)  # the last frame is dropped, as openai's [..., :-1]
+    n_frames = 1 + (len(x) - N_FFT) // HOP_LENGTH - 1  # the last frame is dropped, as openai's [..., :-1]
+    # a frame that starts past the audio (in the zero padding; its reflection at the end is zeros too) has
+    # exactly zero power: only the frames reaching the audio are transformed (a 30 s pad is most of the work)
+    live = n_frames if padding <= half else min(n_frames, -(-(half + n_audio) // HOP_LENGTH))
+    frames = np.lib.stride_tricks.as_strided(x, (live, N_FFT), (HOP_LENGTH * x.strides[0], x.strides[0]),
+                                             writeable=False)
     spec = np.fft.rfft(frames * _hann(N_FFT), axis=-1)
     magnitudes = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-    return _finish(mel_filters(n_mels) @ magnitudes.T, np).astype(np.float32)
+    mel_spec = np.zeros((n_mels, n_frames), np.float32)
+    mel_spec[:, :live] = mel_filters(n_mels) @ magnitudes.T
+    return _finish(mel_spec, np).astype(np.float32)
 
 
 def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0):
