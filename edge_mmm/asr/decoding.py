@@ -184,6 +184,8 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
     state = backend.new_state(audio, group)
     tokens = np.tile(np.array(initial, dtype=np.int64), (group, 1))
     draft = [int(t) for t in draft][: max(0, min(sample_len, n_ctx - sample_begin) - 1)]
+    bad = [i for i, t in enumerate(draft) if not 0 <= t < backend.config.n_vocab]
+    draft = draft[: bad[0]] if bad else draft  # a draft is a guess: an impossible id only ends it
     if group > 1 or opts.temperature > 0:
         draft = []
     sum_logprobs = np.zeros(group, dtype=np.float64)

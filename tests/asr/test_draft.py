@@ -49,7 +49,8 @@ def test_any_draft_gives_the_tokens_of_plain_greedy_decoding(asr, speech_clips, 
         corrupt[len(corrupt) // 2] = 440
         drafts = {"start": start, "whole": ref.tokens, "corrupt": corrupt}
         if k == 0:
-            drafts.update({"noise": rng.integers(0, 50257, size=30).tolist(), "too long": ref.tokens * 30})
+            drafts.update({"noise": rng.integers(0, 50257, size=30).tolist(), "too long": ref.tokens * 30,
+                           "out of vocabulary": ref.tokens[:3] + [10**6, -1] + ref.tokens[3:]})
         for name, draft in drafts.items():
             calls.clear()
             got = asr.transcribe(audio, GREEDY, draft=draft)
