@@ -879,20 +879,35 @@ def demo(
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
     run_demo(demo_assistant(config), settings)
 
+def _click_errors():
+    """(exit, usage error, abort) exception classes of the click under typer: typer >= 0.2x raises those of
+    its own vendored copy (`typer.Exit`, `typer.TyperException`, `typer.Abort`), older ones the click
+    package's; both are caught."""
+    exits = {click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit)}
+    usage = {click.ClickException, getattr(typer, "TyperException", click.ClickException)}
+    aborts = {click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)}
+    return tuple(exits), tuple(usage), tuple(aborts)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the app and map errors to exit codes (0 ok, 2 bad input, 130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    exits, usage, aborts = _click_errors()
     try:
         rc = app(args=args, prog_name="edge-mmm", standalone_mode=False)
         if rc == 130:  # typer turns KeyboardInterrupt into Exit(130) and returns its code
             sys.stderr.write("interrupted\n")
         return rc if isinstance(rc, int) else 0
-    except click.exceptions.Exit as exc:
+    except exits as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors: bad flags, missing arguments
-        exc.show()
+    except usage as exc:  # bad flags, bad flag values, missing arguments: one line, exit 2
+        if STATE.debug or "--debug" in args:
+            traceback.print_exc()
+        names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+        command = next((a for a in args if a in names), None)
+        sys.stderr.write(f"error: {exc.format_message()} (see: edge-mmm {command + ' ' if command else ''}--help)\n")
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*aborts, KeyboardInterrupt):
         sys.stderr.write("interrupted\n")
         return 130
     except EdgeMMMError as exc:

@@ -101,6 +101,21 @@ def test_bad_backend_flag(capsys, tmp_path):
     assert_one_line_error(code, err, "--backend")
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (("transcribe", "clip.wav", "--beam-size", "0"), "--beam-size"),  # a value outside the flag's range
+    (("transcribe", "--nosuch"), "No such option: --nosuch"),
+    (("chat", "--prompt", "hi", "--max-tokens", "0"), "--max-tokens"),
+    (("run", "--camera"), "--camera"),  # a flag without its value
+    (("export",), "--out"),  # a required flag missing
+    (("nosuchcmd",), "nosuchcmd"),
+])
+def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
+    """Typer's own flag checks (typer >= 0.2x raises them from its vendored click) end like our errors."""
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+    assert "--help" in err
+
+
 def test_debug_shows_traceback(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--debug", "transcribe", str(tmp_path / "nope.wav"))
     assert code == 2 and "Traceback" in err
