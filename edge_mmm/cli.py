@@ -901,6 +901,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except exits as exc:
         return exc.exit_code
     except usage as exc:  # bad flags, bad flag values, missing arguments: one line, exit 2
+        if not exc.format_message().strip():  # no command given: the help was shown
+            return exc.exit_code
         if STATE.debug or "--debug" in args:
             traceback.print_exc()
         names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}

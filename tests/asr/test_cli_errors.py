@@ -116,6 +116,11 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
     assert "--help" in err
 
 
+def test_no_command_shows_the_help_only(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "transcribe" in out + err and "error:" not in out + err and "Traceback" not in err
+
+
 def test_debug_shows_traceback(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--debug", "transcribe", str(tmp_path / "nope.wav"))
     assert code == 2 and "Traceback" in err
