@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from edge_mmm.audio.media_guard import MAX_AUDIO_SECONDS
@@ -882,10 +881,14 @@ def demo(
 def _click_errors():
     """(exit, usage error, abort) exception classes of the click under typer: typer >= 0.2x raises those of
     its own vendored copy (`typer.Exit`, `typer.TyperException`, `typer.Abort`), older ones the click
-    package's; both are caught."""
-    exits = {click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit)}
-    usage = {click.ClickException, getattr(typer, "TyperException", click.ClickException)}
-    aborts = {click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)}
+    package's (then already imported by typer); both are caught."""
+    exits, aborts = {typer.Exit}, {typer.Abort}
+    usage = {typer.TyperException} if hasattr(typer, "TyperException") else set()
+    click = sys.modules.get("click")
+    if click is not None:
+        exits.add(click.exceptions.Exit)
+        usage.add(click.ClickException)
+        aborts.add(click.exceptions.Abort)
     return tuple(exits), tuple(usage), tuple(aborts)
 
 
