@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--end-silence-ms", type=int, default=500)
     ap.add_argument("--no-baseline", action="store_true", help="skip the sequential (speculate=False) rows")
     ap.add_argument("--no-interrupt-partials", action="store_true",
-                    help="let a partial Whisper pass running at a pause finish (LiveConfig.interrupt_partials=False)")
+                    help="let a partial Whisper pass running at a pause finish (LiveConfig.interrupt_partial_after_s=None)")
     ap.add_argument("--speak", action="store_true", help="speak the answers; adds the first_audio_s column")
     args = ap.parse_args()
     if args.speak:
@@ -164,7 +164,7 @@ def main() -> None:
     from edge_mmm.text.api import load_lm
 
     cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
-                     interrupt_partials=not args.no_interrupt_partials)
+                     interrupt_partial_after_s=None if args.no_interrupt_partials else LiveConfig.interrupt_partial_after_s)
     sequential = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
                             speculate=False)
     baseline = () if args.no_baseline else (("sequential", sequential),)

@@ -147,6 +147,11 @@ class StreamingTranscriber:
         return TranscriptEvent("partial", " ".join(self.committed), " ".join(tail), self.audio_s, asr_s,
                                pass_t=t_pass)
 
+    @property
+    def has_hypothesis(self) -> bool:
+        """A partial hypothesis of this utterance has been made."""
+        return self._prev is not None
+
     def settled(self, n: int) -> bool:
         """The latest partial hypothesis covered the first `n` samples and is committed whole (two passes
         agreed on every word): a final pass over them would have nothing to add."""
@@ -327,6 +332,7 @@ class UtteranceRecognizer:
         self.discarded_passes = 0
         self.interrupted_passes = 0
         self._partial = None  # the PassHandle of the partial pass now running (another thread may cancel it)
+        self._last_partial_interrupted = False  # no partial has ended since one was stopped
 
     @property
     def in_utterance(self) -> bool:
@@ -388,16 +394,22 @@ class UtteranceRecognizer:
                 ev = self.stt.step()
             except PassInterrupted:  # the speaker paused: the pause's pass covers this audio and more
                 self.interrupted_passes += 1
+                self._last_partial_interrupted = True
                 return []
             finally:
                 self._partial = None
+        self._last_partial_interrupted = False
         ev.start_s = self._start / SAMPLE_RATE
         return [ev]
 
-    def interrupt_partial(self) -> bool:
-        """Stop the partial pass now running, if any (thread-safe); True when one was told to stop."""
+    def interrupt_partial(self, always: bool = False) -> bool:
+        """Stop the partial pass now running, if any (thread-safe); True when one was told to stop. Unless
+        `always` (stopping the runtime), not the utterance's first partial and not two in a row: the speaker
+        sees a partial transcript, and it still moves on when they pause often."""
         handle = self._partial
         if handle is None or not getattr(handle, "supported", False):
+            return False
+        if not always and (self._last_partial_interrupted or not self.stt.has_hypothesis):
             return False
         handle.cancel()
         return True

@@ -71,9 +71,10 @@ class LiveConfig:
     # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
     # cores (on 2 cores the two side by side each take ~2x as long, and the encoder outlasted the question)
     partials_during_vision: bool = False
-    # a partial Whisper pass still running when a pause has lasted speculate_after_s is stopped (onnxruntime
-    # backend), so the pause's speculative pass, whose text is the final one if the speech ends, starts at once
-    interrupt_partials: bool = True
+    # a partial Whisper pass still running when a pause has lasted this long is stopped (onnxruntime backend),
+    # so the pause's speculative pass, whose text is the final one if the speech ends, starts then instead of
+    # after it; shorter gaps between words do not stop partials (None: never stop one)
+    interrupt_partial_after_s: Optional[float] = 0.3
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -256,7 +257,7 @@ class LiveAssistant:
         self._stop.set()
         self._cancel.set()
         if self._recognizer is not None:
-            self._recognizer.interrupt_partial()  # a partial Whisper pass need not run to its end
+            self._recognizer.interrupt_partial(always=True)  # a partial Whisper pass need not run to its end
         ok = True
         for src in self._sources:
             ok &= src.stop(max(0.0, deadline - time.monotonic()))
@@ -472,13 +473,13 @@ class LiveAssistant:
             self._vad_busy = False
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
-        """Once per pause that has lasted `speculate_after_s`: stop the partial Whisper pass that is running, so
-        the pause's pass starts now instead of after it. Returns the pause handled (its first silent sample)."""
-        pause, rec = seg.pause, self._recognizer
-        if pause is None or pause[0] == done or rec is None or not (self.config.speculate and
-                                                                       self.config.interrupt_partials):
+        """Once per pause that has lasted `interrupt_partial_after_s`: stop the partial Whisper pass that is
+        running, so the pause's pass starts now instead of after it. Returns the pause handled (its first
+        silent sample)."""
+        pause, rec, after = seg.pause, self._recognizer, self.config.interrupt_partial_after_s
+        if pause is None or pause[0] == done or rec is None or after is None or not self.config.speculate:
             return done
-        if pause[1] < self._stream_options().speculate_after_s:
+        if pause[1] < max(after, self._stream_options().speculate_after_s):
             return done
         rec.interrupt_partial()
         return pause[0]

@@ -99,18 +99,32 @@ def test_a_pass_stops_when_another_thread_cancels_it(asr, speech_clips):
 
 
 def test_recognizer_drops_a_partial_pass_interrupted_at_a_pause(asr, speech_clips):
+    """`interrupt_partial()` stops a running partial pass (the recognizer goes on as if it had not run), but not
+    the utterance's first partial and not two in a row; the pause's pass then runs as usual."""
     import threading
 
     from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
 
-    audio = np.concatenate([c[2] for c in speech_clips[:2]])
     rec = UtteranceRecognizer(asr)
-    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=audio)])
+
+    def step_while_interrupting():
+        told = []
+        timer = threading.Timer(0.1, lambda: told.append(rec.interrupt_partial()))
+        timer.start()
+        out = rec.step()
+        timer.join()
+        return [e.kind for e in out], told
+
+    first, second = speech_clips[0][2], speech_clips[1][2]
     assert not rec.interrupt_partial()  # nothing running
-    threading.Timer(0.1, rec.interrupt_partial).start()
-    assert rec.step() == [] and rec.interrupted_passes == 1
+    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=first)])
+    assert step_while_interrupting() == (["partial"], [False])  # the first partial is always shown
+    rec.push([SpeechEvent("audio", len(first), audio=second)])
+    assert step_while_interrupting() == ([], [True]) and rec.interrupted_passes == 1
     assert rec.has_work()  # the partial is still due; the pause's pass would run first if a pause came
-    rec.push([SpeechEvent("pause", len(audio), speech_end=len(audio))])
+    assert step_while_interrupting() == (["partial"], [False])  # not two in a row
+    n = len(first) + len(second)
+    rec.push([SpeechEvent("pause", n, speech_end=n)])
     rec.stt.options.speculate_after_s = 0.0
     spec = rec.step()
-    assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip()
+    assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip() and rec.interrupted_passes == 1
