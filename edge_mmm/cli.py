@@ -878,6 +878,7 @@ def demo(
     typer.echo(f"loading models, then serving the demo page on http://{host}:{port}/", err=True)
     run_demo(demo_assistant(config), settings)
 
+
 def _click_errors():
     """(exit, usage error, abort) exception classes of the click under typer: typer >= 0.2x raises those of
     its own vendored copy (`typer.Exit`, `typer.TyperException`, `typer.Abort`), older ones the click

@@ -44,14 +44,12 @@ class PassHandle:
 
     def __init__(self, run_options=None):
         self.run_options = run_options
-        self.cancelled = False
 
     @property
     def supported(self) -> bool:
         return self.run_options is not None
 
     def cancel(self) -> None:
-        self.cancelled = True
         if self.run_options is not None:
             self.run_options.terminate = True
 

@@ -90,6 +90,8 @@ class LiveConfig:
             raise InputError(f"end_silence_ms must be >= 60, got {self.end_silence_ms}")
         if self.context_length < 2:
             raise InputError(f"context_length must be >= 2, got {self.context_length}")
+        if self.interrupt_partial_after_s is not None and self.interrupt_partial_after_s < 0:
+            raise InputError(f"interrupt_partial_after_s must be >= 0 or None, got {self.interrupt_partial_after_s}")
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_tokens=self.max_tokens, temperature=self.temperature)

@@ -13,6 +13,7 @@ import pytest
 
 from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
 from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.errors import InputError
 from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
 from test_assistant import _events
 
@@ -245,3 +246,41 @@ def test_partials_wait_while_the_frame_is_encoded(vlm_models, question_clip, mon
     assert during == [] and after, (during, after)
     _, during, _ = run(LiveConfig(max_tokens=2, partials_during_vision=True))
     assert during, "partials ran beside the encoder when allowed"
+
+
+def test_segmenter_reports_the_pause_going_on(question_clip):
+    """`SpeechSegmenter.pause`: (first silent sample, seconds of silence) while a pause lasts, else None."""
+    from edge_mmm.asr.streaming import SpeechSegmenter
+    from edge_mmm.audio.io import load_audio
+
+    seg = SpeechSegmenter()
+    audio = load_audio(question_clip)
+    seen, started = [], False
+    for i in range(0, len(audio), 512):
+        started |= any(e.kind == "start" for e in seg.feed(audio[i:i + 512]))
+        if seg.pause is not None:
+            seen.append(seg.pause)
+    assert started and seen
+    first, seconds = max(seen, key=lambda p: p[1])
+    assert 0 < first < len(audio) and 0.1 < seconds < 1.0  # the end-silence wait ends the utterance at ~0.5 s
+    assert seg.pause is None  # the utterance ended
+
+
+def test_the_vad_thread_stops_a_partial_once_per_pause_after_the_threshold():
+    import types
+
+    calls = []
+    a = object.__new__(LiveAssistant)  # the decision only: no models, no threads
+    a.config = LiveConfig()
+    a._recognizer = types.SimpleNamespace(interrupt_partial=lambda: calls.append(1) or True)
+    seg = types.SimpleNamespace(pause=(16000, 0.2))
+    assert a._interrupt_partial_at_pause(seg, None) is None and calls == []  # 0.2 s < 0.3 s: a gap between words
+    seg.pause = (16000, 0.35)
+    assert a._interrupt_partial_at_pause(seg, None) == 16000 and calls == [1]
+    assert a._interrupt_partial_at_pause(seg, 16000) == 16000 and calls == [1]  # once per pause
+    seg.pause = None
+    assert a._interrupt_partial_at_pause(seg, 16000) == 16000 and calls == [1]
+    a.config = LiveConfig(interrupt_partial_after_s=None)
+    assert a._interrupt_partial_at_pause(types.SimpleNamespace(pause=(32000, 2.0)), 16000) == 16000 and calls == [1]
+    with pytest.raises(InputError, match="interrupt_partial_after_s"):
+        LiveConfig(interrupt_partial_after_s=-1)
