@@ -103,7 +103,8 @@ class VADIterator:
 
     A start is reported once the speech has lasted more than `min_speech_ms` (so a click that the batch
     segmenter would drop never starts a turn); its sample is the true, padded start. `flush()` ends the
-    stream: it runs the partial last chunk (zero-padded) and closes an open segment at the stream's end.
+    stream: it runs the partial last chunk (zero-padded) and closes an open segment at the stream's end, or,
+    if a silence had begun, where that silence began (plus the end padding), as `min_silence_ms` more of it would.
     """
 
     def __init__(self, options: Optional[VadOptions] = None, model: Optional[SileroVad] = None):
@@ -150,13 +151,18 @@ class VADIterator:
         return events
 
     def flush(self) -> List[VadEvent]:
-        """End of stream: process the partial chunk and close an open segment at the last sample."""
+        """End of stream: process the partial chunk and close an open segment (see the class docstring)."""
         events: List[VadEvent] = []
+        paused = self._temp_end if self.triggered else 0  # not the zero-padded last chunk's "silence"
         if self._pending.size:
             chunk = np.zeros(VAD_CHUNK, np.float32)
             chunk[:self._pending.size] = self._pending
             self._pending = np.zeros(0, np.float32)
             events += self._step(chunk)
+        if self.triggered and paused and self._temp_end == paused:
+            # a pause was going on: the speech ended where it began, as a live endpoint would have said
+            # (so a pass already run over the pause's audio is the final one)
+            return events + self._close(self._temp_end)
         if self.triggered and self.n_samples - self._start > self._min_speech:
             if not self.started:
                 events.append(VadEvent("start", max(0, self._start - self._pad)))

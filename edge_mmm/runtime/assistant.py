@@ -469,6 +469,8 @@ class LiveAssistant:
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             if eos:
                 self._hear(seg.flush(), base, None)
+                if self._recognizer is not None:  # the final pass covers a running partial's audio and more
+                    self._recognizer.interrupt_partial(always=True)
                 if self._file_source is not None:
                     self._input_ended = True
                     self._notice("microphone", f"audio file {self._file_source.path} ended")

@@ -90,3 +90,26 @@ def test_options_validated():
     assert VadOptions(threshold=0.6).neg_threshold == pytest.approx(0.45)
     with pytest.raises(InputError, match="512"):
         SileroVad()(np.zeros(100, np.float32))
+
+
+def test_stream_ending_in_a_pause_ends_where_the_pause_began(two_utterances, model):
+    """A file that stops 0.25 s into the silence after its last word: flush ends the segment where a live
+    endpoint (the same audio followed by enough silence) ends it, not at the last sample; a stream cut
+    inside the speech still ends at its last sample."""
+    audio, truth = two_utterances
+    opts = VadOptions(min_silence_ms=500)
+
+    def events(x):
+        it = VADIterator(opts, model)
+        return it.feed(x) + it.flush()
+
+    first = audio[:int((truth[0][1] + 1.0) * SAMPLE_RATE)]
+    live = events(first)
+    assert [e.kind for e in live] == ["start", "end"]
+    silence_from = live[1].sample - int(opts.speech_pad_ms * SAMPLE_RATE / 1000)
+    cut = silence_from + int(0.25 * SAMPLE_RATE)  # 0.25 s into the silence: no endpoint yet
+    flushed = events(audio[:cut])
+    assert flushed == live
+    inside = int((truth[0][0] + 0.6) * SAMPLE_RATE)  # mid-sentence
+    ends = [e for e in events(audio[:inside]) if e.kind == "end"]
+    assert [e.sample for e in ends] == [inside]

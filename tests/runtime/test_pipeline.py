@@ -284,3 +284,31 @@ def test_the_vad_thread_stops_a_partial_once_per_pause_after_the_threshold():
     assert a._interrupt_partial_at_pause(types.SimpleNamespace(pause=(32000, 2.0)), 16000) == 16000 and calls == [1]
     with pytest.raises(InputError, match="interrupt_partial_after_s"):
         LiveConfig(interrupt_partial_after_s=-1)
+
+
+def test_audio_ending_in_a_pause_reuses_the_pause_pass_as_the_final(question_clip):
+    """A question file that stops 0.3 s into the silence after it (espeak-ng, a trimmed recording): the end of
+    the stream closes the utterance where the pause began, so the pause's speculative pass is the final
+    transcript and no second pass runs (before, the final pass ran again over the whole file)."""
+    from edge_mmm.asr.streaming import SpeechSegmenter
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.vad import VadOptions
+
+    audio = load_audio(question_clip)
+    probe = SpeechSegmenter(VadOptions(min_silence_ms=500))
+    pauses = []
+    for i in range(0, len(audio), BLOCK):
+        probe.feed(audio[i:i + BLOCK])
+        if probe.pause is not None:
+            pauses.append(probe.pause[0])
+    cut = pauses[-1] + int(0.3 * SAMPLE_RATE)  # the last pause, the one the endpoint ends
+    asr = _ScriptedASR()
+    seg, rec = SpeechSegmenter(VadOptions(min_silence_ms=500)), UtteranceRecognizer(asr)
+    kinds = []
+    for i in range(0, cut, BLOCK):
+        rec.push(seg.feed(audio[i:min(i + BLOCK, cut)]))
+        kinds += [e.kind for e in rec.step()]
+    assert kinds[-1] == "speculative" and seg.pause is not None
+    n_passes = len(asr.passes)
+    final = rec.push(seg.flush())
+    assert [e.kind for e in final] == ["final"] and final[0].reused and len(asr.passes) == n_passes
