@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from edge_mmm.errors import EdgeMMMError, InputError
+from edge_mmm.exporters import TORCH_EXPORT_LOCK
 from edge_mmm.models.idefics3 import Idefics3Vision
 
 FP32_ATOL = 1e-4  # stated tolerance of the FP32 export vs eager
@@ -59,10 +60,11 @@ def _dummy_inputs(vision: Idefics3Vision, n: int, seed: int = 0):
 def _export_fp32(vision: Idefics3Vision, path: Path, opset: int) -> None:
     pv, mask = _dummy_inputs(vision, 2)
     n = torch.export.Dim("n_tiles", min=1, max=256)
-    prog = torch.onnx.export(vision.eval(), (pv, mask), dynamo=True, opset_version=opset,
-                             input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                             dynamic_shapes={"pixel_values": {0: n}, "patch_mask": {0: n}},
-                             optimize=True, verbose=False)
+    with TORCH_EXPORT_LOCK:
+        prog = torch.onnx.export(vision.eval(), (pv, mask), dynamo=True, opset_version=opset,
+                                 input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                                 dynamic_shapes={"pixel_values": {0: n}, "patch_mask": {0: n}},
+                                 optimize=True, verbose=False)
     prog.save(str(path))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from edge_mmm.audio.constants import N_FRAMES
 from edge_mmm.errors import ModelFileError
+from edge_mmm.exporters import TORCH_EXPORT_LOCK
 from edge_mmm.models.whisper import DECODER_FILE, ENCODER_FILE, Whisper, cross_names, onnx_files  # noqa: F401
 from edge_mmm.models.whisper_config import EXPORTER_VERSION  # noqa: F401  (named beside the file names, torch-free)
 
@@ -111,7 +112,7 @@ def export_whisper_onnx(model: Whisper, out_dir: Path, check: bool = True,
     batch_axes = {**{name: {0: "batch", **({3: "audio"} if dynamic_frames else {})} for name in k_names},
                   **{name: {0: "batch", **({2: "audio"} if dynamic_frames else {})} for name in v_names}}
     mel_axes = {0: "batch", 2: "frames"} if dynamic_frames else {0: "batch"}
-    with warnings.catch_warnings():
+    with TORCH_EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _fused_encoder_attention(model) if ort_fused_attention else nullcontext():
             torch.onnx.export(enc, (mel,), str(out_dir / ENCODER_FILE), input_names=["mel"],

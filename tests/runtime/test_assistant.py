@@ -182,3 +182,38 @@ def test_history_is_cut_to_half_the_window_when_full(vlm_models):
     assert sizes == [1, 2, 3, 4, 2, 3]  # the fifth exchange overflows 4: the newest 2 stay
     assert reused[1] > 0 and reused[2] > reused[1] and reused[3] > reused[2]  # the prefix is reused until a cut
     assert reused[5] > 0  # and again after it
+
+
+def test_live_models_load_whisper_beside_the_lm_and_report_either_error(monkeypatch, tmp_path):
+    """Whisper loads on its own thread while the LM loads; a bad path for either is the typed error that names it."""
+    import edge_mmm.asr.api as asr_api
+    import edge_mmm.text.api as text_api
+    from edge_mmm.errors import ModelFileError
+    from edge_mmm.runtime.assistant import load_live_models
+
+    seen = {}
+    both = threading.Barrier(2, timeout=10)  # broken (an error) unless the two loads run at the same time
+
+    def fake_asr(model, backend, threads):
+        seen["asr"] = threading.current_thread().name
+        both.wait()
+        if model == "bad":
+            raise ModelFileError("whisper 'bad' not found")
+        return "asr"
+
+    def fake_lm(path, **kwargs):
+        seen["lm"] = threading.current_thread().name
+        both.wait()
+        return "lm"
+
+    monkeypatch.setattr(asr_api, "load_asr", fake_asr)
+    monkeypatch.setattr(text_api, "load_lm", fake_lm)
+    lm = tmp_path / "lm.gguf"
+    lm.write_bytes(b"GGUF")
+    models = load_live_models(LiveConfig(model=str(lm)))
+    assert (models.asr, models.lm) == ("asr", "lm") and seen["asr"] != seen["lm"]
+    both.reset()
+    with pytest.raises(ModelFileError, match="whisper 'bad'"):
+        load_live_models(LiveConfig(model=str(lm), asr_model="bad"))
+    with pytest.raises(ModelFileError, match="missing.gguf"):
+        load_live_models(LiveConfig(model=str(tmp_path / "missing.gguf")))
