@@ -94,7 +94,7 @@ class LiveConfig:
             raise InputError(f"interrupt_partial_after_s must be >= 0 or None, got {self.interrupt_partial_after_s}")
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_tokens=self.max_tokens, temperature=self.temperature)
+        return GenerationConfig(max_tokens=self.max_tokens, temperature=self.temperature, stop_loops=True)
 
 
 @dataclass

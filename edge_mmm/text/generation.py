@@ -6,7 +6,8 @@ A backend only provides `new_cache()`, `prefill(ids, cache) -> logits` and `deco
 
 Context policy: a prompt that does not fit the context (prompt tokens >= context length) is an
 `InputError` stating both lengths; nothing is truncated silently. Generation stops with
-`finish_reason="length"` when `max_tokens` are produced or the context is full.
+`finish_reason="length"` when `max_tokens` are produced or the context is full, and, with `stop_loops` (the
+live assistant), `finish_reason="loop"` once the answer has fallen into a loop (`in_loop`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; te
 
 
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+LOOP_MAX_PERIOD = 64  # tokens in the repeated block, at most
+LOOP_MIN_TOKENS = 24  # tokens the repetition spans, at least (and 3 copies of the block)
 # Logits: 1-D float32, a numpy array (onnxruntime backends) or a torch tensor (torch backend). Greedy decoding
 # needs neither torch nor a copy; sampling (temperature > 0) imports torch for its seeded generator.
 
@@ -36,6 +39,7 @@ class GenerationConfig:
     seed: Optional[int] = None
     stop_token_ids: Tuple[int, ...] = ()  # added to the model's own end-of-turn tokens
     stop_strings: Tuple[str, ...] = ()
+    stop_loops: bool = False  # end a degenerate answer that repeats one block of tokens (see `in_loop`)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -56,7 +60,7 @@ class Generation:
     text: str
     token_ids: List[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "loop"
     timings: Dict[str, float] = field(default_factory=dict)  # load_s, prefill_tok_s, decode_tok_s, ttft_s
 
     def to_dict(self) -> dict:
@@ -164,8 +168,11 @@ class TokenStream:
                 emitted = safe
             if len(ids) >= config.max_tokens or cache.length >= backend.context_length:
                 break
+            if config.stop_loops and in_loop(ids):
+                finish = "loop"
+                break
             logits = backend.decode(tok, cache)
-        if finish == "length":
+        if finish in ("length", "loop"):
             text += decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
@@ -177,6 +184,20 @@ class TokenStream:
                      "prefill_tok_s": (len(prompt_ids) - reuse) / t_prefill if t_prefill > 0 else 0.0,
                      "decode_tok_s": n_dec / (t_end - t_decode0) if n_dec > 0 and t_end > t_decode0 else 0.0,
                      "ttft_s": t_first - t0, "prompt_reused": float(reuse)})
+
+
+def in_loop(ids: Sequence[int]) -> bool:
+    """True when `ids` end in one block of at most LOOP_MAX_PERIOD tokens repeated back to back, at least 3
+    times and over at least LOOP_MIN_TOKENS tokens ("le Grand Croix de la femme de France, " again and again):
+    a small greedy model that starts this never leaves it (a 135M model answers a misheard question with 128
+    tokens of one French clause). Ordinary text repeats words and phrases, not 24 tokens in lockstep."""
+    ids = list(ids[-3 * LOOP_MAX_PERIOD:])  # the longest span looked at
+    n = len(ids)
+    for period in range(1, min(LOOP_MAX_PERIOD, n // 3) + 1):
+        span = max(3 * period, LOOP_MIN_TOKENS)
+        if span <= n and ids[n - span + period:] == ids[n - span:n - period]:
+            return True
+    return False
 
 
 def cached_ids(prompt_ids: Sequence[int], last: Optional["TokenStream"], cache_length: int) -> List[int]:
