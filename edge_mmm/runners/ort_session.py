@@ -17,9 +17,12 @@ CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 
 def ort_session(path: Union[str, Path], what: str, threads: int = 0,
-                providers: Optional[Sequence[str]] = None, inputs: Sequence[str] = ()):
+                providers: Optional[Sequence[str]] = None, inputs: Sequence[str] = (), spin_after_run: bool = True):
     """An `onnxruntime.InferenceSession` on `path`; a missing or unloadable file, or a graph without one of
-    the `inputs` the caller feeds (a swapped file), is a ModelFileError naming `what` and the file."""
+    the `inputs` the caller feeds (a swapped file), is a ModelFileError naming `what` and the file.
+    `spin_after_run` False: the intra-op workers spin while a run lasts but sleep as soon as it returns
+    (onnxruntime's `session.force_spinning_stop`), so they do not take a core from the session that runs next:
+    on 2 cores the Whisper encoder's spinning workers slowed the first decoder steps after it 2-3x."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -31,6 +34,8 @@ def ort_session(path: Union[str, Path], what: str, threads: int = 0,
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if not spin_after_run:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         session = ort.InferenceSession(str(path), opts, providers=list(providers or CPU_PROVIDERS))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, not exported

@@ -58,8 +58,9 @@ class OrtVisionEncoder:
     def __init__(self, path: Path, patch_size: Optional[int] = None, threads: int = 0, providers=None,
                  max_tiles: Optional[int] = None):
         path = Path(path)
+        # one long run per frame, with Whisper or the LM next: its idle workers must not spin on their cores
         self.session = ort_session(path, "ONNX vision model", threads, providers,
-                                   inputs=["pixel_values", "patch_mask"])
+                                   inputs=["pixel_values", "patch_mask"], spin_after_run=False)
         self.path = path
         self.patch_size = patch_size
         self.max_tiles = max_tiles

@@ -128,3 +128,11 @@ def test_recognizer_drops_a_partial_pass_interrupted_at_a_pause(asr, speech_clip
     rec.stt.options.speculate_after_s = 0.0
     spec = rec.step()
     assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip() and rec.interrupted_passes == 1
+
+
+def test_whisper_sessions_stop_spinning_when_a_run_returns(asr):
+    """The encoder's and decoder's idle workers sleep once a run returns (onnxruntime's force_spinning_stop),
+    so they do not take the cores of the decoder or the LM that runs next; the LM keeps spinning between its
+    back-to-back decode steps. Timings in docs/speech.md."""
+    for session in (asr.backend.encoder, asr.backend.decoder):
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
