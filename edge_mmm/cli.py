@@ -804,7 +804,7 @@ def run(
         while not ((assistant.finished.is_set() and (speaker is None or not speaker.is_playing()))
                    or interrupted.is_set()):
             try:
-                _print_event(events.get(timeout=0.1), json_out)
+                _print_event(events.get(timeout=0.05), json_out)
             except queue.Empty:
                 pass
     finally:
