@@ -483,7 +483,8 @@ class LiveAssistant:
                     self._recognizer.interrupt_partial(always=True)
                 if self._file_source is not None:
                     self._input_ended = True
-                    self._notice("microphone", f"audio file {self._file_source.path} ended")
+                    heard = "" if self._vad_utterance else ": no speech was heard in it"
+                    self._notice("microphone", f"audio file {self._file_source.path} ended{heard}")
             self._vad_busy = False
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:

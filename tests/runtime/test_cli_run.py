@@ -62,6 +62,23 @@ def test_run_once_text_model(capsys, question_clip, video_file, tmp_path, smollm
     assert not {e["type"] for e in logged} & {"answer.delta", "transcript.partial"}
 
 
+def test_run_once_on_a_file_without_speech_says_so(capsys, tmp_path, smollm2):
+    import wave
+
+    quiet = tmp_path / "quiet.wav"
+    with wave.open(str(quiet), "wb") as w:  # 2 s of digital silence, 16 kHz mono
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 32000)
+    rc, events, err = _run_json(capsys, ["run", "--camera", "none", "--mic", str(quiet), "--once", "--json",
+                                         "--file-speed", "4"])
+    assert rc == 0, err
+    assert any(n["source"] == "microphone" and n["message"].endswith("no speech was heard in it")
+               for n in _of(events, "notice"))
+    assert not _of(events, "transcript.final") and not _of(events, "answer.done")
+
+
 def test_run_once_vlm_uses_frame_and_survives_camera_end(capsys, question_clip, tiny_vlm_dir, tmp_path):
     short = write_video(tmp_path / "short.avi", photos=("astronaut",), seconds_each=0.5)  # ends mid-question
     rc, events, err = _run_json(capsys, ["run", "--camera", str(short), "--mic", str(question_clip), "--model",
