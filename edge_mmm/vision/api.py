@@ -419,5 +419,34 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     lm = None
     if lm_backend == "onnxruntime":
         lm = _onnx_lm_backend(model, files, onnx_cache_dir, quantize, context_length, threads)
+    release_replaced_weights(model, vision=backend == "onnxruntime", lm=lm is not None)
     return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
                                model_id=str(root), family=family, lm_backend=lm)
+
+
+def release_replaced_weights(model, vision: bool, lm: bool) -> None:
+    """Free the torch weights that onnxruntime sessions replaced; the modules stay, on the meta device (as a
+    bundle's vision tower does): the vision tower + connector (`vision`), and the LM's layers, norm and head
+    (`lm`: its token table stays, the onnxruntime LM is fed its rows). SmolVLM-256M dims, int4 LM: the
+    resident set after load drops by the torch vision tower (~350 MB) and the packed LM layers."""
+    if vision:
+        model.vision.to("meta")
+    if lm:
+        table = {id(p) for p in model.lm.embed_tokens.parameters()}
+        for name, child in model.lm.named_children():
+            if name != "embed_tokens" and not any(id(p) in table for p in child.parameters()):
+                child.to("meta")
+    if vision or lm:
+        _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """Give the heap pages freed above back to the OS (glibc keeps them otherwise); no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to do
+        pass

@@ -66,6 +66,15 @@ def test_onnxruntime_lm_greedy_matches_transformers(tiny, tmp_path):
     vlm = load_vlm(d, lm_backend="onnxruntime", onnx_cache_dir=tmp_path)
     gen = vlm.generate(_msgs(img, "Describe it."), GenerationConfig(max_tokens=16))
     assert gen.token_ids == ref and len(ref) > 3
+    # the torch weights onnxruntime replaced are freed (meta device); the token table the LM is fed stays
+    assert {p.device.type for p in vlm.model.lm.layers.parameters()} | {
+        b.device.type for b in vlm.model.lm.layers.buffers()} == {"meta"}
+    assert vlm.model.lm.embed_tokens.weight.device.type == "cpu"
+    both = load_vlm(d, backend="onnxruntime", lm_backend="onnxruntime", onnx_cache_dir=tmp_path)
+    assert {p.device.type for p in both.model.vision.parameters()} == {"meta"}
+    assert both.generate(_msgs(img, "Describe it."), GenerationConfig(max_tokens=16)).token_ids == ref
+    torch_vlm = load_vlm(d)  # torch everywhere: nothing is freed
+    assert {p.device.type for p in torch_vlm.model.parameters()} == {"cpu"}
 
 
 def test_onnxruntime_lm_prefix_reuse_and_growth_are_exact(tiny, tmp_path):
