@@ -268,8 +268,9 @@ class SpeechSegmenter:
         return out
 
     def flush(self) -> List[SpeechEvent]:
-        """End of stream: close an open utterance."""
-        return self._segment(self.vad.flush())
+        """End of stream: close an open utterance, inside a pause where the pause began (as the end-silence
+        wait would have), so a pass already run over the pause's audio is the final one."""
+        return self._segment(self.vad.flush(at_pause=True))
 
     def _segment(self, vad_events) -> List[SpeechEvent]:
         out: List[SpeechEvent] = []

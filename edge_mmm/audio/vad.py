@@ -103,8 +103,9 @@ class VADIterator:
 
     A start is reported once the speech has lasted more than `min_speech_ms` (so a click that the batch
     segmenter would drop never starts a turn); its sample is the true, padded start. `flush()` ends the
-    stream: it runs the partial last chunk (zero-padded) and closes an open segment at the stream's end, or,
-    if a silence had begun, where that silence began (plus the end padding), as `min_silence_ms` more of it would.
+    stream: it runs the partial last chunk (zero-padded) and closes an open segment at the stream's end (as
+    `get_speech_timestamps` does), or with `at_pause` and a silence begun, where that silence began (plus the
+    end padding), as `min_silence_ms` more of it would (the live segmenter: a file that stops in a pause).
     """
 
     def __init__(self, options: Optional[VadOptions] = None, model: Optional[SileroVad] = None):
@@ -150,7 +151,7 @@ class VADIterator:
         self._pending = buf[n_full * VAD_CHUNK:].copy()
         return events
 
-    def flush(self) -> List[VadEvent]:
+    def flush(self, at_pause: bool = False) -> List[VadEvent]:
         """End of stream: process the partial chunk and close an open segment (see the class docstring)."""
         events: List[VadEvent] = []
         paused = self._temp_end if self.triggered else 0  # not the zero-padded last chunk's "silence"
@@ -159,7 +160,7 @@ class VADIterator:
             chunk[:self._pending.size] = self._pending
             self._pending = np.zeros(0, np.float32)
             events += self._step(chunk)
-        if self.triggered and paused and self._temp_end == paused:
+        if at_pause and self.triggered and paused and self._temp_end == paused:
             # a pause was going on: the speech ended where it began, as a live endpoint would have said
             # (so a pass already run over the pause's audio is the final one)
             return events + self._close(self._temp_end)

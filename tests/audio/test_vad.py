@@ -7,7 +7,7 @@ import pytest
 
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.audio.synth import SENTENCES, have_espeak, synthesize
-from edge_mmm.audio.vad import (VAD_CHUNK, SileroVad, VADIterator, VadOptions, events_to_segments,
+from edge_mmm.audio.vad import (VAD_CHUNK, SileroVad, VadEvent, VADIterator, VadOptions, events_to_segments,
                                 speech_segments)
 from edge_mmm.errors import InputError
 
@@ -93,15 +93,16 @@ def test_options_validated():
 
 
 def test_stream_ending_in_a_pause_ends_where_the_pause_began(two_utterances, model):
-    """A file that stops 0.25 s into the silence after its last word: flush ends the segment where a live
-    endpoint (the same audio followed by enough silence) ends it, not at the last sample; a stream cut
-    inside the speech still ends at its last sample."""
+    """A file that stops 0.25 s into the silence after its last word: `flush(at_pause=True)` (the live
+    segmenter's) ends the segment where a live endpoint (the same audio followed by enough silence) ends it;
+    the default ends it at the last sample, as silero-vad's get_speech_timestamps does; a stream cut inside
+    the speech ends at its last sample either way."""
     audio, truth = two_utterances
     opts = VadOptions(min_silence_ms=500)
 
-    def events(x):
+    def events(x, at_pause=True):
         it = VADIterator(opts, model)
-        return it.feed(x) + it.flush()
+        return it.feed(x) + it.flush(at_pause=at_pause)
 
     first = audio[:int((truth[0][1] + 1.0) * SAMPLE_RATE)]
     live = events(first)
@@ -110,6 +111,8 @@ def test_stream_ending_in_a_pause_ends_where_the_pause_began(two_utterances, mod
     cut = silence_from + int(0.25 * SAMPLE_RATE)  # 0.25 s into the silence: no endpoint yet
     flushed = events(audio[:cut])
     assert flushed == live
+    assert events(audio[:cut], at_pause=False) == [live[0], VadEvent("end", cut)]
     inside = int((truth[0][0] + 0.6) * SAMPLE_RATE)  # mid-sentence
-    ends = [e for e in events(audio[:inside]) if e.kind == "end"]
-    assert [e.sample for e in ends] == [inside]
+    for at_pause in (True, False):
+        ends = [e for e in events(audio[:inside], at_pause) if e.kind == "end"]
+        assert [e.sample for e in ends] == [inside]
