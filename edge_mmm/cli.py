@@ -656,7 +656,8 @@ def _print_event(event, json_out: bool) -> None:
     elif event.type == "answer.delta":
         out.write(d["text"])
     elif event.type == "answer.done":
-        out.write(" [interrupted]\n" if d["cancelled"] else "\n")
+        ended = {"loop": " [stopped: it repeated itself]"}.get(d.get("finish_reason"), "")
+        out.write(" [interrupted]\n" if d["cancelled"] else ended + "\n")
     elif event.type == "timing" and d.get("stage") == "turn":
         parts = [f"{k.replace('_s', '')} {d[k]:.2f}s" for k in ("eos_to_first_token_s", "asr_final_s", "vision_s",
                                                             "prefill_s", "ttft_s") if d.get(k) is not None]

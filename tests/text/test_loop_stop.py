@@ -89,3 +89,14 @@ def test_an_answer_that_ends_is_not_touched():
 def test_in_loop(ids, looping):
     assert in_loop(ids) is looping
     assert in_loop(np.array(ids, np.int64)) is looping
+
+
+def test_the_terminal_says_why_a_looping_answer_ended(capsys):
+    from edge_mmm.cli import _print_event
+    from edge_mmm.runtime.events import Event
+
+    for finish, cancelled, tail in (("loop", False, " [stopped: it repeated itself]\n"), ("stop", False, "\n"),
+                                    ("loop", True, " [interrupted]\n")):
+        _print_event(Event("answer.done", {"text": "x", "turn": 1, "finish_reason": finish, "cancelled": cancelled}),
+                     json_out=False)
+        assert capsys.readouterr().out == tail

@@ -162,6 +162,7 @@ function onDone(data) {
   if (full && turn.answer.textContent.trim() === "") turn.answer.textContent = full;
   turn.answer.classList.remove("streaming");
   if (data.cancelled) turn.answer.classList.add("cancelled");
+  else if (data.finish_reason === "loop") turn.answer.classList.add("looped");
   turn.done = true;
   state.turns.delete(data.turn);
 }
