@@ -478,14 +478,20 @@ class LiveAssistant:
                 self._hear(events, base, time.monotonic() - t_cap if t_cap is not None else None)
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             if eos:
-                self._hear(seg.flush(), base, None)
-                if self._recognizer is not None:  # the final pass covers a running partial's audio and more
-                    self._recognizer.interrupt_partial(always=True)
-                if self._file_source is not None:
-                    self._input_ended = True
-                    heard = "" if self._vad_utterance else ": no speech was heard in it"
-                    self._notice("microphone", f"audio file {self._file_source.path} ended{heard}")
+                self._input_end(seg, base)
             self._vad_busy = False
+
+    def _input_end(self, seg, base: int) -> None:
+        """The audio stream ended (an audio file's end): close the open utterance (inside a pause, where the
+        pause began: `SpeechSegmenter.flush`), stop a partial pass still running (the final pass covers its
+        audio and more), and say that the file ended."""
+        self._hear(seg.flush(), base, None)
+        if self._recognizer is not None:
+            self._recognizer.interrupt_partial(always=True)
+        if self._file_source is not None:
+            self._input_ended = True
+            heard = "" if self._vad_utterance else ": no speech was heard in it"
+            self._notice("microphone", f"audio file {self._file_source.path} ended{heard}")
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
         """Once per pause that has lasted `interrupt_partial_after_s`: stop the partial Whisper pass that is

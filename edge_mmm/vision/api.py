@@ -427,8 +427,8 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
 def release_replaced_weights(model, vision: bool, lm: bool) -> None:
     """Free the torch weights that onnxruntime sessions replaced; the modules stay, on the meta device (as a
     bundle's vision tower does): the vision tower + connector (`vision`), and the LM's layers, norm and head
-    (`lm`: its token table stays, the onnxruntime LM is fed its rows). SmolVLM-256M dims, int4 LM: the
-    resident set after load drops by the torch vision tower (~350 MB) and the packed LM layers."""
+    (`lm`: its token table stays, the onnxruntime LM is fed its rows); then the freed heap goes back to the OS.
+    SmolVLM-256M dims, int4 LM: the resident set after load + one answer is ~69 MiB lower (docs/models.md)."""
     if vision:
         model.vision.to("meta")
     if lm:
@@ -437,16 +437,6 @@ def release_replaced_weights(model, vision: bool, lm: bool) -> None:
             if name != "embed_tokens" and not any(id(p) in table for p in child.parameters()):
                 child.to("meta")
     if vision or lm:
-        _return_freed_heap()
+        from edge_mmm.weights.gguf_lm import release_heap
 
-
-def _return_freed_heap() -> None:
-    """Give the heap pages freed above back to the OS (glibc keeps them otherwise); no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(libc).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to do
-        pass
+        release_heap()

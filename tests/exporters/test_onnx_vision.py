@@ -89,6 +89,9 @@ def test_onnxruntime_backend_same_answer(exported):
     vlm = load_vlm(d, backend="onnxruntime", vision_onnx=ex["fp32"].path)
     assert vlm.encoder.name == "onnxruntime"
     assert vlm.generate(MSGS, cfg).token_ids == ref.token_ids
+    # its idle workers sleep once a frame is encoded (Whisper or the LM runs next; runners/ort_session.py)
+    options = vlm.encoder.session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 @pytest.mark.slow

@@ -217,3 +217,10 @@ def test_live_models_load_whisper_beside_the_lm_and_report_either_error(monkeypa
         load_live_models(LiveConfig(model=str(lm), asr_model="bad"))
     with pytest.raises(ModelFileError, match="missing.gguf"):
         load_live_models(LiveConfig(model=str(tmp_path / "missing.gguf")))
+
+
+def test_live_answers_stop_when_they_loop():
+    """The live assistant's generation ends a looping answer (`tests/text/test_loop_stop.py`); chat does not."""
+    from edge_mmm.text.generation import GenerationConfig
+
+    assert LiveConfig().generation().stop_loops and not GenerationConfig().stop_loops

@@ -312,3 +312,25 @@ def test_audio_ending_in_a_pause_reuses_the_pause_pass_as_the_final(question_cli
     n_passes = len(asr.passes)
     final = rec.push(seg.flush())
     assert [e.kind for e in final] == ["final"] and final[0].reused and len(asr.passes) == n_passes
+
+
+def test_the_end_of_the_input_closes_the_utterance_and_stops_a_running_partial():
+    """`_input_end` (the VAD thread at an audio file's end): the segmenter's closing events go to the asr
+    thread, a partial pass still running is stopped whatever the guards (the final pass covers it), and the
+    notice says the file ended (and whether any speech was heard)."""
+    import types
+
+    heard, stopped = [], []
+    a = object.__new__(LiveAssistant)  # the decision only: no models, no threads
+    a._hear = lambda events, base, cap: heard.append((events, base))
+    a._recognizer = types.SimpleNamespace(interrupt_partial=lambda always=False: stopped.append(always) or True)
+    a._file_source = types.SimpleNamespace(path="q.wav")
+    a._vad_utterance, a._input_ended, notices = 1, False, []
+    a._notice = lambda source, message: notices.append((source, message))
+    end = [SpeechEvent("end", 32000, speech_end=31520)]
+    a._input_end(types.SimpleNamespace(flush=lambda: end), 7)
+    assert heard == [(end, 7)] and stopped == [True] and a._input_ended
+    assert notices == [("microphone", "audio file q.wav ended")]
+    a._vad_utterance = 0
+    a._input_end(types.SimpleNamespace(flush=lambda: []), 7)
+    assert notices[-1] == ("microphone", "audio file q.wav ended: no speech was heard in it")
