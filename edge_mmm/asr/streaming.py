@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_mmm.asr.backends import PassInterrupted
 from edge_mmm.asr.transcribe import TranscribeOptions
 from edge_mmm.audio.constants import CHUNK_LENGTH, MIN_AUDIO_SECONDS, SAMPLE_RATE
 from edge_mmm.audio.vad import SileroVad, VADIterator, VadOptions
@@ -34,9 +35,11 @@ class StreamingOptions:
 
     min_chunk_s: float = 1.0  # new audio needed before the next hypothesis
     max_utterance_s: float = CHUNK_LENGTH - 2.0  # finalize before the buffer outgrows one Whisper window
-    # silence that starts the speculative final pass: the VAD sees 32-64 ms dips inside words, each of which
-    # would otherwise cost a whole pass that the next word throws away
-    speculate_after_s: float = 0.1
+    # silence that starts the speculative final pass: the first silent VAD chunk (32 ms; at least the VAD's
+    # 30 ms end padding must have arrived). The 32-64 ms dips inside words start passes too, but speech
+    # resuming stops a running speculative pass (`UtteranceRecognizer.interrupt_speculative`), so a dip
+    # costs the few ms until the next voiced chunk, not a whole pass
+    speculate_after_s: float = 0.03
     # the full 30 s window (openai-whisper's tokens). `audio_ctx_margin=50` cuts the encoder input to the
     # utterance + 1 s (whisper.cpp's audio_ctx): several times less encoder work, +0.6 WER points over 32
     # held-out clips (benchmarks/asr_audio_ctx.py, docs/live.md), but it turned "What is the capital of
@@ -313,9 +316,10 @@ class UtteranceRecognizer:
     and agrees with the one before needs no pass: its words are the speculative (and final) text.
     `hold_partials()` True (the live runtime: an image is being encoded on the other core) defers partial
     passes (they resume, over all the audio so far, when it turns False); the pause's and the final pass
-    are never held. `interrupt_partial()` (from another thread, e.g. the VAD's once a pause has lasted
-    `speculate_after_s`) stops a partial pass that is running, so the pause's pass need not wait for it
-    (an onnxruntime Whisper: `ASRModel.interruptible`); the speculative and final passes are never stopped."""
+    are never held. From another thread (an onnxruntime Whisper: `ASRModel.interruptible`):
+    `interrupt_partial()` (the VAD's, once a pause has lasted a while) stops a partial pass that is running,
+    so the pause's pass need not wait for it; `interrupt_speculative()` (the VAD's, when the speech resumes)
+    stops the pause's pass, whose text the resumed speech makes void. The final pass is never stopped."""
 
     def __init__(self, asr, options: Optional[StreamingOptions] = None, speculate: bool = True,
                  hold_partials: Optional[Callable[[], bool]] = None):
@@ -333,6 +337,8 @@ class UtteranceRecognizer:
         self.discarded_passes = 0
         self.interrupted_passes = 0
         self._partial = None  # the PassHandle of the partial pass now running (another thread may cancel it)
+        self._speculating = None  # the PassHandle of the pause's speculative pass now running
+        self.stopped_speculative_passes = 0  # speculative passes stopped because the speech resumed
         self._last_partial_interrupted = False  # no partial has ended since one was stopped
 
     @property
@@ -366,9 +372,9 @@ class UtteranceRecognizer:
         if self._start is None:
             return False
         if self._pause is not None:
-            silent = self._start + self.stt.n_samples - self._pause.speech_end
-            return (self.speculate and self._spec is None
-                    and silent >= self.stt.options.speculate_after_s * SAMPLE_RATE)
+            received = self._start + self.stt.n_samples
+            return (self.speculate and self._spec is None and received >= self._pause.sample
+                    and received - self._pause.speech_end >= self.stt.options.speculate_after_s * SAMPLE_RATE)
         return self.stt.due() and not (self.hold_partials is not None and self.hold_partials())
 
     def step(self) -> List[TranscriptEvent]:
@@ -380,28 +386,35 @@ class UtteranceRecognizer:
                 words, asr_s, t_pass = list(self.stt.committed), 0.0, None
             else:
                 t_pass = time.monotonic()
-                words, asr_s = self.stt.hypothesis(n)
+                try:
+                    words, asr_s = self._interruptible("_speculating", lambda: self.stt.hypothesis(n))
+                except PassInterrupted:  # the speech resumed: the pushed "resume" ends this pause
+                    self.stopped_speculative_passes += 1
+                    return []
                 self.speculative_passes += 1
             self._spec = _Speculation(n, words, asr_s, t_pass)
             committed = self.stt.committed
             return [TranscriptEvent("speculative", " ".join(committed + words[len(committed):]), "", n / SAMPLE_RATE,
                                     asr_s, self._start / SAMPLE_RATE, self._pause.speech_end / SAMPLE_RATE, t_pass)]
-        from edge_mmm.asr.backends import PassInterrupted
-
-        interruptible = getattr(self.stt.asr, "interruptible", None)
-        with (interruptible() if interruptible is not None else contextlib.nullcontext()) as handle:
-            self._partial = handle
-            try:
-                ev = self.stt.step()
-            except PassInterrupted:  # the speaker paused: the pause's pass covers this audio and more
-                self.interrupted_passes += 1
-                self._last_partial_interrupted = True
-                return []
-            finally:
-                self._partial = None
+        try:
+            ev = self._interruptible("_partial", self.stt.step)
+        except PassInterrupted:  # the speaker paused: the pause's pass covers this audio and more
+            self.interrupted_passes += 1
+            self._last_partial_interrupted = True
+            return []
         self._last_partial_interrupted = False
         ev.start_s = self._start / SAMPLE_RATE
         return [ev]
+
+    def _interruptible(self, slot: str, run: Callable):
+        """`run()` with its pass's handle in `self.<slot>` while it runs, for another thread to cancel."""
+        interruptible = getattr(self.stt.asr, "interruptible", None)
+        with (interruptible() if interruptible is not None else contextlib.nullcontext()) as handle:
+            setattr(self, slot, handle)
+            try:
+                return run()
+            finally:
+                setattr(self, slot, None)
 
     def interrupt_partial(self, always: bool = False) -> bool:
         """Stop the partial pass now running, if any (thread-safe); True when one was told to stop. Unless
@@ -411,6 +424,16 @@ class UtteranceRecognizer:
         if handle is None or not getattr(handle, "supported", False):
             return False
         if not always and (self._last_partial_interrupted or not self.stt.has_hypothesis):
+            return False
+        handle.cancel()
+        return True
+
+    def interrupt_speculative(self) -> bool:
+        """Stop the pause's speculative pass now running, if any (thread-safe; call it after handing on the
+        "resume" event, so the recognizer sees the pause end before it could start the pass again); True
+        when one was told to stop."""
+        handle = self._speculating
+        if handle is None or not getattr(handle, "supported", False):
             return False
         handle.cancel()
         return True

@@ -73,8 +73,12 @@ class LiveConfig:
     partials_during_vision: bool = False
     # a partial Whisper pass still running when a pause has lasted this long is stopped (onnxruntime backend),
     # so the pause's speculative pass, whose text is the final one if the speech ends, starts then instead of
-    # after it; shorter gaps between words do not stop partials (None: never stop one)
-    interrupt_partial_after_s: Optional[float] = 0.3
+    # after it (None: never stop one). The default is the first silent VAD chunk, when the pause's pass is
+    # due (`StreamingOptions.speculate_after_s`): speech resuming stops that pass at once, and the
+    # recognizer's guards keep partial transcripts coming (never the utterance's first partial, never two in a
+    # row). 0.3 s spared the partials at the gaps between words but started the pass up to 0.3 s late in the
+    # turns that ended during a partial (docs/live.md)
+    interrupt_partial_after_s: Optional[float] = 0.03
     scene_threshold: float = 8.0  # thumbnail difference (0-255) below which the scene counts as unchanged
     frame_max_age_s: float = 2.0
     audio_file_speed: float = 1.0  # an audio file "microphone" plays at this multiple of real time
@@ -475,11 +479,19 @@ class LiveAssistant:
                     self._hear([None], base, None)
                 events = seg.feed(chunk)
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
-                self._hear(events, base, time.monotonic() - t_cap if t_cap is not None else None)
+                self._pass_on(events, base, time.monotonic() - t_cap if t_cap is not None else None)
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             if eos:
                 self._input_end(seg, base)
             self._vad_busy = False
+
+    def _pass_on(self, events, base: int, cap_to_vad: Optional[float]) -> None:
+        """Hand the segmenter's events to the asr thread; speech resuming stops the pause's speculative pass
+        (its text is void), after the hand-off, so the asr thread sees the resume before it could start that
+        pass again."""
+        self._hear(events, base, cap_to_vad)
+        if self._recognizer is not None and any(ev.kind == "resume" for ev in events):
+            self._recognizer.interrupt_speculative()
 
     def _input_end(self, seg, base: int) -> None:
         """The audio stream ended (an audio file's end): close the open utterance (inside a pause, where the

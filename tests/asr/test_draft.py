@@ -3,6 +3,8 @@ without one, in fewer decoder calls. Real tiny.en weights on espeak-ng clips."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,39 @@ def test_recognizer_drops_a_partial_pass_interrupted_at_a_pause(asr, speech_clip
     rec.stt.options.speculate_after_s = 0.0
     spec = rec.step()
     assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip() and rec.interrupted_passes == 1
+
+
+def test_speech_resuming_stops_the_pause_pass(asr, speech_clips):
+    """`interrupt_speculative()` (the VAD thread, when speech resumes) stops the pause's running speculative
+    pass: no event, no speculation kept; the resume then ends the pause, and the next pause's pass runs with a
+    fresh handle. So a pass may start at the first silent chunk: a dip inside a word costs only the time to
+    the next voiced chunk."""
+    import threading
+
+    from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
+
+    rec = UtteranceRecognizer(asr)
+    first, second = speech_clips[0][2], speech_clips[1][2]
+    n = len(first)
+    assert not rec.interrupt_speculative()  # nothing running
+    rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=first),
+              SpeechEvent("pause", n, speech_end=n - 480)])
+    told = []
+    timer = threading.Timer(0.1, lambda: told.append(rec.interrupt_speculative()))
+    t0 = time.perf_counter()
+    timer.start()
+    out = rec.step()
+    stopped = time.perf_counter() - t0
+    timer.join()
+    assert out == [] and told == [True] and rec.stopped_speculative_passes == 1 and rec.speculative_passes == 0
+    assert stopped < 0.1 + 0.4, stopped  # one kernel after the cancel, not the whole pass
+    assert rec.push([SpeechEvent("resume", n + 1600), SpeechEvent("audio", n, audio=second)]) == []  # nothing to drop
+    m = n + len(second)
+    rec.push([SpeechEvent("pause", m, speech_end=m - 480)])
+    spec = rec.step()
+    assert [e.kind for e in spec] == ["speculative"] and spec[0].text.strip() and rec.speculative_passes == 1
+    final = rec.push([SpeechEvent("end", m, speech_end=m - 480)])
+    assert final[0].reused and final[0].text == spec[0].text
 
 
 def test_whisper_sessions_stop_spinning_when_a_run_returns(asr):
