@@ -785,6 +785,9 @@ def run(
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
                      end_silence_ms=end_silence_ms, audio_file_speed=file_speed, log_path=log, once=once)
     speaker = _speaker(speaker_device, voice) if speak else None
+    if sys.stderr.isatty() and not json_out:  # the sources start first: speech during the load is kept
+        sys.stderr.write("loading the models; already listening (a question asked now is answered once they "
+                         "are ready)\n")
     assistant = LiveAssistant(cfg, speaker=speaker)
     events = assistant.subscribe(maxsize=100_000)  # the terminal must not lose events; it reads fast
     for note in notes:

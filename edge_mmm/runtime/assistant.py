@@ -194,7 +194,19 @@ class LiveAssistant:
         self._file_source: Optional[AudioFileSource] = None
         if isinstance(self._mic_target, Path):
             self._file_source = AudioFileSource(self._mic_target, self.ring, config.audio_file_speed)
-        self.models = models or load_live_models(config)
+        self._sources: List[Any] = []
+        self._loaded_while_listening = models is None
+        if models is None:
+            # hear and see while the models load: what is said meanwhile waits in the ring (the last
+            # `ring_capacity_s`) and is answered once they are ready, so a question need not wait for the load
+            self._start_sources()
+            try:
+                models = load_live_models(config)
+            except BaseException:
+                for src in self._sources:
+                    src.stop(1.0)
+                raise
+        self.models = models
         self.voice = None  # spoken answers (runtime.spoken)
         if speaker is not None:
             from edge_mmm.runtime.spoken import SpokenAnswers
@@ -229,7 +241,6 @@ class LiveAssistant:
         self._speaking: Optional[int] = None  # utterance being spoken (speculation checks the scene)
         self._encoding = threading.Event()  # a speculative frame encode runs: partial passes wait (asr thread)
         self._recognizer = None  # the asr thread's UtteranceRecognizer (the vad thread may stop its partial pass)
-        self._sources: List[Any] = []
         self._threads: List[threading.Thread] = []
         self._started = False
 
@@ -249,6 +260,17 @@ class LiveAssistant:
         if not self.models.vlm and cfg.camera is not None:
             self._notice("model", "the model is text-only: camera frames are ignored; pass --model with a "
                                   "SmolVLM/Idefics3 directory to answer about what the camera sees")
+        if self.voice is not None:
+            self.voice.start()
+        self._spawn("edge-mmm-vad", self._vad_loop)
+        self._spawn("edge-mmm-asr", self._asr_loop)
+        self._spawn("edge-mmm-turns", self._turn_loop)
+        if not self._sources:  # not started during the load (the models were given)
+            self._start_sources()
+
+    def _start_sources(self) -> None:
+        """Open the camera and the microphone (or the audio file) on their threads."""
+        cfg = self.config
         if cfg.camera is not None:
             from edge_mmm.runtime.camera import CameraSource
 
@@ -259,11 +281,6 @@ class LiveAssistant:
         elif self._mic_target is not None:
             device = None if self._mic_target == "default" else self._mic_target
             self._sources.append(MicrophoneSource(device, self.ring, self._source_error("microphone"), cfg.backoff))
-        if self.voice is not None:
-            self.voice.start()
-        self._spawn("edge-mmm-vad", self._vad_loop)
-        self._spawn("edge-mmm-asr", self._asr_loop)
-        self._spawn("edge-mmm-turns", self._turn_loop)
         for src in self._sources:
             src.start()
 
@@ -466,6 +483,10 @@ class LiveAssistant:
         seg = SpeechSegmenter(self._vad_options(), self._vad_model, self._stream_options().max_utterance_s)
         base = self.ring.read_pos  # ring index of the segmenter's sample 0
         interrupted = None  # the pause (its first silent sample) whose running partial pass was stopped
+        lost = self.ring.take_overflow() if self._loaded_while_listening else 0
+        if lost:  # the sources ran while the models loaded, longer than the ring holds
+            self._notice("microphone", f"{lost / SAMPLE_RATE:.1f} s of audio heard while the models loaded were "
+                                       f"dropped (the buffer keeps the last {self.config.ring_capacity_s:g} s)")
         while not self._stop.is_set():
             lost = self.ring.take_overflow()
             if lost:

@@ -19,6 +19,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -50,6 +51,8 @@ class EventBus:
     Each subscriber gets its own bounded queue; when it is full the oldest event is dropped (and counted
     in `dropped`), so a slow reader (a browser tab, a terminal) can never stall audio or generation.
     Listeners registered with `add_listener` are called synchronously (the JSONL log, the CLI printer).
+    Events published before the first subscriber (a microphone's error while the models load) wait for it:
+    its queue starts with the newest `maxsize` of them.
     """
 
     def __init__(self, maxsize: int = SUBSCRIBER_QUEUE):
@@ -57,11 +60,15 @@ class EventBus:
         self._lock = threading.Lock()
         self._queues: List["queue.Queue[Event]"] = []
         self._listeners: List[Callable[[Event], None]] = []
+        self._early: Optional["deque[Event]"] = deque(maxlen=maxsize)  # None once someone subscribed
         self.dropped = 0
 
     def subscribe(self, maxsize: Optional[int] = None) -> "queue.Queue[Event]":
         q: "queue.Queue[Event]" = queue.Queue(maxsize=maxsize or self.maxsize)
         with self._lock:
+            early, self._early = self._early or (), None
+            for event in list(early)[-q.maxsize:] if q.maxsize > 0 else early:
+                q.put_nowait(event)
             self._queues.append(q)
         return q
 
@@ -78,6 +85,8 @@ class EventBus:
         event = Event(type, data)
         with self._lock:
             queues, listeners = list(self._queues), list(self._listeners)
+            if self._early is not None:
+                self._early.append(event)
         for q in queues:
             while True:
                 try:

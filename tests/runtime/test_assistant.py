@@ -167,6 +167,56 @@ def test_failing_microphone_is_retried_while_camera_and_answers_go_on(vlm_models
     assert not leftover
 
 
+def test_the_audio_file_plays_while_the_models_load_and_stops_if_they_fail(monkeypatch, question_clip):
+    """With no models given, the sources start before the load (a question asked meanwhile waits in the ring
+    and is answered once the models are ready); a load that fails stops them again."""
+    import edge_mmm.runtime.assistant as assistant_mod
+    from edge_mmm.errors import ModelFileError
+
+    heard = []
+
+    def load(config):  # the file is already playing into the ring while the models "load"
+        deadline = time.monotonic() + 10
+        while not any(t.name == "edge-mmm-audio-file" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        heard.append([t.name for t in threading.enumerate()])
+        raise ModelFileError("no model here")
+
+    monkeypatch.setattr(assistant_mod, "load_live_models", load)
+    with pytest.raises(ModelFileError, match="no model here"):
+        LiveAssistant(LiveConfig(mic=str(question_clip)))
+    assert "edge-mmm-audio-file" in heard[0]
+    assert not any(t.name == "edge-mmm-audio-file" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_question_asked_while_the_models_load_is_answered(monkeypatch, vlm_models, question_clip):
+    """The whole question file plays (at 4x) before the "load" returns: it waits in the ring and becomes the
+    first turn once the assistant starts; its end of speech -> first token includes the rest of the load."""
+    import edge_mmm.runtime.assistant as assistant_mod
+
+    waited = []
+
+    def load(config):
+        file_thread = [t for t in threading.enumerate() if t.name == "edge-mmm-audio-file"][0]
+        file_thread.join(20)
+        waited.append(time.monotonic())
+        time.sleep(0.3)
+        return vlm_models
+
+    monkeypatch.setattr(assistant_mod, "load_live_models", load)
+    a = LiveAssistant(LiveConfig(mic=str(question_clip), audio_file_speed=4.0, max_tokens=4, once=True))
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    try:
+        evs = _events(q, _done(1), timeout=120)
+    finally:
+        assert a.stop()
+    final = [e.data for e in evs if e.type == "transcript.final"]
+    assert len(final) == 1 and "red car" in final[0]["text"].lower()
+    assert waited and _turns(evs)[0]["eos_to_first_token_s"] > 0.3  # the speech ended before the load did
+
+
 def test_history_is_cut_to_half_the_window_when_full(vlm_models):
     a = LiveAssistant(LiveConfig(max_tokens=2, max_history_turns=4), vlm_models)
     q = a.subscribe()

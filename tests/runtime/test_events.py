@@ -38,3 +38,16 @@ def test_slow_subscriber_drops_oldest_without_blocking():
     bus.unsubscribe(slow)
     bus.publish("notice", source="t", message="m")
     assert slow.empty() and fast.qsize() == 11
+
+
+def test_events_before_the_first_subscriber_wait_for_it():
+    """A microphone's error while the models load (nobody has subscribed yet) reaches the first subscriber,
+    the newest `maxsize` of them; later subscribers see only what comes after they subscribe."""
+    bus = EventBus(maxsize=4)
+    for i in range(6):
+        bus.publish("error", source="microphone", message=str(i))
+    first = bus.subscribe(maxsize=3)
+    assert [first.get_nowait().data["message"] for _ in range(3)] == ["3", "4", "5"] and first.empty()
+    second = bus.subscribe()
+    bus.publish("notice", source="t", message="after")
+    assert first.get_nowait().data["message"] == "after" and second.qsize() == 1
