@@ -85,6 +85,11 @@ class ASRModel:
                           {"load_s": round(self.load_s, 4), "audio_s": round(audio_s, 3), "total_s": round(total, 4),
                            "rtf": round(total / audio_s, 4)})
 
+    @property
+    def stoppable(self) -> bool:
+        """A running pass can be stopped from another thread (`interruptible`): the onnxruntime backend."""
+        return getattr(self.backend, "interruptible", None) is not None
+
     def interruptible(self):
         """A context manager: `with asr.interruptible() as handle:` transcriptions on this thread inside the
         block stop when another thread calls `handle.cancel()` (they raise `PassInterrupted`). The live

@@ -29,6 +29,9 @@ from edge_mmm.audio.vad import SileroVad, VADIterator, VadOptions
 from edge_mmm.errors import InputError
 
 
+UNSTOPPABLE_SPECULATE_AFTER_S = 0.1  # a dip inside a word would cost such a backend a whole pass
+
+
 @dataclass
 class StreamingOptions:
     """When to re-transcribe and how to decode (greedy, no temperature fallback, by default)."""
@@ -38,7 +41,8 @@ class StreamingOptions:
     # silence that starts the speculative final pass: the first silent VAD chunk (32 ms; at least the VAD's
     # 30 ms end padding must have arrived). The 32-64 ms dips inside words start passes too, but speech
     # resuming stops a running speculative pass (`UtteranceRecognizer.interrupt_speculative`), so a dip
-    # costs the few ms until the next voiced chunk, not a whole pass
+    # costs the few ms until the next voiced chunk, not a whole pass. With an ASR whose passes cannot be
+    # stopped (torch, TensorRT) the pass waits for `UNSTOPPABLE_SPECULATE_AFTER_S` of silence instead
     speculate_after_s: float = 0.03
     # the full 30 s window (openai-whisper's tokens). `audio_ctx_margin=50` cuts the encoder input to the
     # utterance + 1 s (whisper.cpp's audio_ctx): several times less encoder work, +0.6 WER points over 32
@@ -325,6 +329,7 @@ class UtteranceRecognizer:
                  hold_partials: Optional[Callable[[], bool]] = None):
         self.stt = StreamingTranscriber(asr, options)
         self.speculate = speculate
+        self.stoppable = bool(getattr(asr, "stoppable", False))  # its passes can be stopped (onnxruntime)
         self.hold_partials = hold_partials
         self.reset()
 
@@ -374,8 +379,14 @@ class UtteranceRecognizer:
         if self._pause is not None:
             received = self._start + self.stt.n_samples
             return (self.speculate and self._spec is None and received >= self._pause.sample
-                    and received - self._pause.speech_end >= self.stt.options.speculate_after_s * SAMPLE_RATE)
+                    and received - self._pause.speech_end >= self.speculate_after_s * SAMPLE_RATE)
         return self.stt.due() and not (self.hold_partials is not None and self.hold_partials())
+
+    @property
+    def speculate_after_s(self) -> float:
+        """Silence before the pause's pass: the options' (0.03 s), at least 0.1 s for an ASR that cannot stop it."""
+        after = self.stt.options.speculate_after_s
+        return after if self.stoppable else max(after, UNSTOPPABLE_SPECULATE_AFTER_S)
 
     def step(self) -> List[TranscriptEvent]:
         if not self.has_work():

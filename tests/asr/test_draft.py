@@ -142,6 +142,7 @@ def test_speech_resuming_stops_the_pause_pass(asr, speech_clips):
     from edge_mmm.asr.streaming import SpeechEvent, UtteranceRecognizer
 
     rec = UtteranceRecognizer(asr)
+    assert asr.stoppable and rec.speculate_after_s == 0.03  # onnxruntime: the pass may start at the first silent chunk
     first, second = speech_clips[0][2], speech_clips[1][2]
     n = len(first)
     assert not rec.interrupt_speculative()  # nothing running

@@ -181,6 +181,24 @@ def test_recognizer_drops_the_speculative_final_when_speech_resumes():
     assert final[0].pass_t == spec[0].pass_t and rec.discarded_passes == 1 and rec.speculative_passes == 2
 
 
+def test_the_pause_pass_waits_longer_when_the_asr_cannot_stop_it():
+    """The pause's pass starts at the first silent chunk (0.03 s) only with an ASR whose passes a resume can
+    stop (onnxruntime); otherwise a dip inside a word would cost a whole pass, so it waits for 0.1 s."""
+    for stoppable, due_at in ((True, 0.03), (False, 0.1)):
+        asr = _ScriptedASR()
+        asr.stoppable = stoppable
+        rec = UtteranceRecognizer(asr)
+        assert rec.speculate_after_s == due_at
+        rec.push([SpeechEvent("start", 0), SpeechEvent("audio", 0, audio=np.zeros(8000, np.float32)),
+                  SpeechEvent("pause", 8000 + 480, speech_end=8000)])
+        fed = 8000
+        while not rec.has_work():
+            rec.push([SpeechEvent("audio", fed, audio=np.zeros(512, np.float32))])
+            fed += 512
+        assert due_at <= (fed - 8000) / SAMPLE_RATE < due_at + 0.033
+        assert [e.kind for e in rec.step()] == ["speculative"]
+
+
 def test_recognizer_runs_the_final_pass_when_the_end_differs_from_the_pause():
     asr = _ScriptedASR()
     rec = UtteranceRecognizer(asr, speculate=False)
