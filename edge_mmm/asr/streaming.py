@@ -303,6 +303,14 @@ class SpeechSegmenter:
         return [SpeechEvent("audio", lo, audio=piece)]
 
 
+def _cancel(handle) -> bool:
+    """Stop the pass a `PassHandle` was made for; False when none runs or its backend cannot stop it."""
+    if handle is None or not getattr(handle, "supported", False):
+        return False
+    handle.cancel()
+    return True
+
+
 @dataclass
 class _Speculation:
     n: int  # utterance samples the pass covered
@@ -431,23 +439,15 @@ class UtteranceRecognizer:
         """Stop the partial pass now running, if any (thread-safe); True when one was told to stop. Unless
         `always` (stopping the runtime), not the utterance's first partial and not two in a row: the speaker
         sees a partial transcript, and it still moves on when they pause often."""
-        handle = self._partial
-        if handle is None or not getattr(handle, "supported", False):
-            return False
         if not always and (self._last_partial_interrupted or not self.stt.has_hypothesis):
             return False
-        handle.cancel()
-        return True
+        return _cancel(self._partial)
 
     def interrupt_speculative(self) -> bool:
         """Stop the pause's speculative pass now running, if any (thread-safe; call it after handing on the
         "resume" event, so the recognizer sees the pause end before it could start the pass again); True
         when one was told to stop."""
-        handle = self._speculating
-        if handle is None or not getattr(handle, "supported", False):
-            return False
-        handle.cancel()
-        return True
+        return _cancel(self._speculating)
 
     def _settled(self) -> bool:
         return self._pause is not None and self.stt.settled(self._pause.speech_end - self._start)

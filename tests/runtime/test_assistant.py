@@ -217,6 +217,29 @@ def test_a_question_asked_while_the_models_load_is_answered(monkeypatch, vlm_mod
     assert waited and _turns(evs)[0]["eos_to_first_token_s"] > 0.3  # the speech ended before the load did
 
 
+def test_audio_dropped_during_a_long_load_is_a_notice(monkeypatch, vlm_models, question_clip):
+    """A load longer than the ring holds (0.5 s here): the audio lost meanwhile is said once as a notice about
+    the load, not reported as speech recognition falling behind."""
+    import edge_mmm.runtime.assistant as assistant_mod
+
+    def load(config):
+        [t for t in threading.enumerate() if t.name == "edge-mmm-audio-file"][0].join(20)
+        return vlm_models
+
+    monkeypatch.setattr(assistant_mod, "load_live_models", load)
+    a = LiveAssistant(LiveConfig(mic=str(question_clip), audio_file_speed=8.0, ring_capacity_s=0.5, max_tokens=4))
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    try:
+        evs = _events(q, lambda evs: any(e.type == "notice" and "while the models loaded" in e.data["message"]
+                                         for e in evs), timeout=30)
+    finally:
+        assert a.stop()
+    notice = [e.data["message"] for e in evs if e.type == "notice" and "models loaded" in e.data["message"]][0]
+    assert "dropped (the buffer keeps the last 0.5 s)" in notice
+    assert not [e for e in evs if e.type == "error" and e.data.get("source") == "audio"]
+
+
 def test_history_is_cut_to_half_the_window_when_full(vlm_models):
     a = LiveAssistant(LiveConfig(max_tokens=2, max_history_turns=4), vlm_models)
     q = a.subscribe()

@@ -227,3 +227,14 @@ def test_run_vlm_lm_backend_reaches_the_live_config(capsys, monkeypatch, tiny_vl
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "needs a VLM" in err and len(err.strip().splitlines()) == 1 and not seen
+
+
+def test_the_executable_flushes_its_output_before_its_fast_exit():
+    """`console_main` leaves with os._exit (no interpreter teardown); output to a pipe is block-buffered, so it
+    must be flushed first or it is lost."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "edge_mmm.cli", "devices", "--json"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)
