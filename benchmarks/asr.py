@@ -51,7 +51,7 @@ def systems(model_dir: Path, threads: int, beam: int):
 
     torch.set_num_threads(threads)
 
-    def ours(backend, precision="fp32"):
+    def ours(backend, precision=None):
         from edge_mmm.asr.api import TranscribeOptions, load_asr
 
         opts = TranscribeOptions(language="en", beam_size=beam, temperatures=(0.0,))
@@ -85,7 +85,7 @@ def systems(model_dir: Path, threads: int, beam: int):
                                       fp16=False, beam_size=beam if beam > 1 else None)["text"].strip()
         return load, run
 
-    return {"ours-onnxruntime": ours("onnxruntime"), "ours-onnxruntime-int8": ours("onnxruntime", "int8"),
+    return {"ours-onnxruntime": ours("onnxruntime"), "ours-onnxruntime-fp32": ours("onnxruntime", "fp32"),
             "ours-torch": ours("torch"),
             "faster-whisper-int8": faster("int8"), "faster-whisper-float32": faster("float32"),
             "openai-whisper": openai()}
@@ -102,7 +102,7 @@ def wer(refs, hyps):
 
 
 def profile_ours(model_dir: Path, clips, threads: int):
-    """Where ours (onnxruntime) spends its time: encoder vs decoder, per clip."""
+    """Where ours (onnxruntime, default precision) spends its time: encoder vs decoder, per clip."""
     from edge_mmm.asr.api import load_asr
     from edge_mmm.asr.decoding import DecodingOptions, decode_window
     from edge_mmm.audio.constants import N_FRAMES, N_SAMPLES
@@ -216,11 +216,16 @@ def main() -> None:
                          "hyps": hyps})
             print(f"  {name}: wall {wall:.2f}s  WER {w_norm:.3f}", flush=True)
         base = next((r for r in rows if r["system"] == "faster-whisper-int8"), None)
+        # the exact reference's transcripts: openai-whisper's (ours in fp32 gives the same, token for token)
+        exact = next((r for r in rows if r["system"] in ("openai-whisper", "ours-onnxruntime-fp32")), None)
         for r in rows:
             r["speed_vs_fw_int8"] = (base["wall_s"] / r["wall_s"]) if base else None
+            r["same_text"] = sum(a == b for a, b in zip(r["hyps"], exact["hyps"])) / len(clips) if exact else None
         print()
         print_table(rows, ["system", "load_s", "wall_s", "rtf", "x_realtime", "speed_vs_fw_int8",
-                           "wer_en_norm", "wer_simple"])
+                           "wer_en_norm", "wer_simple", "same_text"])
+        if exact:
+            print(f"same_text: share of clips transcribed exactly as {exact['system']} (the fp32 reference)")
         prof = profile_ours(model_dir, clips, args.threads) if not args.only or "ours-onnxruntime" in args.only else {}
         if prof:
             print("\nours-onnxruntime per clip: " + ", ".join(f"{k}={v:.1f}" for k, v in prof.items()))
@@ -234,6 +239,7 @@ def main() -> None:
             print_table(cold, ["system", "startup_s", "process_s", "speed_vs_fw_int8"])
         path = write_json("asr.json", {"machine": machine_info(), "args": vars(args), "audio_s": audio_s,
                                        "refs": [t for _, t, _ in clips], "rows": rows, "profile": prof,
+                                       "same_text_reference": exact["system"] if exact else None,
                                        "cold": cold})
         print(f"\nwrote {path}")
 
