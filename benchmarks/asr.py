@@ -51,7 +51,7 @@ def systems(model_dir: Path, threads: int, beam: int):
 
     torch.set_num_threads(threads)
 
-    def ours(backend, precision=None):
+    def ours(backend, precision="fp32"):
         from edge_mmm.asr.api import TranscribeOptions, load_asr
 
         opts = TranscribeOptions(language="en", beam_size=beam, temperatures=(0.0,))
@@ -85,7 +85,7 @@ def systems(model_dir: Path, threads: int, beam: int):
                                       fp16=False, beam_size=beam if beam > 1 else None)["text"].strip()
         return load, run
 
-    return {"ours-onnxruntime": ours("onnxruntime"), "ours-onnxruntime-fp32": ours("onnxruntime", "fp32"),
+    return {"ours-onnxruntime": ours("onnxruntime"), "ours-onnxruntime-int8": ours("onnxruntime", "int8"),
             "ours-torch": ours("torch"),
             "faster-whisper-int8": faster("int8"), "faster-whisper-float32": faster("float32"),
             "openai-whisper": openai()}
@@ -102,7 +102,7 @@ def wer(refs, hyps):
 
 
 def profile_ours(model_dir: Path, clips, threads: int):
-    """Where ours (onnxruntime, default precision) spends its time: encoder vs decoder, per clip."""
+    """Where ours (onnxruntime) spends its time: encoder vs decoder, per clip."""
     from edge_mmm.asr.api import load_asr
     from edge_mmm.asr.decoding import DecodingOptions, decode_window
     from edge_mmm.audio.constants import N_FRAMES, N_SAMPLES
@@ -217,7 +217,7 @@ def main() -> None:
             print(f"  {name}: wall {wall:.2f}s  WER {w_norm:.3f}", flush=True)
         base = next((r for r in rows if r["system"] == "faster-whisper-int8"), None)
         # the exact reference's transcripts: openai-whisper's (ours in fp32 gives the same, token for token)
-        exact = next((r for r in rows if r["system"] in ("openai-whisper", "ours-onnxruntime-fp32")), None)
+        exact = next((r for r in rows if r["system"] in ("openai-whisper", "ours-onnxruntime")), None)
         for r in rows:
             r["speed_vs_fw_int8"] = (base["wall_s"] / r["wall_s"]) if base else None
             r["same_text"] = sum(a == b for a, b in zip(r["hyps"], exact["hyps"])) / len(clips) if exact else None

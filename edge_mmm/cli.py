@@ -164,11 +164,8 @@ def transcribe(
                                           help="torch | onnxruntime; with --bundle: onnxruntime | tensorrt (GPU-profile "
                                                "bundles: engines built on first run, needs the trt extra). Default: "
                                                "the device profile's"),
-    precision: Optional[str] = typer.Option(
-        None, "--precision",
-        help="fp32 | int8. Default: int8 on onnxruntime (the encoder's weight matmuls in int8, the decoder "
-             "fp32: a 1.3x faster encoder, the same WER on our speech sets, ~3 in 4 transcripts word for word "
-             "openai-whisper's), fp32 on torch. fp32 gives exactly openai-whisper's tokens."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="fp32 | int8 (onnxruntime: int8 weight matmuls, faster, slightly less exact)"),
     beam_size: int = typer.Option(1, "--beam-size", min=1, max=16, help="1 = greedy."),
     language: Optional[str] = typer.Option(None, "--language", help="Language code; detected if omitted."),
     task: str = typer.Option("transcribe", "--task", help="transcribe | translate"),
@@ -204,9 +201,6 @@ def transcribe(
 
     profile, torch_device = _device(device)
     if bundle:
-        if precision is not None:
-            raise InputError("--bundle runs the bundle's own Whisper graphs (their precision was chosen at export: "
-                             "edge-mmm export --asr-precision); --precision applies to --model")
         asr = _bundle(bundle, model).load_asr(threads=threads, backend=backend or _bundle_backend(profile))
     else:
         choice = _choose(profile, asr=_asr_path(model), asr_backend=backend)
@@ -588,10 +582,6 @@ def export(
     vlm: Optional[str] = typer.Option(None, "--vlm", help="SmolVLM/Idefics3 directory or cached repo id."),
     quant: str = typer.Option("int4", "--quant", help="int4 (LM: the source's 4-bit blocks) | int8 (LM INT8 "
                               "MatMulNBits + INT8 encoders)"),
-    asr_precision: Optional[str] = typer.Option(
-        None, "--asr-precision", help="CPU profiles: the Whisper graphs' precision, fp32 | int8 (the encoder in "
-        "int8, the decoder fp32). Default: int8, what `edge-mmm transcribe` runs on onnxruntime. GPU profiles: "
-        "the TensorRT engine's (see --quant)."),
     fmt: str = typer.Option("bundle", "--format", help="bundle | triton-server"),
     triton_backend: str = typer.Option("onnxruntime", "--triton-backend",
                                        help="triton-server format: onnxruntime (onnxruntime_onnx platform, GPU "
@@ -623,8 +613,7 @@ def export(
 
     lm = lm if lm is not None else ("none" if vlm else "default")
     request = ExportRequest(get_profile(device), asr=pick(asr, default_asr_model), lm=pick(lm, default_lm_path),
-                            vlm=pick(vlm, None), quant=quant, asr_precision=asr_precision, vad=vad,
-                            context=context, format=fmt,
+                            vlm=pick(vlm, None), quant=quant, vad=vad, context=context, format=fmt,
                             triton_backend=triton_backend,
                             calibration_audio=list(calibration_audio or []))
     for p in request.calibration_audio:

@@ -50,8 +50,6 @@ class ExportRequest:
     vlm: Optional[Path] = None
     quant: str = "int4"  # LM weights; int8 also quantizes the encoders (CPU: onnxruntime dynamic int8;
     #                      GPU profiles: a calibrated static Q/DQ Whisper encoder for a TensorRT INT8 engine)
-    asr_precision: Optional[str] = None  # CPU profiles: the Whisper graphs' fp32 | int8 (int8 encoder, fp32
-    #                                      decoder); None = load_asr's onnxruntime default (int8)
     vad: bool = True  # ship Silero VAD with the ASR
     context: Optional[int] = None  # LM context; default the profile's
     format: str = "bundle"
@@ -77,14 +75,6 @@ class ExportRequest:
         if self.lm is not None and self.vlm is not None and self.format != "triton-server":
             raise InputError("give either --lm or --vlm (a VLM carries its own LM), not both (a triton-server "
                              "repository may serve both)")
-        if self.asr_precision is not None:
-            from edge_mmm.asr.api import PRECISIONS
-
-            if self.asr_precision not in PRECISIONS:
-                raise InputError(f"--asr-precision must be fp32 or int8, got {self.asr_precision!r}")
-            if self.device.kind != "cpu":
-                raise InputError("--asr-precision applies to CPU profiles (onnxruntime graphs); a GPU profile's "
-                                 "Whisper precision is its TensorRT engine's (--quant int8: a calibrated INT8 encoder)")
         if self.asr is None and self.lm is None and self.vlm is None:
             raise InputError("empty model set: give at least one of --asr, --lm, --vlm")
 
@@ -232,16 +222,15 @@ def _copy(src: Path, dst_dir: Path, name: Optional[str] = None) -> str:
 
 
 def _export_asr(request: ExportRequest, dest: Path) -> dict:
-    from edge_mmm.asr.api import asr_precision, export_on_first_use
+    from edge_mmm.asr.api import export_on_first_use
     from edge_mmm.exporters.onnx_whisper import (DECODER_FILE, ENCODER_FILE, EXPORTER_VERSION, OPSET,
                                                  export_whisper_onnx)
     from edge_mmm.weights.whisper import load_whisper_checkpoint
 
     dest.mkdir(parents=True)
+    precision = "int8" if request.quant == "int8" else "fp32"
     if request.device.kind == "cpu":
-        # the onnxruntime graphs (fused encoder attention), shared with load_asr's export cache; by default the
-        # precision load_asr runs on onnxruntime, so the bundle transcribes as `edge-mmm transcribe` does
-        precision = asr_precision(request.asr_precision, "onnxruntime")
+        # the onnxruntime graphs (fused encoder attention), shared with load_asr's export cache
         cfg, tok_file, onnx_dir = export_on_first_use(request.asr, request.cache_root, precision)
         for name in (ENCODER_FILE, DECODER_FILE):
             _copy(onnx_dir / name, dest)

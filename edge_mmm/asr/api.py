@@ -113,36 +113,22 @@ class ASRModel:
             return list(gen), language
 
 
-PRECISIONS = ("fp32", "int8")
-
-
-def asr_precision(precision: Optional[str], backend: str) -> str:
-    """The Whisper precision to load: the one asked for (checked), else the backend's default: int8 on
-    onnxruntime (the encoder's weight matmuls in int8, the decoder fp32: a 1.3x faster encoder, the same WER
-    on our speech sets, docs/speech.md), fp32 on torch."""
-    if precision is None:
-        return "int8" if backend == "onnxruntime" else "fp32"
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be fp32 or int8, got {precision!r}")
-    if precision == "int8" and backend != "onnxruntime":
-        raise InputError("--precision int8 needs --backend onnxruntime")
-    return precision
-
-
 def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime", threads: int = 0,
-             cache_dir: Optional[Path] = None, precision: Optional[str] = None, device: str = "cpu") -> ASRModel:
+             cache_dir: Optional[Path] = None, precision: str = "fp32", device: str = "cpu") -> ASRModel:
     """Load Whisper from a CTranslate2 dir, HF safetensors dir, openai .pt file or cached repo id.
 
     backend="onnxruntime" exports the model to ONNX once (cached by weight hash, verified on load);
-    precision (`asr_precision`): None is the backend's default, int8 on onnxruntime (the encoder's weight
-    matmuls in int8), fp32 on torch; "fp32" on onnxruntime gives openai-whisper's exact tokens.
+    precision="int8" (onnxruntime only) quantizes its weight matmuls to int8: faster, slightly less exact.
     device="cuda" (torch backend) runs the eager model on the GPU, where our Triton kernels (attention,
     log-mel) run inside it.
     """
     t0 = time.perf_counter()
     check_backend(backend)
     check_device(device, backend)
-    precision = asr_precision(precision, backend)
+    if precision not in ("fp32", "int8"):
+        raise InputError(f"--precision must be fp32 or int8, got {precision!r}")
+    if precision == "int8" and backend != "onnxruntime":
+        raise InputError("--precision int8 needs --backend onnxruntime")
     path = default_asr_model() if model is None else resolve_model_path(str(model))
     family = asr_family(path)
     if backend == "torch":
@@ -155,43 +141,36 @@ def load_asr(model: Union[str, Path, None] = None, backend: str = "onnxruntime",
 def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
     """The speech door into exporters: (config, tokenizer file, verified ONNX dir) of the cached export,
     written on first use; the weights are only parsed when the cache misses. These are the portable graphs
-    (bundles copy them); the onnxruntime backend runs `onnxruntime_graphs` of them. precision "int8" is the
-    fp32 export (made first if missing) with its encoder quantized (`quantize_whisper_onnx`, no torch)."""
+    (bundles copy them); the onnxruntime backend runs `onnxruntime_graphs` of them."""
     import json
-    import shutil
 
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
     from edge_mmm.weights.whisper_files import locate_whisper_files, tokenizer_file_for
 
     files = locate_whisper_files(path)
-    root = cache_dir or default_cache_root()
 
-    def export(tmp: Path) -> None:  # torch and the exporter load only here, on a cache miss
+    def build(tmp: Path) -> None:  # torch and the exporter load only here, on a cache miss
+        import shutil
         import sys
 
-        from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
+        from edge_mmm.exporters.onnx_whisper import export_whisper_onnx, quantize_whisper_onnx
         from edge_mmm.weights.whisper import load_whisper_checkpoint
 
         ckpt = load_whisper_checkpoint(path)
         model = ckpt.build()  # weights are checked before anything is announced or written
-        sys.stderr.write("exporting Whisper to ONNX (first use of these weights, cached for next time)\n")
-        export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True, dynamic_frames=True)
+        sys.stderr.write(f"exporting Whisper to ONNX ({precision}; first use of these weights, cached for next time)\n")
+        if precision == "fp32":
+            export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True, dynamic_frames=True)
+        else:
+            export_whisper_onnx(model, tmp / "fp32", check=False, ort_fused_attention=True, dynamic_frames=True)
+            quantize_whisper_onnx(tmp / "fp32", tmp)
+            shutil.rmtree(tmp / "fp32")
         (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))
 
-    def quantize(tmp: Path) -> None:
-        import sys
-
-        from edge_mmm.exporters.onnx_whisper import quantize_whisper_onnx
-
-        fp32_dir = export_on_first_use(path, cache_dir, "fp32")[2]
-        sys.stderr.write("quantizing the Whisper encoder to int8 (first use, cached for next time)\n")
-        quantize_whisper_onnx(fp32_dir, tmp)
-        shutil.copyfile(fp32_dir / "whisper_config.json", tmp / "whisper_config.json")
-
-    build, version = (export, EXPORTER_VERSION) if precision == "fp32" else (quantize, f"{EXPORTER_VERSION}-int8-encoder")
-    onnx_dir = cached_build(root, "whisper-onnx", files.source, version, build,
-                            [ENCODER_FILE, DECODER_FILE, "whisper_config.json"],
+    version = EXPORTER_VERSION if precision == "fp32" else f"{EXPORTER_VERSION}-{precision}-rr"
+    onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", files.source, version,
+                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"],
                             extra_sources=[files.location / "config.json"] if files.format == "hf" else [])
     cfg = WhisperConfig(**json.loads((onnx_dir / "whisper_config.json").read_text()))
     return cfg, tokenizer_file_for(files), onnx_dir

@@ -55,7 +55,9 @@ def have_espeak() -> bool:
 
 def synthesize(text: str, out_path: Path, voice: str = "en-us", speed: int = 150, pitch: int = 50,
                lead_silence: float = 0.0, trail_silence: float = 0.0) -> Path:
-    """Speak `text` into a 16 kHz mono 16-bit WAV at `out_path` (written atomically)."""
+    """Speak `text` into a 16 kHz mono 16-bit WAV at `out_path` (written atomically). The same arguments give
+    the same samples: sox resamples without dither (`-D`; its default adds random noise below one 16-bit step,
+    which made every synthesis a little different, enough to flip a quantized Whisper's near-tie words)."""
     if not have_espeak():
         raise MissingExtraError("espeak-ng/sox", "dev", "synthesizing speech; on Debian: apt-get install espeak-ng sox")
     out_path = Path(out_path)
@@ -65,7 +67,7 @@ def synthesize(text: str, out_path: Path, voice: str = "en-us", speed: int = 150
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), text],
                        check=True, capture_output=True)
         tmp_out = Path(tmp) / "out.wav"
-        cmd = ["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(tmp_out)]
+        cmd = ["sox", "-D", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(tmp_out)]
         if lead_silence or trail_silence:
             cmd += ["pad", str(lead_silence), str(trail_silence)]
         subprocess.run(cmd, check=True, capture_output=True)

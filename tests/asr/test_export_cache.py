@@ -51,13 +51,9 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     first = asr.transcribe(path, TranscribeOptions(temperatures=(0.0,)))
     import onnxruntime
 
-    # the portable export (bundles copy it; the default precision's entry, the int8 encoder, is made from the
-    # fp32 one) and, beside it, the graphs as this onnxruntime optimized them, weights in a flat file beside
-    # each, keyed by the onnxruntime version
-    exports = sorted(e.name.rsplit("-", 2)[-2:] == ["int8", "encoder"] for e in (tmp_path / "whisper-onnx").iterdir())
-    assert exports == [False, True]
-    for e in (tmp_path / "whisper-onnx").iterdir():
-        assert {f.name for f in e.iterdir()} >= {"encoder.onnx", "decoder.onnx"}
+    # the portable export (bundles copy it) and, beside it, the graphs as this onnxruntime optimized them,
+    # weights in a flat file beside each, keyed by the onnxruntime version
+    assert {f.name for f in next((tmp_path / "whisper-onnx").iterdir()).iterdir()} >= {"encoder.onnx", "decoder.onnx"}
     entry = next((tmp_path / "whisper-onnx-ort").iterdir())
     from edge_mmm.asr.api import ORT_GRAPHS_VERSION
 
@@ -82,38 +78,28 @@ def test_onnx_backend_cache_end_to_end(tmp_path, tiny_en_dir, speech_clips):
     assert "fox" in first.text.lower() or "dog" in first.text.lower()
 
 
-@pytest.mark.slow  # ~30 s (an fp32 Whisper export + its int8 encoder); CI time
-def test_the_default_precision_is_the_int8_encoder(tmp_path, tiny_en_dir, speech_clips):
-    """onnxruntime's default: the fp32 export's encoder with int8 weight matmuls, its decoder byte for byte the
-    fp32 one; a separate cache entry made from the fp32 entry (no second export). Its transcripts are as close
-    to the spoken words as fp32's (openai-whisper's tokens) on the clips: WER at most fp32's + 0.05 on 8 clips
-    (docs/speech.md: 0.179 vs 0.182 on 128 clips, 0.187 vs 0.181 on 64 of two other voices)."""
+@pytest.mark.slow  # ~40 s (an int8 Whisper export); CI time
+def test_int8_precision(tmp_path, tiny_en_dir, speech_clips):
+    """INT8 ONNX: a separate cache entry, smaller encoder, transcripts close to the spoken words."""
     import jiwer
-    import onnx
 
     from edge_mmm.asr.api import TranscribeOptions, load_asr
     from edge_mmm.errors import InputError
 
     with pytest.raises(InputError, match="onnxruntime"):
         load_asr(tiny_en_dir, backend="torch", precision="int8")
-    with pytest.raises(InputError, match="fp32 or int8"):
-        load_asr(tiny_en_dir, precision="int4")
-    int8 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
-    fp32 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2, precision="fp32")
-    entries = sorted((tmp_path / "whisper-onnx").iterdir(), key=lambda e: e.name.endswith("-int8-encoder"))
-    assert len(entries) == 2 and entries[1].name.endswith("-int8-encoder")
-    (f32, q8) = entries
-    assert (q8 / "decoder.onnx").read_bytes() == (f32 / "decoder.onnx").read_bytes()
-    ops = lambda e, f: {n.op_type for n in onnx.load(str(e / f), load_external_data=False).graph.node}  # noqa: E731
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops(q8, "encoder.onnx")
-    assert "MatMulInteger" not in ops(f32, "encoder.onnx") | ops(q8, "decoder.onnx")
-    assert (q8 / "encoder.onnx").stat().st_size < 0.5 * (f32 / "encoder.onnx").stat().st_size
+    fp32 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2)
+    int8 = load_asr(tiny_en_dir, backend="onnxruntime", cache_dir=tmp_path, threads=2, precision="int8")
+    entries = sorted((tmp_path / "whisper-onnx").iterdir())
+    assert len(entries) == 2
+    sizes = [(e / "encoder.onnx").stat().st_size for e in entries]
+    assert min(sizes) < 0.5 * max(sizes)
     opts = TranscribeOptions(temperatures=(0.0,))
+    refs = [text.lower() for _, text, _ in speech_clips[:4]]
     clean = lambda s: "".join(c for c in s.lower() if c.isalnum() or c.isspace())  # noqa: E731
-    refs = [clean(text) for _, text, _ in speech_clips]
-    w32 = jiwer.wer(refs, [clean(fp32.transcribe(a, opts).text) for _, _, a in speech_clips])
-    w8 = jiwer.wer(refs, [clean(int8.transcribe(a, opts).text) for _, _, a in speech_clips])
-    assert w8 <= w32 + 0.05, (w32, w8)
+    w32 = jiwer.wer([clean(r) for r in refs], [clean(fp32.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
+    w8 = jiwer.wer([clean(r) for r in refs], [clean(int8.transcribe(a, opts).text) for _, _, a in speech_clips[:4]])
+    assert w8 <= w32 + 0.15, (w32, w8)
 
 
 def _count_hashes(monkeypatch):

@@ -114,24 +114,6 @@ def test_transcribe_bundle_matches_source(bundle_dir, clip, capsys):
     assert asr.transcribe(clip).text == ref.text
 
 
-def test_a_cpu_bundle_carries_the_default_whisper_precision_unless_asked(bundle_dir, tmp_path, clip, capsys):
-    """A CPU bundle's Whisper is what `transcribe` runs by default (the int8 encoder); --asr-precision fp32
-    ships the fp32 graphs, whose text is fp32 load_asr's; --precision with --bundle and --asr-precision on a
-    GPU profile are refused."""
-    assert json.loads((bundle_dir / MANIFEST).read_text())["models"]["asr"]["precision"] == "int8"
-    out = tmp_path / "fp32"
-    export_bundle(ExportRequest(CPU, asr=default_asr_model(), asr_precision="fp32", vad=False), out)
-    b = open_bundle(out)
-    assert b.models["asr"]["precision"] == "fp32"
-    assert b.load_asr().transcribe(clip).text == load_asr(default_asr_model(), precision="fp32").transcribe(clip).text
-    code, _, err = _run(capsys, "transcribe", "--bundle", out, "--precision", "int8", clip)
-    assert code == 2 and "--precision applies to --model" in err and "Traceback" not in err
-    with pytest.raises(InputError, match="--asr-precision applies to CPU profiles"):
-        ExportRequest(get_profile("orin-nano-8gb"), asr=default_asr_model(), asr_precision="fp32").validate()
-    with pytest.raises(InputError, match="--asr-precision must be fp32 or int8"):
-        ExportRequest(CPU, asr=default_asr_model(), asr_precision="fp16").validate()
-
-
 def test_chat_bundle_matches_source(bundle_dir, capsys):
     code, out, _ = _run(capsys, "chat", "--bundle", bundle_dir, "-p", PROMPT, "--max-tokens", "24", "--json")
     assert code == 0
