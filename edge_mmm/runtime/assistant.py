@@ -8,8 +8,8 @@ Threads (all named `edge-mmm-*`, all joined by `stop()`):
   asr       speech events -> streaming Whisper (`UtteranceRecognizer`, LocalAgreement-2) -> transcript events:
             partials while the user speaks, a speculative final pass at the first silent frame (dropped if
             the speech resumes), the final transcript at the VAD end, which becomes a turn
-  turns     speculative work while the user speaks (frame encoding, the prompt's prefix, each partial's
-            words, the pause's question: see `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
+  turns     speculative work while the user speaks (frame encoding, prefix and question prefill: see
+            `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
 Listeners get `Event`s through `subscribe()` (bounded queues, oldest dropped) and the JSONL log.
 
 The models are shared objects with one conversation state (the LM's KV cache): one assistant uses them
@@ -399,9 +399,6 @@ class LiveAssistant:
 
     def _job(self, *job) -> None:
         with self._spec_lock:
-            if job[0] == "heard":  # only the newest partial's words are worth prefilling
-                for old in [j for j in self._spec_jobs if j[0] == "heard"]:
-                    self._spec_jobs.remove(old)
             self._spec_jobs.append(job)
 
     def _speculate(self, job) -> None:
@@ -423,12 +420,6 @@ class LiveAssistant:
                 return
             spec = self.turns.speculation
             timing.update(prefill_s=round(spec.prefill_s - before, 6), question_tokens=spec.question_tokens)
-        elif kind == "heard":
-            before = self.turns.speculation.prefill_s if self.turns.speculation is not None else 0.0
-            if self._speaking != utt or not self.turns.speculate_heard(utt, job[2]):
-                return  # the utterance ended: its turn prefills what it needs
-            spec = self.turns.speculation
-            timing.update(prefill_s=round(spec.prefill_s - before, 6), heard_tokens=spec.heard_tokens)
         elif kind == "discard":
             if not self.turns.discard_question(utt):
                 return
@@ -629,8 +620,6 @@ class LiveAssistant:
             if heard.cap_to_vad is not None:
                 timing["capture_to_vad_s"] = round(heard.cap_to_vad, 6)
             self.bus.publish("timing", **timing)
-            if self.config.speculate and ev.text.strip():
-                self._job("heard", utt, ev.text)  # the question's words so far: prefilled while it goes on
             return
         t_final = time.monotonic()
         if self._speaking == utt:

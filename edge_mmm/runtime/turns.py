@@ -17,8 +17,7 @@ Work while the user speaks (`Speculation`, all on the turn thread, so the model 
 at speech start the frame is chosen (the frame policy over the frames so far) and encoded, and the prompt's
 prefix (system + history + this user message up to the question: image tokens included) is prefilled into
 the KV cache; if the scene changes before the end of speech the frame is encoded again (`check_scene`).
-Each partial transcript's words are prefilled after the prefix (`speculate_heard`; the LM reuses the tokens
-a later prompt shares, so a partial the final text revises costs only the tokens after the change). At a pause the speculative transcript's whole prompt is prefilled (`speculate_question`); speech resuming
+At a pause the speculative transcript's whole prompt is prefilled (`speculate_question`); speech resuming
 discards it (`discard_question`). The turn then finds its image embedding in the cache and its prompt in
 the KV cache, all but the tokens that differ. Speculation never changes the history or the scene state:
 `answer()` commits them, using the speculated frame unless the frame chosen at the end of speech shows a
@@ -85,8 +84,6 @@ class Speculation:
     prefill_s: float = 0.0  # prefix + question prefills
     question: Optional[str] = None  # the speculative transcript whose prompt is prefilled
     question_tokens: int = 0
-    heard: Optional[str] = None  # the partial transcript whose words (not the prompt's end) are prefilled
-    heard_tokens: int = 0  # prompt tokens through its last word
     discarded: int = 0  # speculative transcripts dropped because the speech resumed
     checked_t: float = 0.0
 
@@ -204,19 +201,6 @@ class TurnManager:
             self._prefill(spec, question.strip())
         return True
 
-    def speculate_heard(self, utterance: int, text: str) -> bool:
-        """While the user speaks: prefill the prompt through the last word of a partial transcript, so the
-        turn's prefill computes only what follows (the words heard after it, the prompt's end). A later
-        prompt that differs from it reuses the tokens they share (the LM's prefix reuse); nothing to undo.
-        Not after a pause's whole-question prefill (a late partial must not cut that back)."""
-        spec = self.speculation
-        text = text.strip()
-        if spec is None or spec.utterance != utterance or not text or spec.question is not None or text == spec.heard:
-            return False
-        with self._lock:
-            self._prefill(spec, text, partial=True)
-        return True
-
     def discard_question(self, utterance: int) -> bool:
         """The speech resumed: the speculative transcript is void (its KV positions past the prefix are
         overwritten by the next prefill; nothing else to undo)."""
@@ -249,18 +233,14 @@ class TurnManager:
         return [dict(m, content=[p for p in m["content"] if p.get("type") != "image"])
                 if isinstance(m["content"], list) else m for m in self.history]
 
-    def _prefill(self, spec: Speculation, question: Optional[str], partial: bool = False) -> None:
-        """Prefill the prompt of `question` (all but its last token), with `partial` only through the words
-        of `question` (the start of a question still being spoken), or with None the part of the prompt that
-        any question shares."""
+    def _prefill(self, spec: Speculation, question: Optional[str]) -> None:
+        """Prefill the prompt of `question` (all but its last token), or with None the part of the prompt
+        that any question shares."""
         history = self._spec_history(spec)
         t0 = time.perf_counter()
         try:
-            if question is None or partial:
-                # the tokens two different continuations share: a last word that a BPE merge with what
-                # follows could change is left to the turn
-                starts = [f"{question} {q}" if partial else q for q in _PROBES]
-                probes = [self._prompt_ids(history, q, spec.image) for q in starts]
+            if question is None:
+                probes = [self._prompt_ids(history, q, spec.image) for q in _PROBES]
                 n = common_prefix(probes[0][1], probes[1][1])
                 prompt, ids = probes[0]
             else:
@@ -279,9 +259,7 @@ class TurnManager:
         spec.vision_s += vision
         spec.prefill_s += time.perf_counter() - t0 - vision
         if question is None:
-            spec.prefix_tokens, spec.heard = n, None  # the cache holds the shared part only now
-        elif partial:
-            spec.heard, spec.heard_tokens = question, n
+            spec.prefix_tokens = n
         else:
             spec.question, spec.question_tokens = question, n + 1
 
