@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -161,6 +161,116 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> int:
     return len(excluded)
 
 
+_HEAD_OPS = ("Mul", "Transpose", "Reshape")  # what torch's exporter puts between a projection and Q K^T / A V
+KEY_PADDING_MASK = "attention_key_padding_mask"
+
+
+def _constant_scalar(model_inits: dict, producers: dict, name: str) -> Optional[float]:
+    """The value of a scalar initializer or Constant node output, else None."""
+    from onnx import numpy_helper
+
+    if name in model_inits:
+        arr = numpy_helper.to_array(model_inits[name])
+    elif name in producers and producers[name].op_type == "Constant":
+        arr = numpy_helper.to_array(producers[name].attribute[0].t)
+    else:
+        return None
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+
+
+def _projection(name: str, producers: dict, inits: dict) -> Tuple[str, float]:
+    """Walk back from an attention operand through the head split (Reshape / Transpose) and the scale (Mul by a
+    constant) to the [batch, tokens, width] projection it came from: (projection name, product of the scales)."""
+    scale = 1.0
+    while True:
+        node = producers.get(name)
+        if node is None or node.op_type not in _HEAD_OPS:
+            return name, scale
+        if node.op_type == "Mul":
+            consts = [_constant_scalar(inits, producers, i) for i in node.input]
+            if consts[1] is not None:
+                scale, name = scale * consts[1], node.input[0]
+            elif consts[0] is not None:
+                scale, name = scale * consts[0], node.input[1]
+            else:
+                return name, scale  # an activation product: not a head-split chain
+        else:
+            name = node.input[0]
+
+
+def fuse_attention(src: Path, dst: Path, num_heads: int) -> int:
+    """Write `dst`: the FP32 vision graph `src` (as torch's exporter writes it) with each self-attention core,
+    `softmax(scaled Q K^T + key-padding bias) V` and its head split / merge reshapes, replaced by one
+    `com.microsoft::MultiHeadAttention` node on the Q, K, V projections, with the key-padding mask taken from
+    `patch_mask` (1 = a real patch). onnxruntime's fused CPU kernel skips the [tiles, heads, tokens, tokens]
+    bias add and the separate softmax pass (SmolVLM-256M dims, AVX-512 VNNI host: fp32 654 -> 597 ms per tile,
+    the int8 graph 372 -> 300 ms; docs/models.md). onnxruntime only: TensorRT cannot parse the op, so the
+    bundle graphs (fp32 / fp16 / static int8) never get it. Returns how many attentions were fused;
+    EdgeMMMError when a Softmax is not an attention core of the expected form (an exporter change)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in graph.initializer}
+
+    def only_consumer(name: str, op: str):
+        nodes = consumers.get(name, [])
+        if len(nodes) != 1 or nodes[0].op_type != op:
+            raise EdgeMMMError(f"fuse_attention {src}: {name} is not read by exactly one {op}")
+        return nodes[0]
+
+    fused, mask_tensors = {}, set()
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        scores = producers.get(softmax.input[0])
+        if scores is not None and scores.op_type == "Add":  # + the key-padding bias
+            mm = [producers.get(i) for i in scores.input]
+            which = 0 if mm[0] is not None and mm[0].op_type == "MatMul" else 1
+            mask_tensors.add(scores.input[1 - which])
+            scores = mm[which]
+        if scores is None or scores.op_type != "MatMul":
+            raise EdgeMMMError(f"fuse_attention {src}: Softmax {softmax.name} does not read Q K^T")
+        q, q_scale = _projection(scores.input[0], producers, inits)
+        k, k_scale = _projection(scores.input[1], producers, inits)
+        weighted = only_consumer(softmax.output[0], "MatMul")
+        v, v_scale = _projection(weighted.input[1], producers, inits)
+        merge = only_consumer(weighted.output[0], "Transpose")
+        out = only_consumer(merge.output[0], "Reshape").output[0]
+        if v_scale != 1.0 or len({q, k, v}) != 3:
+            raise EdgeMMMError(f"fuse_attention {src}: attention at {softmax.name} has an unexpected form")
+        fused[out] = helper.make_node("MultiHeadAttention", [q, k, v, "", KEY_PADDING_MASK] if mask_tensors else
+                                      [q, k, v], [out], domain="com.microsoft", name=f"{softmax.name}_mha",
+                                      num_heads=num_heads, scale=float(q_scale * k_scale))
+    if len(mask_tensors) > 1:
+        raise EdgeMMMError(f"fuse_attention {src}: the attentions use {len(mask_tensors)} different masks")
+    nodes = []
+    if mask_tensors:  # [tiles, 32, 32] bool -> [tiles, 1024] int32, 1 where the patch is real
+        graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), f"{KEY_PADDING_MASK}_shape"))
+        nodes += [helper.make_node("Reshape", ["patch_mask", f"{KEY_PADDING_MASK}_shape"], [f"{KEY_PADDING_MASK}_bool"]),
+                  helper.make_node("Cast", [f"{KEY_PADDING_MASK}_bool"], [KEY_PADDING_MASK], to=TensorProto.INT32)]
+    nodes += [fused.get(n.output[0], n) if n.output else n for n in graph.node]
+    needed, kept = {o.name for o in graph.output}, []
+    for node in reversed(nodes):  # drop what only the replaced subgraphs read
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    unused = [i for i in graph.initializer if i.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _save_atomic(model, Path(dst))
+    return len(fused)
+
+
 def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: int = 0):
     """(max abs err, mean cosine) of onnxruntime vs eager on `n` random tiles."""
     from edge_mmm.runners.ort_session import ort_session
@@ -178,30 +288,51 @@ def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: 
 
 def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32", opset: int = 18,
                   check: bool = True, fp32_path: Optional[Path] = None,
-                  calibration: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> VisionExport:
+                  calibration: Optional[Sequence[Dict[str, np.ndarray]]] = None,
+                  fused_attention: bool = False) -> VisionExport:
     """Write `vision_<precision>.onnx` under `out_dir` and check it against the eager fp32 module.
 
     int8 (static Q/DQ, TensorRT's input) needs `calibration`: real tiles, e.g.
     `int8_calibration.vision_calibration_inputs(photos, processor, patch_size)`. int8-dynamic (CPU
     onnxruntime, `quantize_int8_dynamic`) needs none and is written as `vision_int8_dynamic.onnx`; with
-    `check` it must reach mean cosine >= INT8_DYNAMIC_MIN_COSINE vs eager (EdgeMMMError otherwise)."""
+    `check` it must reach mean cosine >= INT8_DYNAMIC_MIN_COSINE vs eager (EdgeMMMError otherwise).
+    `fused_attention` (fp32 and int8-dynamic only: the onnxruntime backend's graphs): attention as onnxruntime's
+    fused MultiHeadAttention (`fuse_attention`); the fp32 graph it starts from is not kept unless it is
+    `fp32_path`."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "int8" and not calibration:
         raise InputError("int8 vision export needs calibration tiles (calibration=vision_calibration_inputs(...))")
+    if fused_attention and precision not in ("fp32", "int8-dynamic"):
+        raise InputError(f"fused_attention is for the onnxruntime graphs (fp32, int8-dynamic), not {precision}: "
+                         f"TensorRT cannot parse com.microsoft::MultiHeadAttention")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vision = vision.float().eval()
-    base = Path(fp32_path) if fp32_path is not None else out_dir / "vision_fp32.onnx"
-    if not base.is_file():
-        _export_fp32(vision, base, opset)
     path = out_dir / vision_file(precision)
-    if precision == "fp16":
-        _to_fp16(base, path)
-    elif precision == "int8":
-        _to_int8(base, path, calibration)
-    elif precision == "int8-dynamic":
-        quantize_int8_dynamic(base, path)
+    base = Path(fp32_path) if fp32_path is not None else out_dir / "vision_fp32.onnx"
+    scratch = []  # intermediate graphs this call writes and removes
+    if fused_attention and base == path:
+        base = out_dir / ".vision_fp32_unfused.onnx"
+        scratch.append(base)
+    try:
+        if not base.is_file():
+            _export_fp32(vision, base, opset)
+        if fused_attention:
+            fused = path if precision == "fp32" else out_dir / ".vision_fp32_fused.onnx"
+            if fused != path:
+                scratch.append(fused)
+            fuse_attention(base, fused, vision.vision_model.config.num_attention_heads)
+            base = fused
+        if precision == "fp16":
+            _to_fp16(base, path)
+        elif precision == "int8":
+            _to_int8(base, path, calibration)
+        elif precision == "int8-dynamic":
+            quantize_int8_dynamic(base, path)
+    finally:
+        for f in scratch:
+            f.unlink(missing_ok=True)
     err, cos = compare_with_eager(vision, path) if check else (float("nan"), float("nan"))
     if check and precision == "fp32" and not err < FP32_ATOL:
         raise EdgeMMMError(f"ONNX vision export {path}: max abs error {err:.3g} vs eager exceeds {FP32_ATOL}")

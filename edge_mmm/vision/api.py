@@ -32,10 +32,11 @@ BACKENDS = ("torch", "onnxruntime")
 LM_BACKENDS = ("torch", "onnxruntime")
 VLM_LM_KIND = "vlm-lm-onnx"
 DEFAULT_CONTEXT = 8192
-VISION_ONNX_VERSION = "vision-v1"  # bump when the exported graph changes
-# onnxruntime vision precisions: (exporter precision, cached file, export-cache version). int8 is the fp32
-# graph with int8 weight matmuls (exporters/onnx_vision.py quantize_int8_dynamic); its own cache key, so an
-# fp32 entry is never taken for an int8 one. Bump the int8 suffix when the quantization recipe changes.
+VISION_ONNX_VERSION = "vision-v2-mha"  # bump when the exported graph changes (v2: fused attention)
+# onnxruntime vision precisions: (exporter precision, cached file, export-cache version). Both graphs run
+# attention as onnxruntime's fused MultiHeadAttention (exporters/onnx_vision.py fuse_attention). int8 is the
+# fp32 graph with int8 weight matmuls (quantize_int8_dynamic); its own cache key, so an fp32 entry is never
+# taken for an int8 one. Bump the int8 suffix when the quantization recipe changes.
 VISION_PRECISIONS = {
     "fp32": ("fp32", "vision_fp32.onnx", VISION_ONNX_VERSION),
     "int8": ("int8-dynamic", "vision_int8_dynamic.onnx", f"{VISION_ONNX_VERSION}-int8-dynamic-rr1"),
@@ -310,13 +311,14 @@ def export_on_first_use(model, files, cache_root: Optional[Path], precision: str
 
     def build(tmp: Path) -> None:
         if exporter_precision == "fp32":
-            export_vision(model.vision, tmp, "fp32", check=True)
+            export_vision(model.vision, tmp, "fp32", check=True, fused_attention=True)
             return
         import shutil
 
         work = tmp / "fp32"  # the fp32 graph the int8 one derives from, removed before the entry is sealed
         export_vision(model.vision, work, "fp32", check=False)
-        export_vision(model.vision, tmp, exporter_precision, check=True, fp32_path=work / "vision_fp32.onnx")
+        export_vision(model.vision, tmp, exporter_precision, check=True, fp32_path=work / "vision_fp32.onnx",
+                      fused_attention=True)
         shutil.rmtree(work)
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), "vision-onnx", source,

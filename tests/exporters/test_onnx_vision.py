@@ -82,6 +82,63 @@ def test_int8_dynamic_quantizes_weight_matmuls_only(exported):
     assert [n.op_type for n in q.graph.node if n.name == kept[0]] == ["MatMul"]
 
 
+def _padded_tiles(vision, n=2, seed=3):
+    """Random tiles whose last patch rows and columns are padding (patch_mask False), as the processor makes
+    for an image that does not fill its tile."""
+    s, p = vision.vision_model.config.image_size, vision.patch_size
+    g = torch.Generator().manual_seed(seed)
+    pv = torch.randn(n, 3, s, s, generator=g)
+    mask = torch.ones(n, s // p, s // p, dtype=torch.bool)
+    mask[0, -1:, :] = False
+    mask[1, :, -2:] = False
+    return pv, mask
+
+
+def test_fused_attention_matches_eager_with_padded_patches(exported, tmp_path):
+    """fused_attention: every attention core is one com.microsoft::MultiHeadAttention (no Softmax, no
+    activation x activation MatMul left) with the patch mask as its key-padding mask; fp32 stays within
+    FP32_ATOL of eager on tiles with padding patches, int8-dynamic within cosine 0.999; the unfused
+    intermediate graph is not left behind."""
+    import onnx
+    import onnxruntime as ort
+
+    d, _ = exported
+    model, _ = load_idefics3(d)
+    vision = model.vision.float().eval()
+    layers = vision.vision_model.config.num_hidden_layers
+    fp32 = export_vision(vision, tmp_path, "fp32", fused_attention=True)
+    int8 = export_vision(vision, tmp_path, "int8-dynamic", fused_attention=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision_fp32.onnx", "vision_int8_dynamic.onnx"]
+    pv, mask = _padded_tiles(vision)
+    with torch.no_grad():
+        ref = vision(pv, mask)
+    for ex in (fp32, int8):
+        graph = onnx.load(str(ex.path)).graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops, ops
+        assert activation_matmuls(onnx.load(str(ex.path))) == []
+        sess = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"pixel_values": pv.numpy(), "patch_mask": mask.numpy()})[0])
+        err = float((got - ref).abs().max())
+        cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1).min())
+        print(f"{ex.precision} fused: max abs err {err:.3g}, cosine {cos:.6f}")
+        if ex.precision == "fp32":
+            assert err < FP32_ATOL
+        else:
+            assert cos >= INT8_DYNAMIC_MIN_COSINE
+    # a padding patch as key changes the answer: the mask is honoured, not dropped
+    sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
+    unmasked = sess.run(None, {"pixel_values": pv.numpy(), "patch_mask": np.ones_like(mask.numpy())})[0]
+    assert float(np.abs(unmasked - ref.numpy()).max()) > 100 * FP32_ATOL
+
+
+def test_fused_attention_is_refused_for_tensorrt_graphs(exported, tmp_path):
+    d, _ = exported
+    model, _ = load_idefics3(d)
+    with pytest.raises(InputError, match="TensorRT"):
+        export_vision(model.vision, tmp_path, "fp16", fused_attention=True)
+
+
 def test_onnxruntime_backend_same_answer(exported):
     d, ex = exported
     cfg = GenerationConfig(max_tokens=12)
