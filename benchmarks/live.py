@@ -3,7 +3,7 @@
     python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--skip-text]
                               [--vlm-backend torch|onnxruntime] [--vision-precision fp32|int8]
                               [--vlm-lm-backend torch|onnxruntime]
-                              [--end-silence-ms 500] [--no-baseline] [--speak]
+                              [--end-silence-ms 500] [--sentence-end-silence-ms MS] [--no-baseline] [--speak]
 
 Each turn is an espeak-ng sentence (edge_mmm.audio.synth.SENTENCES) followed by 1 s of silence, pushed into
 `LiveAssistant.feed_audio` in real time (32 ms blocks), so VAD, streaming Whisper and the answer run as
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"],
                     help="onnxruntime vision encoder precision (int8: dynamic, opt-in)")
     ap.add_argument("--end-silence-ms", type=int, default=500)
+    ap.add_argument("--sentence-end-silence-ms", type=int, default=None,
+                    help="LiveConfig.sentence_end_silence_ms: the opt-in early endpoint for finished sentences")
     ap.add_argument("--no-baseline", action="store_true", help="skip the sequential (speculate=False) rows")
     ap.add_argument("--no-interrupt-partials", action="store_true",
                     help="let a partial Whisper pass running at a pause finish (LiveConfig.interrupt_partial_after_s=None)")
@@ -164,6 +166,7 @@ def main() -> None:
     from edge_mmm.text.api import load_lm
 
     cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
+                     sentence_end_silence_ms=args.sentence_end_silence_ms,
                      interrupt_partial_after_s=None if args.no_interrupt_partials else LiveConfig.interrupt_partial_after_s)
     sequential = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
                             speculate=False)

@@ -279,6 +279,11 @@ class SpeechSegmenter:
         wait would have), so a pass already run over the pause's audio is the final one."""
         return self._segment(self.vad.flush(at_pause=True))
 
+    def end_at_pause(self) -> List[SpeechEvent]:
+        """End the utterance at the pause now going on (where its silence began, as the end-silence wait would),
+        without waiting for the rest of that wait; nothing when there is no pause."""
+        return self._segment(self.vad.end_pause())
+
     def _segment(self, vad_events) -> List[SpeechEvent]:
         out: List[SpeechEvent] = []
         for ev in vad_events:

@@ -172,6 +172,14 @@ class VADIterator:
         self._temp_end = 0
         return events
 
+    def end_pause(self) -> List[VadEvent]:
+        """End the speech segment now if a silence is going on in it, where that silence began (plus the end
+        padding), as `min_silence_ms` more of it would: an endpoint that decided sooner (a complete sentence).
+        No events when there is no such silence."""
+        if not (self.started and self._temp_end):
+            return []
+        return self._close(self._temp_end)
+
     def _step(self, chunk: np.ndarray) -> List[VadEvent]:
         o = self.options
         cur = self._chunk_start

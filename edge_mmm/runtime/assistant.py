@@ -32,6 +32,7 @@ import numpy as np
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, parse_mic_source
 from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.runtime.endpoint import ends_sentence
 from edge_mmm.runtime.events import Event, EventBus
 from edge_mmm.runtime.frames import FrameStore
 from edge_mmm.runtime.retry import Backoff
@@ -67,6 +68,11 @@ class LiveConfig:
     system_prompt: Optional[str] = None
     max_history_turns: int = 6
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
+    # opt-in early endpoint: a pause whose speculative transcript reads as a finished sentence (`?`, `!`, a
+    # closing `.`: runtime/endpoint.py) ends the turn after this much silence instead of `end_silence_ms`
+    # (None: off). A speaker who pauses after a complete sentence and goes on is then answered early; talking
+    # on barges in and the rest becomes the next question
+    sentence_end_silence_ms: Optional[int] = None
     speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
     # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
     # cores (on 2 cores the two side by side each take ~2x as long, and the encoder outlasted the question)
@@ -92,6 +98,9 @@ class LiveConfig:
             raise InputError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.end_silence_ms < 60:
             raise InputError(f"end_silence_ms must be >= 60, got {self.end_silence_ms}")
+        if self.sentence_end_silence_ms is not None and not 60 <= self.sentence_end_silence_ms <= self.end_silence_ms:
+            raise InputError(f"sentence_end_silence_ms must be between 60 and end_silence_ms ({self.end_silence_ms}),"
+                             f" got {self.sentence_end_silence_ms}")
         if self.context_length < 2:
             raise InputError(f"context_length must be >= 2, got {self.context_length}")
         if self.interrupt_partial_after_s is not None and self.interrupt_partial_after_s < 0:
@@ -241,6 +250,8 @@ class LiveAssistant:
         self._speaking: Optional[int] = None  # utterance being spoken (speculation checks the scene)
         self._encoding = threading.Event()  # a speculative frame encode runs: partial passes wait (asr thread)
         self._recognizer = None  # the asr thread's UtteranceRecognizer (the vad thread may stop its partial pass)
+        # asr -> vad: the pause (its first silent segmenter sample) whose speculative text ends a sentence
+        self._sentence_end_at: Optional[int] = None
         self._threads: List[threading.Thread] = []
         self._started = False
 
@@ -497,11 +508,13 @@ class LiveAssistant:
                 if pos != base + seg.n_samples:  # samples were lost: restart segmentation there
                     seg.reset()
                     base = pos
+                    self._sentence_end_at = None
                     self._hear([None], base, None)
                 events = seg.feed(chunk)
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
                 self._pass_on(events, base, time.monotonic() - t_cap if t_cap is not None else None)
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
+            self._end_finished_sentence(seg, base)
             if eos:
                 self._input_end(seg, base)
             self._vad_busy = False
@@ -525,6 +538,16 @@ class LiveAssistant:
             self._input_ended = True
             heard = "" if self._vad_utterance else ": no speech was heard in it"
             self._notice("microphone", f"audio file {self._file_source.path} ended{heard}")
+
+    def _end_finished_sentence(self, seg, base: int) -> None:
+        """`sentence_end_silence_ms`: end the utterance at the pause now going on once it has lasted that long,
+        if the pause's speculative transcript ended a sentence (the asr thread sets `_sentence_end_at`)."""
+        at, short = self._sentence_end_at, self.config.sentence_end_silence_ms
+        pause = seg.pause
+        if at is None or short is None or pause is None or pause[0] != at or pause[1] < short / 1000:
+            return
+        self._sentence_end_at = None
+        self._pass_on(seg.end_at_pause(), base, None)
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
         """Once per pause that has lasted `interrupt_partial_after_s`: stop the partial Whisper pass that is
@@ -611,6 +634,9 @@ class LiveAssistant:
         if ev.kind in ("speculative", "discarded"):
             self.bus.publish("timing", stage="speculative_asr", utterance=utt, asr_s=round(ev.asr_s, 6),
                              audio_s=round(ev.audio_s, 3), discarded=ev.kind == "discarded")
+            if self.config.sentence_end_silence_ms is not None:
+                finished = ev.kind == "speculative" and ev.end_s is not None and ends_sentence(ev.committed)
+                self._sentence_end_at = int(round(ev.end_s * SAMPLE_RATE)) if finished else None
             self._job("question" if ev.kind == "speculative" else "discard", utt, ev.committed)
             return
         if ev.kind == "partial":

@@ -116,3 +116,28 @@ def test_stream_ending_in_a_pause_ends_where_the_pause_began(two_utterances, mod
     for at_pause in (True, False):
         ends = [e for e in events(audio[:inside], at_pause) if e.kind == "end"]
         assert [e.sample for e in ends] == [inside]
+
+
+def test_end_pause_ends_where_the_full_wait_would(two_utterances, model):
+    """`VADIterator.end_pause()` inside a pause (the early endpoint): the same end event, at the same sample,
+    as waiting out `min_silence_ms`; the next speech starts a new segment; nothing outside a pause."""
+    audio, truth = two_utterances
+    first_end = int((truth[0][1] + 0.25) * SAMPLE_RATE)  # 250 ms into the pause after the first sentence
+
+    def run(early: bool):
+        it = VADIterator(VadOptions(min_silence_ms=1000), model)
+        events, ended_early = [], False
+        for i in range(0, audio.size, VAD_CHUNK):
+            events += it.feed(audio[i:i + VAD_CHUNK])
+            if early and not ended_early and i + VAD_CHUNK >= first_end:
+                assert it.silence_from is not None  # inside the pause
+                events += it.end_pause()
+                ended_early = True
+                assert it.end_pause() == []  # the segment is closed: nothing more to end
+        return events + it.flush()
+
+    waited, early = run(False), run(True)
+    assert [(e.kind, e.sample) for e in early] == [(e.kind, e.sample) for e in waited]
+    assert [e.kind for e in early] == ["start", "end", "start", "end"]
+    fresh = VADIterator(VadOptions(), model)
+    assert fresh.end_pause() == []  # no speech, no pause

@@ -158,6 +158,47 @@ class _ScriptedASR:
         return _T()
 
 
+class _FinishedSentenceASR(_ScriptedASR):
+    """The stand-in, but every transcript reads as a finished question ("heard 12345?")."""
+
+    def transcribe(self, audio, options):
+        out = super().transcribe(audio, options)
+        out.text += "?"
+        return out
+
+
+@pytest.mark.usefixtures("fresh_vlm")
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_finished_sentence_ends_the_turn_after_the_shorter_silence(vlm_models, paused_question, finished):
+    """`sentence_end_silence_ms` (opt-in): the 1.2 s pause ends the turn after 0.3 s of it when the pause's
+    speculative text ends a sentence, and not at all when it does not (the 2 s end-silence wait holds); the
+    final text is the speculative pass's (no new pass)."""
+    from edge_mmm.runtime.assistant import LiveModels
+
+    asr = _FinishedSentenceASR() if finished else _ScriptedASR()
+    models = LiveModels(asr, vlm_models.lm, vlm_models.vad_path)
+    a = LiveAssistant(LiveConfig(max_tokens=4, end_silence_ms=2000, sentence_end_silence_ms=300), models)
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    with _speaking(a, paused_question):
+        evs = _events(q, _turn_done, timeout=120)
+    final = [e.data for e in evs if e.type == "transcript.final"][0]
+    turn = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"][0]
+    if finished:
+        assert final["audio_s"] < 2.5 and final["text"].endswith("?")  # the first clause, up to the pause
+        assert 0.25 < turn["endpoint_s"] < 0.8 and turn["asr_reused"]
+    else:
+        assert final["audio_s"] > 3.0  # both clauses: the pause did not end the turn
+        assert turn["endpoint_s"] > 1.9
+
+
+def test_sentence_end_silence_must_fit_the_end_silence():
+    with pytest.raises(InputError, match="sentence_end_silence_ms"):
+        LiveConfig(end_silence_ms=500, sentence_end_silence_ms=600)
+    with pytest.raises(InputError, match="sentence_end_silence_ms"):
+        LiveConfig(sentence_end_silence_ms=10)
+
+
 def test_recognizer_drops_the_speculative_final_when_speech_resumes():
     asr = _ScriptedASR()
     rec = UtteranceRecognizer(asr)
