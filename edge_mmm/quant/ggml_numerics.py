@@ -204,23 +204,29 @@ def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 @functools.lru_cache(maxsize=1)
 def _libm():
-    """glibc's cosf/sinf (what ggml calls); None where there is no glibc libm."""
+    """glibc's powf/cosf/sinf (what ggml calls); None where there is no glibc libm."""
     name = ctypes.util.find_library("m")
     if name is None:
         return None
     lib = ctypes.CDLL(name)
     for fn in (lib.cosf, lib.sinf):
         fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    lib.powf.restype, lib.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
     return lib
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _rope_row(pos: int, head_dim: int, base: float, factors: Optional[Tuple[float, ...]]):
     """cos/sin of one position, as `ggml_rope_cache_init`: theta = pos, then `theta *= powf(base, -2/d)`
-    in fp32 per pair; cosf/sinf from libm (double-precision rounded where there is no glibc)."""
-    theta_scale = np.power(np.float32(base), np.float32(-2.0 / head_dim))
-    theta = np.float32(pos)
+    in fp32 per pair; powf/cosf/sinf from libm (double-precision rounded where there is no glibc). Not
+    numpy's float32 power: numpy 2 computes it with its own SIMD code on AVX-512 hosts, one ulp away from
+    glibc's powf for SmolLM2's base (0.6978306 vs 0.69783056), which moved every RoPE angle and so the logits
+    of the bit-identical parity test on those hosts only."""
     lib = _libm()
+    exponent = np.float32(-2.0 / head_dim)
+    theta_scale = (np.float32(lib.powf(float(np.float32(base)), float(exponent))) if lib is not None
+                   else np.float32(math.pow(float(np.float32(base)), float(exponent))))
+    theta = np.float32(pos)
     cos, sin = [], []
     for i in range(head_dim // 2):
         t = theta if factors is None else np.float32(theta / np.float32(factors[i]))
