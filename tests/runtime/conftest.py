@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -94,9 +95,12 @@ def pulse_null_sink():
     if not (shutil.which("pulseaudio") and shutil.which("pactl") and shutil.which("paplay")):
         pytest.skip("PulseAudio (pulseaudio, pulseaudio-utils) is not installed")
     sd = pytest.importorskip("sounddevice")
-    started = subprocess.run(["pulseaudio", "--check"]).returncode != 0
+    started = not _pulse_answers(0.0)
     if started:
+        # a server the previous test killed may still be exiting (--kill returns at once): let it go first
+        _wait(lambda: subprocess.run(["pulseaudio", "--check"]).returncode != 0, 5.0)
         subprocess.run(["pulseaudio", "--start", "--exit-idle-time=-1"], capture_output=True, check=True)
+        assert _pulse_answers(10.0), "pulseaudio --start returned but the server does not answer pactl"
     name = f"edge_mmm_test_{uuid.uuid4().hex[:8]}"
     module = subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={name}"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -116,3 +120,19 @@ def pulse_null_sink():
         subprocess.run(["pactl", "unload-module", module], capture_output=True)
         if started:
             subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+            _wait(lambda: subprocess.run(["pulseaudio", "--check"]).returncode != 0, 5.0)
+
+
+def _wait(done, timeout: float) -> bool:
+    """Poll `done()` every 50 ms until it is true or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _pulse_answers(timeout: float) -> bool:
+    """A PulseAudio server answers `pactl info` (within `timeout` seconds)."""
+    return _wait(lambda: subprocess.run(["pactl", "info"], capture_output=True).returncode == 0, timeout)
