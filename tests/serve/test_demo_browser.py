@@ -174,6 +174,9 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
             ttfa_row = page.wait_for_selector('#latency tr[data-key="ttfa_s"] td').inner_text()
             ttfa_label = page.inner_text('#latency tr[data-key="ttfa_s"] th')
             page.wait_for_function("() => document.querySelectorAll('#latency tr').length >= 5")
+            # the answer's audio streams in blocks while it is spoken: wait for them, not just the first one
+            # (a fast host got here with 4 of its blocks played)
+            page.wait_for_function("() => window.edgeMmmDemo.audioBlocks >= 5")
             latency_rows = page.eval_on_selector_all(
                 "#latency tr", "rows => rows.map(r => [r.dataset.key, r.cells[0].textContent])")
             stats = page.evaluate("() => window.edgeMmmDemo")
