@@ -16,6 +16,8 @@ mean cosine returned; FP32 must be < 1e-4, INT8-DYNAMIC must reach cosine >= 0.9
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -135,7 +137,6 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> int:
     at SmolVLM-256M dims it moves the cosine from 0.99915 to 0.99936 for ~0.3% of the work). Written to a
     temp file beside `dst`, then renamed. Returns how many MatMuls were left FP32."""
     import logging
-    import os
     import tempfile
 
     import onnx
@@ -297,8 +298,8 @@ def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32"
     onnxruntime, `quantize_int8_dynamic`) needs none and is written as `vision_int8_dynamic.onnx`; with
     `check` it must reach mean cosine >= INT8_DYNAMIC_MIN_COSINE vs eager (EdgeMMMError otherwise).
     `fused_attention` (fp32 and int8-dynamic only: the onnxruntime backend's graphs): attention as onnxruntime's
-    fused MultiHeadAttention (`fuse_attention`); the fp32 graph it starts from is not kept unless it is
-    `fp32_path`."""
+    fused MultiHeadAttention (`fuse_attention`); an fp32 export keeps only the fused graph. A graph whose attention does not have the form `fuse_attention` knows (another torch
+    version's exporter) keeps its unfused attention, with a RuntimeWarning: still checked, only slower."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "int8" and not calibration:
@@ -322,8 +323,13 @@ def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32"
             fused = path if precision == "fp32" else out_dir / ".vision_fp32_fused.onnx"
             if fused != path:
                 scratch.append(fused)
-            fuse_attention(base, fused, vision.vision_model.config.num_attention_heads)
-            base = fused
+            try:
+                fuse_attention(base, fused, vision.vision_model.config.num_attention_heads)
+                base = fused
+            except EdgeMMMError as exc:  # another torch's exporter wrote another pattern: still correct, slower
+                warnings.warn(f"{exc}; the vision graph keeps its unfused attention", RuntimeWarning, stacklevel=2)
+                if precision == "fp32":
+                    os.replace(base, path)
         if precision == "fp16":
             _to_fp16(base, path)
         elif precision == "int8":

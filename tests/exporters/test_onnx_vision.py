@@ -132,6 +132,29 @@ def test_fused_attention_matches_eager_with_padded_patches(exported, tmp_path):
     assert float(np.abs(unmasked - ref.numpy()).max()) > 100 * FP32_ATOL
 
 
+def test_an_attention_it_cannot_fuse_keeps_the_unfused_graph(exported, tmp_path, monkeypatch):
+    """Another torch's exporter may write attention in a form fuse_attention does not know: the export warns
+    and keeps the unfused (checked, correct) graph instead of failing the load."""
+    import onnx
+
+    import edge_mmm.exporters.onnx_vision as onnx_vision
+
+    def unknown_form(src, dst, num_heads):
+        raise onnx_vision.EdgeMMMError(f"fuse_attention {src}: Softmax x does not read Q K^T")
+
+    monkeypatch.setattr(onnx_vision, "fuse_attention", unknown_form)
+    d, _ = exported
+    model, _ = load_idefics3(d)
+    for precision in ("fp32", "int8-dynamic"):
+        with pytest.warns(RuntimeWarning, match="keeps its unfused attention"):
+            ex = export_vision(model.vision, tmp_path / precision, precision, fused_attention=True)
+        ops = [n.op_type for n in onnx.load(str(ex.path)).graph.node]
+        assert "Softmax" in ops and "MultiHeadAttention" not in ops
+        assert ex.max_abs_err < FP32_ATOL if precision == "fp32" else ex.cosine >= INT8_DYNAMIC_MIN_COSINE
+        left = sorted(p.name for p in (tmp_path / precision).iterdir())  # no intermediate graph left behind
+        assert left == (["vision_fp32.onnx"] if precision == "fp32" else ["vision_fp32.onnx", ex.path.name])
+
+
 def test_fused_attention_is_refused_for_tensorrt_graphs(exported, tmp_path):
     d, _ = exported
     model, _ = load_idefics3(d)
