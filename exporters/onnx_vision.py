@@ -226,6 +226,8 @@ def fuse_attention(src: Path, dst: Path, num_heads: int) -> int:
             raise EdgeMMMError(f"fuse_attention {src}: {name} is not read by exactly one {op}")
         return nodes[0]
 
+    if "patch_mask" not in {i.name for i in graph.input}:
+        raise EdgeMMMError(f"fuse_attention {src}: no patch_mask input to make the key-padding mask from")
     fused, mask_tensors = {}, set()
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         scores = producers.get(softmax.input[0])
@@ -255,17 +257,12 @@ def fuse_attention(src: Path, dst: Path, num_heads: int) -> int:
         nodes += [helper.make_node("Reshape", ["patch_mask", f"{KEY_PADDING_MASK}_shape"], [f"{KEY_PADDING_MASK}_bool"]),
                   helper.make_node("Cast", [f"{KEY_PADDING_MASK}_bool"], [KEY_PADDING_MASK], to=TensorProto.INT32)]
     nodes += [fused.get(n.output[0], n) if n.output else n for n in graph.node]
-    needed, kept = {o.name for o in graph.output}, []
-    for node in reversed(nodes):  # drop what only the replaced subgraphs read
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
     del graph.node[:]
-    graph.node.extend(kept)
-    unused = [i for i in graph.initializer if i.name not in needed]
-    for init in unused:
-        graph.initializer.remove(init)
+    graph.node.extend(nodes)
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # drop what only the replaced subgraphs read (nodes, then initializers); the graph's inputs stay
+    OnnxModel(model).prune_graph(allow_remove_graph_inputs=False)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _save_atomic(model, Path(dst))
@@ -298,8 +295,9 @@ def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32"
     onnxruntime, `quantize_int8_dynamic`) needs none and is written as `vision_int8_dynamic.onnx`; with
     `check` it must reach mean cosine >= INT8_DYNAMIC_MIN_COSINE vs eager (EdgeMMMError otherwise).
     `fused_attention` (fp32 and int8-dynamic only: the onnxruntime backend's graphs): attention as onnxruntime's
-    fused MultiHeadAttention (`fuse_attention`); an fp32 export keeps only the fused graph. A graph whose attention does not have the form `fuse_attention` knows (another torch
-    version's exporter) keeps its unfused attention, with a RuntimeWarning: still checked, only slower."""
+    fused MultiHeadAttention (`fuse_attention`); an fp32 export keeps only the fused graph. A graph whose
+    attention does not have the form `fuse_attention` knows (another torch version's exporter) keeps its
+    unfused attention, with a RuntimeWarning: still checked, only slower."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "int8" and not calibration:
