@@ -72,13 +72,19 @@ def test_typed_questions_stream_and_reuse_history_kv(vlm_models):
     assert a.turns.history[-2]["content"] == [{"type": "text", "text": "And of Germany?"}]
 
 
-def test_speech_barges_in_on_a_long_answer(vlm_models, question_clip):
+def test_speech_barges_in_on_a_long_answer(vlm_models, question_clip, monkeypatch):
+    from dataclasses import replace
+
     from edge_mmm.audio.io import load_audio
 
     from conftest import QUESTION
     from wer import normalized_wer
 
-    a = LiveAssistant(LiveConfig(max_tokens=400), vlm_models)
+    # the tiny random VLM's greedy answer repeats itself within ~70 tokens, which the live loop check ends in
+    # ~0.1 s on a fast CPU, before the fed speech is heard: the answer must outlast that here
+    generation = LiveConfig.generation
+    monkeypatch.setattr(LiveConfig, "generation", lambda self: replace(generation(self), stop_loops=False))
+    a = LiveAssistant(LiveConfig(max_tokens=1500), vlm_models)
     q = a.subscribe(maxsize=4096)
     a.start()
     try:
