@@ -720,6 +720,9 @@ def run(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = default)."),
     once: bool = typer.Option(False, "--once", help="Exit after the first answered question."),
     json_out: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    echo_cancel: bool = typer.Option(False, "--echo-cancel", help="With --speak: cancel the answer's echo in the "
+                                     "microphone (WebRTC AEC3, extra 'aec') before the gate, so you can talk over "
+                                     "an answer at normal level instead of louder than the speaker."),
     speak: bool = typer.Option(False, "--speak", help="Speak the answers (espeak-ng, sentence by sentence as "
                                "they stream) through PortAudio; the microphone is gated while it speaks "
                                "(talk over it to interrupt)."),
@@ -793,7 +796,9 @@ def run(
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
                      end_silence_ms=end_silence_ms, sentence_end_silence_ms=sentence_end_silence_ms,
                      audio_file_speed=file_speed, log_path=log, once=once)
-    speaker = _speaker(speaker_device, voice) if speak else None
+    if echo_cancel and not speak:
+        raise InputError("--echo-cancel cancels the spoken answer's echo: it needs --speak")
+    speaker = _speaker(speaker_device, voice, echo_cancel) if speak else None
     if sys.stderr.isatty() and not json_out:  # the sources start first: speech during the load is kept
         sys.stderr.write("loading the models; already listening (a question asked now is answered once they "
                          "are ready)\n")
@@ -834,17 +839,24 @@ def run(
 
 
 
-def _speaker(device: Optional[str], voice: str):
-    """A Speaker for `run --speak`: espeak-ng into a PortAudio output (both checked before models load)."""
+def _speaker(device: Optional[str], voice: str, echo_cancel: bool = False):
+    """A Speaker for `run --speak`: espeak-ng into a PortAudio output, with `--echo-cancel` WebRTC AEC3 before
+    the echo gate (each checked before models load)."""
     from edge_mmm.errors import require
     from edge_mmm.speech_out.playback import SoundDeviceSink
-    from edge_mmm.speech_out.speaker import Speaker
+    from edge_mmm.speech_out.speaker import Speaker, SpeakerConfig
     from edge_mmm.speech_out.tts import EspeakConfig, EspeakTts
 
     require("sounddevice", "audio", "--speak (PortAudio output)")
+    config = SpeakerConfig()
+    if echo_cancel:
+        from edge_mmm.speech_out.aec import EchoCancelConfig
+
+        require("livekit.rtc", "aec", "--echo-cancel (WebRTC AEC3)")
+        config.echo_cancel = EchoCancelConfig()
     tts = EspeakTts(EspeakConfig(voice=voice))
     target = int(device) if device is not None and device.strip().isdigit() else device
-    return Speaker(tts, SoundDeviceSink(target))
+    return Speaker(tts, SoundDeviceSink(target), config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ class PlaybackBuffer:
         self._levels: Deque[Tuple[float, float]] = deque(maxlen=LEVEL_HISTORY)  # (block play time, RMS)
         self.last_audio_t: Optional[float] = None  # play time of the end of the newest audible block
         self.last_write_t: Optional[float] = None  # when a sink last took audible samples (monotonic)
+        self._listeners: List[Callable[[np.ndarray, float], None]] = []  # (block, play time) of every pull
+
+    def add_listener(self, listener: Callable[[np.ndarray, float], None]) -> None:
+        """Call `listener(block, t_out)` with every block a sink pulls, silence included (the echo reference
+        of `speech_out.aec`); it runs on the sink's thread, so it must be quick."""
+        self._listeners.append(listener)
 
     def push(self, samples: np.ndarray, tag: Any = None) -> None:
         x = np.asarray(samples, np.float32).reshape(-1)
@@ -77,6 +83,8 @@ class PlaybackBuffer:
                 self._levels.append((t_out, float(np.sqrt(np.mean(out[:filled] ** 2)))))
                 self.last_audio_t = t_out + filled / self.sample_rate
                 self.last_write_t = time.monotonic()
+        for listener in self._listeners:
+            listener(out, t_out)
         return out, filled > 0
 
     def level(self, t: float, window_s: float) -> float:

@@ -30,6 +30,8 @@ POLL_S = 0.02
 class SpeakerConfig:
     echo: EchoGateConfig = field(default_factory=EchoGateConfig)
     volume: float = 1.0  # scale of the synthesized samples (0-1)
+    # acoustic echo cancellation before the gate (speech_out.aec, extra `aec`); None: the half-duplex gate alone
+    echo_cancel: Optional["EchoCancelConfig"] = None  # noqa: F821 (speech_out.aec, imported when used)
 
 
 class Speaker:
@@ -41,7 +43,12 @@ class Speaker:
         self.sink = sink
         self.config = config or SpeakerConfig()
         self.buffer = PlaybackBuffer(tts.sample_rate)
-        self.echo_gate = EchoGate(self.buffer, self.config.echo)
+        if self.config.echo_cancel is not None:
+            from edge_mmm.speech_out.aec import EchoCanceller
+
+            self.echo_gate = EchoCanceller(self.buffer, self.config.echo, self.config.echo_cancel)
+        else:
+            self.echo_gate = EchoGate(self.buffer, self.config.echo)
         self.on_error = on_error or (lambda message: None)
         self.on_first_audio: Callable[[Any, float], None] = lambda tag, t: None
         self.on_stop: Callable[[], None] = lambda: None  # after a stop() that silenced something

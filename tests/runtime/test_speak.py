@@ -6,7 +6,9 @@ does not take its own voice for a new question."""
 
 import queue
 import shutil
+import subprocess
 import time
+import wave
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from edge_mmm.speech_out.echo import EchoGateConfig
 from edge_mmm.speech_out.playback import RecordingSink, SoundDeviceSink
 from edge_mmm.speech_out.speaker import Speaker, SpeakerConfig
 from edge_mmm.speech_out.tts import EspeakTts
+from conftest import QUESTION  # noqa: E402
 
 STOP_BOUND_S = 0.150
 LONG_QUESTION = "Tell me a long story about a dragon who learns to cook soup."
@@ -222,3 +225,85 @@ def test_stop_silences_portaudio_playback_on_the_loopback(pulse_null_sink):
     assert t_last_out - t_stop <= STOP_BOUND_S
     dropped = next(d for t, d in speaker.stops if t == t_stop)
     assert dropped > 2 * speaker.tts.sample_rate  # seconds of the answer were dropped, not played
+
+
+def test_loopback_echo_cancel_lets_the_user_talk_over_the_answer_at_a_lower_level(pulse_null_sink, text_models,
+                                                                                  tmp_path):
+    """`--echo-cancel` on the PulseAudio loopback: the answer plays into the null sink, and while it plays the
+    user's question is played into the same sink 10 dB quieter (what the gate alone silences: it needs the
+    user 6 dB above the echo). AEC3 removes the answer from the microphone, so the quieter question barges in:
+    the spoken answer stops and the question is what gets transcribed; the answer alone (two seconds of it
+    before the user talks) never barges in. The contrast with the gate alone: tests/speech_out/test_aec.py."""
+    pytest.importorskip("livekit.rtc")
+    from edge_mmm.audio.synth import synthesize
+    from edge_mmm.speech_out.aec import EchoCancelConfig
+
+    # the user is not the assistant: another espeak-ng voice than the answer's, scaled to 10 dB under the
+    # answer's level (written as a WAV for paplay, whose --volume is cubic, not linear)
+    from edge_mmm.audio.io import load_audio
+
+    user = load_audio(synthesize(QUESTION, tmp_path / "user.wav", voice="en-us+m3", lead_silence=0.3))
+    answer_rms = float(np.sqrt(np.mean(EspeakTts().synthesize(LONG_QUESTION) ** 2)))
+    user *= 10 ** (-10 / 20) * answer_rms / float(np.sqrt(np.mean(user[user != 0] ** 2)))
+    question_clip = tmp_path / "user_quiet.wav"
+    with wave.open(str(question_clip), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(user, -1, 1) * 32767).astype("<i2").tobytes())
+
+    sink = SoundDeviceSink("pulse")
+    speaker = Speaker(EspeakTts(), sink, SpeakerConfig(echo_cancel=EchoCancelConfig()))
+    a = LiveAssistant(LiveConfig(mic="pulse", max_tokens=200), text_models, speaker=speaker)
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    try:
+        time.sleep(1.0)  # the input stream is open
+        a.ask_text(LONG_QUESTION)
+        rate = speaker.tts.sample_rate
+        deadline = time.monotonic() + 60
+        while (speaker.buffer.last_write_t is None or speaker.buffer.pending() < rate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert speaker.buffer.last_write_t is not None, "nothing was played"
+        time.sleep(2.0)  # AEC3 hears two seconds of the answer alone: nothing of it may pass
+        evs = []
+        while True:
+            try:
+                evs.append(q.get_nowait())
+            except queue.Empty:
+                break
+        assert not [e for e in evs if e.type == "notice" and "barge-in" in e.data["message"]]
+        subprocess.run(["paplay", f"--device={pulse_null_sink}", str(question_clip)], check=True, timeout=30)
+        evs += _collect(q, lambda evs: any(e.type == "transcript.final" and e.data.get("source") == "speech"
+                                           for e in evs))
+    finally:
+        assert a.stop(timeout=3.0)
+    aec = speaker.echo_gate
+    print(f"loopback + AEC: {aec.frames} frames, AEC took {aec.suppression_db():.1f} dB off while the answer played; "
+          f"gate after it: {aec.gate.gated_frames} gated, {aec.gate.passed_frames} passed")
+    # the quieter voice barged in: the spoken answer was stopped (its text may have been complete by then)
+    assert any(e.type == "notice" and "stopped the spoken answer" in e.data["message"] for e in evs)
+    assert any(dropped > rate for _, dropped in speaker.stops)  # seconds of the answer were dropped unplayed
+    # the user's words, not the answer's: AEC3 damps the user while both talk (on this loopback the VAD hears
+    # them ~0.5-1 s in), so the start of the question may be lost; what follows the stop is clean
+    finals = [e.data["text"] for e in evs if e.type == "transcript.final" and e.data["source"] == "speech"]
+    print(f"transcribed: {finals}")
+    assert len(finals) == 1 and "building" in finals[0].lower() and "dragon" not in finals[0].lower(), finals
+
+
+def test_cli_run_echo_cancel_needs_speak_and_builds_the_canceller(capsys, monkeypatch):
+    from edge_mmm import cli
+    from edge_mmm.cli import main
+
+    rc = main(["run", "--camera", "none", "--mic", "default", "--echo-cancel"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--echo-cancel" in err[0] and "--speak" in err[0]
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    pytest.importorskip("sounddevice")
+    pytest.importorskip("livekit.rtc")
+    from edge_mmm.speech_out.aec import EchoCanceller
+    from edge_mmm.speech_out.echo import EchoGate
+
+    assert isinstance(cli._speaker(None, "en-us", echo_cancel=True).echo_gate, EchoCanceller)
+    assert type(cli._speaker(None, "en-us").echo_gate) is EchoGate
