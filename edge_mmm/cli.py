@@ -116,10 +116,10 @@ def _lm_paths(model: Optional[str]):
     return (None, path) if model_kind(path) == "vlm" else (path, None)
 
 
-ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: mixed (default: int8 activations except q|k|v; "
-                         "closer to the float model than llama.cpp, near-tie tokens flip as in llama.cpp) | fp32 "
-                         "(exact, token-identical to torch, ~1.4x slower decode) | int8 (fastest, at or slightly "
-                         "below llama.cpp's fidelity)")
+ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: fp32 (default: exact, token-identical to torch) | "
+                         "mixed (int8 activations except q|k|v: ~1.7x faster decode, closer to the float model "
+                         "than llama.cpp, near-tie tokens flip as in llama.cpp) | int8 (fastest, slightly below "
+                         "llama.cpp's fidelity)")
 VLM_LM_BACKEND_HELP = ("where the VLM's language model runs: onnxruntime (exported once: MatMulNBits weights, "
                        "fp32 activations, the torch logits within 1e-4; 3-11x faster decode on a CPU) | torch "
                        "(the reference; our Triton kernels on CUDA). Default: the profile's (onnxruntime on a CPU)")
@@ -333,8 +333,7 @@ def chat(
     backend: Optional[str] = typer.Option(None, "--backend", "-b",
                                           help="onnxruntime (MatMulNBits int4) | torch (reference). Default: the "
                                                "device profile's (onnxruntime on a CPU)"),
-    onnx_activations: Optional[str] = typer.Option(None, "--onnx-activations",
-                                                   help="onnxruntime: " + ONNX_ACTIVATIONS_HELP),
+    onnx_activations: str = typer.Option("fp32", "--onnx-activations", help="onnxruntime: " + ONNX_ACTIVATIONS_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="Context length (KV cache size). "
                                           "Default: the profile's, up to the model's."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Keep float weights (faster on CPU torch, more memory)."),
@@ -350,7 +349,6 @@ def chat(
     """Chat with the language model: an interactive streamed REPL, or one answer with --prompt."""
     from edge_mmm.errors import InputError
     from edge_mmm.text.api import load_lm
-    from edge_mmm.text.backends import CLI_ACTIVATIONS
     from edge_mmm.text.generation import GenerationConfig
 
     if json_out and prompt is None:
@@ -370,8 +368,7 @@ def chat(
         backend = choice.lm_backend
         torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
         lm = load_lm(lm_path, backend=backend, context_length=choice.context, dequantize=dequantize,
-                     threads=threads, onnx_activations=onnx_activations or CLI_ACTIVATIONS, numerics=numerics,
-                     device=torch_device)
+                     threads=threads, onnx_activations=onnx_activations, numerics=numerics, device=torch_device)
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         request = prompt if raw else history + [{"role": "user", "content": prompt}]
@@ -734,7 +731,6 @@ def run(
     from edge_mmm.errors import DeviceError, InputError
     from edge_mmm.runtime.assistant import LiveAssistant, LiveConfig
     from edge_mmm.runtime.inputs import NO_INPUT_HINT, default_camera, default_microphone
-    from edge_mmm.text.backends import CLI_ACTIVATIONS
 
     if bundle is not None and (model is not None or asr_model is not None):
         raise InputError("--bundle excludes --model and --asr-model: the bundle holds the models")
@@ -768,14 +764,14 @@ def run(
         if onnx_activations is not None and choice.lm_backend != "onnxruntime":
             raise InputError(f"--onnx-activations applies to the onnxruntime LM backend, not {choice.lm_backend}")
         chose = choice.describe() + ("; vision encoder int8 (onnxruntime)" if vision_precision == "int8" else "")
-        if onnx_activations is not None:
+        if onnx_activations not in (None, "fp32"):
             chose += f"; LM activations {onnx_activations}"
         settings = dict(model=str(lm_path or vlm_path), asr_model=str(_asr_path(asr_model)),
                         lm_backend=choice.lm_backend if lm_path else "onnxruntime",
                         vlm_backend=choice.vision_backend or "torch",
                         vlm_quantize=choice.lm_quant, asr_backend=choice.asr_backend,
                         context_length=choice.context, vision_batch=choice.vision_batch,
-                        vision_precision=vision_precision or "fp32", lm_activations=onnx_activations or CLI_ACTIVATIONS,
+                        vision_precision=vision_precision or "fp32", lm_activations=onnx_activations or "fp32",
                         vlm_lm_backend=choice.lm_backend if vlm_path else "torch")
     else:
         chose = f"device {profile.id}: the models, backends and plan of bundle {bundle}"

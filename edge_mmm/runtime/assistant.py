@@ -37,7 +37,6 @@ from edge_mmm.runtime.events import Event, EventBus
 from edge_mmm.runtime.frames import FrameStore
 from edge_mmm.runtime.retry import Backoff
 from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm
-from edge_mmm.text.backends import CLI_ACTIVATIONS
 from edge_mmm.text.generation import GenerationConfig
 from edge_mmm.vision.families import model_kind
 
@@ -53,7 +52,7 @@ class LiveConfig:
     mic: Optional[str] = None  # sounddevice index or name ("default"), or an audio file
     model: Optional[str] = None  # LM (.gguf / HF dir) or SmolVLM/Idefics3 dir or cached repo id; None: SmolLM2
     lm_backend: str = "onnxruntime"  # text-only LM: onnxruntime (MatMulNBits int4) | torch
-    lm_activations: str = CLI_ACTIVATIONS  # onnxruntime text LM: mixed | fp32 (exact) | int8 (load_lm's onnx_activations)
+    lm_activations: str = "fp32"  # onnxruntime text LM: fp32 (exact) | mixed | int8 (load_lm's onnx_activations)
     vlm_backend: str = "torch"  # vision encoder runtime of a VLM: torch | onnxruntime
     vision_precision: str = "fp32"  # the VLM's onnxruntime vision encoder: fp32 | int8 (load_vlm)
     vlm_lm_backend: str = "torch"  # where the VLM's language model runs: torch | onnxruntime (load_vlm lm_backend)

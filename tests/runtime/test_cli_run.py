@@ -203,7 +203,7 @@ def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_
     assert "captured the live config" in capsys.readouterr().err
     assert seen["cfg"].lm_activations == "mixed" and seen["cfg"].lm_backend == "onnxruntime"
     seen.clear()
-    assert main(base) == 2 and seen["cfg"].lm_activations == "mixed"  # the default: as fast as llama.cpp's fidelity allows
+    assert main(base) == 2 and seen["cfg"].lm_activations == "fp32"  # the default: exact
     capsys.readouterr()
     for extra, words in ((["--onnx-activations", "int4"], "fp32, mixed, int8"),
                          (["--onnx-activations", "mixed", "--backend", "torch"], "onnxruntime LM backend"),
