@@ -125,5 +125,4 @@ class EchoCanceller:
         if self.gate.active(t):
             self.echo_in += float(np.sum(x ** 2))
             self.echo_out += float(np.sum(out ** 2))
-        self._last_pre_gate = out
         return self.gate(out, t)
