@@ -159,15 +159,18 @@ def test_loopback_the_assistant_does_not_answer_its_own_voice(pulse_null_sink, t
     assert len(_stage(evs, "turn")) == 1
 
 
-def test_cli_run_speak_plays_the_answer_and_times_first_audio(capsys, pulse_null_sink, question_clip, smollm2):
-    """`edge-mmm run --speak --speaker pulse`: the answer is played into the null sink through PortAudio and
-    the run ends after the last sample was played (--once waits for the speech)."""
+@pytest.mark.parametrize("extra", [[], ["--echo-cancel"]], ids=["gate", "echo-cancel"])
+def test_cli_run_speak_plays_the_answer_and_times_first_audio(capsys, pulse_null_sink, question_clip, smollm2, extra):
+    """`edge-mmm run --speak --speaker pulse [--echo-cancel]`: the answer is played into the null sink through
+    PortAudio and the run ends after the last sample was played (--once waits for the speech)."""
     import json
 
     from edge_mmm.cli import main
 
+    if extra:
+        pytest.importorskip("livekit.rtc")
     rc = main(["run", "--camera", "none", "--mic", str(question_clip), "--once", "--json", "--max-tokens", "24",
-               "--speak", "--speaker", "pulse"])
+               "--speak", "--speaker", "pulse"] + extra)
     out = capsys.readouterr()
     assert rc == 0, out.err
     events = [json.loads(line) for line in out.out.splitlines() if line.strip()]
