@@ -845,10 +845,9 @@ def _speaker(device: Optional[str], voice: str, echo_cancel: bool = False):
 
     require("sounddevice", "audio", "--speak (PortAudio output)")
     config = SpeakerConfig()
-    if echo_cancel:
+    if echo_cancel:  # the Speaker builds the canceller now: without livekit, MissingExtraError naming `aec`
         from edge_mmm.speech_out.aec import EchoCancelConfig
 
-        require("livekit.rtc", "aec", "--echo-cancel (WebRTC AEC3)")
         config.echo_cancel = EchoCancelConfig()
     tts = EspeakTts(EspeakConfig(voice=voice))
     target = int(device) if device is not None and device.strip().isdigit() else device

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 
+from edge_mmm.speech_out.aec import EchoCancelConfig, EchoCanceller
 from edge_mmm.speech_out.echo import EchoGate, EchoGateConfig
 from edge_mmm.speech_out.playback import PlaybackBuffer
 from edge_mmm.speech_out.sentences import SentenceSplitter
@@ -30,8 +31,8 @@ POLL_S = 0.02
 class SpeakerConfig:
     echo: EchoGateConfig = field(default_factory=EchoGateConfig)
     volume: float = 1.0  # scale of the synthesized samples (0-1)
-    # acoustic echo cancellation before the gate (speech_out.aec, extra `aec`); None: the half-duplex gate alone
-    echo_cancel: Optional["EchoCancelConfig"] = None  # noqa: F821 (speech_out.aec, imported when used)
+    # acoustic echo cancellation before the gate (WebRTC AEC3, extra `aec`); None: the half-duplex gate alone
+    echo_cancel: Optional[EchoCancelConfig] = None
 
 
 class Speaker:
@@ -43,9 +44,7 @@ class Speaker:
         self.sink = sink
         self.config = config or SpeakerConfig()
         self.buffer = PlaybackBuffer(tts.sample_rate)
-        if self.config.echo_cancel is not None:
-            from edge_mmm.speech_out.aec import EchoCanceller
-
+        if self.config.echo_cancel is not None:  # livekit is imported here (MissingExtraError naming `aec`)
             self.echo_gate = EchoCanceller(self.buffer, self.config.echo, self.config.echo_cancel)
         else:
             self.echo_gate = EchoGate(self.buffer, self.config.echo)

@@ -310,3 +310,9 @@ def test_cli_run_echo_cancel_needs_speak_and_builds_the_canceller(capsys, monkey
 
     assert isinstance(cli._speaker(None, "en-us", echo_cancel=True).echo_gate, EchoCanceller)
     assert type(cli._speaker(None, "en-us").echo_gate) is EchoGate
+    import sys
+
+    monkeypatch.setitem(sys.modules, "livekit.rtc", None)  # livekit not installed
+    rc = main(["run", "--camera", "none", "--mic", "default", "--speak", "--echo-cancel"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "edge-mmm[aec]" in err[0], err
