@@ -197,8 +197,10 @@ def test_demo_page_in_headless_chromium(live_demo, tmp_path):
     assert {"capital", "france"} <= _words(transcript), transcript
     # the page's answer is exactly the streamed answer, and it grew piece by piece while streaming
     assert answer.strip() and answer.strip() == done[0]["text"].strip(), (answer, done[0])
-    streaming_lengths = sorted({n for _, n, streaming in trace if streaming and n > 0})
-    assert len(streaming_lengths) >= 2, f"answer was not rendered incrementally: {trace[:20]}"
+    # (a part of it shown while still streaming; a fast host streams this short answer in ~70 ms, so its
+    # deltas may reach the page in as few as two messages)
+    partial = sorted({n for _, n, streaming in trace if streaming and 0 < n < len(answer.strip())})
+    assert partial, f"answer was not rendered incrementally: {trace[:20]}"
     assert "paris" in _words(answer), answer  # SmolLM2-135M knows this one (greedy)
     assert typed_answer.strip() and typed_answer.strip() == done[1]["text"].strip()
     assert done[1]["question"] == TYPED
