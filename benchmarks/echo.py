@@ -27,7 +27,7 @@ from common import machine_info, print_table, write_json  # noqa: E402
 ANSWER = ("The capital of France is Paris. It is known for the Eiffel Tower, its museums and its cafes, "
           "and many people visit it every year.")
 QUESTION = "Wait, what about the capital of Germany?"
-RATE = 16000
+from edge_mmm.audio.constants import SAMPLE_RATE as RATE  # noqa: E402
 MIC_BLOCK = 512
 SINK_BLOCK_S = 0.02
 OUT_LATENCY_S = 0.03

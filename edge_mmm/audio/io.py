@@ -102,3 +102,24 @@ def resolve_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE,
     if isinstance(audio, (str, Path)):
         return load_audio(audio, sample_rate, max_seconds)
     return check_audio(audio, "audio array", sample_rate)
+
+
+class StreamResampler:
+    """Streaming resampler of mono float32 blocks at `rate` to 16 kHz float32 (FFmpeg's swresample through
+    PyAV); it keeps its filter state across calls, so consecutive blocks join without clicks."""
+
+    def __init__(self, rate: int):
+        import av
+
+        if rate <= 0:
+            raise InputError(f"resampler input rate must be > 0, got {rate}")
+        self.rate = rate
+        self._r = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._av = av
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        frame = self._av.AudioFrame.from_ndarray(np.asarray(x, np.float32).reshape(1, -1), format="flt",
+                                                 layout="mono")
+        frame.sample_rate = self.rate
+        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 
 from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.audio.io import StreamResampler
 from edge_mmm.errors import InputError, require
 from edge_mmm.runtime.retry import Backoff, SourceThread, run_with_retry
 
@@ -108,23 +109,6 @@ class AudioRing:
         return best
 
 
-class _Resampler:
-    """Streaming resampler to 16 kHz mono float32 (FFmpeg's swresample through PyAV)."""
-
-    def __init__(self, rate: int):
-        import av
-
-        self.rate = rate
-        self._r = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        self._av = av
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        frame = self._av.AudioFrame.from_ndarray(x.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
-        frame.sample_rate = self.rate
-        out = [f.to_ndarray().reshape(-1) for f in self._r.resample(frame)]
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
 def parse_mic_source(src: str) -> Union[Path, int, str]:
     """An existing file -> Path; digits -> a sounddevice device index; else a device name (substring)."""
     if not src or not src.strip():
@@ -155,7 +139,7 @@ class MicrophoneSource(SourceThread):
         self.driver_overflows = 0  # callbacks flagged input_overflow by PortAudio (audio lost in the driver)
         self.callbacks = 0
         self.opened = 0  # successful opens
-        self._resample: Optional[_Resampler] = None
+        self._resample: Optional[StreamResampler] = None
         self._sd = require("sounddevice", "audio", "microphone input")
 
     def callback(self, indata, frames, time_info, status) -> None:
@@ -178,7 +162,7 @@ class MicrophoneSource(SourceThread):
             if "sample rate" not in str(exc).lower():
                 raise
         rate = int(sd.query_devices(self.device, "input")["default_samplerate"])
-        self._resample = _Resampler(rate)
+        self._resample = StreamResampler(rate)
         return sd.InputStream(device=self.device, channels=1, samplerate=rate, dtype="float32",
                               blocksize=int(rate * self.block_s), callback=self.callback)
 

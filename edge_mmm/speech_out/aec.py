@@ -20,12 +20,13 @@ from typing import Deque, Tuple
 
 import numpy as np
 
+from edge_mmm.audio.constants import SAMPLE_RATE
+from edge_mmm.audio.io import StreamResampler
 from edge_mmm.errors import InputError, require
 from edge_mmm.speech_out.echo import EchoGate, EchoGateConfig
 from edge_mmm.speech_out.playback import PlaybackBuffer
 
-AEC_RATE = 16000  # the microphone's rate (audio.constants.SAMPLE_RATE) and one AEC3 runs at
-FRAME = AEC_RATE // 100  # AEC3 processes 10 ms frames
+FRAME = SAMPLE_RATE // 100  # AEC3 processes 10 ms frames (at the microphone's 16 kHz)
 MAX_PLAYED_BLOCKS = 512  # reference blocks kept until the capture side takes them (~10 s of 20 ms blocks)
 
 
@@ -35,12 +36,10 @@ class EchoCancelConfig:
     # the reference is handed to AEC3 this long before its reported play time: AEC3 can only cancel an echo
     # whose reference it already has, and a sink's reported play time is off by +-20 ms on a PulseAudio loopback
     render_lead_ms: int = 100
-    delay_ms: int = 0  # render -> capture delay hint for AEC3 (it estimates the delay itself)
 
     def __post_init__(self):
-        if not 0 <= self.residual_db <= 60 or not 0 <= self.delay_ms <= 500 or not 0 <= self.render_lead_ms <= 500:
-            raise InputError(f"bad echo cancel settings: {self} (residual_db 0-60, delay_ms and render_lead_ms "
-                             f"0-500)")
+        if not 0 <= self.residual_db <= 60 or not 0 <= self.render_lead_ms <= 500:
+            raise InputError(f"bad echo cancel settings: {self} (residual_db 0-60, render_lead_ms 0-500)")
 
 
 def _to_i16(x: np.ndarray) -> np.ndarray:
@@ -53,15 +52,11 @@ class EchoCanceller:
 
     def __init__(self, buffer: PlaybackBuffer, gate: EchoGateConfig = EchoGateConfig(),
                  config: EchoCancelConfig = EchoCancelConfig()):
-        import av
-
         rtc = require("livekit.rtc", "aec", "--echo-cancel (WebRTC AEC3)")
         self.config = config
         self._rtc = rtc
         self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True)
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=AEC_RATE)
-        self._av = av
-        self._rate = buffer.sample_rate
+        self._resample = StreamResampler(buffer.sample_rate)
         self._played: Deque[Tuple[float, np.ndarray]] = deque(maxlen=MAX_PLAYED_BLOCKS)  # (play time, block)
         self._played_lock = threading.Lock()
         self._render = np.zeros(0, np.int16)  # resampled reference not yet a whole frame
@@ -92,15 +87,11 @@ class EchoCanceller:
             ready = []
             while self._played and self._played[0][0] <= t:
                 ready.append(self._played.popleft()[1])
-        for block in ready:
-            frame = self._av.AudioFrame.from_ndarray(block.astype(np.float32)[None, :], format="flt", layout="mono")
-            frame.sample_rate = self._rate
-            parts = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-            if parts:
-                self._render = np.concatenate([self._render] + parts)
+        if ready:
+            self._render = np.concatenate([self._render] + [_to_i16(self._resample(block)) for block in ready])
         n = self._render.size // FRAME * FRAME
         for i in range(0, n, FRAME):
-            self._apm.process_reverse_stream(self._rtc.AudioFrame(self._render[i:i + FRAME].tobytes(), AEC_RATE,
+            self._apm.process_reverse_stream(self._rtc.AudioFrame(self._render[i:i + FRAME].tobytes(), SAMPLE_RATE,
                                                                   1, FRAME))
         self._render = self._render[n:]
 
@@ -111,8 +102,8 @@ class EchoCanceller:
         n = self._capture.size // FRAME * FRAME
         cleaned = []
         for i in range(0, n, FRAME):
-            frame = self._rtc.AudioFrame(self._capture[i:i + FRAME].tobytes(), AEC_RATE, 1, FRAME)
-            self._apm.set_stream_delay_ms(self.config.delay_ms)
+            frame = self._rtc.AudioFrame(self._capture[i:i + FRAME].tobytes(), SAMPLE_RATE, 1, FRAME)
+            self._apm.set_stream_delay_ms(0)  # AEC3 estimates the delay itself
             self._apm.process_stream(frame)
             cleaned.append(np.frombuffer(frame.data, dtype=np.int16).astype(np.float32) / 32767.0)
             self.frames += 1

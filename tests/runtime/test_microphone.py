@@ -9,7 +9,8 @@ import pytest
 
 
 from edge_mmm.audio.constants import SAMPLE_RATE  # noqa: E402
-from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, _Resampler, parse_mic_source  # noqa: E402
+from edge_mmm.audio.io import StreamResampler  # noqa: E402
+from edge_mmm.runtime.microphone import AudioFileSource, AudioRing, MicrophoneSource, parse_mic_source  # noqa: E402
 from edge_mmm.errors import InputError  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def test_callback_path_with_recorded_frames_reports_overflow(question_clip):
 def test_callback_resamples_device_rate_to_16k():
     ring = AudioRing(5.0)
     mic = _mic(ring)
-    mic._resample = _Resampler(44100)
+    mic._resample = StreamResampler(44100)
     t = np.arange(44100) / 44100
     tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     for i in range(0, tone.size, 1024):

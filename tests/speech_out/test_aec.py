@@ -153,7 +153,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(InputError, match="echo cancel"):
         EchoCancelConfig(residual_db=-1)
     with pytest.raises(InputError, match="echo cancel"):
-        EchoCancelConfig(delay_ms=900)
+        EchoCancelConfig(render_lead_ms=900)
 
 
 def test_without_livekit_the_canceller_names_the_extra(monkeypatch):
