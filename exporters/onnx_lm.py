@@ -51,7 +51,9 @@ class OnnxLMOptions:
     weights always use 4, see `_accuracy`). `fp32_linears`: linears, by name suffix (`attn.qkv`,
     `attn.o`, `mlp.gate_up`, `mlp.down`), whose 4-bit weights keep fp32 activations (level 0) whatever
     `accuracy_level` says. `head_bits` quantizes a float
-    LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float).
+    LM head (8 is lossless for a head that came from GGUF Q8_0; None keeps it float). `exact_int8_head`: an
+    8-bit head keeps fp32 activations (`_int8_rows`: logits equal a float head's to fp32 rounding, at the
+    INT8 kernel's speed; else its input is rounded to int8 as in llama.cpp).
     `all_logits` returns logits for every position (else only the last one). A float head is a MatMul
     on its table stored transposed and kept unpacked (`keep_unpacked`); a tied embedding gathers from that
     same table, so it costs no extra memory."""
@@ -61,6 +63,7 @@ class OnnxLMOptions:
     head_group_size: int = 32
     all_logits: bool = False
     fp32_linears: Tuple[str, ...] = ()
+    exact_int8_head: bool = False
     inputs_embeds: bool = False  # input `inputs_embeds` [batch, seq, hidden] instead of `input_ids` (a VLM)
 
     def __post_init__(self):
@@ -74,6 +77,7 @@ class OnnxLMOptions:
 
 
 LINEAR_NAMES = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+HEAD_NAME = "lm_head"
 
 
 def int8_head_is_lossless(model: Llama, group_size: int = 32) -> bool:
@@ -98,9 +102,19 @@ class _Graph:
         self.nodes: List[onnx.NodeProto] = []
         self.inits: List[onnx.TensorProto] = []
         self._n = 0
+        self._small = {}  # name -> value of the small constants that nodes share
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def shared_const(self, name: str, array: np.ndarray) -> str:
+        """A small constant made once however many nodes use it."""
+        if name not in self._small:
+            self._small[name] = array
+            self.const(name, array)
+        elif not np.array_equal(self._small[name], array):
+            raise ValueError(f"constant {name!r} defined twice with different values")
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "", name: str = "",
@@ -177,13 +191,41 @@ class _Builder:
         self._nbits_initializers(packed, name)
         n, k = packed.shape
         gs = packed.group_size
-        y = g.op("MatMulNBits", [x, f"{name}.B", f"{name}.scales"], domain=MS_DOMAIN, name=name, K=k, N=n,
-                 bits=packed.bits, block_size=gs, accuracy_level=self._accuracy(packed.bits, name))
+        level = self._accuracy(packed.bits, name)
+        split = self.opts.exact_int8_head and packed.bits == 8 and name == HEAD_NAME
+        y = g.op("MatMulNBits", [self._int8_rows(x, k, gs) if split else x, f"{name}.B", f"{name}.scales"],
+                 domain=MS_DOMAIN, name=name, K=k, N=n, bits=packed.bits, block_size=gs,
+                 accuracy_level=4 if split else level)
+        if split:  # [3 * rows, N] -> the sum of the three rows' products
+            rows = g.op("Reshape", [y, g.shared_const(f"int8_rows.sum_shape{n}", np.array([3, -1, n], np.int64))])
+            y = g.op("ReduceSum", [rows, g.shared_const("int8_rows.sum_axis", np.array([0], np.int64))], keepdims=0)
         if packed.zeros is None:
             return y
         # W = q*s + z = (q - 8)*s + (8*s + z): the second term is per-group, so it acts on group sums.
         offset = (SYMMETRIC_INT4_ZERO * packed.scales.float() + packed.zeros.float()).t().contiguous()  # [G, N]
         return g.op("Gemm", [self._group_sums(x, k, gs), g.const(f"{name}.group_offsets", _np(offset)), y])
+
+    def _int8_rows(self, x: str, k: int, group_size: int) -> str:
+        """[rows, K] -> [3 * rows, K]: x = x1 + x2 + x3 where x1 and x2 round to int8 exactly per block of
+        `group_size` (whole multiples of a scale s, 127 * s at the largest) and x3 is the rest (|x3| <= 1.6e-5 of
+        the block's largest |x|). MatMulNBits' int8 kernel (accuracy level 4) rounds each row per block to int8
+        with scale max|row|/127: x1 and x2 come back as the same codes, x3 within half a step (6e-8 of x), so
+        the three rows' products add up to x @ W at fp32 precision. Costs 20 small nodes; pays off only for
+        8-bit weights, which onnxruntime's CPU kernel otherwise dequantizes on every call at fp32 activations."""
+        g = self.g
+        blocks = g.op("Reshape", [x, g.shared_const(f"int8_rows.blocks{k}x{group_size}",
+                                                    np.array([-1, k // group_size, group_size], np.int64))])
+        rows, rest = [], blocks
+        for _ in range(2):
+            amax = g.op("ReduceMax", [g.op("Abs", [rest])], axes=[-1], keepdims=1)
+            scale = g.op("Max", [g.op("Mul", [amax, g.shared_const("int8_rows.inv127", np.array(1 / 127, np.float32))]),
+                                 g.shared_const("int8_rows.tiny", np.array(1e-30, np.float32))])
+            part = g.op("Mul", [g.op("Round", [g.op("Div", [rest, scale])]), scale])
+            rows.append(part)
+            rest = g.op("Sub", [rest, part])
+        out = g.op("Reshape", [g.op("Concat", rows + [rest], axis=0),
+                               g.shared_const(f"int8_rows.flat{k}", np.array([-1, k], np.int64))])
+        return out
 
     def linear(self, x: str, modules: Sequence[nn.Module], name: str) -> str:
         """`x @ [W_1; W_2; ...].T (+ biases)`: one fused node when the weights share a format."""
@@ -280,7 +322,7 @@ class _Builder:
         sin = g.const("rope.sin", _np(freqs.sin()))
 
         head, shares = self.head_and_embedding()
-        head_name = "lm_head"
+        head_name = HEAD_NAME
         if shares and not self.opts.inputs_embeds:  # the embedding gathers rows of the head's initializers
             self._nbits_initializers(head.packed, head_name)
         # Rows = batch * seq: linears and norms run on 2-D tensors (Gemm folds the offset term).
@@ -346,7 +388,8 @@ class _Builder:
 
     def _accuracy(self, bits: int, name: str) -> int:
         # onnxruntime 1.32's CPU MatMulNBits has no fp32-activation kernel for 8-bit weights: it would
-        # dequantize the whole matrix on every call (~50x slower), so 8-bit always takes the int8 path.
+        # dequantize the whole matrix on every call (~50x slower), so 8-bit always takes the int8 path
+        # (fp32 activations through it: `exact_int8_head`).
         if bits == 8:
             return 4
         base = re.sub(r"(\.\d+)+$", "", name)  # the parts of an unfused linear: "{name}.{i}"

@@ -96,6 +96,24 @@ def test_int8_activations_and_shared_int8_embedding():
     assert err <= 1e-2 * scale
 
 
+def test_exact_int8_head_keeps_fp32_activations():
+    """A head INT8 holds exactly (GGUF Q8_0) on the INT8 kernel with fp32 activations (`exact_int8_head`: its
+    input split into three rows that each round to int8 exactly): logits within the fp32 tolerance, where the
+    same head with int8-rounded activations is not; no float table (the embedding gathers the head's codes)."""
+    model = quantize_model(_model(), 4, 32, False)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(quantize_weight(model.embed_tokens.weight, 8, 32, True).dequantize())
+        model.norm.weight.mul_(torch.linspace(0.05, 20.0, model.config.hidden_size))  # outlier channels
+    exact = OnnxLMOptions(accuracy_level=0, head_bits=8, exact_int8_head=True, all_logits=True)
+    proto = build_llama_onnx(model, exact)
+    assert "embed_tokens.weight" not in {t.name for t in proto.graph.initializer}
+    assert _levels(proto)["lm_head"] == 4 and set(_levels(proto).values()) == {0, 4}
+    err, scale = _run_chunks(model, exact)
+    assert err <= 1e-5 * scale, (err, scale)
+    rounded, _ = _run_chunks(model, OnnxLMOptions(accuracy_level=0, head_bits=8, all_logits=True))
+    assert rounded > 1e-3 * scale > 100 * err
+
+
 def _levels(proto):
     return {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
             for n in proto.graph.node if n.op_type == "MatMulNBits"}

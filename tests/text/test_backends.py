@@ -141,7 +141,7 @@ def test_mixed_activations_on_smollm2(tmp_path, monkeypatch):
     torch_lm = load_lm(SMOLLM2_GGUF, context_length=256, dequantize=True)
     mixed_lm = load_lm(SMOLLM2_GGUF, backend="onnxruntime", context_length=256, threads=2, onnx_activations="mixed")
     exports = sorted(p for p in (tmp_path / "edge-mmm" / "onnx-lm").iterdir())
-    assert [p.name.split("-onnx-lm-")[1].split("-", 1)[1] for p in exports] == ["acc0", "acc4-qkv0"]
+    assert [p.name.split("-onnx-lm-")[1].split("-", 1)[1] for p in exports] == ["acc0-head3", "acc4-qkv0"]
     graph = onnx.load(next(p for p in exports if p.name.endswith("acc4-qkv0")) / "model.onnx",
                       load_external_data=False)
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
