@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON
 from edge_mmm.runners.ort_session import ort_session
 
 KIND = "onnx-lm"
@@ -111,6 +112,14 @@ class OrtKVCache:
         self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab), np.float32))
         self.binding.bind_ortvalue_output("logits", self.logits)
 
+    @property
+    def key_arrays(self):
+        return self._arrays[0::2]
+
+    @property
+    def value_arrays(self):
+        return self._arrays[1::2]
+
     def truncate(self, n: int) -> None:
         """Keep the first `n` positions; later writes overwrite the rest."""
         if not 0 <= n <= self.length:
@@ -147,13 +156,19 @@ def run_cached(session, cache: OrtKVCache, name: str, values: np.ndarray) -> np.
 
 
 class OrtBackend:
-    """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
+    """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT.
+    With a `decoder` (edge_mmm.runners.cpu_decode.CpuDecoder: edge-mmm's own fp32 CPU kernel), single-token
+    decode steps run there instead, on the same KV buffers; prefill stays on onnxruntime."""
 
-    def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0):
+    def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0, decoder=None):
+        # with the CPU decoder, onnxruntime's workers sleep after a prefill: spinning, they would take the
+        # cores the decoder's threads need (on 2 cores some steps took 25-45 ms instead of 4)
         self.session = ort_session(onnx_path, "ONNX LM", threads, inputs=["input_ids", "position_ids"] + [
-            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")])
+            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")],
+            spin_after_run=decoder is None)
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
+        self.decoder = decoder
 
     def new_cache(self) -> OrtKVCache:
         io = self.io
@@ -169,7 +184,15 @@ class OrtBackend:
         return self._run(list(ids), cache)
 
     def decode(self, token_id: int, cache: OrtKVCache) -> np.ndarray:
-        return self._run([int(token_id)], cache)
+        if self.decoder is None:
+            return self._run([int(token_id)], cache)
+        check_room(cache, 1)
+        if not 0 <= int(token_id) < int(self.io["vocab_size"]):
+            raise InputError(f"token id {token_id} is outside the vocabulary (0..{int(self.io['vocab_size']) - 1})")
+        logits = cache.logits.numpy()[0, -1]
+        self.decoder.step(int(token_id), cache.length, cache.key_arrays, cache.value_arrays, logits)
+        cache.length += 1
+        return logits.copy()
 
 
 def _source_and_digest(path: Path) -> Tuple[Path, str]:
@@ -248,6 +271,7 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None,
     version = f"{EXPORTER_VERSION}-{mode.key}" + (f"-{digest}" if digest else "")
 
     def build(tmp: Path) -> None:
+        from edge_mmm.exporters.cpu_decode_pack import write_cpu_decode_pack
         from edge_mmm.exporters.onnx_lm import OnnxLMOptions, export_llama_onnx, int8_head_is_lossless
 
         model = load_weights(Path(model_path))
@@ -264,9 +288,10 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None,
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)
         (tmp / IO_FILE).write_text(json.dumps(lm_io(cfg, mode.accuracy_level)))
+        write_cpu_decode_pack(model, tmp)  # the CPU decode kernel's weights (or why it cannot run this model)
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), KIND, source, version, build,
-                         [ONNX_FILE, IO_FILE])
+                         [ONNX_FILE, IO_FILE, PACK_JSON, PACK_BIN])
     return entry / ONNX_FILE, json.loads((entry / IO_FILE).read_text())
 
 
@@ -308,9 +333,38 @@ def onnxruntime_graph(onnx_path: Path, cache_root: Optional[Path] = None) -> Pat
 
 
 def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, cache_root: Optional[Path] = None,
-                             activations: str = DEFAULT_ACTIVATIONS):
+                             activations: str = DEFAULT_ACTIVATIONS, cpu_decode: bool = True):
     """(OrtBackend, TextTokenizer) for a model file or directory; exports on first use."""
     activation_mode(activations)  # a bad name fails before the tokenizer is built
     tokenizer, source = load_tokenizer(Path(path), cache_root)
     onnx_path, io = export_on_first_use(source, cache_root, activations)
-    return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads), tokenizer
+    decoder = cpu_decoder(onnx_path.parent, cache_root, threads) if cpu_decode and activations == "fp32" else None
+    return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads, decoder), tokenizer
+
+
+CPU_DECODE_KIND = "cpu-decode"
+_decode_notes = set()
+
+
+def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0):
+    """edge-mmm's own CPU decode kernel for the export in `entry` (its `cpu_decode.*` pack), or None when the
+    model is not one it runs or the kernel cannot be built here (no C compiler, an unknown CPU family); the
+    reason is printed once to stderr, and onnxruntime decodes. `EDGE_MMM_CPU_DECODE=0` turns it off."""
+    import os
+    import sys
+
+    from edge_mmm.runners.cpu_decode import CpuDecoder, compile_library, read_pack
+    from edge_mmm.weights.export_cache import default_cache_root
+
+    if os.environ.get("EDGE_MMM_CPU_DECODE", "1") == "0":
+        return None
+    config, arrays, reason = read_pack(entry / PACK_JSON, entry / PACK_BIN)
+    if config is None:
+        return None  # a model the kernel does not run (the pack says why): onnxruntime decodes, as designed
+    lib, isa = compile_library((Path(cache_root) if cache_root else default_cache_root()) / CPU_DECODE_KIND)
+    if lib is None:
+        if isa not in _decode_notes:
+            _decode_notes.add(isa)
+            print(f"edge-mmm: the CPU decode kernel is off ({isa}); onnxruntime decodes (slower)", file=sys.stderr)
+        return None
+    return CpuDecoder(lib, isa, config, arrays, threads)

@@ -1,0 +1,175 @@
+"""edge-mmm's own CPU decode kernel (cpu_decode.c): compiled on first use with the system C compiler for this
+host's instruction set, kept in a cache directory, called through ctypes. Torch-free.
+
+`CpuDecoder.step(token, pos, k_arrays, v_arrays, logits)` runs one decode step of a Llama-family LM whose
+weights exporters/cpu_decode_pack.py wrote, appending to the caller's per-layer KV arrays
+`[1, kv_heads, max_len, head_dim]` (float32, C-contiguous: the onnxruntime graph's own buffers).
+
+`compile_library` returns None, with the reason, when there is no C compiler (`cc`, or `$CC`), when it
+fails, or on a CPU family it does not know; the caller then decodes with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+PACK_JSON = "cpu_decode.json"  # the weights' index (exporters/cpu_decode_pack.py writes both)
+PACK_BIN = "cpu_decode.bin"
+LIBRARY = "libedge_cpu_decode.so"
+ABI = 1
+
+
+class _Q4Mat(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", _Q4Mat), ("o", _Q4Mat),
+                ("gate_up", _Q4Mat), ("down", _Q4Mat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("hidden", "layers", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_pos")] + [
+        ("eps", ctypes.c_float), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
+        ("emb_codes", ctypes.c_void_p), ("emb_scales", ctypes.c_void_p), ("head_codes", ctypes.c_void_p),
+        ("head_scales", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(_Layer))]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _compile_command(cc: str, src: Path, out: Path) -> Optional[list]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        arch = ["-march=native"]
+    elif machine in ("aarch64", "arm64"):
+        arch = ["-mcpu=native"]
+    else:
+        return None
+    return [cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+
+
+def compile_library(cache_dir: Path) -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the loaded library, its instruction set) or (None, why not). Built once per source, compiler and CPU
+    (the key hashes all three: a cache shared between hosts never runs code built for another CPU)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc) on PATH"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"C compiler {cc} does not run: {e}"
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()
+                         + platform.machine().encode()).hexdigest()[:24]
+    entry = Path(cache_dir) / key
+    lib_path = entry / LIBRARY
+    if not lib_path.is_file():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        try:
+            cmd = _compile_command(cc, SOURCE, tmp / LIBRARY)
+            if cmd is None:
+                return None, f"no kernel build for CPU family {platform.machine()}"
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                return None, f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process finished first: use its build
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as e:
+        return None, f"cannot load {lib_path}: {e}"
+    if lib.edge_decode_abi() != ABI:
+        return None, f"{lib_path}: ABI {lib.edge_decode_abi()} != {ABI}"
+    lib.edge_decode_isa.restype = ctypes.c_char_p
+    lib.edge_decode_step.restype = ctypes.c_int
+    lib.edge_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+                                     ctypes.c_int64, ctypes.c_void_p]
+    lib.edge_decode_set_threads.argtypes = [ctypes.c_int]
+    return lib, lib.edge_decode_isa().decode()
+
+
+def read_pack(json_path: Path, bin_path: Path) -> Tuple[Optional[dict], Dict[str, np.ndarray], str]:
+    """(config or None, arrays, reason): the pack exporters/cpu_decode_pack.py wrote (arrays read into memory)."""
+    meta = json.loads(Path(json_path).read_text())
+    if not meta.get("supported"):
+        return None, {}, meta.get("reason", "not supported")
+    blob = np.fromfile(bin_path, dtype=np.uint8)
+    arrays = {}
+    for name, (dtype, shape, offset) in meta["arrays"].items():
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if offset + count * dt.itemsize > blob.size:
+            raise ValueError(f"{bin_path}: array {name} runs past the end of the file")
+        arrays[name] = blob[offset:offset + count * dt.itemsize].view(dt).reshape(shape)
+    return meta["config"], arrays, ""
+
+
+class CpuDecoder:
+    """One decode step per call, on the caller's KV arrays; holds the weights (numpy) and the C structs."""
+
+    def __init__(self, lib: ctypes.CDLL, isa: str, config: dict, arrays: Dict[str, np.ndarray], threads: int = 0):
+        self.lib, self.isa, self.config, self._arrays = lib, isa, config, arrays
+        c = config
+        ptr = lambda name: arrays[name].ctypes.data if name in arrays else None  # noqa: E731
+
+        def q4(prefix: str) -> _Q4Mat:
+            codes = arrays[f"{prefix}.codes"]
+            return _Q4Mat(ptr(f"{prefix}.codes"), ptr(f"{prefix}.d"), ptr(f"{prefix}.m"), ptr(f"{prefix}.bias"),
+                          codes.shape[0], codes.shape[1] * 32)
+
+        self._layers = (_Layer * c["layers"])(*[
+            _Layer(ptr(f"layers.{i}.attn_norm"), ptr(f"layers.{i}.ffn_norm"), q4(f"layers.{i}.qkv"),
+                   q4(f"layers.{i}.o"), q4(f"layers.{i}.gate_up"), q4(f"layers.{i}.down"))
+            for i in range(c["layers"])])
+        head = "emb" if c["tied"] else "head"
+        self._model = _Model(c["hidden"], c["layers"], c["heads"], c["kv_heads"], c["head_dim"], c["inter"],
+                             c["vocab"], c["max_pos"], c["eps"], ptr("rope.cos"), ptr("rope.sin"),
+                             ptr("emb.codes"), ptr("emb.scales"), ptr(f"{head}.codes"), ptr(f"{head}.scales"),
+                             ptr("final_norm"), self._layers)
+        self._kv = None
+        lib.edge_decode_set_threads(int(threads) if threads and threads > 0 else (os.cpu_count() or 1))
+
+    def step(self, token: int, pos: int, k_arrays: Sequence[np.ndarray], v_arrays: Sequence[np.ndarray],
+             logits: np.ndarray) -> None:
+        """Append `token` at `pos` to the cache arrays and write the float32 logits into `logits` [vocab]."""
+        key = (id(k_arrays[0]), id(v_arrays[0]))
+        if self._kv is None or self._kv[0] != key:  # the pointer tables of the last cache used
+            n = self.config["layers"]
+            for a in list(k_arrays) + list(v_arrays):
+                if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape[-1] != self.config["head_dim"]:
+                    raise ValueError("KV arrays must be C-contiguous float32 [1, kv_heads, max_len, head_dim]")
+            self._kv = (key, (ctypes.c_void_p * n)(*[a.ctypes.data for a in k_arrays]),
+                        (ctypes.c_void_p * n)(*[a.ctypes.data for a in v_arrays]), list(k_arrays) + list(v_arrays))
+        _, ks, vs, _ = self._kv
+        max_len = k_arrays[0].shape[-2]
+        rc = self.lib.edge_decode_step(ctypes.byref(self._model), int(token), int(pos), ks, vs, max_len,
+                                       logits.ctypes.data)
+        if rc:
+            raise ValueError(f"CPU decode step failed (code {rc}): token {token}, position {pos}, cache {max_len}")
