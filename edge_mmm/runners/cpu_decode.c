@@ -1,16 +1,17 @@
-/* One decode step of a Llama-family LM on the CPU, fp32 arithmetic on 4-bit weights: edge-mmm's own kernel.
+/* The forward pass of a Llama-family LM on the CPU (prefill and decode), fp32 arithmetic on 4-bit weights:
+ * edge-mmm's own kernel.
  *
- * Weights (written by exporters/cpu_decode_pack.py, read by edge_mmm/edge_mmm/runners/cpu_decode.py):
+ * Weights (written by exporters/cpu_decode_pack.py, read by edge_mmm/runners/cpu_decode.py):
  *   4-bit linears: per output row, blocks of 32 inputs: 16 bytes of codes (element i in the low nibble of
  *   byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), a scale d and an offset m (fp32):
- *   w = d*q + m. The offset folds into the block dot product as m * sum(x_block), so x . w of a block is
- *   d * (x . q) + m * (x_lo + x_hi summed lane-wise): no separate group-sum pass.
+ *   w = d*q + m, which the kernels compute in registers (the float model's own dequantization, exact) and
+ *   multiply with fp32 activations; a prompt's tokens share each dequantized block (a tile of 16 or 8).
  *   Head and embedding: int8 codes with one fp32 scale per block of 32 (GGUF Q8_0), exact.
  * Activations, norms, RoPE, attention and the KV cache are fp32, so the logits match the float model to
  * fp32 rounding (the order of the sums differs from torch's).
- * The KV cache is the caller's: per layer one K and one V array [kv_heads, max_len, head_dim] (the same
- * buffers the onnxruntime graph reads and writes, so prefill can run there and decode here).
- * Threads: OpenMP, one parallel region per step; rows of each matrix and heads of attention are split.
+ * The KV cache is the caller's: per layer one K and one V array [kv_heads, max_len, head_dim].
+ * Threads: OpenMP, one parallel region per call; rows of each matrix and (head, token) pairs of attention
+ * are split over the threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -55,34 +56,22 @@ const char *edge_decode_isa(void) {
 #endif
 }
 
-int edge_decode_abi(void) { return 1; }
+int edge_decode_abi(void) { return 2; }
 
 /* ---------------------------------------------------------------------------------------- row kernels */
-/* xs: per block of 32 inputs, x[i] + x[i+16] for i < 16 (the offset's lane-wise sums). */
-static float q4_row(const uint8_t *c, const float *d, const float *m, const float *x, const float *xs, int64_t nb) {
+/* x . (row of W): each block's 32 weights are dequantized exactly as the float model's (d*q + m in fp32)
+ * and multiplied with x in fp32. */
+static float q4_row(const uint8_t *c, const float *d, const float *m, const float *x, int64_t nb) {
 #if defined(__AVX512F__)
     const __m128i mask = _mm_set1_epi8(0x0F);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        for (int j = 0; j < 2; j++) {
-            const int64_t bb = b + j;
-            __m128i raw = _mm_loadu_si128((const __m128i *)(c + bb * 16));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-            __m512 blk = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + bb * 32 + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x + bb * 32)));
-            __m512 t = _mm512_mul_ps(_mm512_set1_ps(m[bb]), _mm512_loadu_ps(xs + bb * 16));
-            t = _mm512_fmadd_ps(_mm512_set1_ps(d[bb]), blk, t);
-            if (j == 0) a0 = _mm512_add_ps(a0, t); else a1 = _mm512_add_ps(a1, t);
-        }
-    }
-    for (; b < nb; b++) {
+    for (int64_t b = 0; b < nb; b++) {
         __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-        __m512 blk = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * 32 + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * 32)));
-        __m512 t = _mm512_mul_ps(_mm512_set1_ps(m[b]), _mm512_loadu_ps(xs + b * 16));
-        a0 = _mm512_add_ps(a0, _mm512_fmadd_ps(_mm512_set1_ps(d[b]), blk, t));
+        const __m512 vd = _mm512_set1_ps(d[b]), vm = _mm512_set1_ps(m[b]);
+        __m512 wlo = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), vm);
+        __m512 whi = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), vm);
+        a0 = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(x + b * 32), a0);
+        a1 = _mm512_fmadd_ps(whi, _mm512_loadu_ps(x + b * 32 + 16), a1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -91,16 +80,12 @@ static float q4_row(const uint8_t *c, const float *d, const float *m, const floa
     for (int64_t b = 0; b < nb; b++) {
         __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
         __m128i lo8 = _mm_and_si128(raw, mask), hi8 = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        const float *xb = x + b * 32, *sb = xs + b * 16;
-        __m256 l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo8));
-        __m256 l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo8, 8)));
-        __m256 h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi8));
-        __m256 h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi8, 8)));
-        __m256 blk0 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xb + 16), _mm256_mul_ps(l0, _mm256_loadu_ps(xb)));
-        __m256 blk1 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(l1, _mm256_loadu_ps(xb + 8)));
-        __m256 vd = _mm256_set1_ps(d[b]), vm = _mm256_set1_ps(m[b]);
-        a0 = _mm256_add_ps(a0, _mm256_fmadd_ps(vd, blk0, _mm256_mul_ps(vm, _mm256_loadu_ps(sb))));
-        a1 = _mm256_add_ps(a1, _mm256_fmadd_ps(vd, blk1, _mm256_mul_ps(vm, _mm256_loadu_ps(sb + 8))));
+        const __m256 vd = _mm256_set1_ps(d[b]), vm = _mm256_set1_ps(m[b]);
+        const float *xb = x + b * 32;
+        a0 = _mm256_fmadd_ps(_mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo8)), vm), _mm256_loadu_ps(xb), a0);
+        a1 = _mm256_fmadd_ps(_mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo8, 8))), vm), _mm256_loadu_ps(xb + 8), a1);
+        a0 = _mm256_fmadd_ps(_mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi8)), vm), _mm256_loadu_ps(xb + 16), a0);
+        a1 = _mm256_fmadd_ps(_mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi8, 8))), vm), _mm256_loadu_ps(xb + 24), a1);
     }
     __m256 s = _mm256_add_ps(a0, a1);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -109,14 +94,10 @@ static float q4_row(const uint8_t *c, const float *d, const float *m, const floa
     return _mm_cvtss_f32(h);
 #else
     float acc = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
-        float blk = 0.f, off = 0.f;
-        for (int i = 0; i < 16; i++) {
-            blk += x[b * 32 + i] * (float)(c[b * 16 + i] & 15) + x[b * 32 + 16 + i] * (float)(c[b * 16 + i] >> 4);
-            off += xs[b * 16 + i];
-        }
-        acc += d[b] * blk + m[b] * off;
-    }
+    for (int64_t b = 0; b < nb; b++)
+        for (int i = 0; i < 16; i++)
+            acc += x[b * 32 + i] * (d[b] * (float)(c[b * 16 + i] & 15) + m[b])
+                 + x[b * 32 + 16 + i] * (d[b] * (float)(c[b * 16 + i] >> 4) + m[b]);
     return acc;
 #endif
 }
@@ -183,18 +164,144 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* --------------------------------------------------------------------------------- parallel pieces */
-/* Inside a parallel region: y = W x (+ bias) with the rows split over the threads; xs is scratch [k/2]. */
-static void q4_gemv(const Q4Mat *w, const float *x, float *xs, float *y) {
-    const int64_t nb = w->k / 32;
-    #pragma omp single
-    for (int64_t b = 0; b < nb; b++)
-        for (int i = 0; i < 16; i++) xs[b * 16 + i] = x[b * 32 + i] + x[b * 32 + 16 + i];
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < w->n; r++) {
-        float v = q4_row(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x, xs, nb);
-        y[r] = w->bias ? v + w->bias[r] : v;
+/* ------------------------------------------------------------------------------------- tile kernels */
+/* y[j * ldy] = row of W (4-bit) . x_j for the `nt` tokens of a tile (nt <= TILE, x_j = x + j*k): each block is
+ * dequantized once (d*q + m, fp32) for the whole tile, then it is a plain fp32 GEMM. */
+#if defined(__AVX512F__)
+#define TILE 16
+static void q4_tile(const uint8_t *c, const float *d, const float *m, const float *x, int64_t k, int nt,
+                    float *y, int64_t ldy) {
+    const int64_t nb = k / 32;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m512 acc[TILE];
+    for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
+        const __m512 vd = _mm512_set1_ps(d[b]), vm = _mm512_set1_ps(m[b]);
+        const __m512 wlo = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), vm);
+        const __m512 whi = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), vm);
+        if (nt == TILE) {
+            for (int j = 0; j < TILE; j++) {
+                const float *xb = x + j * k + b * 32;
+                acc[j] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[j]));
+            }
+        } else {
+            for (int j = 0; j < nt; j++) {
+                const float *xb = x + j * k + b * 32;
+                acc[j] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xb + 16), _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xb), acc[j]));
+            }
+        }
     }
+    for (int j = 0; j < nt; j++) y[j * ldy] = _mm512_reduce_add_ps(acc[j]);
+}
+/* Two rows x 8 tokens: each x load feeds both rows (16 accumulators, 4 dequantized half-blocks). */
+#define PAIR_TOKENS 8
+static void q4_pair8(const uint8_t *c0, const float *d0, const float *m0, const uint8_t *c1, const float *d1,
+                     const float *m1, const float *x, int64_t k, float *y0, float *y1, int64_t ldy) {
+    const int64_t nb = k / 32;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 a4 = _mm512_setzero_ps(), a5 = _mm512_setzero_ps(), a6 = _mm512_setzero_ps(), a7 = _mm512_setzero_ps();
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+    __m512 b4 = _mm512_setzero_ps(), b5 = _mm512_setzero_ps(), b6 = _mm512_setzero_ps(), b7 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i r0 = _mm_loadu_si128((const __m128i *)(c0 + b * 16)), r1 = _mm_loadu_si128((const __m128i *)(c1 + b * 16));
+        const __m512 vd0 = _mm512_set1_ps(d0[b]), vm0 = _mm512_set1_ps(m0[b]);
+        const __m512 vd1 = _mm512_set1_ps(d1[b]), vm1 = _mm512_set1_ps(m1[b]);
+        const __m512 wl0 = _mm512_fmadd_ps(vd0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(r0, mask))), vm0);
+        const __m512 wh0 = _mm512_fmadd_ps(vd0, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(r0, 4), mask))), vm0);
+        const __m512 wl1 = _mm512_fmadd_ps(vd1, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(r1, mask))), vm1);
+        const __m512 wh1 = _mm512_fmadd_ps(vd1, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(r1, 4), mask))), vm1);
+        const float *xb = x + b * 32;
+#define STEP(j, A, B) { const __m512 xl = _mm512_loadu_ps(xb + (j) * k), xh = _mm512_loadu_ps(xb + (j) * k + 16); \
+            A = _mm512_fmadd_ps(wh0, xh, _mm512_fmadd_ps(wl0, xl, A)); B = _mm512_fmadd_ps(wh1, xh, _mm512_fmadd_ps(wl1, xl, B)); }
+        STEP(0, a0, b0) STEP(1, a1, b1) STEP(2, a2, b2) STEP(3, a3, b3)
+        STEP(4, a4, b4) STEP(5, a5, b5) STEP(6, a6, b6) STEP(7, a7, b7)
+#undef STEP
+    }
+    y0[0] = _mm512_reduce_add_ps(a0); y0[ldy] = _mm512_reduce_add_ps(a1); y0[2 * ldy] = _mm512_reduce_add_ps(a2);
+    y0[3 * ldy] = _mm512_reduce_add_ps(a3); y0[4 * ldy] = _mm512_reduce_add_ps(a4); y0[5 * ldy] = _mm512_reduce_add_ps(a5);
+    y0[6 * ldy] = _mm512_reduce_add_ps(a6); y0[7 * ldy] = _mm512_reduce_add_ps(a7);
+    y1[0] = _mm512_reduce_add_ps(b0); y1[ldy] = _mm512_reduce_add_ps(b1); y1[2 * ldy] = _mm512_reduce_add_ps(b2);
+    y1[3 * ldy] = _mm512_reduce_add_ps(b3); y1[4 * ldy] = _mm512_reduce_add_ps(b4); y1[5 * ldy] = _mm512_reduce_add_ps(b5);
+    y1[6 * ldy] = _mm512_reduce_add_ps(b6); y1[7 * ldy] = _mm512_reduce_add_ps(b7);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TILE 8
+static void q4_tile(const uint8_t *c, const float *d, const float *m, const float *x, int64_t k, int nt,
+                    float *y, int64_t ldy) {
+    const int64_t nb = k / 32;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m256 acc[TILE];
+    for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(c + b * 16));
+        __m128i lo8 = _mm_and_si128(raw, mask), hi8 = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        const __m256 vd = _mm256_set1_ps(d[b]), vm = _mm256_set1_ps(m[b]);
+        const __m256 w0 = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo8)), vm);
+        const __m256 w1 = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo8, 8))), vm);
+        const __m256 w2 = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi8)), vm);
+        const __m256 w3 = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi8, 8))), vm);
+        const int nj = nt == TILE ? TILE : nt;  /* a constant trip count for full tiles */
+        for (int j = 0; j < nj; j++) {
+            const float *xb = x + j * k + b * 32;
+            __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[j]);
+            a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), a);
+            a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), a);
+            acc[j] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), a);
+        }
+    }
+    for (int j = 0; j < nt; j++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        y[j * ldy] = _mm_cvtss_f32(h);
+    }
+}
+#else
+#define TILE 1
+static void q4_tile(const uint8_t *c, const float *d, const float *m, const float *x, int64_t k, int nt,
+                    float *y, int64_t ldy) {
+    (void)nt; (void)ldy;
+    y[0] = q4_row(c, d, m, x, k / 32);
+}
+#endif
+
+/* ---------------------------------------------------------------------------------- parallel pieces */
+/* Inside a parallel region: Y[t, :] = W X[t, :] (+ bias) for T tokens. Each thread takes a contiguous range of
+ * W's rows and walks the tokens in tiles, so a tile of X stays in cache while the rows stream by. */
+static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y) {
+    const int64_t k = w->k, nb = k / 32, n = w->n;
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t r0 = n * me / nth, r1 = n * (me + 1) / nth;
+    int64_t t0 = 0;
+#ifdef PAIR_TOKENS
+    for (; t0 + PAIR_TOKENS <= T; t0 += PAIR_TOKENS) {
+        int64_t r = r0;
+        for (; r + 1 < r1; r += 2)
+            q4_pair8(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, w->codes + (r + 1) * nb * 16,
+                     w->d + (r + 1) * nb, w->m + (r + 1) * nb, x + t0 * k, k, y + t0 * n + r, y + t0 * n + r + 1, n);
+        if (r < r1)
+            q4_tile(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, k, PAIR_TOKENS, y + t0 * n + r, n);
+        if (w->bias)
+            for (int64_t rr = r0; rr < r1; rr++)
+                for (int j = 0; j < PAIR_TOKENS; j++) y[(t0 + j) * n + rr] += w->bias[rr];
+    }
+#endif
+    for (; t0 < T; t0 += TILE) {
+        const int nt = (int)(T - t0 < TILE ? T - t0 : TILE);
+        for (int64_t r = r0; r < r1; r++) {
+            float *yr = y + t0 * n + r;
+            if (nt == 1) {
+                yr[0] = q4_row(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, nb);
+            } else {
+                q4_tile(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, k, nt, yr, n);
+            }
+            if (w->bias)
+                for (int j = 0; j < nt; j++) yr[j * n] += w->bias[r];
+        }
+    }
+    #pragma omp barrier
 }
 
 static void rms_norm(const float *x, const float *g, float *out, int64_t n, float eps) {
@@ -212,78 +319,91 @@ static void rope(float *v, const float *cs, const float *sn, int64_t half) {
     }
 }
 
-/* ------------------------------------------------------------------------------------------ the step */
-/* Appends token `token` at position `pos` to the cache and writes the vocab logits. 0 on success. */
-int edge_decode_step(const Model *M, int64_t token, int64_t pos, float *const *kcache, float *const *vcache,
-                     int64_t max_len, float *logits) {
-    if (token < 0 || token >= M->vocab || pos < 0 || pos >= max_len || pos >= M->max_pos) return 1;
+/* ---------------------------------------------------------------------------------------- the forward */
+/* Runs the `T` tokens at positions pos .. pos+T-1 (prefill when T > 1, a decode step when T == 1), appends
+ * their keys and values to the cache and writes the vocab logits of the last one. 0 on success. */
+int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, float *const *kcache,
+                 float *const *vcache, int64_t max_len, float *logits) {
+    if (T < 1 || pos < 0 || pos + T > max_len || pos + T > M->max_pos) return 1;
+    for (int64_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= M->vocab) return 1;
     const int64_t H = M->hidden, D = M->head_dim, NH = M->heads, KV = M->kv_heads, I = M->inter;
-    const int64_t qd = NH * D, kvd = KV * D, half = D / 2, group = NH / KV, T = pos + 1;
-    const int64_t kmax = H > I ? H : I;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(H * 3 + (qd + 2 * kvd) + qd + 2 * I + kmax + NH * T));
+    const int64_t qd = NH * D, kvd = KV * D, nqkv = qd + 2 * kvd, half = D / 2, group = NH / KV;
+    const int64_t ctx = pos + T;
+    const size_t per_token = (size_t)(3 * H + nqkv + qd + 2 * I);
+    const int threads = omp_get_max_threads();
+    float *buf = (float *)malloc(sizeof(float) * (per_token * (size_t)T + (size_t)threads * (size_t)ctx));
     if (!buf) return 2;
-    float *x = buf, *h = x + H, *tmp = h + H, *qkv = tmp + H, *att = qkv + qd + 2 * kvd, *gu = att + qd;
-    float *xs = gu + 2 * I, *scores = xs + kmax;
+    float *x = buf, *h = x + H * T, *tmp = h + H * T, *qkv = tmp + H * T, *att = qkv + nqkv * T;
+    float *gu = att + qd * T, *scores = gu + 2 * I * T;
     const float scale = 1.0f / sqrtf((float)D);
-
     const int64_t hb = H / 32;
-    for (int64_t b = 0; b < hb; b++)
-        for (int i = 0; i < 32; i++)
-            x[b * 32 + i] = M->emb_scales[token * hb + b] * (float)M->emb_codes[token * H + b * 32 + i];
+
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < hb; b++)
+            for (int i = 0; i < 32; i++)
+                x[t * H + b * 32 + i] = M->emb_scales[tokens[t] * hb + b] * (float)M->emb_codes[tokens[t] * H + b * 32 + i];
 
     #pragma omp parallel
     {
         for (int64_t l = 0; l < M->layers; l++) {
             const Layer *L = &M->layer[l];
-            #pragma omp single
-            rms_norm(x, L->attn_norm, h, H, M->eps);
-            q4_gemv(&L->qkv, h, xs, qkv);
-            #pragma omp single
-            {
-                const float *cs = M->rope_cos + pos * half, *sn = M->rope_sin + pos * half;
-                for (int64_t hd = 0; hd < NH; hd++) rope(qkv + hd * D, cs, sn, half);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, L->attn_norm, h + t * H, H, M->eps);
+            q4_gemm(&L->qkv, h, T, qkv);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t p = pos + t;
+                const float *cs = M->rope_cos + p * half, *sn = M->rope_sin + p * half;
+                float *row = qkv + t * nqkv;
+                for (int64_t hd = 0; hd < NH; hd++) rope(row + hd * D, cs, sn, half);
                 for (int64_t hd = 0; hd < KV; hd++) {
-                    float *k = qkv + qd + hd * D;
+                    float *k = row + qd + hd * D;
                     rope(k, cs, sn, half);
-                    memcpy(kcache[l] + (hd * max_len + pos) * D, k, sizeof(float) * D);
-                    memcpy(vcache[l] + (hd * max_len + pos) * D, qkv + qd + kvd + hd * D, sizeof(float) * D);
+                    memcpy(kcache[l] + (hd * max_len + p) * D, k, sizeof(float) * D);
+                    memcpy(vcache[l] + (hd * max_len + p) * D, row + qd + kvd + hd * D, sizeof(float) * D);
                 }
             }
-            #pragma omp for schedule(static)
-            for (int64_t hd = 0; hd < NH; hd++) {
-                const float *q = qkv + hd * D;
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t job = 0; job < NH * T; job++) {
+                const int64_t hd = job % NH, t = job / NH, n_ctx = pos + t + 1;
+                const float *q = qkv + t * nqkv + hd * D;
                 const float *K = kcache[l] + (hd / group) * max_len * D, *V = vcache[l] + (hd / group) * max_len * D;
-                float *s = scores + hd * T, mx = -INFINITY, sum = 0.f;
-                for (int64_t t = 0; t < T; t++) {
-                    s[t] = dot(q, K + t * D, D) * scale;
-                    if (s[t] > mx) mx = s[t];
+                float *s = scores + (int64_t)omp_get_thread_num() * ctx, mx = -INFINITY, sum = 0.f;
+                for (int64_t u = 0; u < n_ctx; u++) {
+                    s[u] = dot(q, K + u * D, D) * scale;
+                    if (s[u] > mx) mx = s[u];
                 }
-                for (int64_t t = 0; t < T; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
-                float *o = att + hd * D;
+                for (int64_t u = 0; u < n_ctx; u++) { s[u] = expf(s[u] - mx); sum += s[u]; }
+                float *o = att + t * qd + hd * D;
                 for (int64_t j = 0; j < D; j++) o[j] = 0.f;
-                for (int64_t t = 0; t < T; t++) {
-                    const float p = s[t] / sum, *v = V + t * D;
-                    for (int64_t j = 0; j < D; j++) o[j] += p * v[j];
+                for (int64_t u = 0; u < n_ctx; u++) {
+                    const float pu = s[u] / sum, *v = V + u * D;
+                    for (int64_t j = 0; j < D; j++) o[j] += pu * v[j];
                 }
             }
-            q4_gemv(&L->o, att, xs, tmp);
-            #pragma omp single
-            {
-                for (int64_t i = 0; i < H; i++) x[i] += tmp[i];
-                rms_norm(x, L->ffn_norm, h, H, M->eps);
-            }
-            q4_gemv(&L->gate_up, h, xs, gu);
+            q4_gemm(&L->o, att, T, tmp);
             #pragma omp for schedule(static)
-            for (int64_t i = 0; i < I; i++) {
-                const float g = gu[i];
-                gu[i] = g / (1.0f + expf(-g)) * gu[I + i];
+            for (int64_t t = 0; t < T; t++) {
+                for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
+                rms_norm(x + t * H, L->ffn_norm, h + t * H, H, M->eps);
             }
-            q4_gemv(&L->down, gu, xs, tmp);
+            q4_gemm(&L->gate_up, h, T, gu);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) {
+                float *g = gu + t * 2 * I;
+                for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
+            }
+            /* down reads the activations with a stride of 2I: compact them to [T, I] first */
             #pragma omp single
-            for (int64_t i = 0; i < H; i++) x[i] += tmp[i];
+            for (int64_t t = 1; t < T; t++) memmove(gu + t * I, gu + t * 2 * I, sizeof(float) * I);
+            q4_gemm(&L->down, gu, T, tmp);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
         }
         #pragma omp single
-        rms_norm(x, M->final_norm, h, H, M->eps);
+        rms_norm(x + (T - 1) * H, M->final_norm, h, H, M->eps);
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < M->vocab; r++)
             logits[r] = q8_row(M->head_codes + r * H, M->head_scales + r * hb, h, hb);

@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("cpu_decode.c")
 PACK_JSON = "cpu_decode.json"  # the weights' index (exporters/cpu_decode_pack.py writes both)
 PACK_BIN = "cpu_decode.bin"
 LIBRARY = "libedge_cpu_decode.so"
-ABI = 1
+ABI = 2
 
 
 class _Q4Mat(ctypes.Structure):
@@ -107,10 +107,10 @@ def compile_library(cache_dir: Path) -> Tuple[Optional[ctypes.CDLL], str]:
     if lib.edge_decode_abi() != ABI:
         return None, f"{lib_path}: ABI {lib.edge_decode_abi()} != {ABI}"
     lib.edge_decode_isa.restype = ctypes.c_char_p
-    lib.edge_decode_step.restype = ctypes.c_int
-    lib.edge_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
-                                     ctypes.c_int64, ctypes.c_void_p]
+    lib.edge_forward.restype = ctypes.c_int
+    lib.edge_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64,
+                                 ctypes.c_void_p]
     lib.edge_decode_set_threads.argtypes = [ctypes.c_int]
     return lib, lib.edge_decode_isa().decode()
 
@@ -156,9 +156,10 @@ class CpuDecoder:
         self._kv = None
         lib.edge_decode_set_threads(int(threads) if threads and threads > 0 else (os.cpu_count() or 1))
 
-    def step(self, token: int, pos: int, k_arrays: Sequence[np.ndarray], v_arrays: Sequence[np.ndarray],
-             logits: np.ndarray) -> None:
-        """Append `token` at `pos` to the cache arrays and write the float32 logits into `logits` [vocab]."""
+    def forward(self, tokens: Sequence[int], pos: int, k_arrays: Sequence[np.ndarray], v_arrays: Sequence[np.ndarray],
+                logits: np.ndarray) -> None:
+        """Run `tokens` (a prompt, or one token to decode) at positions `pos`.. on the cache arrays, appending
+        their keys and values, and write the float32 logits of the last one into `logits` [vocab]."""
         key = (id(k_arrays[0]), id(v_arrays[0]))
         if self._kv is None or self._kv[0] != key:  # the pointer tables of the last cache used
             n = self.config["layers"]
@@ -169,7 +170,11 @@ class CpuDecoder:
                         (ctypes.c_void_p * n)(*[a.ctypes.data for a in v_arrays]), list(k_arrays) + list(v_arrays))
         _, ks, vs, _ = self._kv
         max_len = k_arrays[0].shape[-2]
-        rc = self.lib.edge_decode_step(ctypes.byref(self._model), int(token), int(pos), ks, vs, max_len,
-                                       logits.ctypes.data)
+        ids = np.ascontiguousarray(tokens, dtype=np.int64)
+        if logits.dtype != np.float32 or logits.shape != (self.config["vocab"],) or not logits.flags.c_contiguous:
+            raise ValueError(f"logits must be a C-contiguous float32 [{self.config['vocab']}] array")
+        rc = self.lib.edge_forward(ctypes.byref(self._model), ids.ctypes.data, ids.size, int(pos), ks, vs, max_len,
+                                   logits.ctypes.data)
         if rc:
-            raise ValueError(f"CPU decode step failed (code {rc}): token {token}, position {pos}, cache {max_len}")
+            raise ValueError(f"CPU forward failed (code {rc}): {ids.size} token(s) at position {pos}, cache {max_len}, "
+                             f"vocabulary {self.config['vocab']}")

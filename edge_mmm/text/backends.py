@@ -112,14 +112,6 @@ class OrtKVCache:
         self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab), np.float32))
         self.binding.bind_ortvalue_output("logits", self.logits)
 
-    @property
-    def key_arrays(self):
-        return self._arrays[0::2]
-
-    @property
-    def value_arrays(self):
-        return self._arrays[1::2]
-
     def truncate(self, n: int) -> None:
         """Keep the first `n` positions; later writes overwrite the rest."""
         if not 0 <= n <= self.length:
@@ -156,19 +148,13 @@ def run_cached(session, cache: OrtKVCache, name: str, values: np.ndarray) -> np.
 
 
 class OrtBackend:
-    """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT.
-    With a `decoder` (edge_mmm.runners.cpu_decode.CpuDecoder: edge-mmm's own fp32 CPU kernel), single-token
-    decode steps run there instead, on the same KV buffers; prefill stays on onnxruntime."""
+    """`new_cache` / `prefill` / `decode` (the LMBackend protocol of edge_mmm.text.generation) over ORT."""
 
-    def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0, decoder=None):
-        # with the CPU decoder, onnxruntime's workers sleep after a prefill: spinning, they would take the
-        # cores the decoder's threads need (on 2 cores some steps took 25-45 ms instead of 4)
+    def __init__(self, onnx_path: Path, io: dict, context_length: int, threads: int = 0):
         self.session = ort_session(onnx_path, "ONNX LM", threads, inputs=["input_ids", "position_ids"] + [
-            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")],
-            spin_after_run=decoder is None)
+            f"past_key_values.{i}.{kind}" for i in range(int(io["num_layers"])) for kind in ("key", "value")])
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
-        self.decoder = decoder
 
     def new_cache(self) -> OrtKVCache:
         io = self.io
@@ -184,15 +170,70 @@ class OrtBackend:
         return self._run(list(ids), cache)
 
     def decode(self, token_id: int, cache: OrtKVCache) -> np.ndarray:
-        if self.decoder is None:
-            return self._run([int(token_id)], cache)
-        check_room(cache, 1)
-        if not 0 <= int(token_id) < int(self.io["vocab_size"]):
-            raise InputError(f"token id {token_id} is outside the vocabulary (0..{int(self.io['vocab_size']) - 1})")
-        logits = cache.logits.numpy()[0, -1]
-        self.decoder.step(int(token_id), cache.length, cache.key_arrays, cache.value_arrays, logits)
-        cache.length += 1
-        return logits.copy()
+        return self._run([int(token_id)], cache)
+
+
+# ------------------------------------------------------------------------------------- our CPU kernel
+class CpuKVCache:
+    """Per-layer key/value arrays `[1, kv_heads, max_len, head_dim]` for `CpuBackend`; `length` positions are
+    valid (the OrtKVCache interface)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, vocab: int):
+        self.max_len = max_len
+        self.length = 0
+        self.keys = [np.zeros((1, num_kv_heads, max_len, head_dim), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((1, num_kv_heads, max_len, head_dim), np.float32) for _ in range(num_layers)]
+        self.logits = np.zeros(vocab, np.float32)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions; later writes overwrite the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def copy_prefix_from(self, other: "CpuKVCache", n: int) -> None:
+        """Take the first `n` positions of `other`; this cache then holds `n`."""
+        if not 0 <= n <= min(other.length, self.max_len):
+            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[:, :, :n] = theirs[:, :, :n]
+        self.length = n
+
+
+class CpuBackend:
+    """The LMBackend protocol on edge-mmm's own C kernel (edge_mmm.runners.cpu_decode: fp32 arithmetic on the
+    file's 4-bit blocks, logits equal to the float model's to fp32 rounding), prefill and decode; no
+    onnxruntime session. A prompt runs in chunks of `PREFILL_CHUNK` tokens (bounded scratch memory)."""
+
+    PREFILL_CHUNK = 256
+
+    def __init__(self, decoder, io: dict, context_length: int):
+        self.decoder = decoder
+        self.io = io
+        self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
+
+    def new_cache(self) -> CpuKVCache:
+        io = self.io
+        return CpuKVCache(io["num_layers"], io["num_kv_heads"], self.context_length, io["head_dim"], io["vocab_size"])
+
+    def _run(self, ids: Sequence[int], cache: CpuKVCache) -> np.ndarray:
+        check_room(cache, len(ids))
+        vocab = int(self.io["vocab_size"])
+        bad = [i for i in ids if not 0 <= int(i) < vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        for start in range(0, len(ids), self.PREFILL_CHUNK):
+            chunk = ids[start:start + self.PREFILL_CHUNK]
+            self.decoder.forward(chunk, cache.length, cache.keys, cache.values, cache.logits)
+            cache.length += len(chunk)
+        return cache.logits.copy()
+
+    def prefill(self, ids: Sequence[int], cache: CpuKVCache) -> np.ndarray:
+        """float32 logits of the last position (numpy)."""
+        return self._run([int(i) for i in ids], cache)
+
+    def decode(self, token_id: int, cache: CpuKVCache) -> np.ndarray:
+        return self._run([int(token_id)], cache)
 
 
 def _source_and_digest(path: Path) -> Tuple[Path, str]:
@@ -333,13 +374,17 @@ def onnxruntime_graph(onnx_path: Path, cache_root: Optional[Path] = None) -> Pat
 
 
 def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, cache_root: Optional[Path] = None,
-                             activations: str = DEFAULT_ACTIVATIONS, cpu_decode: bool = True):
-    """(OrtBackend, TextTokenizer) for a model file or directory; exports on first use."""
+                             activations: str = DEFAULT_ACTIVATIONS, cpu_kernel: bool = True):
+    """(backend, TextTokenizer) for a model file or directory; exports on first use. With fp32 activations (the
+    default) and a model edge-mmm's own CPU kernel runs (4-bit linears in blocks of 32, a GGUF Q8_0 head:
+    `cpu_decoder`), the backend is `CpuBackend`; else, or with `cpu_kernel=False`, `OrtBackend`."""
     activation_mode(activations)  # a bad name fails before the tokenizer is built
     tokenizer, source = load_tokenizer(Path(path), cache_root)
     onnx_path, io = export_on_first_use(source, cache_root, activations)
-    decoder = cpu_decoder(onnx_path.parent, cache_root, threads) if cpu_decode and activations == "fp32" else None
-    return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads, decoder), tokenizer
+    decoder = cpu_decoder(onnx_path.parent, cache_root, threads) if cpu_kernel and activations == "fp32" else None
+    if decoder is not None:
+        return CpuBackend(decoder, io, context_length), tokenizer
+    return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads), tokenizer
 
 
 CPU_DECODE_KIND = "cpu-decode"
@@ -347,16 +392,16 @@ _decode_notes = set()
 
 
 def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0):
-    """edge-mmm's own CPU decode kernel for the export in `entry` (its `cpu_decode.*` pack), or None when the
-    model is not one it runs or the kernel cannot be built here (no C compiler, an unknown CPU family); the
-    reason is printed once to stderr, and onnxruntime decodes. `EDGE_MMM_CPU_DECODE=0` turns it off."""
+    """edge-mmm's own CPU kernel for the export in `entry` (its `cpu_decode.*` pack), or None when the model is
+    not one it runs or the kernel cannot be built here (no C compiler, an unknown CPU family: the reason is
+    printed once to stderr); onnxruntime runs the model then. `EDGE_MMM_CPU_KERNEL=0` turns it off."""
     import os
     import sys
 
     from edge_mmm.runners.cpu_decode import CpuDecoder, compile_library, read_pack
     from edge_mmm.weights.export_cache import default_cache_root
 
-    if os.environ.get("EDGE_MMM_CPU_DECODE", "1") == "0":
+    if os.environ.get("EDGE_MMM_CPU_KERNEL", "1") == "0":
         return None
     config, arrays, reason = read_pack(entry / PACK_JSON, entry / PACK_BIN)
     if config is None:
@@ -365,6 +410,6 @@ def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0
     if lib is None:
         if isa not in _decode_notes:
             _decode_notes.add(isa)
-            print(f"edge-mmm: the CPU decode kernel is off ({isa}); onnxruntime decodes (slower)", file=sys.stderr)
+            print(f"edge-mmm: the CPU LM kernel is off ({isa}); onnxruntime runs the LM (slower)", file=sys.stderr)
         return None
     return CpuDecoder(lib, isa, config, arrays, threads)
