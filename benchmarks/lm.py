@@ -1,4 +1,8 @@
-"""LM speed on CPU: llama.cpp (llama-cpp-python) vs ours (onnxruntime, torch) on the same GGUF, one run.
+"""LM speed on CPU: llama.cpp (llama-cpp-python) vs ours (our CPU kernel, onnxruntime, torch) on the same GGUF.
+
+"ours CPU kernel (fp32, default)" is what `load_lm(backend="onnxruntime")` / `edge-mmm chat` run for a model
+the kernel supports (edge_mmm/runners/cpu_decode.c); "ours onnxruntime (fp32)" is the same mode on
+onnxruntime (the fallback without a C compiler).
 
 Prefill: one ~200-token prompt (English text, same ids for every engine). Decode: 128 greedy tokens,
 one token per call, argmax in Python for every engine (llama.cpp: `eval` + argmax of its logits).
@@ -293,19 +297,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from edge_mmm.text.api import default_lm_path, load_model_files
-    from edge_mmm.text.backends import TorchBackend
+    from edge_mmm.text.backends import CpuBackend, TorchBackend
     from edge_mmm.text.backends import load_onnxruntime_backend
 
     path = args.model or default_lm_path()
     n_ctx = 1024
     engines, loads = [], {}
     for mode in args.activations.split(","):
-        name = f"ours onnxruntime ({mode})"
-        t0 = time.perf_counter()  # includes the one-time export when the cache is cold
-        ort_backend, tokenizer = load_onnxruntime_backend(path, n_ctx, threads=args.threads,
-                                                          cache_root=args.cache_dir, activations=mode)
-        loads[name] = time.perf_counter() - t0
-        engines.append(Ours(name, ort_backend))
+        for kernel in ((True, False) if mode == "fp32" else (False,)):  # fp32: our CPU kernel, and onnxruntime
+            t0 = time.perf_counter()  # includes the one-time export when the cache is cold
+            ort_backend, tokenizer = load_onnxruntime_backend(path, n_ctx, threads=args.threads, cpu_kernel=kernel,
+                                                              cache_root=args.cache_dir, activations=mode)
+            name = ("ours CPU kernel (fp32, default)" if isinstance(ort_backend, CpuBackend)
+                    else f"ours onnxruntime ({mode})")
+            loads[name] = time.perf_counter() - t0
+            engines.append(Ours(name, ort_backend))
     prompt = tokenizer.encode(english_text(), add_special_tokens=False)[:args.prompt_tokens]
     t0 = time.perf_counter()
     packed_model, _ = load_model_files(path)
