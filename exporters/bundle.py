@@ -258,6 +258,7 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
+    from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON
     from edge_mmm.text.backends import (DEFAULT_ACTIVATIONS, IO_FILE, ONNX_FILE, export_on_first_use, lm_io,
                                         load_tokenizer, load_weights)
 
@@ -269,6 +270,10 @@ def _export_lm(request: ExportRequest, dest: Path) -> dict:
         activations = DEFAULT_ACTIVATIONS
         onnx_path, io = export_on_first_use(source, request.cache_root, activations)
         _copy(onnx_path, dest, ONNX_FILE)
+        pack = json.loads((onnx_path.parent / PACK_JSON).read_text())
+        if pack.get("supported"):  # the CPU kernel's weights: the bundle's LM runs on it where it can be built
+            _copy(onnx_path.parent / PACK_JSON, dest, PACK_JSON)
+            _copy(onnx_path.parent / PACK_BIN, dest, PACK_BIN)
         weights = "source 4-bit blocks" if source.suffix == ".gguf" else "float (source)"
     else:
         from edge_mmm.quant.quantize import quantize_model

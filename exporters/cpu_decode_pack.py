@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON
+from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_FORMAT, PACK_JSON
 from edge_mmm.models.llama import Llama
 from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO
 from edge_mmm.quant.quantize import quantize_weight
 
-PACK_FORMAT = 1
 BLOCK = 32
 LINEARS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
            "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}

@@ -27,6 +27,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 PACK_JSON = "cpu_decode.json"  # the weights' index (exporters/cpu_decode_pack.py writes both)
 PACK_BIN = "cpu_decode.bin"
+PACK_FORMAT = 1
 LIBRARY = "libedge_cpu_decode.so"
 ABI = 2
 
@@ -118,6 +119,8 @@ def compile_library(cache_dir: Path) -> Tuple[Optional[ctypes.CDLL], str]:
 def read_pack(json_path: Path, bin_path: Path) -> Tuple[Optional[dict], Dict[str, np.ndarray], str]:
     """(config or None, arrays, reason): the pack exporters/cpu_decode_pack.py wrote (arrays read into memory)."""
     meta = json.loads(Path(json_path).read_text())
+    if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT:
+        raise ValueError(f"{json_path}: not a CPU kernel pack of format {PACK_FORMAT}")
     if not meta.get("supported"):
         return None, {}, meta.get("reason", "not supported")
     blob = np.fromfile(bin_path, dtype=np.uint8)
@@ -125,10 +128,58 @@ def read_pack(json_path: Path, bin_path: Path) -> Tuple[Optional[dict], Dict[str
     for name, (dtype, shape, offset) in meta["arrays"].items():
         dt = np.dtype(dtype)
         count = int(np.prod(shape))
-        if offset + count * dt.itemsize > blob.size:
+        if not isinstance(offset, int) or offset < 0 or offset % dt.alignment or offset + count * dt.itemsize > blob.size:
             raise ValueError(f"{bin_path}: array {name} runs past the end of the file")
         arrays[name] = blob[offset:offset + count * dt.itemsize].view(dt).reshape(shape)
+    check_pack(meta["config"], arrays, str(json_path))
     return meta["config"], arrays, ""
+
+
+def expected_arrays(config: dict) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """name -> (dtype, shape) of every array the kernel reads for `config` (biases and the head optional)."""
+    c = {k: int(config[k]) for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_pos")}
+    h, v = c["hidden"], c["vocab"]
+    qkv = (c["heads"] + 2 * c["kv_heads"]) * c["head_dim"]
+    mats = {"qkv": (qkv, h), "o": (h, c["heads"] * c["head_dim"]), "gate_up": (2 * c["inter"], h), "down": (h, c["inter"])}
+    out = {"emb.codes": ("|i1", (v, h)), "emb.scales": ("<f4", (v, h // 32)), "final_norm": ("<f4", (h,)),
+           "rope.cos": ("<f4", (c["max_pos"], c["head_dim"] // 2)), "rope.sin": ("<f4", (c["max_pos"], c["head_dim"] // 2)),
+           "head.codes": ("|i1", (v, h)), "head.scales": ("<f4", (v, h // 32))}
+    for i in range(c["layers"]):
+        out[f"layers.{i}.attn_norm"] = ("<f4", (h,))
+        out[f"layers.{i}.ffn_norm"] = ("<f4", (h,))
+        for name, (n, k) in mats.items():
+            out[f"layers.{i}.{name}.codes"] = ("|u1", (n, k // 32, 16))
+            out[f"layers.{i}.{name}.d"] = ("<f4", (n, k // 32))
+            out[f"layers.{i}.{name}.m"] = ("<f4", (n, k // 32))
+            out[f"layers.{i}.{name}.bias"] = ("<f4", (n,))
+    return out
+
+
+def check_pack(config: dict, arrays: Dict[str, np.ndarray], where: str) -> None:
+    """ValueError naming the array unless `arrays` are exactly what the kernel reads for `config` (the C code
+    trusts these shapes: a pack from an untrusted bundle must not make it read out of bounds)."""
+    dims = ("hidden", "layers", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_pos")
+    bad = [k for k in dims if not isinstance(config.get(k), int) or not 0 < config[k] <= 1 << 20]
+    if bad or config["hidden"] % 32 or config["inter"] % 32 or config["head_dim"] % 2 \
+            or config["heads"] % config["kv_heads"] or (config["heads"] * config["head_dim"]) % 32:
+        raise ValueError(f"{where}: bad config {bad or config}")
+    if not isinstance(config.get("eps"), float) or not 0 < config["eps"] < 1:
+        raise ValueError(f"{where}: bad eps {config.get('eps')!r}")
+    want = expected_arrays(config)
+    optional = {n for n in want if n.endswith(".bias")} | ({"head.codes", "head.scales"} if config.get("tied") else set())
+    for name, (dtype, shape) in want.items():
+        a = arrays.get(name)
+        if a is None:
+            if name in optional:
+                continue
+            raise ValueError(f"{where}: array {name} is missing")
+        if a.dtype.str != dtype or tuple(a.shape) != shape:
+            raise ValueError(f"{where}: array {name} is {a.dtype.str} {tuple(a.shape)}, expected {dtype} {shape}")
+    extra = set(arrays) - set(want)
+    if extra:
+        raise ValueError(f"{where}: unexpected arrays {sorted(extra)[:3]}")
+    if not config.get("tied") and "head.codes" not in arrays:
+        raise ValueError(f"{where}: an untied model needs head.codes")
 
 
 class CpuDecoder:

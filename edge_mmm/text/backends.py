@@ -208,9 +208,14 @@ class CpuBackend:
     PREFILL_CHUNK = 256
 
     def __init__(self, decoder, io: dict, context_length: int):
+        c = decoder.config
+        pairs = [("num_layers", "layers"), ("num_kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("vocab_size", "vocab")]
+        if any(int(io[a]) != int(c[b]) for a, b in pairs):
+            raise ValueError(f"the LM's shapes {[io[a] for a, _ in pairs]} differ from its CPU kernel pack's "
+                             f"{[c[b] for _, b in pairs]}")
         self.decoder = decoder
         self.io = io
-        self.context_length = min(int(context_length), int(io["max_position_embeddings"]))
+        self.context_length = min(int(context_length), int(io["max_position_embeddings"]), int(c["max_pos"]))
 
     def new_cache(self) -> CpuKVCache:
         io = self.io

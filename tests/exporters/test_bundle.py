@@ -25,6 +25,7 @@ from edge_mmm.text.api import default_lm_path, load_lm  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.weights.export_cache import sha256_file  # noqa: E402
 from numerics import cosine  # noqa: E402
+from bundle_forge import rehash  # noqa: E402
 
 CPU = get_profile("cpu-x86")
 PROMPT = "Name three colors of the rainbow."
@@ -129,6 +130,22 @@ def test_chat_bundle_matches_source(bundle_dir, capsys):
     assert lm.tokenizer.chat_template == src.tokenizer.chat_template
     assert lm.tokenizer.special_tokens == src.tokenizer.special_tokens
     assert lm.context_length == 64
+
+
+def test_bundle_lm_runs_on_the_cpu_kernel_and_a_forged_pack_is_refused(bundle_dir, tmp_path):
+    """A cpu-x86 bundle carries the CPU kernel's weights beside the graph and its LM runs on them; a pack whose
+    shapes disagree with its config (re-hashed, so the manifest check passes) is refused naming the part."""
+    from edge_mmm.text.backends import CpuBackend
+
+    assert {"lm/cpu_decode.json", "lm/cpu_decode.bin"} <= set(json.loads((bundle_dir / "manifest.json").read_text())["files"])
+    assert isinstance(open_bundle(bundle_dir).load_lm(context_length=64).backend, CpuBackend)
+    forged = _linked_copy(bundle_dir, tmp_path / "forged")
+    meta = json.loads((forged / "lm" / "cpu_decode.json").read_text())
+    meta["config"]["hidden"] *= 2  # the C code would read past every array
+    (forged / "lm" / "cpu_decode.json").write_text(json.dumps(meta))
+    rehash(forged)
+    with pytest.raises(ModelFileError, match="lm model cannot be built.*cpu_decode.json"):
+        open_bundle(forged).load_lm(context_length=64)
 
 
 @pytest.mark.slow
