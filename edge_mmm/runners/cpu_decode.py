@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,20 +60,20 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compile_command(cc: str, src: Path, out: Path) -> Optional[list]:
+def native_arch() -> Optional[List[str]]:
+    """The compiler flags that target this host's CPU, or None for a CPU family the kernel has no build for."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        arch = ["-march=native"]
-    elif machine in ("aarch64", "arm64"):
-        arch = ["-mcpu=native"]
-    else:
-        return None
-    return [cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return None
 
 
-def compile_library(cache_dir: Path) -> Tuple[Optional[ctypes.CDLL], str]:
-    """(the loaded library, its instruction set) or (None, why not). Built once per source, compiler and CPU
-    (the key hashes all three: a cache shared between hosts never runs code built for another CPU)."""
+def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the loaded library, its instruction set) or (None, why not). Built once per source, compiler, flags and
+    CPU (the key hashes them all: a cache shared between hosts never runs code built for another CPU).
+    `arch`: target flags other than this host's (tests build the AVX2 and generic variants this way)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler (cc) on PATH"
@@ -81,17 +81,19 @@ def compile_library(cache_dir: Path) -> Tuple[Optional[ctypes.CDLL], str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"C compiler {cc} does not run: {e}"
+    arch = list(arch) if arch is not None else native_arch()
+    if arch is None:
+        return None, f"no kernel build for CPU family {platform.machine()}"
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()
-                         + platform.machine().encode()).hexdigest()[:24]
+                         + platform.machine().encode() + " ".join(arch).encode()).hexdigest()[:24]
     entry = Path(cache_dir) / key
     lib_path = entry / LIBRARY
     if not lib_path.is_file():
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
         try:
-            cmd = _compile_command(cc, SOURCE, tmp / LIBRARY)
-            if cmd is None:
-                return None, f"no kernel build for CPU family {platform.machine()}"
+            cmd = [cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(tmp / LIBRARY), str(SOURCE),
+                   "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 return None, f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"

@@ -7,6 +7,9 @@ a prompt longer than one prefill chunk and a truncated-and-reused cache; the key
 within 1e-5. Models the kernel does not run get a pack that says why, and onnxruntime runs them.
 """
 
+import platform
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +91,29 @@ def test_matches_torch(kind, library, tmp_path):
         _check(backend.prefill(ids[30:40], cache), model(torch.tensor([ids[30:40]]), cache=ref_cache, last_only=True)[0, -1],
                "prefill after truncate")
     assert cache.length == 20
+
+
+X86_VARIANTS = {"avx2": ["-march=haswell"], "generic": ["-march=x86-64"]}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx2" not in Path("/proc/cpuinfo").read_text(),
+                    reason="the x86 variants need an x86-64 host with AVX2")
+@pytest.mark.parametrize("variant", sorted(X86_VARIANTS))
+def test_other_instruction_sets_match_torch(variant, tmp_path):
+    """The AVX2 and generic C paths (the host's own, AVX-512 or AVX2, is tested above) on a prefill of two tiles
+    and a remainder plus decode steps."""
+    lib, isa = compile_library(tmp_path / "lib", X86_VARIANTS[variant])
+    assert lib is not None and isa == variant, isa
+    model = _model(seed=5)
+    backend = _backend(model, (lib, isa), tmp_path)
+    ids = torch.randint(0, 320, (23,), generator=torch.Generator().manual_seed(6)).tolist()
+    cache, ref_cache = backend.new_cache(), KVCache.for_config(model.config, 96)
+    with torch.no_grad():
+        _check(backend.prefill(ids[:19], cache), model(torch.tensor([ids[:19]]), cache=ref_cache, last_only=True)[0, -1],
+               f"{variant} prefill")
+        for i in range(19, 23):
+            _check(backend.decode(ids[i], cache), model(torch.tensor([[ids[i]]]), cache=ref_cache)[0, -1],
+                   f"{variant} decode")
 
 
 def test_prompt_longer_than_a_chunk_and_bad_ids(library, tmp_path, monkeypatch):
