@@ -412,6 +412,8 @@ def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0
     if config is None:
         return None  # a model the kernel does not run (the pack says why): onnxruntime decodes, as designed
     lib, isa = compile_library((Path(cache_root) if cache_root else default_cache_root()) / CPU_DECODE_KIND)
+    if lib is not None and isa == "generic":  # an x86 CPU without AVX2 + FMA: onnxruntime is faster
+        lib, isa = None, "this CPU has no AVX2 + FMA"
     if lib is None:
         if isa not in _decode_notes:
             _decode_notes.add(isa)
