@@ -7,9 +7,9 @@ hold exactly, i.e. not GGUF Q8_0) gets `{"supported": false, "reason": ...}` and
 onnxruntime graph then decodes too.
 
 Layouts (what the C code reads): a 4-bit linear `[N, K]` is `codes` uint8 `[N, K/32, 16]` (element i of a
-block in the low nibble of byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), `d` and `m` float16
-`[N, K/32]` (GGUF's own; scales that fp16 does not hold exactly are not run) with w = d*q + m (a symmetric
-block has m = -8*d), `bias` float32 `[N]` or absent. q|k|v and gate|up are fused by rows. The head and embedding are int8 codes `[V, H]` with float32 scales `[V, H/32]`.
+block in the low nibble of byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), `d` and `m` float32
+`[N, K/32]` with w = d*q + m (a symmetric block has m = -8*d), `bias` float32 `[N]` or absent. q|k|v and
+gate|up are fused by rows. The head and embedding are int8 codes `[V, H]` with float32 scales `[V, H/32]`.
 """
 
 from __future__ import annotations
@@ -49,12 +49,8 @@ def _q4_arrays(modules: Sequence[nn.Module], name: str) -> Dict[str, np.ndarray]
         q = p.codes()[:, :k].to(torch.uint8).view(n, k // BLOCK, BLOCK)
         codes.append((q[..., :16] | (q[..., 16:] << 4)).contiguous())
         s = p.scales.float()
-        offset = p.zeros.float() if p.zeros is not None else -SYMMETRIC_INT4_ZERO * s
-        for what, t in (("scales", s), ("offsets", offset)):
-            if not torch.equal(t.half().float(), t):
-                raise Unsupported(f"{name}: {what} are not exactly fp16 (GGUF's are)")
-        d.append(s.half())
-        m.append(offset.half())
+        d.append(s)
+        m.append(p.zeros.float() if p.zeros is not None else -SYMMETRIC_INT4_ZERO * s)
         bias.append(mod.bias.detach().float() if mod.bias is not None else None)
     out = {"codes": torch.cat(codes).numpy(), "d": torch.cat(d).contiguous().numpy(),
            "m": torch.cat(m).contiguous().numpy()}

@@ -3,7 +3,7 @@
  *
  * Weights (written by exporters/cpu_decode_pack.py, read by edge_mmm/runners/cpu_decode.py):
  *   4-bit linears: per output row, blocks of 32 inputs: 16 bytes of codes (element i in the low nibble of
- *   byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), a scale d and an offset m (fp16, as in the file):
+ *   byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), a scale d and an offset m (fp32):
  *   w = d*q + m, which the kernels compute in registers (the float model's own dequantization, exact) and
  *   multiply with fp32 activations; a prompt's tokens share each dequantized block (a tile of 16 or 8).
  *   Head and embedding: int8 codes with one fp32 scale per block of 32 (GGUF Q8_0), exact.
@@ -22,43 +22,9 @@
 #include <immintrin.h>
 #endif
 
-static inline float h2f(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0 && man == 0) {
-        bits = sign;
-    } else if (exp == 0) { /* subnormal */
-        uint32_t e = 113, mm = man;
-        while (!(mm & 0x400)) { mm <<= 1; e--; }
-        bits = sign | (e << 23) | ((mm & 0x3FF) << 13);
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-#endif
-}
-
-/* n fp16 values -> fp32 (exact) */
-static void h2f_row(const uint16_t *src, float *dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-#elif defined(__F16C__)
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-#endif
-    for (; i < n; i++) dst[i] = h2f(src[i]);
-}
-
 typedef struct {
     const uint8_t *codes; /* [n, k/32, 16] */
-    const uint16_t *d, *m; /* [n, k/32]: fp16 bits (GGUF's own scales and offsets), made fp32 row by row */
+    const float *d, *m;   /* [n, k/32] */
     const float *bias;    /* [n] or NULL */
     int64_t n, k;
 } Q4Mat;
@@ -90,7 +56,7 @@ const char *edge_decode_isa(void) {
 #endif
 }
 
-int edge_decode_abi(void) { return 3; }
+int edge_decode_abi(void) { return 2; }
 
 /* ---------------------------------------------------------------------------------------- row kernels */
 /* x . (row of W): each block's 32 weights are dequantized exactly as the float model's (d*q + m in fp32)
@@ -304,26 +270,19 @@ static void q4_tile(const uint8_t *c, const float *d, const float *m, const floa
 /* ---------------------------------------------------------------------------------- parallel pieces */
 /* Inside a parallel region: Y[t, :] = W X[t, :] (+ bias) for T tokens. Each thread takes a contiguous range of
  * W's rows and walks the tokens in tiles, so a tile of X stays in cache while the rows stream by. */
-static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y, float *scratch, int64_t nb_max) {
+static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y) {
     const int64_t k = w->k, nb = k / 32, n = w->n;
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t r0 = n * me / nth, r1 = n * (me + 1) / nth;
-    float *dm = scratch + (int64_t)me * 4 * nb_max; /* this thread's two rows of scales and offsets in fp32 */
-    float *d0 = dm, *m0 = dm + nb, *d1 = dm + 2 * nb, *m1 = dm + 3 * nb;
     int64_t t0 = 0;
 #ifdef PAIR_TOKENS
     for (; t0 + PAIR_TOKENS <= T; t0 += PAIR_TOKENS) {
         int64_t r = r0;
-        for (; r + 1 < r1; r += 2) {
-            h2f_row(w->d + r * nb, d0, nb); h2f_row(w->m + r * nb, m0, nb);
-            h2f_row(w->d + (r + 1) * nb, d1, nb); h2f_row(w->m + (r + 1) * nb, m1, nb);
-            q4_pair8(w->codes + r * nb * 16, d0, m0, w->codes + (r + 1) * nb * 16, d1, m1, x + t0 * k, k,
-                     y + t0 * n + r, y + t0 * n + r + 1, n);
-        }
-        if (r < r1) {
-            h2f_row(w->d + r * nb, d0, nb); h2f_row(w->m + r * nb, m0, nb);
-            q4_tile(w->codes + r * nb * 16, d0, m0, x + t0 * k, k, PAIR_TOKENS, y + t0 * n + r, n);
-        }
+        for (; r + 1 < r1; r += 2)
+            q4_pair8(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, w->codes + (r + 1) * nb * 16,
+                     w->d + (r + 1) * nb, w->m + (r + 1) * nb, x + t0 * k, k, y + t0 * n + r, y + t0 * n + r + 1, n);
+        if (r < r1)
+            q4_tile(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, k, PAIR_TOKENS, y + t0 * n + r, n);
         if (w->bias)
             for (int64_t rr = r0; rr < r1; rr++)
                 for (int j = 0; j < PAIR_TOKENS; j++) y[(t0 + j) * n + rr] += w->bias[rr];
@@ -333,11 +292,10 @@ static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y, float *
         const int nt = (int)(T - t0 < TILE ? T - t0 : TILE);
         for (int64_t r = r0; r < r1; r++) {
             float *yr = y + t0 * n + r;
-            h2f_row(w->d + r * nb, d0, nb); h2f_row(w->m + r * nb, m0, nb);
             if (nt == 1) {
-                yr[0] = q4_row(w->codes + r * nb * 16, d0, m0, x + t0 * k, nb);
+                yr[0] = q4_row(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, nb);
             } else {
-                q4_tile(w->codes + r * nb * 16, d0, m0, x + t0 * k, k, nt, yr, n);
+                q4_tile(w->codes + r * nb * 16, w->d + r * nb, w->m + r * nb, x + t0 * k, k, nt, yr, n);
             }
             if (w->bias)
                 for (int j = 0; j < nt; j++) yr[j * n] += w->bias[r];
@@ -374,12 +332,10 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
     const int64_t ctx = pos + T;
     const size_t per_token = (size_t)(3 * H + nqkv + qd + 2 * I);
     const int threads = omp_get_max_threads();
-    const int64_t kmax = H > I ? (H > qd ? H : qd) : (I > qd ? I : qd), nb_max = kmax / 32; /* the widest K */
-    float *buf = (float *)malloc(sizeof(float) * (per_token * (size_t)T + (size_t)threads * (size_t)ctx
-                                                  + (size_t)threads * 4 * (size_t)nb_max));
+    float *buf = (float *)malloc(sizeof(float) * (per_token * (size_t)T + (size_t)threads * (size_t)ctx));
     if (!buf) return 2;
     float *x = buf, *h = x + H * T, *tmp = h + H * T, *qkv = tmp + H * T, *att = qkv + nqkv * T;
-    float *gu = att + qd * T, *scores = gu + 2 * I * T, *dmbuf = scores + (int64_t)threads * ctx;
+    float *gu = att + qd * T, *scores = gu + 2 * I * T;
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t hb = H / 32;
 
@@ -394,7 +350,7 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
             const Layer *L = &M->layer[l];
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, L->attn_norm, h + t * H, H, M->eps);
-            q4_gemm(&L->qkv, h, T, qkv, dmbuf, nb_max);
+            q4_gemm(&L->qkv, h, T, qkv);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++) {
                 const int64_t p = pos + t;
@@ -426,13 +382,13 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
                     for (int64_t j = 0; j < D; j++) o[j] += pu * v[j];
                 }
             }
-            q4_gemm(&L->o, att, T, tmp, dmbuf, nb_max);
+            q4_gemm(&L->o, att, T, tmp);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++) {
                 for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
                 rms_norm(x + t * H, L->ffn_norm, h + t * H, H, M->eps);
             }
-            q4_gemm(&L->gate_up, h, T, gu, dmbuf, nb_max);
+            q4_gemm(&L->gate_up, h, T, gu);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++) {
                 float *g = gu + t * 2 * I;
@@ -441,7 +397,7 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
             /* down reads the activations with a stride of 2I: compact them to [T, I] first */
             #pragma omp single
             for (int64_t t = 1; t < T; t++) memmove(gu + t * I, gu + t * 2 * I, sizeof(float) * I);
-            q4_gemm(&L->down, gu, T, tmp, dmbuf, nb_max);
+            q4_gemm(&L->down, gu, T, tmp);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];

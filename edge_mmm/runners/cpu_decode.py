@@ -27,9 +27,9 @@ import numpy as np
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 PACK_JSON = "cpu_decode.json"  # the weights' index (exporters/cpu_decode_pack.py writes both)
 PACK_BIN = "cpu_decode.bin"
-PACK_FORMAT = 2
+PACK_FORMAT = 1
 LIBRARY = "libedge_cpu_decode.so"
-ABI = 3
+ABI = 2
 
 
 class _Q4Mat(ctypes.Structure):
@@ -151,8 +151,8 @@ def expected_arrays(config: dict) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
         out[f"layers.{i}.ffn_norm"] = ("<f4", (h,))
         for name, (n, k) in mats.items():
             out[f"layers.{i}.{name}.codes"] = ("|u1", (n, k // 32, 16))
-            out[f"layers.{i}.{name}.d"] = ("<f2", (n, k // 32))
-            out[f"layers.{i}.{name}.m"] = ("<f2", (n, k // 32))
+            out[f"layers.{i}.{name}.d"] = ("<f4", (n, k // 32))
+            out[f"layers.{i}.{name}.m"] = ("<f4", (n, k // 32))
             out[f"layers.{i}.{name}.bias"] = ("<f4", (n,))
     return out
 
