@@ -1,7 +1,7 @@
 """LM speed on CPU: llama.cpp (llama-cpp-python) vs ours (our CPU kernel, onnxruntime, torch) on the same GGUF.
 
 "ours CPU kernel (fp32, default)" is what `load_lm(backend="onnxruntime")` / `edge-mmm chat` run for a model
-the kernel supports (edge_mmm/runners/cpu_decode.c); "ours onnxruntime (fp32)" is the same mode on
+the kernel supports (edge_mmm/runners/cpu_lm.c); "ours onnxruntime (fp32)" is the same mode on
 onnxruntime (the fallback without a C compiler).
 
 Prefill: one ~200-token prompt (English text, same ids for every engine). Decode: 128 greedy tokens,

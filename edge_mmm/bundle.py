@@ -136,11 +136,11 @@ class Bundle:
 
     def load_lm(self, context_length: Optional[int] = None, threads: int = 0):
         """The text `LanguageModel`: on edge-mmm's CPU kernel when the bundle carries its weights
-        (`cpu_decode.*`, checked against the graph's shapes) and it builds here, else on onnxruntime; context
+        (`cpu_lm.*`, checked against the graph's shapes) and it builds here, else on onnxruntime; context
         defaults to the planned one."""
-        from edge_mmm.runners.cpu_decode import PACK_JSON
+        from edge_mmm.runners.cpu_lm import PACK_JSON
         from edge_mmm.text.api import LanguageModel
-        from edge_mmm.text.backends import IO_FILE, ONNX_FILE, CpuBackend, OrtBackend, cpu_decoder
+        from edge_mmm.text.backends import IO_FILE, ONNX_FILE, CpuBackend, OrtBackend, cpu_lm
         from edge_mmm.text.tokenizer import TextTokenizer
 
         t0 = time.perf_counter()
@@ -152,8 +152,8 @@ class Bundle:
             if kv_bytes > MAX_KV_BYTES:
                 raise ModelFileError(f"bundle file {d / IO_FILE}: its shapes need a {kv_bytes / 2**30:.0f} GiB KV "
                                      f"cache at context {ctx} (limit {MAX_KV_BYTES / 2**30:.0f} GiB)")
-            decoder = cpu_decoder(d, None, threads) if (d / PACK_JSON).is_file() else None
-            backend = CpuBackend(decoder, io, ctx) if decoder is not None else OrtBackend(d / ONNX_FILE, io, ctx, threads)
+            kernel = cpu_lm(d, None, threads) if (d / PACK_JSON).is_file() else None
+            backend = CpuBackend(kernel, io, ctx) if kernel is not None else OrtBackend(d / ONNX_FILE, io, ctx, threads)
             return LanguageModel(backend, TextTokenizer.from_dir(d), time.perf_counter() - t0,
                                  f"{self.path}:{self.models['lm']['name']}")
 

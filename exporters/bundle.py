@@ -258,7 +258,7 @@ def _export_vad(dest: Path) -> dict:
 
 def _export_lm(request: ExportRequest, dest: Path) -> dict:
     from edge_mmm.exporters.onnx_lm import EXPORTER_VERSION, OPSET, OnnxLMOptions, export_llama_onnx
-    from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON
+    from edge_mmm.runners.cpu_lm import PACK_BIN, PACK_JSON
     from edge_mmm.text.backends import (DEFAULT_ACTIVATIONS, IO_FILE, ONNX_FILE, export_on_first_use, lm_io,
                                         load_tokenizer, load_weights)
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from edge_mmm.errors import InputError, ModelFileError
-from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON
+from edge_mmm.runners.cpu_lm import PACK_BIN, PACK_JSON
 from edge_mmm.runners.ort_session import ort_session
 
 KIND = "onnx-lm"
@@ -201,19 +201,19 @@ class CpuKVCache:
 
 
 class CpuBackend:
-    """The LMBackend protocol on edge-mmm's own C kernel (edge_mmm.runners.cpu_decode: fp32 arithmetic on the
+    """The LMBackend protocol on edge-mmm's own C kernel (edge_mmm.runners.cpu_lm: fp32 arithmetic on the
     file's 4-bit blocks, logits equal to the float model's to fp32 rounding), prefill and decode; no
     onnxruntime session. A prompt runs in chunks of `PREFILL_CHUNK` tokens (bounded scratch memory)."""
 
     PREFILL_CHUNK = 256
 
-    def __init__(self, decoder, io: dict, context_length: int):
-        c = decoder.config
+    def __init__(self, kernel, io: dict, context_length: int):
+        c = kernel.config
         pairs = [("num_layers", "layers"), ("num_kv_heads", "kv_heads"), ("head_dim", "head_dim"), ("vocab_size", "vocab")]
         if any(int(io[a]) != int(c[b]) for a, b in pairs):
             raise ValueError(f"the LM's shapes {[io[a] for a, _ in pairs]} differ from its CPU kernel pack's "
                              f"{[c[b] for _, b in pairs]}")
-        self.decoder = decoder
+        self.kernel = kernel
         self.io = io
         self.context_length = min(int(context_length), int(io["max_position_embeddings"]), int(c["max_pos"]))
 
@@ -229,7 +229,7 @@ class CpuBackend:
             raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         for start in range(0, len(ids), self.PREFILL_CHUNK):
             chunk = ids[start:start + self.PREFILL_CHUNK]
-            self.decoder.forward(chunk, cache.length, cache.keys, cache.values, cache.logits)
+            self.kernel.forward(chunk, cache.length, cache.keys, cache.values, cache.logits)
             cache.length += len(chunk)
         return cache.logits.copy()
 
@@ -317,7 +317,7 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None,
     version = f"{EXPORTER_VERSION}-{mode.key}" + (f"-{digest}" if digest else "")
 
     def build(tmp: Path) -> None:
-        from edge_mmm.exporters.cpu_decode_pack import write_cpu_decode_pack
+        from edge_mmm.exporters.cpu_lm_pack import write_cpu_lm_pack
         from edge_mmm.exporters.onnx_lm import OnnxLMOptions, export_llama_onnx, int8_head_is_lossless
 
         model = load_weights(Path(model_path))
@@ -334,7 +334,8 @@ def export_on_first_use(model_path: Path, cache_root: Optional[Path] = None,
         cfg = model.config
         export_llama_onnx(model, tmp / ONNX_FILE, options)
         (tmp / IO_FILE).write_text(json.dumps(lm_io(cfg, mode.accuracy_level)))
-        write_cpu_decode_pack(model, tmp)  # the CPU decode kernel's weights (or why it cannot run this model)
+        # the CPU LM kernel's weights (or why it cannot run this model); it runs the fp32 mode only
+        write_cpu_lm_pack(model, tmp, None if activations == "fp32" else f"activations {activations!r} run on onnxruntime")
 
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), KIND, source, version, build,
                          [ONNX_FILE, IO_FILE, PACK_JSON, PACK_BIN])
@@ -382,28 +383,28 @@ def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, 
                              activations: str = DEFAULT_ACTIVATIONS, cpu_kernel: bool = True):
     """(backend, TextTokenizer) for a model file or directory; exports on first use. With fp32 activations (the
     default) and a model edge-mmm's own CPU kernel runs (4-bit linears in blocks of 32, a GGUF Q8_0 head:
-    `cpu_decoder`), the backend is `CpuBackend`; else, or with `cpu_kernel=False`, `OrtBackend`."""
+    `cpu_lm`), the backend is `CpuBackend`; else, or with `cpu_kernel=False`, `OrtBackend`."""
     activation_mode(activations)  # a bad name fails before the tokenizer is built
     tokenizer, source = load_tokenizer(Path(path), cache_root)
     onnx_path, io = export_on_first_use(source, cache_root, activations)
-    decoder = cpu_decoder(onnx_path.parent, cache_root, threads) if cpu_kernel and activations == "fp32" else None
-    if decoder is not None:
-        return CpuBackend(decoder, io, context_length), tokenizer
+    kernel = cpu_lm(onnx_path.parent, cache_root, threads) if cpu_kernel and activations == "fp32" else None
+    if kernel is not None:
+        return CpuBackend(kernel, io, context_length), tokenizer
     return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads), tokenizer
 
 
-CPU_DECODE_KIND = "cpu-decode"
-_decode_notes = set()
+CPU_LM_KIND = "cpu-lm"
+_kernel_notes = set()
 
 
-def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0):
-    """edge-mmm's own CPU kernel for the export in `entry` (its `cpu_decode.*` pack), or None when the model is
+def cpu_lm(entry: Path, cache_root: Optional[Path] = None, threads: int = 0):
+    """edge-mmm's own CPU kernel for the export in `entry` (its `cpu_lm.*` pack), or None when the model is
     not one it runs or the kernel cannot be built here (no C compiler, an unknown CPU family: the reason is
     printed once to stderr); onnxruntime runs the model then. `EDGE_MMM_CPU_KERNEL=0` turns it off."""
     import os
     import sys
 
-    from edge_mmm.runners.cpu_decode import CpuDecoder, compile_library, read_pack
+    from edge_mmm.runners.cpu_lm import CpuLM, compile_library, read_pack
     from edge_mmm.weights.export_cache import default_cache_root
 
     if os.environ.get("EDGE_MMM_CPU_KERNEL", "1") == "0":
@@ -411,12 +412,12 @@ def cpu_decoder(entry: Path, cache_root: Optional[Path] = None, threads: int = 0
     config, arrays, reason = read_pack(entry / PACK_JSON, entry / PACK_BIN)
     if config is None:
         return None  # a model the kernel does not run (the pack says why): onnxruntime decodes, as designed
-    lib, isa = compile_library((Path(cache_root) if cache_root else default_cache_root()) / CPU_DECODE_KIND)
+    lib, isa = compile_library((Path(cache_root) if cache_root else default_cache_root()) / CPU_LM_KIND)
     if lib is not None and isa == "generic":  # an x86 CPU without AVX2 + FMA: onnxruntime is faster
         lib, isa = None, "this CPU has no AVX2 + FMA"
     if lib is None:
-        if isa not in _decode_notes:
-            _decode_notes.add(isa)
+        if isa not in _kernel_notes:
+            _kernel_notes.add(isa)
             print(f"edge-mmm: the CPU LM kernel is off ({isa}); onnxruntime runs the LM (slower)", file=sys.stderr)
         return None
-    return CpuDecoder(lib, isa, config, arrays, threads)
+    return CpuLM(lib, isa, config, arrays, threads)

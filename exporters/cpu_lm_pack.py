@@ -1,7 +1,7 @@
-"""Build time: the weights of edge-mmm's own CPU decode kernel (edge_mmm/runners/cpu_decode.c) for a `Llama`.
+"""Build time: the weights of edge-mmm's own CPU LM kernel (edge_mmm/runners/cpu_lm.c) for a `Llama`.
 
-Written beside the LM's ONNX export (edge_mmm.text.backends.export_on_first_use): `cpu_decode.json` (config,
-and per array its dtype, shape and byte offset) and `cpu_decode.bin` (the arrays, 64-byte aligned). A model
+Written beside the LM's ONNX export (edge_mmm.text.backends.export_on_first_use): `cpu_lm.json` (config,
+and per array its dtype, shape and byte offset) and `cpu_lm.bin` (the arrays, 64-byte aligned). A model
 the kernel cannot run (a linear that is not 4-bit with groups of 32, a head or embedding that INT8 does not
 hold exactly, i.e. not GGUF Q8_0) gets `{"supported": false, "reason": ...}` and an empty bin: the
 onnxruntime graph then decodes too.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_mmm.runners.cpu_decode import PACK_BIN, PACK_FORMAT, PACK_JSON
+from edge_mmm.runners.cpu_lm import PACK_BIN, PACK_FORMAT, PACK_JSON
 from edge_mmm.models.llama import Llama
 from edge_mmm.quant.linear import QuantLinear
 from edge_mmm.quant.packed import SYMMETRIC_INT4_ZERO
@@ -34,7 +34,7 @@ LINEARS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_att
 
 
 class Unsupported(Exception):
-    """The model has something the CPU decode kernel does not run."""
+    """The model has something the CPU LM kernel does not run."""
 
 
 def _q4_arrays(modules: Sequence[nn.Module], name: str) -> Dict[str, np.ndarray]:
@@ -105,10 +105,13 @@ def pack_arrays(model: Llama) -> Tuple[dict, Dict[str, np.ndarray]]:
     return config, arrays
 
 
-def write_cpu_decode_pack(model: Llama, dest: Path) -> Optional[str]:
-    """Write PACK_JSON + PACK_BIN into `dest`; returns None, or why the model is not supported."""
+def write_cpu_lm_pack(model: Llama, dest: Path, unused_because: Optional[str] = None) -> Optional[str]:
+    """Write PACK_JSON + PACK_BIN into `dest`; returns None, or why the model is not supported (or, with
+    `unused_because`, an unsupported pack saying so: an export the kernel will not run)."""
     dest = Path(dest)
     try:
+        if unused_because:
+            raise Unsupported(unused_because)
         config, arrays = pack_arrays(model)
     except Unsupported as e:
         (dest / PACK_JSON).write_text(json.dumps({"format": PACK_FORMAT, "supported": False, "reason": str(e)}))

@@ -1,12 +1,12 @@
-"""edge-mmm's own CPU decode kernel (cpu_decode.c): compiled on first use with the system C compiler for this
+"""edge-mmm's own CPU LM kernel (cpu_lm.c): compiled on first use with the system C compiler for this
 host's instruction set, kept in a cache directory, called through ctypes. Torch-free.
 
-`CpuDecoder.step(token, pos, k_arrays, v_arrays, logits)` runs one decode step of a Llama-family LM whose
-weights exporters/cpu_decode_pack.py wrote, appending to the caller's per-layer KV arrays
-`[1, kv_heads, max_len, head_dim]` (float32, C-contiguous: the onnxruntime graph's own buffers).
+`CpuLM.forward(tokens, pos, k_arrays, v_arrays, logits)` runs a prompt (prefill) or one token (decode) of a
+Llama-family LM whose weights exporters/cpu_lm_pack.py wrote, appending to the caller's per-layer KV arrays
+`[1, kv_heads, max_len, head_dim]` (float32, C-contiguous) and writing the last position's logits.
 
 `compile_library` returns None, with the reason, when there is no C compiler (`cc`, or `$CC`), when it
-fails, or on a CPU family it does not know; the caller then decodes with onnxruntime.
+fails, or on a CPU family the kernel has no SIMD path for; the caller then runs the LM on onnxruntime.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
-PACK_JSON = "cpu_decode.json"  # the weights' index (exporters/cpu_decode_pack.py writes both)
-PACK_BIN = "cpu_decode.bin"
+SOURCE = Path(__file__).with_name("cpu_lm.c")
+PACK_JSON = "cpu_lm.json"  # the weights' index (exporters/cpu_lm_pack.py writes both)
+PACK_BIN = "cpu_lm.bin"
 PACK_FORMAT = 1
-LIBRARY = "libedge_cpu_decode.so"
+LIBRARY = "libedge_cpu_lm.so"
 ABI = 2
 
 
@@ -107,19 +107,37 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
         return None, f"cannot load {lib_path}: {e}"
-    if lib.edge_decode_abi() != ABI:
-        return None, f"{lib_path}: ABI {lib.edge_decode_abi()} != {ABI}"
-    lib.edge_decode_isa.restype = ctypes.c_char_p
+    if lib.edge_lm_abi() != ABI:
+        return None, f"{lib_path}: ABI {lib.edge_lm_abi()} != {ABI}"
+    lib.edge_lm_isa.restype = ctypes.c_char_p
     lib.edge_forward.restype = ctypes.c_int
     lib.edge_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64,
                                  ctypes.c_void_p]
-    lib.edge_decode_set_threads.argtypes = [ctypes.c_int]
-    return lib, lib.edge_decode_isa().decode()
+    lib.edge_lm_set_threads.argtypes = [ctypes.c_int]
+    return lib, lib.edge_lm_isa().decode()
+
+
+def default_threads() -> int:
+    """The physical cores this process may run on (as onnxruntime's default): the CPUs in its affinity mask,
+    halved where /proc/cpuinfo reports two hardware threads per core."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        siblings = int(info.split("siblings", 1)[1].split(":", 1)[1].split()[0])
+        cores = int(info.split("cpu cores", 1)[1].split(":", 1)[1].split()[0])
+        if siblings > cores > 0:
+            n = max(1, n * cores // siblings)
+    except (OSError, IndexError, ValueError):
+        pass
+    return max(1, n)
 
 
 def read_pack(json_path: Path, bin_path: Path) -> Tuple[Optional[dict], Dict[str, np.ndarray], str]:
-    """(config or None, arrays, reason): the pack exporters/cpu_decode_pack.py wrote (arrays read into memory)."""
+    """(config or None, arrays, reason): the pack exporters/cpu_lm_pack.py wrote (arrays read into memory)."""
     meta = json.loads(Path(json_path).read_text())
     if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT:
         raise ValueError(f"{json_path}: not a CPU kernel pack of format {PACK_FORMAT}")
@@ -184,8 +202,8 @@ def check_pack(config: dict, arrays: Dict[str, np.ndarray], where: str) -> None:
         raise ValueError(f"{where}: an untied model needs head.codes")
 
 
-class CpuDecoder:
-    """One decode step per call, on the caller's KV arrays; holds the weights (numpy) and the C structs."""
+class CpuLM:
+    """Prefill or decode calls on the caller's KV arrays; holds the weights (numpy) and the C structs."""
 
     def __init__(self, lib: ctypes.CDLL, isa: str, config: dict, arrays: Dict[str, np.ndarray], threads: int = 0):
         self.lib, self.isa, self.config, self._arrays = lib, isa, config, arrays
@@ -207,7 +225,7 @@ class CpuDecoder:
                              ptr("emb.codes"), ptr("emb.scales"), ptr(f"{head}.codes"), ptr(f"{head}.scales"),
                              ptr("final_norm"), self._layers)
         self._kv = None
-        lib.edge_decode_set_threads(int(threads) if threads and threads > 0 else (os.cpu_count() or 1))
+        lib.edge_lm_set_threads(int(threads) if threads and threads > 0 else default_threads())
 
     def forward(self, tokens: Sequence[int], pos: int, k_arrays: Sequence[np.ndarray], v_arrays: Sequence[np.ndarray],
                 logits: np.ndarray) -> None:

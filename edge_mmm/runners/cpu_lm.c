@@ -1,7 +1,7 @@
 /* The forward pass of a Llama-family LM on the CPU (prefill and decode), fp32 arithmetic on 4-bit weights:
  * edge-mmm's own kernel.
  *
- * Weights (written by exporters/cpu_decode_pack.py, read by edge_mmm/runners/cpu_decode.py):
+ * Weights (written by exporters/cpu_lm_pack.py, read by edge_mmm/runners/cpu_lm.py):
  *   4-bit linears: per output row, blocks of 32 inputs: 16 bytes of codes (element i in the low nibble of
  *   byte i, element i+16 in the high nibble, as GGUF Q4_0/Q4_1), a scale d and an offset m (fp32):
  *   w = d*q + m, which the kernels compute in registers (the float model's own dequantization, exact) and
@@ -46,7 +46,7 @@ typedef struct {
     const Layer *layer;                 /* [layers] */
 } Model;
 
-const char *edge_decode_isa(void) {
+const char *edge_lm_isa(void) {
 #if defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -56,7 +56,7 @@ const char *edge_decode_isa(void) {
 #endif
 }
 
-int edge_decode_abi(void) { return 2; }
+int edge_lm_abi(void) { return 2; }
 
 /* ---------------------------------------------------------------------------------------- row kernels */
 /* x . (row of W): each block's 32 weights are dequantized exactly as the float model's (d*q + m in fp32)
@@ -412,4 +412,4 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
     return 0;
 }
 
-void edge_decode_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
+void edge_lm_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
