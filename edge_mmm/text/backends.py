@@ -91,8 +91,32 @@ class TorchBackend:
 
 
 # ------------------------------------------------------------------------------------------ onnxruntime
-class OrtKVCache:
-    """Per-layer key/value OrtValues `[1, kv_heads, max_len, head_dim]`; `length` positions are valid."""
+class KVArrays:
+    """Per-layer key/value arrays `[1, kv_heads, max_len, head_dim]` in `_arrays`; `length` positions are
+    valid. Reusing a prefix only moves `length`."""
+
+    max_len: int
+    length: int
+    _arrays: list
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` positions; later writes overwrite the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def copy_prefix_from(self, other: "KVArrays", n: int) -> None:
+        """Take the first `n` positions of `other` (a smaller cache being grown); this cache then holds `n`."""
+        if not 0 <= n <= min(other.length, self.max_len):
+            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
+        for mine, theirs in zip(self._arrays, other._arrays):
+            mine[:, :, :n] = theirs[:, :, :n]
+        self.length = n
+
+
+class OrtKVCache(KVArrays):
+    """Per-layer key/value OrtValues `[1, kv_heads, max_len, head_dim]` bound as onnxruntime's past and
+    present; `length` positions are valid."""
 
     def __init__(self, session, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, vocab: int):
         import onnxruntime as ort
@@ -111,20 +135,6 @@ class OrtKVCache:
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
         self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab), np.float32))
         self.binding.bind_ortvalue_output("logits", self.logits)
-
-    def truncate(self, n: int) -> None:
-        """Keep the first `n` positions; later writes overwrite the rest."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        self.length = n
-
-    def copy_prefix_from(self, other: "OrtKVCache", n: int) -> None:
-        """Take the first `n` positions of `other` (a smaller cache being grown); this cache then holds `n`."""
-        if not 0 <= n <= min(other.length, self.max_len):
-            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
-        for mine, theirs in zip(self._arrays, other._arrays):
-            mine[:, :, :n] = theirs[:, :, :n]
-        self.length = n
 
 
 def check_room(cache: OrtKVCache, n: int) -> None:
@@ -174,30 +184,16 @@ class OrtBackend:
 
 
 # ------------------------------------------------------------------------------------- our CPU kernel
-class CpuKVCache:
-    """Per-layer key/value arrays `[1, kv_heads, max_len, head_dim]` for `CpuBackend`; `length` positions are
-    valid (the OrtKVCache interface)."""
+class CpuKVCache(KVArrays):
+    """Per-layer key and value arrays `[1, kv_heads, max_len, head_dim]` for `CpuBackend`."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int, vocab: int):
         self.max_len = max_len
         self.length = 0
         self.keys = [np.zeros((1, num_kv_heads, max_len, head_dim), np.float32) for _ in range(num_layers)]
         self.values = [np.zeros((1, num_kv_heads, max_len, head_dim), np.float32) for _ in range(num_layers)]
+        self._arrays = self.keys + self.values
         self.logits = np.zeros(vocab, np.float32)
-
-    def truncate(self, n: int) -> None:
-        """Keep the first `n` positions; later writes overwrite the rest."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
-        self.length = n
-
-    def copy_prefix_from(self, other: "CpuKVCache", n: int) -> None:
-        """Take the first `n` positions of `other`; this cache then holds `n`."""
-        if not 0 <= n <= min(other.length, self.max_len):
-            raise ValueError(f"cannot copy {n} positions from a cache of length {other.length}")
-        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
-            mine[:, :, :n] = theirs[:, :, :n]
-        self.length = n
 
 
 class CpuBackend:
