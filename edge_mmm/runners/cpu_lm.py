@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -74,13 +75,13 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
     """(the loaded library, its instruction set) or (None, why not). Built once per source, compiler, flags and
     CPU (the key hashes them all: a cache shared between hosts never runs code built for another CPU).
     `arch`: target flags other than this host's (tests build the AVX2 and generic variants this way)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         return None, "no C compiler (cc) on PATH"
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"C compiler {cc} does not run: {e}"
+        return None, f"C compiler {' '.join(cc)} does not run: {e}"
     arch = list(arch) if arch is not None else native_arch()
     if arch is None:
         return None, f"no SIMD path for CPU family {platform.machine()}"
@@ -89,18 +90,24 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
     entry = Path(cache_dir) / key
     lib_path = entry / LIBRARY
     if not lib_path.is_file():
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
         try:
-            cmd = [cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(tmp / LIBRARY), str(SOURCE),
-                   "-lm"]
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+        except OSError as e:
+            return None, f"cannot write the kernel build into {entry.parent}: {e}"
+        try:
+            cmd = [*cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(tmp / LIBRARY),
+                   str(SOURCE), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                return None, f"{cc} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+                return None, f"{' '.join(cc)} failed: {last}"
             try:
                 os.replace(tmp, entry)
             except OSError:  # another process finished first: use its build
                 pass
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"{' '.join(cc)} failed: {e}"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     try:

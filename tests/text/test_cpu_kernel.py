@@ -161,6 +161,9 @@ def test_no_compiler_means_onnxruntime(tmp_path, monkeypatch, capsys):
     assert cpu_lm(tmp_path, tmp_path / "cache") is None
     assert "onnxruntime runs the LM" in capsys.readouterr().err
     monkeypatch.delenv("CC")
+    (tmp_path / "a-file").write_text("")
+    lib, why = compile_library(tmp_path / "a-file" / "cpu-lm")  # an unwritable cache: no crash, a reason
+    assert lib is None and "cannot write" in why
     monkeypatch.setenv("EDGE_MMM_CPU_KERNEL", "0")
     assert cpu_lm(tmp_path, tmp_path / "cache") is None
 
