@@ -246,12 +246,18 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
     if lm is not None:
         q = request.quant
         quantized = q in ("int8", "int4")
-        w = _weight_bytes(lm.linear_params(), q, request.group_size, request.zeros, scale_bytes)
-        # embedding (and an untied head) stay dense: the GGUF loader dequantizes the Q8_0 table once for
-        # the lookup, and quantize_model skips the LM head
-        emb_q = act if quantized else q
-        w_emb = _weight_bytes(lm.embedding_params() + lm.lm_head_params(), emb_q, request.group_size, False,
-                              scale_bytes)
+        table_params = lm.embedding_params() + lm.lm_head_params()
+        if getattr(lm, "int8_table", False) and not request.torch and q == "int4":
+            # no torch: the CPU LM kernel holds the file's 4-bit blocks with fp32 scales and offsets and its
+            # INT8 table (codes + an fp32 scale per 32): docs/lm.md
+            w = _weight_bytes(lm.linear_params(), q, request.group_size, request.zeros, 4)
+            emb_q, w_emb = "int8 (the file's Q8_0)", _weight_bytes(table_params, "int8", 32, False, 4)
+        else:
+            w = _weight_bytes(lm.linear_params(), q, request.group_size, request.zeros, scale_bytes)
+            # embedding (and an untied head) stay dense: the GGUF loader dequantizes the Q8_0 table once for
+            # the lookup, and quantize_model skips the LM head
+            emb_q = act if quantized else q
+            w_emb = _weight_bytes(table_params, emb_q, request.group_size, False, scale_bytes)
         w_rest = (lm.norm_params() + lm.bias_params()) * ab
         qdesc = f"{q} g{request.group_size}{'+zero' if request.zeros and q == 'int4' else ''}" if quantized else q
         add("lm", "weights", w + w_emb + w_rest,

@@ -10,7 +10,7 @@ same numbers as the built-in table. Known checks: Whisper tiny.en = 37,184,256 p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -79,6 +79,9 @@ class LlamaSpec:
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    # the token table (and the head) are INT8 blocks of 32 in the file (GGUF Q8_0): without torch, the CPU LM
+    # kernel (or onnxruntime's exact INT8 head) keeps them so instead of as an fp32 table
+    int8_table: bool = False
 
     @classmethod
     def from_config(cls, cfg, name: str) -> "LlamaSpec":
@@ -253,15 +256,19 @@ def llama_spec_from_gguf(path, name: Optional[str] = None) -> LlamaSpec:
     """A LlamaSpec from GGUF metadata (path or open `gguf.GGUFReader`), parsed by `weights.gguf_lm`."""
     from gguf import GGUFReader
 
-    from edge_mmm.weights.gguf_lm import gguf_metadata, gguf_summary, lm_config_from_gguf
+    from edge_mmm.weights.gguf_lm import gguf_metadata, gguf_summary, gguf_tensor_types, lm_config_from_gguf
 
     if isinstance(path, GGUFReader):
         meta, names = gguf_metadata(path, path.data.filename), {t.name for t in path.tensors}
+        types = {t.name: t.tensor_type.name for t in path.tensors}
         path = Path(str(path.data.filename))
     else:
         path = Path(path)
         meta, names = gguf_summary(path)
-    return LlamaSpec.from_config(lm_config_from_gguf(meta, set(names)), name or path.stem)
+        types = gguf_tensor_types(path)
+    cfg = lm_config_from_gguf(meta, set(names))
+    int8_table = types.get("token_embd.weight") == "Q8_0" and types.get("output.weight", "Q8_0") == "Q8_0"
+    return replace(LlamaSpec.from_config(cfg, name or path.stem), int8_table=int8_table)
 
 
 def spec_from_file(path: Union[str, Path], kind: str):

@@ -78,11 +78,21 @@ def gguf_summary(path) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
         st = path.stat()
     except OSError:
         raise ModelFileError(f"GGUF file not found: {path}") from None
-    meta, names = _summary(str(path), st.st_size, st.st_mtime_ns)
+    meta, names, _ = _summary(str(path), st.st_size, st.st_mtime_ns)
     return dict(meta), names
 
 
-SUMMARY_KIND, SUMMARY_VERSION, SUMMARY_FILE = "gguf-summary", "summary-1", "summary.json"
+def gguf_tensor_types(path) -> Dict[str, str]:
+    """Tensor name -> ggml type name (`Q4_1`, `Q8_0`, `F32`, ...) of a GGUF file, from the same summary."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        raise ModelFileError(f"GGUF file not found: {path}") from None
+    return dict(_summary(str(path), st.st_size, st.st_mtime_ns)[2])
+
+
+SUMMARY_KIND, SUMMARY_VERSION, SUMMARY_FILE = "gguf-summary", "summary-2", "summary.json"
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,19 +107,21 @@ def _summary(path: str, size: int, mtime_ns: int):
 
     def parse():
         reader = open_gguf(path)
-        parsed["summary"] = gguf_metadata(reader, Path(path)), tuple(t.name for t in reader.tensors)
+        parsed["summary"] = (gguf_metadata(reader, Path(path)), tuple(t.name for t in reader.tensors),
+                             {t.name: t.tensor_type.name for t in reader.tensors})
         return parsed["summary"]
 
     def build(tmp: Path) -> None:
-        meta, names = parse()
-        (tmp / SUMMARY_FILE).write_text(json.dumps({"metadata": meta, "tensors": list(names)}, allow_nan=True))
+        meta, names, types = parse()
+        (tmp / SUMMARY_FILE).write_text(json.dumps({"metadata": meta, "tensors": list(names), "types": types},
+                                                   allow_nan=True))
 
     try:
         entry = cached_build(default_cache_root(), SUMMARY_KIND, Path(path), SUMMARY_VERSION, build, [SUMMARY_FILE])
         if "summary" in parsed:
             return parsed["summary"]
         data = json.loads((entry / SUMMARY_FILE).read_text())
-        return data["metadata"], tuple(data["tensors"])
+        return data["metadata"], tuple(data["tensors"]), dict(data["types"])
     except ModelFileError:
         raise
     except (OSError, TypeError, ValueError, KeyError):  # a read-only cache, a value JSON cannot hold

@@ -41,6 +41,27 @@ def test_gguf_spec_matches_tensor_elements():
     assert spec.name == "SmolLM2-135M-Instruct.Q4_1"
     assert spec.param_count() == sum(int(t.n_elements) for t in reader.tensors)
     assert (spec.layers, spec.hidden, spec.kv_heads, spec.vocab, spec.tie_embeddings) == (30, 576, 3, 49152, True)
+    assert spec.int8_table and llama_spec_from_gguf(_gguf_path()).int8_table  # its token table is Q8_0
+
+
+def test_int8_table_without_torch_is_planned_as_the_cpu_lm_kernel_holds_it():
+    """A GGUF LM with a Q8_0 table in a process without torch (the CPU kernel): 4-bit blocks with fp32 scale and
+    offset (0.75 B/weight) and the INT8 table (1.125 B/weight) instead of an fp32 table; with torch, as before."""
+    from dataclasses import replace
+
+    prof = get_profile("cpu-x86")
+    spec = replace(LLM["smollm2-135m"], int8_table=True)
+
+    def lm_weights(**kw):
+        req = PlanRequest(asr=None, vlm=None, llm=spec, vad=False, quant="int4", group_size=32, zeros=True,
+                          context=2048, **kw)
+        return sum(i.bytes for i in plan(req, prof).items if i.component == "lm" and i.part == "weights")
+
+    table = spec.embedding_params() + spec.lm_head_params()
+    norms = (spec.norm_params() + spec.bias_params()) * 4
+    assert lm_weights(torch=False) == spec.linear_params() * 3 // 4 + table * 9 // 8 + norms
+    assert lm_weights(torch=True) == lm_weights(torch=True, scale_dtype="fp16")
+    assert lm_weights(torch=True) > lm_weights(torch=False) + 60 * MIB  # the fp32 table of the torch loader
 
 
 @pytest.mark.slow
