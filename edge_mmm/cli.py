@@ -116,10 +116,11 @@ def _lm_paths(model: Optional[str]):
     return (None, path) if model_kind(path) == "vlm" else (path, None)
 
 
-ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: fp32 (default: exact, token-identical to torch) | "
-                         "mixed (int8 activations except q|k|v: ~1.7x faster decode, closer to the float model "
-                         "than llama.cpp, near-tie tokens flip as in llama.cpp) | int8 (fastest, slightly below "
-                         "llama.cpp's fidelity)")
+ONNX_ACTIVATIONS_HELP = ("how 4-bit weights meet activations: fp32 (default: exact, token-identical to torch; a "
+                         "GGUF Q4_0/Q4_1 model with a Q8_0 token table runs on edge-mmm's own CPU kernel, the "
+                         "fastest mode, EDGE_MMM_CPU_KERNEL=0 keeps onnxruntime) | mixed (onnxruntime, int8 "
+                         "activations except q|k|v, closer to the float model than llama.cpp, near-tie tokens flip "
+                         "as in llama.cpp) | int8 (onnxruntime, slightly below llama.cpp's fidelity)")
 VLM_LM_BACKEND_HELP = ("where the VLM's language model runs: onnxruntime (exported once: MatMulNBits weights, "
                        "fp32 activations, the torch logits within 1e-4; 3-11x faster decode on a CPU) | torch "
                        "(the reference; our Triton kernels on CUDA). Default: the profile's (onnxruntime on a CPU)")
@@ -331,8 +332,9 @@ def chat(
     top_k: int = typer.Option(0, "--top-k", min=0, help="0 = no top-k filter."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
     backend: Optional[str] = typer.Option(None, "--backend", "-b",
-                                          help="onnxruntime (MatMulNBits int4) | torch (reference). Default: the "
-                                               "device profile's (onnxruntime on a CPU)"),
+                                          help="onnxruntime (our CPU kernel or MatMulNBits int4, see "
+                                               "--onnx-activations) | torch (reference). Default: the device "
+                                               "profile's (onnxruntime on a CPU)"),
     onnx_activations: str = typer.Option("fp32", "--onnx-activations", help="onnxruntime: " + ONNX_ACTIVATIONS_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="Context length (KV cache size). "
                                           "Default: the profile's, up to the model's."),
