@@ -208,9 +208,9 @@ def load_lm(path_or_id: Optional[Union[str, Path]] = None, backend: str = "torch
     for CPU speed on the torch backend; `threads > 0` sets the CPU thread count. On the onnxruntime
     backend `onnx_activations` says how 4-bit weights meet activations: `"fp32"` (default: greedy ids
     identical to torch), `"mixed"` (int8 activations as llama.cpp rounds them, except the attention input
-    projection: closer to the float model than llama.cpp, ~1.7x fp32's decode speed on an AVX2 CPU, but
-    near-tie tokens flip as in llama.cpp) or `"int8"` (every 4-bit linear and the head; fastest, slightly
-    below llama.cpp's fidelity). A float model runs fp32 throughout except with `"int8"` (docs/lm.md).
+    projection: closer to the float model than llama.cpp, ~1.2x the onnxruntime fp32 graph's decode speed,
+    but near-tie tokens flip as in llama.cpp) or `"int8"` (every 4-bit linear and the head; slightly below
+    llama.cpp's fidelity); both run on onnxruntime and are slower than the CPU kernel below. A float model runs fp32 throughout except with `"int8"` (docs/lm.md).
     With `"fp32"`, a model of 4-bit linears in blocks of 32 and a GGUF Q8_0 head (SmolLM2's Q4_1 file) runs on
     edge-mmm's own CPU kernel instead of onnxruntime (same logits to fp32 rounding, ~1.8x the decode speed, no
     onnxruntime session); `cpu_kernel=False` keeps onnxruntime.

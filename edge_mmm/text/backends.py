@@ -284,9 +284,10 @@ class ActivationMode:
 # less memory for SmolLM2, logits equal to fp32 rounding). `mixed`: int8 activations
 # except the attention input projection (q|k|v), whose input (the RMSNorm output, with its outlier channels)
 # loses the most to int8 rounding; measured on SmolLM2-135M Q4_1 over 3072 positions of English text: top-1
-# vs the float model 0.9756 (llama.cpp 0.9632), mean KL 0.00336 (llama.cpp 0.00517), decode 1.03x
-# llama.cpp's and 1.74x fp32's (docs/lm.md). `int8`: every 4-bit linear and the head, 1.1x llama.cpp,
-# slightly below its fidelity. A float model has no 4-bit weights and runs fp32 in every mode but `int8`.
+# vs the float model 0.9756 (llama.cpp 0.9632), mean KL 0.00336 (llama.cpp 0.00517), decode 1.07-1.24x
+# llama.cpp's (docs/lm.md). `int8`: every 4-bit linear and the head, 1.1x llama.cpp, slightly below its
+# fidelity. A float model has no 4-bit weights and runs fp32 in every mode but `int8`. With `fp32`, a model
+# the CPU kernel runs does not use this graph at all (CpuBackend: 1.7x llama.cpp, the fastest mode).
 ACTIVATIONS = {
     "fp32": ActivationMode(0, (), int8_head=True, exact_head=True, key="acc0-head3"),
     "mixed": ActivationMode(4, ("attn.qkv",), int8_head=True, key="acc4-qkv0"),
