@@ -212,7 +212,14 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
         if request.asr_beams < 1:
             raise InputError(f"asr beams must be >= 1, got {request.asr_beams}")
         n = asr.param_count()
-        add("asr", "weights", _encoder_weight_bytes(n, enc), f"whisper {asr.name}: {n / 1e6:.1f}M params x {enc}")
+        if not gpu and not request.torch and enc == "fp32":
+            # no torch on a CPU: the decoder's tied projection runs in edge-mmm's C kernel over the checkpoint's
+            # fp16 token table (asr/ort_graphs.py); the onnxruntime graphs hold the rest in fp32
+            table = asr.n_vocab * asr.n_text_state
+            add("asr", "weights", _encoder_weight_bytes(n - table, enc) + table * 2,
+                f"whisper {asr.name}: {n / 1e6:.1f}M params x fp32, its token table ({table / 1e6:.1f}M) fp16")
+        else:
+            add("asr", "weights", _encoder_weight_bytes(n, enc), f"whisper {asr.name}: {n / 1e6:.1f}M params x {enc}")
         d, L = asr.n_text_state, asr.n_text_layer
         self_kv = request.asr_beams * 2 * L * asr.n_text_ctx * d * ab
         cross_kv = 2 * L * asr.n_audio_ctx * d * ab

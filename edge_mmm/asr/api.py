@@ -176,17 +176,29 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
     return cfg, tokenizer_file_for(files), onnx_dir
 
 
-def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path]) -> Path:
+def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path], precision: str = "fp32") -> Path:
     """The graphs of an export as this onnxruntime optimized them (`cached_onnxruntime_graphs`: fusions done,
     weights in a flat file beside each graph; they open ~2x faster than the portable graphs), the decoder's
-    tied projection rewritten for the CPU (`asr.ort_graphs.rewrite_tied_projection`)."""
-    from edge_mmm.asr.ort_graphs import rewrite_tied_projection
+    tied projection rewritten for the CPU (`asr.ort_graphs.rewrite_tied_projection`); for fp32, also the
+    decoder without its projection and the token table for edge-mmm's C head (`write_decoder_trunk`)."""
+    from edge_mmm.asr.ort_graphs import (DECODER_HEAD, DECODER_TABLE, DECODER_TRUNK, rewrite_tied_projection,
+                                         write_decoder_trunk)
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.runners.ort_session import external_data_name
     from edge_mmm.weights.export_cache import cached_onnxruntime_graphs
 
+    head = precision == "fp32"
+
+    def rewrite(tmp: Path) -> None:
+        if head and not write_decoder_trunk(tmp / DECODER_FILE):
+            raise ModelFileError(f"{onnx_dir / DECODER_FILE}: the decoder's output projection is not tied to its "
+                                 "token table (not a graph edge-mmm exported); delete the cache entry to re-export")
+        rewrite_tied_projection(tmp / DECODER_FILE)
+
+    extra = [DECODER_TRUNK, external_data_name(DECODER_TRUNK), DECODER_TABLE, DECODER_HEAD] if head else []
     return cached_onnxruntime_graphs([onnx_dir / ENCODER_FILE, onnx_dir / DECODER_FILE], "whisper-onnx-ort",
-                                     cache_dir, ORT_GRAPHS_VERSION,
-                                     rewrite=lambda tmp: rewrite_tied_projection(tmp / DECODER_FILE))
+                                     cache_dir, ORT_GRAPHS_VERSION, rewrite=rewrite,
+                                     extra_files=extra)
 
 
-ORT_GRAPHS_VERSION = "tied3"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes
+ORT_GRAPHS_VERSION = "tied3-head1"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes

@@ -20,11 +20,12 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from edge_mmm.errors import InputError
+from edge_mmm.asr.ort_graphs import DECODER_TRUNK
+from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.models.whisper_config import WhisperConfig, cross_names, onnx_files
 from edge_mmm.runners.ort_session import ort_session
 
@@ -118,10 +119,16 @@ def _reorder_torch(state: DecoderState, order: np.ndarray, device) -> None:
 
 
 class OnnxWhisperBackend:
+    """Whisper on onnxruntime. Where the graphs come with a decoder trunk and its token table
+    (`asr.ort_graphs.write_decoder_trunk`, the export cache's fp32 graphs) and edge-mmm's C kernel builds on
+    this host, the decoder runs as the trunk on onnxruntime + the output projection in C over the
+    checkpoint's fp16 table (`head` is then the `runners.cpu_lm.CpuHead`); else as the one decoder graph."""
+
     name = "onnxruntime"
     device = None  # host numpy arrays in and out: the numpy front end, no torch
 
-    def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0):
+    def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0, cache_dir: Optional[Path] = None,
+                 cpu_head: bool = True):
         self.config = config
         files = onnx_files(onnx_dir)
         # the decoder runs right after the encoder, the LM right after a pass: idle workers must not spin on
@@ -129,8 +136,14 @@ class OnnxWhisperBackend:
         # tokens after a pass 155 -> 121 ms; the decoder's own steps lose ~3 ms a pass)
         self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads, inputs=["mel"],
                                    spin_after_run=False)
-        self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads,
-                                   inputs=["tokens", "offset", "self_k", "self_v"], spin_after_run=False)
+        self.head = _cpu_head(Path(onnx_dir), config, threads, cache_dir) if cpu_head else None
+        if self.head is not None:
+            self.decoder = ort_session(Path(onnx_dir) / DECODER_TRUNK, "ONNX Whisper decoder trunk", threads,
+                                       inputs=["token_embeds", "offset", "self_k", "self_v"], spin_after_run=False)
+            self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
+        else:
+            self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads,
+                                       inputs=["tokens", "offset", "self_k", "self_v"], spin_after_run=False)
         # an export with a named (dynamic) frame axis takes short inputs; an older, fixed one only 3000 frames
         self.short_mel = isinstance(self.encoder.get_inputs()[0].shape[2], str)
         self._pass = threading.local()  # the RunOptions of this thread's interruptible pass, if any
@@ -173,17 +186,47 @@ class OnnxWhisperBackend:
         return DecoderState(ck, cv, empty, empty.copy())
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
-        feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), "offset": np.array(state.offset, np.int64),
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        feeds = {"tokens": tokens, "offset": np.array(state.offset, np.int64),
                  "self_k": state.self_k, "self_v": state.self_v}
         k_names, v_names = cross_names(self.config.n_text_layer)
         feeds.update(zip(k_names, state.cross_k))
         feeds.update(zip(v_names, state.cross_v))
-        logits, state.self_k, state.self_v = self._run(self.decoder, feeds)
+        if self.head is None:
+            logits, state.self_k, state.self_v = self._run(self.decoder, feeds)
+        else:
+            table = self.head.table
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= table.shape[0]):
+                raise InputError(f"Whisper token ids must be in [0, {table.shape[0]}), got {tokens.min()}..{tokens.max()}")
+            feeds["token_embeds"] = table[tokens].astype(np.float32)
+            feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
+            hidden, state.self_k, state.self_v = self._run(self.decoder, feeds)
+            logits = self.head(hidden).reshape(*tokens.shape, table.shape[0])
         state.offset += tokens.shape[1]
         return logits
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
         state.self_k, state.self_v = state.self_k[:, order], state.self_v[:, order]
+
+
+def _cpu_head(onnx_dir: Path, config: WhisperConfig, threads: int, cache_dir: Optional[Path]):
+    """The C output projection over the table beside a decoder trunk in `onnx_dir`, or None (no trunk there:
+    a bundle's portable graphs, an int8 export; no kernel on this host: `runners.cpu_lm.host_library`)."""
+    from edge_mmm.asr.ort_graphs import read_decoder_head
+    from edge_mmm.runners.cpu_lm import CpuHead, host_library
+    from edge_mmm.weights.export_cache import default_cache_root
+
+    try:
+        table = read_decoder_head(onnx_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"Whisper decoder head in {onnx_dir}: {exc}") from exc
+    if table is None:
+        return None
+    if table.shape != (config.n_vocab, config.n_text_state):
+        raise ModelFileError(f"{onnx_dir}: the decoder's token table is {table.shape}, the config says "
+                             f"{(config.n_vocab, config.n_text_state)}")
+    lib = host_library(Path(cache_dir) if cache_dir else default_cache_root())
+    return None if lib is None else CpuHead(lib, table, threads)
 
 
 def check_backend(name: str) -> str:

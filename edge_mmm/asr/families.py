@@ -37,7 +37,8 @@ def _whisper_onnx(path: Path, cache_dir: Optional[Path], precision: str, threads
     from edge_mmm.asr.backends import OnnxWhisperBackend
 
     cfg, tok_file, onnx_dir = export_on_first_use(path, cache_dir, precision)
-    return OnnxWhisperBackend(onnxruntime_graphs(onnx_dir, cache_dir), cfg, threads), cfg, tok_file
+    return (OnnxWhisperBackend(onnxruntime_graphs(onnx_dir, cache_dir, precision), cfg, threads, cache_dir),
+            cfg, tok_file)
 
 
 def _whisper_tokenizer(tok_file: Path, cfg):

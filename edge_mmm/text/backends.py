@@ -390,31 +390,17 @@ def load_onnxruntime_backend(path: Path, context_length: int, threads: int = 0, 
     return OrtBackend(onnxruntime_graph(onnx_path, cache_root), io, context_length, threads), tokenizer
 
 
-CPU_LM_KIND = "cpu-lm"
-_kernel_notes = set()
-
-
 def cpu_lm(entry: Path, cache_root: Optional[Path] = None, threads: int = 0):
     """edge-mmm's own CPU kernel for the export in `entry` (its `cpu_lm.*` pack), or None when the model is
-    not one it runs or the kernel cannot be built here (no C compiler, an unknown CPU family: the reason is
-    printed once to stderr); onnxruntime runs the model then. `EDGE_MMM_CPU_KERNEL=0` turns it off."""
-    import os
-    import sys
-
-    from edge_mmm.runners.cpu_lm import CpuLM, compile_library, read_pack
+    not one it runs or the kernel cannot be built here (`runners.cpu_lm.host_library`: no C compiler, an
+    unknown CPU family, `EDGE_MMM_CPU_KERNEL=0`); onnxruntime runs the model then."""
+    from edge_mmm.runners.cpu_lm import CpuLM, host_library, read_pack
     from edge_mmm.weights.export_cache import default_cache_root
 
-    if os.environ.get("EDGE_MMM_CPU_KERNEL", "1") == "0":
-        return None
     config, arrays, reason = read_pack(entry / PACK_JSON, entry / PACK_BIN)
     if config is None:
         return None  # a model the kernel does not run (the pack says why): onnxruntime decodes, as designed
-    lib, isa = compile_library((Path(cache_root) if cache_root else default_cache_root()) / CPU_LM_KIND)
-    if lib is not None and isa == "generic":  # an x86 CPU without AVX2 + FMA: onnxruntime is faster
-        lib, isa = None, "this CPU has no AVX2 + FMA"
+    lib = host_library(Path(cache_root) if cache_root else default_cache_root())
     if lib is None:
-        if isa not in _kernel_notes:
-            _kernel_notes.add(isa)
-            print(f"edge-mmm: the CPU LM kernel is off ({isa}); onnxruntime runs the LM (slower)", file=sys.stderr)
         return None
-    return CpuLM(lib, isa, config, arrays, threads)
+    return CpuLM(lib, lib.edge_lm_isa().decode(), config, arrays, threads)

@@ -111,13 +111,14 @@ def cached_build(root: Path, kind: str, source: Path, version: str,
 
 
 def cached_onnxruntime_graphs(graphs: Iterable[Path], kind: str, cache_root: Optional[Path] = None,
-                              variant: str = "", rewrite: Optional[Callable[[Path], None]] = None) -> Path:
+                              variant: str = "", rewrite: Optional[Callable[[Path], None]] = None,
+                              extra_files: Iterable[str] = ()) -> Path:
     """A cache entry holding each of `graphs` (ONNX files of one export) as this onnxruntime optimizes it
     (`runners.ort_session.save_optimized_onnx`: fusions done, weights in a flat file beside each graph, so a
     session opens it without parsing the weights out of protobuf), under the same file names. Keyed by the
     graphs' content, the onnxruntime version and `variant` (bump it when `rewrite` changes): an onnxruntime
     upgrade re-optimizes (seconds, no torch) instead of re-exporting. `rewrite(tmp_dir)` may edit the
-    optimized graphs before the entry is sealed."""
+    optimized graphs before the entry is sealed, and write `extra_files` beside them (verified as the graphs)."""
     import onnxruntime
 
     from edge_mmm.runners.ort_session import external_data_name, save_optimized_onnx
@@ -130,7 +131,7 @@ def cached_onnxruntime_graphs(graphs: Iterable[Path], kind: str, cache_root: Opt
         if rewrite is not None:
             rewrite(tmp)
 
-    files = [f for g in graphs for f in (g.name, external_data_name(g.name))]
+    files = [f for g in graphs for f in (g.name, external_data_name(g.name))] + list(extra_files)
     version = f"ort{onnxruntime.__version__}" + (f"-{variant}" if variant else "")
     return cached_build(Path(cache_root) if cache_root else default_cache_root(), kind, graphs[-1], version, build,
                         files, extra_sources=graphs[:-1])

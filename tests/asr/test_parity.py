@@ -1,7 +1,8 @@
 """Our Whisper vs openai-whisper on the same weights (the shipped tiny.en, CTranslate2 format).
 
 Tolerances: log-mel max abs error < 1e-4; encoder output max abs error < 1e-4 (torch) and < 1e-3 (ONNX,
-different kernels); greedy and beam-search token sequences identical on every clip.
+different kernels); greedy and beam-search token sequences identical on every clip, for the onnxruntime decoder graph and for the
+decoder trunk + our C output projection over the fp16 table.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def torch_backend(tiny_en_ckpt):
     return TorchWhisperBackend(tiny_en_ckpt.build())
 
 
-@pytest.fixture(scope="module")
-def onnx_backend(tiny_en_ckpt, tmp_path_factory):
-    """What load_asr caches: the fused-attention export, saved as onnxruntime optimized it (weights beside)."""
+@pytest.fixture(scope="module", params=["decoder-graph", "c-head"])
+def onnx_backend(request, tiny_en_ckpt, tmp_path_factory):
+    """What load_asr caches: the fused-attention export, saved as onnxruntime optimized it (weights beside);
+    "c-head": its decoder as the trunk graph + edge-mmm's C projection over the fp16 table (the default on
+    x86), "decoder-graph": the one decoder graph (bundles, hosts without the kernel)."""
+    from edge_mmm.asr.ort_graphs import write_decoder_trunk
     from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
     from edge_mmm.runners.ort_session import save_optimized_onnx
@@ -45,8 +49,14 @@ def onnx_backend(tiny_en_ckpt, tmp_path_factory):
     assert check.encoder_max_abs_err < 1e-3 and check.decoder_max_abs_err < 1e-3
     for name in (ENCODER_FILE, DECODER_FILE):
         save_optimized_onnx(raw / name, out / name, name)
-    backend = OnnxWhisperBackend(out, tiny_en_ckpt.config, threads=2)
+    if request.param == "c-head":
+        assert write_decoder_trunk(out / DECODER_FILE)
+    backend = OnnxWhisperBackend(out, tiny_en_ckpt.config, threads=2, cache_dir=tmp_path_factory.mktemp("kernel"))
     assert backend.short_mel
+    if request.param == "c-head":
+        if backend.head is None:
+            pytest.skip("edge-mmm's C kernel does not build on this host (no C compiler or SIMD path)")
+        assert backend.head.table.dtype == np.float16  # the checkpoint's own fp16 values, exactly
     return backend
 
 
