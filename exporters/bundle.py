@@ -3,6 +3,7 @@
 Layout (every file listed in `manifest.json` with its sha256 and size):
     manifest.json
     asr/  encoder.onnx, decoder.onnx, whisper_config.json, tokenizer.json      (Whisper)
+          CPU profiles, fp32: + decoder_trunk.onnx(.data), decoder_table.bin, decoder_head.json (C projection)
     vad/  silero_vad.onnx                                                       (with ASR, unless --no-vad)
     lm/   model.onnx (MatMulNBits + KV cache), lm_io.json, tokenizer.json, tokenizer_config.json,
           generation_config.json                                                (text LM)
@@ -26,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Union
 from edge_mmm.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from edge_mmm.devices.planner import DevicePlan, PlanRequest, check_fits
 from edge_mmm.devices.profile import DeviceProfile
-from edge_mmm.errors import InputError
+from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.weights.export_cache import atomic_directory, sha256_file
 
 FORMATS = ("bundle", "triton-server")
@@ -234,6 +235,13 @@ def _export_asr(request: ExportRequest, dest: Path) -> dict:
         cfg, tok_file, onnx_dir = export_on_first_use(request.asr, request.cache_root, precision)
         for name in (ENCODER_FILE, DECODER_FILE):
             _copy(onnx_dir / name, dest)
+        if precision == "fp32":
+            # the decoder trunk + token table edge-mmm's C projection reads (asr/ort_graphs.py): where the kernel
+            # builds, the bundle's decoder runs as `load_asr`'s does (same logits, 38 MB less memory)
+            from edge_mmm.asr.ort_graphs import write_decoder_trunk
+
+            if not write_decoder_trunk(dest / DECODER_FILE):
+                raise ModelFileError(f"{onnx_dir / DECODER_FILE}: the decoder's projection is not tied to its table")
         fused = True
     else:
         # standard ops only: these graphs feed TensorRT (fp32 ONNX; the engine precision is in the manifest)

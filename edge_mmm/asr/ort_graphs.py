@@ -20,6 +20,7 @@ logits from it in fp32: the float model's logits from 40 MB per step instead of 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,9 @@ def write_decoder_trunk(decoder: Path) -> bool:
     trunk = decoder.parent / DECODER_TRUNK
     onnx.save(proto, str(trunk), save_as_external_data=True, all_tensors_to_one_file=True,
               location=external_data_name(trunk.name), size_threshold=1024)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(trunk.parent / external_data_name(trunk.name), 0o666 & ~umask)  # onnx writes it 0600; a bundle ships it
     half = table.astype(np.float16)
     exact = bool(np.array_equal(half.astype(np.float32), table))
     stored = half if exact else np.ascontiguousarray(table, dtype=np.float32)

@@ -113,6 +113,22 @@ def test_transcribe_bundle_matches_source(bundle_dir, clip, capsys):
                                                                              for s in ref.segments]
     asr = open_bundle(bundle_dir).load_asr()
     assert asr.transcribe(clip).text == ref.text
+    assert asr.backend.head is not None  # the decoder trunk + the C projection over the fp16 table
+
+
+def test_bundle_asr_head_files_are_checked(bundle_dir, tmp_path):
+    """The C projection's table in a bundle is listed in the manifest; a head description whose sizes disagree
+    with the Whisper config (re-hashed, so the manifest check passes) is refused naming the part."""
+    files = set(json.loads((bundle_dir / "manifest.json").read_text())["files"])
+    assert {"asr/decoder_trunk.onnx", "asr/decoder_table.bin", "asr/decoder_head.json"} <= files
+    assert all((bundle_dir / f).stat().st_mode & 0o044 == 0o044 for f in files)  # a bundle is copied to devices
+    forged = _linked_copy(bundle_dir, tmp_path / "forged")
+    meta = json.loads((forged / "asr" / "decoder_head.json").read_text())
+    meta["vocab"] //= 2
+    (forged / "asr" / "decoder_head.json").write_text(json.dumps(meta))
+    rehash(forged)
+    with pytest.raises(ModelFileError, match="asr.*decoder"):
+        open_bundle(forged).load_asr()
 
 
 def test_chat_bundle_matches_source(bundle_dir, capsys):
