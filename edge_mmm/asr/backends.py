@@ -120,9 +120,9 @@ def _reorder_torch(state: DecoderState, order: np.ndarray, device) -> None:
 
 class OnnxWhisperBackend:
     """Whisper on onnxruntime. Where the graphs come with a decoder trunk and its token table
-    (`asr.ort_graphs.write_decoder_trunk`, the export cache's fp32 graphs) and edge-mmm's C kernel builds on
-    this host, the decoder runs as the trunk on onnxruntime + the output projection in C over the
-    checkpoint's fp16 table (`head` is then the `runners.cpu_lm.CpuHead`); else as the one decoder graph."""
+    (`asr.ort_graphs.write_decoder_trunk`: the export cache's fp32 graphs, a CPU bundle's) and edge-mmm's C
+    kernel builds on this host, the decoder runs as the trunk on onnxruntime + the output projection in C over
+    the checkpoint's fp16 table (`head` is then the `runners.cpu_lm.CpuHead`); else as the one decoder graph."""
 
     name = "onnxruntime"
     device = None  # host numpy arrays in and out: the numpy front end, no torch
@@ -197,7 +197,8 @@ class OnnxWhisperBackend:
         else:
             table = self.head.table
             if tokens.size and (tokens.min() < 0 or tokens.max() >= table.shape[0]):
-                raise InputError(f"Whisper token ids must be in [0, {table.shape[0]}), got {tokens.min()}..{tokens.max()}")
+                raise InputError(f"Whisper token ids must be in [0, {table.shape[0]}), "
+                                 f"got {tokens.min()}..{tokens.max()}")
             feeds["token_embeds"] = table[tokens].astype(np.float32)
             feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
             hidden, state.self_k, state.self_v = self._run(self.decoder, feeds)
@@ -211,7 +212,7 @@ class OnnxWhisperBackend:
 
 def _cpu_head(onnx_dir: Path, config: WhisperConfig, threads: int, cache_dir: Optional[Path]):
     """The C output projection over the table beside a decoder trunk in `onnx_dir`, or None (no trunk there:
-    a bundle's portable graphs, an int8 export; no kernel on this host: `runners.cpu_lm.host_library`)."""
+    an int8 export, a GPU bundle's graphs; no kernel on this host: `runners.cpu_lm.host_library`)."""
     from edge_mmm.asr.ort_graphs import read_decoder_head
     from edge_mmm.runners.cpu_lm import CpuHead, host_library
     from edge_mmm.weights.export_cache import default_cache_root

@@ -48,8 +48,9 @@ def _tied_nodes(graph):
 
 
 def write_decoder_trunk(decoder: Path) -> bool:
-    """Write `DECODER_TRUNK` (+ its weights file), `DECODER_TABLE` and `DECODER_HEAD` beside the optimized
-    decoder graph at `decoder` (see the module doc). False when the graph has no tied projection."""
+    """Write `DECODER_TRUNK` (+ its weights file), `DECODER_TABLE` and `DECODER_HEAD` beside the decoder graph
+    at `decoder` (the optimized one in the export cache, the portable one in a CPU bundle; see the module
+    doc). False when the graph has no tied projection."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -112,7 +113,8 @@ def read_decoder_head(onnx_dir: Path):
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT or meta.get("dtype") not in ("float16", "float32"):
+    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT \
+            or meta.get("dtype") not in ("float16", "float32"):
         raise ValueError(f"{meta_path}: not a decoder head of format {HEAD_FORMAT}")
     vocab, dim = meta.get("vocab"), meta.get("dim")
     if not all(isinstance(v, int) and 0 < v <= 1 << 20 for v in (vocab, dim)):

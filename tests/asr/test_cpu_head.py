@@ -1,10 +1,11 @@
 """Whisper's output projection in edge-mmm's C kernel (`runners.cpu_lm.CpuHead`) and the decoder trunk graph
 it follows (`asr.ort_graphs.write_decoder_trunk`).
 
-Tolerances: each logit of the C projection within 1e-5 * sum|x_i * w_i| of a float64 product of the same fp32/fp16 values
-(fp32 sums in another order), on every instruction-set path; trunk + C head within 1e-4 * max|logit| of the
-one onnxruntime decoder graph they were cut from, through a prompt and decode steps. tests/asr/test_parity.py
-checks openai-whisper's greedy and beam-search tokens through the same path on the shipped tiny.en.
+Tolerances: each logit of the C projection within 1e-5 * sum|x_i * w_i| of a float64 product of the same
+fp32/fp16 values (fp32 sums in another order), on every instruction-set path; trunk + C head within
+1e-4 * max|logit| of the one onnxruntime decoder graph they were cut from, through a prompt and decode steps.
+tests/asr/test_parity.py checks openai-whisper's greedy and beam-search tokens through the same path on the
+shipped tiny.en.
 """
 
 from __future__ import annotations
