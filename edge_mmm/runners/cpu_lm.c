@@ -416,12 +416,14 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
 void edge_lm_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 
 /* ------------------------------------------------------------- a float output projection (Whisper's head) */
-/* out[r, v] = x[r, :] . table[v, :] for r < rows, v < vocab. Whisper's decoder ties its output projection to
- * its token table, which checkpoints store in fp16: converting each fp16 value to fp32 and multiplying in fp32
- * gives the float model's logits (to the order of the sums) from half the bytes an fp32 table streams per
- * token. An fp32 table (`f16` 0) is read as it is. Chunks of HEAD_VB table rows are split over the threads;
- * for one to three rows (decode steps) the fp16 values are converted in registers, for more a chunk is
- * converted once into a buffer and shared by every row of x, in tiles of 4 rows x 4 table rows. */
+/* out[r, v] = x[r, :] . table[v, :] for r < rows, v < vocab. Whisper's decoder ties its output projection to its
+ * token table, which checkpoints store in fp16: converting each fp16 value to fp32 and multiplying in fp32 gives
+ * the float model's logits (to the order of the sums) from half the bytes an fp32 table streams per token. An
+ * fp32 table (`f16` 0) is read as it is. Chunks of HEAD_VB table rows are split over the threads; every row of
+ * x runs over a chunk while it is in cache, eight table rows at a time, the fp16 values converted in registers.
+ * (Measured on 2 Zen 4 cores, tiny.en's table: 1 row 0.7-1.0 ms; 64 rows 12 ms, where onnxruntime's fp32 GEMM
+ * takes 9 ms; converting each chunk once into an fp32 buffer and running register tiles of several rows over it
+ * was slower at every row count, 16-19 ms at 64 rows: the buffer's reads cost more than the conversions.) */
 #define HEAD_VB 32
 
 static float half_to_float(uint16_t h) {
@@ -444,16 +446,13 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-static void halves_to_floats(const uint16_t *src, float *dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-#elif defined(__F16C__) && defined(__AVX2__)
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-#endif
-    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+static float dot_f16(const float *x, const uint16_t *w, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; i++) s += x[i] * half_to_float(w[i]);
+    return s;
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #if defined(__AVX512F__)
 #define HW 16
 typedef __m512 hvec;
@@ -461,7 +460,8 @@ typedef __m512 hvec;
 #define HLOAD(p) _mm512_loadu_ps(p)
 #define HFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define HSUM(a) _mm512_reduce_add_ps(a)
-#elif defined(__AVX2__) && defined(__FMA__)
+#define HLOAD16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#else
 #define HW 8
 typedef __m256 hvec;
 #define HZERO() _mm256_setzero_ps()
@@ -474,53 +474,16 @@ static inline float hsum256(__m256 a) {
     return _mm_cvtss_f32(h);
 }
 #define HSUM(a) hsum256(a)
-#endif
-
-#ifdef HW
-/* NR rows of x (stride dim) times NW table rows w (stride dim): out[i * ldo + j]. Eight independent
- * accumulators for one row keep the loads in flight (a decode step streams the table: 1.7 -> 0.8 ms for
- * tiny.en's fp16 table on 2 Zen 4 cores, against 4 accumulators). */
-#define HEAD_TILE(NR, NW)                                                                                      \
-static void head_tile##NR(const float *x, const float *w, int64_t dim, float *out, int64_t ldo) {              \
-    hvec acc[NR][NW];                                                                                          \
-    for (int i = 0; i < NR; i++) for (int j = 0; j < NW; j++) acc[i][j] = HZERO();                             \
-    int64_t d = 0;                                                                                             \
-    for (; d + HW <= dim; d += HW) {                                                                           \
-        hvec wv[NW];                                                                                           \
-        for (int j = 0; j < NW; j++) wv[j] = HLOAD(w + j * dim + d);                                           \
-        for (int i = 0; i < NR; i++) {                                                                         \
-            const hvec xv = HLOAD(x + i * dim + d);                                                            \
-            for (int j = 0; j < NW; j++) acc[i][j] = HFMA(xv, wv[j], acc[i][j]);                               \
-        }                                                                                                      \
-    }                                                                                                          \
-    for (int i = 0; i < NR; i++)                                                                               \
-        for (int j = 0; j < NW; j++) {                                                                         \
-            float s = HSUM(acc[i][j]);                                                                         \
-            for (int64_t t = d; t < dim; t++) s += x[i * dim + t] * w[j * dim + t];                            \
-            out[i * ldo + j] = s;                                                                              \
-        }                                                                                                      \
-}
-HEAD_TILE(1, 8)
-HEAD_TILE(4, 4)
-#else
-static void head_tile1(const float *x, const float *w, int64_t dim, float *out, int64_t ldo) {
-    (void)ldo;
-    for (int j = 0; j < 8; j++) out[j] = dot(x, w + j * dim, dim);
-}
-static void head_tile4(const float *x, const float *w, int64_t dim, float *out, int64_t ldo) {
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) out[i * ldo + j] = dot(x + i * dim, w + j * dim, dim);
-}
-#endif
-
-#if defined(__AVX512F__) || (defined(__F16C__) && defined(__AVX2__) && defined(__FMA__))
-#if defined(__AVX512F__)
-#define HLOAD16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-#else
+#if defined(__F16C__)
 #define HLOAD16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #endif
-/* one row of x times 8 fp16 table rows, converted in registers (a decode step: no conversion buffer) */
-static void head_tile1_f16(const float *x, const uint16_t *w, int64_t dim, float *out) {
+#endif
+#endif
+
+/* one row of x times 8 table rows (stride dim) into out[0..7]: eight independent accumulators keep the loads in
+ * flight (four: 1.3-1.7 ms a decode step, the conversions serialize; eight: 0.7-0.9 ms; sixteen: 0.8-0.9) */
+#if defined(HW) && defined(HLOAD16)
+static void head_row8_f16(const float *x, const uint16_t *w, int64_t dim, float *out) {
     hvec a[8];
     for (int j = 0; j < 8; j++) a[j] = HZERO();
     int64_t d = 0;
@@ -534,25 +497,32 @@ static void head_tile1_f16(const float *x, const uint16_t *w, int64_t dim, float
         out[j] = s;
     }
 }
-#define HEAD_DIRECT_F16 1
+#else
+static void head_row8_f16(const float *x, const uint16_t *w, int64_t dim, float *out) {
+    for (int j = 0; j < 8; j++) out[j] = dot_f16(x, w + j * dim, dim);
+}
 #endif
 
-/* rows of x times the nw table rows of one chunk, into out (row stride ldo) */
-static void head_chunk(const float *x, int64_t rows, const float *w, int64_t nw, int64_t dim, float *out,
-                       int64_t ldo) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        int64_t v = 0;
-        for (; v + 4 <= nw; v += 4) head_tile4(x + r * dim, w + v * dim, dim, out + r * ldo + v, ldo);
-        for (; v < nw; v++)
-            for (int i = 0; i < 4; i++) out[(r + i) * ldo + v] = dot(x + (r + i) * dim, w + v * dim, dim);
+#if defined(HW)
+static void head_row8_f32(const float *x, const float *w, int64_t dim, float *out) {
+    hvec a[8];
+    for (int j = 0; j < 8; j++) a[j] = HZERO();
+    int64_t d = 0;
+    for (; d + HW <= dim; d += HW) {
+        const hvec xv = HLOAD(x + d);
+        for (int j = 0; j < 8; j++) a[j] = HFMA(xv, HLOAD(w + j * dim + d), a[j]);
     }
-    for (; r < rows; r++) {
-        int64_t v = 0;
-        for (; v + 8 <= nw; v += 8) head_tile1(x + r * dim, w + v * dim, dim, out + r * ldo + v, ldo);
-        for (; v < nw; v++) out[r * ldo + v] = dot(x + r * dim, w + v * dim, dim);
+    for (int j = 0; j < 8; j++) {
+        float s = HSUM(a[j]);
+        for (int64_t t = d; t < dim; t++) s += x[t] * w[j * dim + t];
+        out[j] = s;
     }
 }
+#else
+static void head_row8_f32(const float *x, const float *w, int64_t dim, float *out) {
+    for (int j = 0; j < 8; j++) out[j] = dot(x, w + j * dim, dim);
+}
+#endif
 
 typedef struct {
     const void *table;
@@ -560,44 +530,35 @@ typedef struct {
     int64_t vocab, dim, rows, c0, c1; /* this job's chunks: [c0, c1) */
     const float *x;
     float *out;
-    int failed;
 } HeadJob;
 
 static void *head_job(void *arg) {
-    HeadJob *j = (HeadJob *)arg;
-    float *buf = NULL;
+    const HeadJob *j = (const HeadJob *)arg;
+    const int64_t dim = j->dim;
     for (int64_t c = j->c0; c < j->c1; c++) {
         const int64_t v0 = c * HEAD_VB, nw = j->vocab - v0 < HEAD_VB ? j->vocab - v0 : HEAD_VB;
-        const float *w;
-#ifdef HEAD_DIRECT_F16
-        if (j->f16 && j->rows < 4 && nw == HEAD_VB) {
-            const uint16_t *w16 = (const uint16_t *)j->table + v0 * j->dim;
-            for (int64_t r = 0; r < j->rows; r++)
-                for (int64_t v = 0; v < nw; v += 8)
-                    head_tile1_f16(j->x + r * j->dim, w16 + v * j->dim, j->dim, j->out + r * j->vocab + v0 + v);
-            continue;
-        }
-#endif
-        if (j->f16) {
-            if (!buf && !(buf = malloc((size_t)HEAD_VB * (size_t)j->dim * sizeof(float)))) {
-                j->failed = 1;
-                return NULL;
+        for (int64_t r = 0; r < j->rows; r++) {
+            const float *x = j->x + r * dim;
+            float *out = j->out + r * j->vocab + v0;
+            int64_t v = 0;
+            if (j->f16) {
+                const uint16_t *w = (const uint16_t *)j->table + v0 * dim;
+                for (; v + 8 <= nw; v += 8) head_row8_f16(x, w + v * dim, dim, out + v);
+                for (; v < nw; v++) out[v] = dot_f16(x, w + v * dim, dim);
+            } else {
+                const float *w = (const float *)j->table + v0 * dim;
+                for (; v + 8 <= nw; v += 8) head_row8_f32(x, w + v * dim, dim, out + v);
+                for (; v < nw; v++) out[v] = dot(x, w + v * dim, dim);
             }
-            halves_to_floats((const uint16_t *)j->table + v0 * j->dim, buf, nw * j->dim);
-            w = buf;
-        } else {
-            w = (const float *)j->table + v0 * j->dim;
         }
-        head_chunk(j->x, j->rows, w, nw, j->dim, j->out + v0, j->vocab);
     }
-    free(buf);
     return NULL;
 }
 
-/* 0 on success, 1 for bad sizes, 2 when a conversion buffer cannot be allocated. The chunks are split over
- * `threads` POSIX threads started for this call and joined before it returns (~20 us each), not an OpenMP
- * team: OpenMP's workers spin for a while after a region, and here onnxruntime's decoder trunk runs right
- * after on the same cores (on 2 cores the spinning made a tiny.en transcription ~10% slower in all). */
+/* 0 on success, 1 for bad sizes. The chunks are split over `threads` POSIX threads started for this call and
+ * joined before it returns (~20 us each), not an OpenMP team: OpenMP's workers spin for a while after a region,
+ * and here onnxruntime's decoder trunk runs right after on the same cores (on 2 cores the spinning made a
+ * tiny.en transcription ~10% slower in all). */
 int edge_head(const void *table, int f16, int64_t vocab, int64_t dim, const float *x, int64_t rows, float *out,
               int threads) {
     if (vocab <= 0 || dim <= 0 || rows <= 0 || !table || !x || !out) return 1;
@@ -609,16 +570,14 @@ int edge_head(const void *table, int f16, int64_t vocab, int64_t dim, const floa
     pthread_t tids[MAX_HEAD_THREADS];
     int started[MAX_HEAD_THREADS] = {0};
     for (int64_t i = 0; i < n; i++)
-        jobs[i] = (HeadJob){table, f16, vocab, dim, rows, chunks * i / n, chunks * (i + 1) / n, x, out, 0};
+        jobs[i] = (HeadJob){table, f16, vocab, dim, rows, chunks * i / n, chunks * (i + 1) / n, x, out};
     for (int64_t i = 1; i < n; i++) started[i] = pthread_create(&tids[i], NULL, head_job, &jobs[i]) == 0;
     head_job(&jobs[0]);
-    int failed = jobs[0].failed;
     for (int64_t i = 1; i < n; i++) {
         if (started[i])
             pthread_join(tids[i], NULL);
         else
             head_job(&jobs[i]); /* no thread to be had: this one does it */
-        failed |= jobs[i].failed;
     }
-    return failed ? 2 : 0;
+    return 0;
 }
