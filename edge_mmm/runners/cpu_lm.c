@@ -555,17 +555,19 @@ static void *head_job(void *arg) {
     return NULL;
 }
 
-/* 0 on success, 1 for bad sizes. The chunks are split over `threads` POSIX threads started for this call and
- * joined before it returns (~20 us each), not an OpenMP team: OpenMP's workers spin for a while after a region,
- * and here onnxruntime's decoder trunk runs right after on the same cores (on 2 cores the spinning made a
- * tiny.en transcription ~10% slower in all). */
+/* 0 on success, 1 for bad sizes. The chunks are split over up to `threads` POSIX threads started for this call
+ * and joined before it returns (~20 us each), not an OpenMP team: OpenMP's workers spin for a while after a
+ * region, and here onnxruntime's decoder trunk runs right after on the same cores (on 2 cores the spinning made
+ * a tiny.en transcription ~10% slower in all). At most MAX_HEAD_THREADS, and each gets at least
+ * HEAD_MIN_CHUNKS chunks: on a many-core host, starting a thread per core would cost more than the work it
+ * takes over (tiny.en's whole table is ~1 ms on 2 cores). */
 int edge_head(const void *table, int f16, int64_t vocab, int64_t dim, const float *x, int64_t rows, float *out,
               int threads) {
     if (vocab <= 0 || dim <= 0 || rows <= 0 || !table || !x || !out) return 1;
-    enum { MAX_HEAD_THREADS = 64 };
+    enum { MAX_HEAD_THREADS = 8, HEAD_MIN_CHUNKS = 128 };
     const int64_t chunks = (vocab + HEAD_VB - 1) / HEAD_VB;
     int64_t n = threads < 1 ? 1 : threads > MAX_HEAD_THREADS ? MAX_HEAD_THREADS : threads;
-    if (n > chunks) n = chunks;
+    if (n > chunks / HEAD_MIN_CHUNKS) n = chunks / HEAD_MIN_CHUNKS > 0 ? chunks / HEAD_MIN_CHUNKS : 1;
     HeadJob jobs[MAX_HEAD_THREADS];
     pthread_t tids[MAX_HEAD_THREADS];
     int started[MAX_HEAD_THREADS] = {0};

@@ -33,15 +33,15 @@ CFG = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_head_matches_a_float64_product(variant, tmp_path):
-    """Vocabulary sizes that end in a partial chunk and tile, widths that end in a partial vector, 1-9 rows
-    (the 1-row in-register fp16 path and the 4-row tiles over a converted chunk); fp16 subnormals, the
-    largest fp16 and -0 convert exactly."""
+    """Vocabulary sizes that end in a partial chunk and a partial group of eight rows, widths that end in a
+    partial vector, 1-9 rows, one thread and (40003 rows: enough chunks) two; fp16 subnormals, the largest fp16
+    and -0 convert exactly."""
     lib, isa = compile_library(tmp_path / "lib", VARIANTS[variant])
     if lib is None:
         pytest.skip(f"the C kernel does not build here: {isa}")
     assert variant == "native" or isa == variant
     rng = np.random.default_rng(1)
-    for vocab, dim in [(1001, 40), (515, 64), (37, 20)]:
+    for vocab, dim in [(1001, 40), (515, 64), (37, 20), (40003, 24)]:
         table = (rng.standard_normal((vocab, dim)) * 0.05).astype(np.float16)
         table[0, :5] = [6e-8, -3e-6, 65504.0, -0.0, 1e-5]
         for rows in (1, 3, 4, 9):
