@@ -481,47 +481,41 @@ static inline float hsum256(__m256 a) {
 #endif
 
 /* one row of x times 8 table rows (stride dim) into out[0..7]: eight independent accumulators keep the loads in
- * flight (four: 1.3-1.7 ms a decode step, the conversions serialize; eight: 0.7-0.9 ms; sixteen: 0.8-0.9) */
+ * flight (four: 1.3-1.7 ms a decode step, the conversions serialize; eight: 0.7-0.9 ms; sixteen: 0.8-0.9). One
+ * body for both table types: WLOAD loads a vector of them as fp32, WVAL converts one. */
+#define HEAD_ROW8_SCALAR(NAME, WT, WVAL)                                                                       \
+static void NAME(const float *x, const WT *w, int64_t dim, float *out) {                                       \
+    for (int j = 0; j < 8; j++) {                                                                              \
+        float s = 0.f;                                                                                         \
+        for (int64_t t = 0; t < dim; t++) s += x[t] * WVAL(w[j * dim + t]);                                    \
+        out[j] = s;                                                                                            \
+    }                                                                                                          \
+}
+#define HEAD_ROW8_VEC(NAME, WT, WLOAD, WVAL)                                                                   \
+static void NAME(const float *x, const WT *w, int64_t dim, float *out) {                                       \
+    hvec a[8];                                                                                                 \
+    for (int j = 0; j < 8; j++) a[j] = HZERO();                                                                \
+    int64_t d = 0;                                                                                             \
+    for (; d + HW <= dim; d += HW) {                                                                           \
+        const hvec xv = HLOAD(x + d);                                                                          \
+        for (int j = 0; j < 8; j++) a[j] = HFMA(xv, WLOAD(w + j * dim + d), a[j]);                             \
+    }                                                                                                          \
+    for (int j = 0; j < 8; j++) {                                                                              \
+        float s = HSUM(a[j]);                                                                                  \
+        for (int64_t t = d; t < dim; t++) s += x[t] * WVAL(w[j * dim + t]);                                    \
+        out[j] = s;                                                                                            \
+    }                                                                                                          \
+}
+#define F32_VALUE(v) (v)
 #if defined(HW) && defined(HLOAD16)
-static void head_row8_f16(const float *x, const uint16_t *w, int64_t dim, float *out) {
-    hvec a[8];
-    for (int j = 0; j < 8; j++) a[j] = HZERO();
-    int64_t d = 0;
-    for (; d + HW <= dim; d += HW) {
-        const hvec xv = HLOAD(x + d);
-        for (int j = 0; j < 8; j++) a[j] = HFMA(xv, HLOAD16(w + j * dim + d), a[j]);
-    }
-    for (int j = 0; j < 8; j++) {
-        float s = HSUM(a[j]);
-        for (int64_t t = d; t < dim; t++) s += x[t] * half_to_float(w[j * dim + t]);
-        out[j] = s;
-    }
-}
+HEAD_ROW8_VEC(head_row8_f16, uint16_t, HLOAD16, half_to_float)
 #else
-static void head_row8_f16(const float *x, const uint16_t *w, int64_t dim, float *out) {
-    for (int j = 0; j < 8; j++) out[j] = dot_f16(x, w + j * dim, dim);
-}
+HEAD_ROW8_SCALAR(head_row8_f16, uint16_t, half_to_float)
 #endif
-
 #if defined(HW)
-static void head_row8_f32(const float *x, const float *w, int64_t dim, float *out) {
-    hvec a[8];
-    for (int j = 0; j < 8; j++) a[j] = HZERO();
-    int64_t d = 0;
-    for (; d + HW <= dim; d += HW) {
-        const hvec xv = HLOAD(x + d);
-        for (int j = 0; j < 8; j++) a[j] = HFMA(xv, HLOAD(w + j * dim + d), a[j]);
-    }
-    for (int j = 0; j < 8; j++) {
-        float s = HSUM(a[j]);
-        for (int64_t t = d; t < dim; t++) s += x[t] * w[j * dim + t];
-        out[j] = s;
-    }
-}
+HEAD_ROW8_VEC(head_row8_f32, float, HLOAD, F32_VALUE)
 #else
-static void head_row8_f32(const float *x, const float *w, int64_t dim, float *out) {
-    for (int j = 0; j < 8; j++) out[j] = dot(x, w + j * dim, dim);
-}
+HEAD_ROW8_SCALAR(head_row8_f32, float, F32_VALUE)
 #endif
 
 typedef struct {
