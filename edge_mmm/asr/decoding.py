@@ -165,7 +165,7 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
     if prompt:
         initial = [tok.sot_prev] + list(prompt)[-(n_ctx // 2 - 1) :]
     sot_index = len(initial)
-    initial += list(tok.sot_sequence(language if tok.multilingual else None, opts.task))
+    initial += list(tok.sot_sequence(language, opts.task))
     if not opts.timestamps:
         initial.append(tok.no_timestamps)
     sample_begin = len(initial)

@@ -97,6 +97,8 @@ class WhisperTokenizer:
         """The decoder prompt: <|sot|> [<|lang|> <|task|>] for multilingual models, <|sot|> for .en ones."""
         if task not in ("transcribe", "translate"):
             raise InputError(f"task must be 'transcribe' or 'translate', got {task!r}")
+        if language is not None and language not in LANGUAGES:
+            raise InputError(f"unknown language code {language!r}; Whisper's codes: {', '.join(sorted(LANGUAGES))}")
         if not self.multilingual:
             if language not in (None, "en"):
                 raise InputError(f"this is an English-only (.en) model; language {language!r} is not supported")

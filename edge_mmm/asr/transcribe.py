@@ -36,6 +36,8 @@ class TranscribeOptions:
     audio_ctx_margin: Optional[int] = None
 
     def __post_init__(self):
+        if self.language is not None:
+            self.language = self.language.strip().lower()
         if self.audio_ctx_margin is not None and self.audio_ctx_margin < 0:
             raise InputError(f"TranscribeOptions.audio_ctx_margin must be >= 0 or None, got {self.audio_ctx_margin}")
 
@@ -79,6 +81,7 @@ def transcribe_audio(backend, tok: WhisperTokenizer, audio: np.ndarray, opts: Tr
                      ) -> Tuple[str, Iterator[Segment]]:
     """Return (language, generator of Segments) for a 16 kHz mono waveform. `draft`: the tokens the first
     window probably decodes to (`decode_window`: checked in one decoder call, the result unchanged)."""
+    tok.sot_sequence(opts.language, opts.task)  # an unknown language or task fails here, before any work
     mel = padded_log_mel(backend, audio)
     content_frames = mel.shape[-1] - N_FRAMES
     language = opts.language

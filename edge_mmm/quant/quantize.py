@@ -102,8 +102,12 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: Optional[int] = 
             if is_head and not include_lm_head:
                 continue
             targets.append((module, child_name, child))
+    names = {id(child): name for name, child in model.named_modules()}
     for parent, child_name, child in targets:
-        packed = quantize_weight(child.weight, bits, group_size, symmetric, scale_dtype)
+        try:
+            packed = quantize_weight(child.weight, bits, group_size, symmetric, scale_dtype)
+        except InputError as exc:
+            raise InputError(f"{exc} (layer {names.get(id(child), child_name)})") from exc
         qlin = QuantLinear.from_packed(packed.to(child.weight.device), child.bias)
         setattr(parent, child_name, qlin)
     return model

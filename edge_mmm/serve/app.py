@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from edge_mmm.audio.constants import SAMPLE_RATE
 from edge_mmm.audio.io import decode_audio
+from edge_mmm.asr.transcribe import TranscribeOptions
 from edge_mmm.errors import EdgeMMMError, InputError, require
 from edge_mmm.serve.guard import (Admission, ApiError, GuardMiddleware, error_body, install_error_handlers,
                                    json_body)
@@ -365,6 +366,14 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         response_format = form.get("response_format") or "json"
         if response_format not in ("json", "text", "verbose_json"):
             raise ApiError(400, "response_format must be json, text or verbose_json", param="response_format")
+        language = form.get("language") or None  # ISO-639-1, as OpenAI's API takes it; omitted: detected
+        if language is not None and not isinstance(language, str):
+            raise ApiError(400, "language must be a language code such as 'en'", param="language")
+        options = TranscribeOptions(language=language)
+        try:
+            models.asr.tokenizer.sot_sequence(options.language, options.task)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="language") from None
         data = await upload.read()
         if not data:
             raise ApiError(400, "the uploaded file is empty", param="file")
@@ -373,7 +382,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
             # decoded from the uploaded bytes only (no file name reaches FFmpeg), capped while decoding
             wav = decode_audio(data, "the uploaded file", SAMPLE_RATE, settings.max_audio_seconds)
             with model_lock:
-                language, segments = models.asr.stream(wav)
+                language, segments = models.asr.stream(wav, options)
                 done = []
                 for seg in segments:
                     if stop.is_set():

@@ -193,6 +193,16 @@ def _tensor(t, name: str, path: Path, n_head: int = 0):
     return QuantLinear.from_packed(from_gguf(np.asarray(data), qtype, shape))
 
 
+def _finite(value) -> bool:
+    """No NaN/inf in a float tensor, or in a packed weight's block scales and offsets (its codes are integers)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    packed = value.packed
+    return bool(torch.isfinite(packed.scales).all()) and (packed.zeros is None or bool(torch.isfinite(packed.zeros).all()))
+
+
 def release_heap() -> None:
     """Collect garbage and hand freed heap memory back to the OS (`malloc_trim(0)` on glibc; no-op elsewhere).
 
@@ -247,6 +257,10 @@ def load_gguf_lm(path) -> Tuple[LlamaConfig, Dict[str, object], Dict[str, Any]]:
         except (ValueError, TypeError, IndexError, OverflowError) as exc:  # shape/type fields that do not fit
             raise ModelFileError(f"{path}: tensor {gname} is malformed ({exc.__class__.__name__}: "
                                  f"{str(exc)[:120]})") from exc
+        except ModelFileError as exc:  # the block repacker's checks do not know the file
+            raise ModelFileError(f"{path}: tensor {gname}: {exc}") from exc
+        if not _finite(value):
+            raise ModelFileError(f"{path}: tensor {gname} holds NaN or infinite values (a corrupt file)")
         if ours == "embed_tokens.weight" and not isinstance(value, torch.Tensor):
             value = value.weight  # exact dequantization; the tied lm_head shares it
         state[ours] = value

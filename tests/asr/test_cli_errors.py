@@ -101,6 +101,26 @@ def test_bad_backend_flag(capsys, tmp_path):
     assert_one_line_error(code, err, "--backend")
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (("--language", "xx"), "unknown language code 'xx'"),  # not a Whisper language (openai-whisper refuses it too)
+    (("--language", "fr"), "English-only"),  # a real language, but tiny.en only transcribes English
+    (("--task", "translate"), "cannot translate"),
+])
+def test_language_and_task_the_model_cannot_do(capsys, tmp_path, tiny_en_dir, flags, needle):
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--model", str(tiny_en_dir), *flags)
+    assert_one_line_error(code, err, needle)
+
+
+def test_language_code_is_case_insensitive(capsys, tmp_path, tiny_en_dir):
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, out, _ = run_cli(capsys, "transcribe", str(clip), "--model", str(tiny_en_dir), "--language", "EN",
+                           "--json")
+    assert code == 0 and '"language": "en"' in out
+
+
 @pytest.mark.parametrize("argv,needle", [
     (("transcribe", "clip.wav", "--beam-size", "0"), "--beam-size"),  # a value outside the flag's range
     (("transcribe", "--nosuch"), "No such option: --nosuch"),

@@ -66,3 +66,20 @@ def test_transcription_of_espeak_clip(client, models, tmp_path):
     with open(path, "rb") as f:
         text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, response_format="text")
     assert text.strip() == out.text
+
+
+def test_transcription_language_field(client, models, tmp_path):
+    """OpenAI's `language` field: a code the model takes is used, one it cannot take is a 400 naming it."""
+    from edge_mmm.audio.synth import SENTENCES, have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    path = synthesize(SENTENCES[3], tmp_path / "q.wav", lead_silence=0.3, trail_silence=0.3)
+    with open(path, "rb") as f:
+        out = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language="en",
+                                                 response_format="verbose_json")
+    assert out.language == "en" and out.text == models.asr.transcribe(path).text
+    for code, needle in (("xx", "unknown language code 'xx'"), ("de", "English-only")):
+        with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as info:
+            client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language=code)
+        assert needle in info.value.body["message"] and info.value.body["param"] == "language"

@@ -131,3 +131,20 @@ def test_build_rejects_wrong_state(hf_dir):
     del state["norm.weight"]
     with pytest.raises(ModelFileError, match="missing"):
         build_llama(cfg, state)
+
+
+@pytest.mark.parametrize("tensor,at", [("blk.0.ffn_down.weight", 0),  # a Q4_1 block scale (fp16 NaN)
+                                       ("blk.0.ffn_down.weight", 2),  # a Q4_1 block offset
+                                       ("token_embd.weight", 0),
+                                       ("output_norm.weight", 2)])  # F32: the upper half of the first value
+def test_gguf_with_nan_values(gguf_file, tensor, at):
+    """A flipped bit pattern that decodes to NaN/inf is a corrupt file named with its tensor, not a NaN
+    model nor an error from deep inside an export."""
+    import gguf
+
+    offset = {t.name: t.data_offset for t in gguf.GGUFReader(gguf_file).tensors}[tensor]
+    data = bytearray(gguf_file.read_bytes())
+    data[offset + at: offset + at + 2] = b"\xff\xff" if at == 0 or tensor.startswith("blk") else b"\x80\x7f"
+    gguf_file.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=rf"tiny\.gguf: tensor {tensor} holds NaN or infinite"):
+        load_gguf_lm(gguf_file)
