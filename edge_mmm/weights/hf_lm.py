@@ -76,17 +76,23 @@ def safetensors_files(path: Path) -> List[Path]:
 
 
 def read_safetensors(files: List[Path]) -> Dict[str, torch.Tensor]:
-    """Every tensor of every file; a truncated or corrupt file is a ModelFileError naming it."""
+    """Every tensor of every file; a truncated or corrupt file, or one holding NaN/inf weights, is a
+    ModelFileError naming it (and the tensor)."""
     from safetensors import safe_open
 
     out: Dict[str, torch.Tensor] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
+                keys = list(st.keys())
+                for key in keys:
                     out[key] = st.get_tensor(key)
         except Exception as exc:  # SafetensorError / OSError on a bad header or short file
             raise ModelFileError(f"{f} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
+        for key in keys:
+            value = out[key]
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ModelFileError(f"{f}: tensor {key} holds NaN or infinite values (a corrupt file)")
     return out
 
 

@@ -42,6 +42,8 @@ class WhisperCheckpoint:
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise ModelFileError(f"{self.source}: tensor {name} has shape {tuple(tensor.shape)}, the config "
                                      f"implies {tuple(expected[name].shape)}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ModelFileError(f"{self.source}: tensor {name} holds NaN or infinite values (a corrupt file)")
         model.load_state_dict({k: v.float() for k, v in self.state_dict.items()})
         return model.to(dtype).eval()
 

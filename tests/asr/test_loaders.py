@@ -80,6 +80,20 @@ def test_ct2_truncated_is_clear(tiny_en_dir, tmp_path):
             load_whisper_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.97])
+def test_ct2_nan_weights_are_clear(tiny_en_dir, tmp_path, fraction):
+    """fp16 NaNs written over a run of weight bytes: the load names the file and the tensor (it used to
+    surface as an export-cache error, or as NaN logits on the torch backend)."""
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(tiny_en_dir / name, tmp_path / name)
+    data = bytearray((tiny_en_dir / "model.bin").read_bytes())
+    start = int(len(data) * fraction) & ~1
+    data[start:start + 512] = b"\xff\x7f" * 256
+    (tmp_path / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"model\.bin: tensor \S+ holds NaN or infinite values"):
+        load_whisper_checkpoint(tmp_path).build()
+
+
 def test_ct2_garbage_is_clear(tmp_path):
     (tmp_path / "model.bin").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(ModelFileError):

@@ -92,6 +92,18 @@ def test_corrupt_safetensors_header(hf_dir):
         load_hf_lm(hf_dir)
 
 
+def test_safetensors_with_nan_weights(hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    f = hf_dir / "model.safetensors"
+    tensors = load_file(f)
+    name = sorted(k for k in tensors if k.endswith("down_proj.weight"))[0]
+    tensors[name][0, 3] = float("inf")
+    save_file(tensors, f)
+    with pytest.raises(ModelFileError, match=rf"model\.safetensors: tensor {name} holds NaN or infinite"):
+        load_hf_lm(hf_dir)
+
+
 def test_config_weight_shape_mismatch(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["intermediate_size"] = 96
