@@ -148,8 +148,20 @@ def _array_to_pil(arr: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """A file's pixels turned as its EXIF Orientation tag says (a phone photo taken sideways), as
+    transformers' `load_image` does for paths and URLs; an image without the tag is returned as is."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):  # a malformed EXIF block: keep the pixels
+        return img
+
+
 def load_image(src: ImageLike) -> Image.Image:
-    """Open a path / bytes / PIL image / OpenCV BGR array as an RGB PIL image; InputError names the source."""
+    """Open a path / bytes / PIL image / OpenCV BGR array as an RGB PIL image; InputError names the source.
+    Files and bytes are turned upright by their EXIF orientation; arrays and PIL images are taken as given."""
     name = _name(src)
     if isinstance(src, np.ndarray):
         return pil_to_rgb(_array_to_pil(src, name))
@@ -171,7 +183,7 @@ def load_image(src: ImageLike) -> Image.Image:
             raise InputError(f"image {name}: not a readable image ({exc.__class__.__name__})") from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise InputError(f"image {name}: cannot decode ({exc})") from exc
-        return pil_to_rgb(img)
+        return pil_to_rgb(_upright(img))
     raise InputError(f"unsupported image input of type {type(src).__name__}")
 
 

@@ -85,6 +85,27 @@ def test_grayscale_rgba_16bit_are_converted():
     assert np.array_equal(np.asarray(load_image(g16)), np.stack([gray] * 3, -1))
 
 
+@pytest.mark.parametrize("orientation,turn", [(1, None), (3, Image.Transpose.ROTATE_180),
+                                               (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_exif_orientation_of_files_is_applied(tmp_path, orientation, turn):
+    """A sideways phone photo (EXIF Orientation) is read upright from a path or bytes, as transformers'
+    `load_image` reads it; a PIL image passed in is taken as it is."""
+    pixels = np.zeros((30, 50, 3), np.uint8)
+    pixels[:10, :20] = (255, 0, 0)  # a red block in the top-left corner tells the turns apart
+    img = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    img.save(path, exif=exif)
+    want = np.asarray(img if turn is None else img.transpose(turn))
+    assert np.array_equal(np.asarray(load_image(path)), want)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), want)
+    assert np.array_equal(np.asarray(load_image(Image.open(path))), pixels)
+    from transformers.image_utils import load_image as hf_load_image
+
+    assert np.array_equal(np.asarray(hf_load_image(str(path)).convert("RGB")), want)
+
+
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares width x height (the pixels are never decoded: refused first)."""
     import struct
