@@ -159,6 +159,8 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
 
         ckpt = load_whisper_checkpoint(path)
         model = ckpt.build()  # weights are checked before anything is announced or written
+        cfg = ckpt.config  # and the tokenizer: a broken one must not cost an export first
+        WhisperTokenizer.from_file(tokenizer_file_for(files), cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
         sys.stderr.write(f"exporting Whisper to ONNX ({precision}; first use of these weights, cached for next time)\n")
         if precision == "fp32":
             export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True, dynamic_frames=True)

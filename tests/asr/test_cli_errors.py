@@ -74,6 +74,21 @@ def test_truncated_model(capsys, tmp_path, tiny_en_dir):
     assert_one_line_error(code, err, "model.bin")
 
 
+def test_broken_tokenizer_fails_before_the_export(capsys, tmp_path, tiny_en_dir, monkeypatch):
+    """A model directory whose tokenizer.json is broken: one line naming it, before a first-use export is
+    announced, and nothing is cached."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").symlink_to(tiny_en_dir / "model.bin")
+    (model / "tokenizer.json").write_text('{"model": ')
+    clip = tmp_path / "ok.wav"
+    _write_wav(clip, 1.0)
+    code, _, err = run_cli(capsys, "transcribe", str(clip), "--model", str(model))
+    assert_one_line_error(code, err, "tokenizer.json")
+    assert not list((tmp_path / "cache").rglob("*.onnx"))
+
+
 def test_model_dir_with_wrong_config(capsys, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
