@@ -132,3 +132,19 @@ def test_prefill_prefix_with_image_tokens_gives_same_tokens(tiny):
     vlm.prefill_prefix(vlm.prepare(msgs(coffee, "a")), n)  # the scene changed: other image tokens
     again = vlm.generate(msgs(cat, "What is it?"), cfg)
     assert again.token_ids == ref.token_ids and again.timings["prompt_reused"] < n
+
+
+def test_loading_a_vlm_does_not_import_torch_dynamo(tiny, tmp_path):
+    """Building the vision tower on the meta device used to run `normal_` on a meta tensor, which imports
+    torch._dynamo: ~0.8 s of every cold `ask`/`run` with a VLM whose exports are cached."""
+    import subprocess
+    import sys
+
+    _, _, d = tiny
+    load = ("import sys; from edge_mmm.vision.api import load_vlm; "
+            f"load_vlm({str(d)!r}, backend='onnxruntime', onnx_cache_dir={str(tmp_path)!r}); ")
+    first = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]  # exports the graphs (torch.export imports dynamo)
+    code = load + "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'"
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]  # a load from the cache builds on meta only
