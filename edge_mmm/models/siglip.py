@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_mmm import kernels  # Triton attention / GELU on CUDA (kernels.use_triton); the torch code otherwise
+from edge_mmm.models.embedding import embedding
 
 
 @dataclass
@@ -54,10 +55,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.n = cfg.patches_per_side
         self.patch_size = cfg.patch_size
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
-        weight = torch.empty(self.n * self.n, cfg.hidden_size)
-        if weight.device.type != "meta":  # a normal_ on the meta device imports torch._dynamo: ~0.8 s per process
-            nn.init.normal_(weight)
-        self.position_embedding = nn.Embedding(self.n * self.n, cfg.hidden_size, _weight=weight)
+        self.position_embedding = embedding(self.n * self.n, cfg.hidden_size)
 
     def position_ids(self, patch_mask: torch.Tensor) -> torch.Tensor:
         """(B, h, w) bool -> (B, h*w) ids: each real patch's fractional row/col mapped to the n x n grid."""

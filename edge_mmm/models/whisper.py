@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edge_mmm import kernels  # Triton attention on CUDA (kernels.use_triton); the torch code otherwise
+from edge_mmm.models.embedding import embedding
 from edge_mmm.models.whisper_config import (DECODER_FILE, ENCODER_FILE, PRESETS, WhisperConfig,  # noqa: F401
                                             cross_names, onnx_files)
 
@@ -145,7 +146,7 @@ class AudioEncoder(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, cfg: WhisperConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.n_vocab, cfg.n_text_state)
+        self.token_embedding = embedding(cfg.n_vocab, cfg.n_text_state)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.n_text_ctx, cfg.n_text_state))
         self.blocks = nn.ModuleList(DecoderBlock(cfg.n_text_state, cfg.n_text_head)
                                     for _ in range(cfg.n_text_layer))
