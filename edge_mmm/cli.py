@@ -180,7 +180,8 @@ def transcribe(
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
 ) -> None:
-    """Transcribe speech in audio files with Whisper."""
+    """Transcribe speech in audio files with Whisper. Of several files, one that cannot be read is reported
+    on stderr and skipped; the others are transcribed and the exit code is 2."""
     import tempfile
 
     from edge_mmm.asr.api import TranscribeOptions, load_asr
@@ -209,8 +210,16 @@ def transcribe(
         torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
         asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=torch_device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
+    failed = 0
     for path in audio:
-        result = asr.transcribe(path, opts, progress=not json_out, max_seconds=max_audio_s)
+        try:
+            result = asr.transcribe(path, opts, progress=not json_out, max_seconds=max_audio_s)
+        except InputError as exc:  # this file only (unreadable, too long, silent): the others still run
+            if len(audio) == 1:
+                raise
+            sys.stderr.write(f"error: {exc}\n")
+            failed += 1
+            continue
         if json_out:
             _emit_json(result.to_dict())
         else:
@@ -224,6 +233,8 @@ def transcribe(
             t = result.timings
             con.print(f"[dim]language={result.language} audio={t['audio_s']:.2f}s total={t['total_s']:.2f}s "
                       f"rtf={t['rtf']:.3f} load={t['load_s']:.2f}s[/dim]", highlight=False)
+    if failed:  # each failure was reported on its own line above
+        raise typer.Exit(2)
 
 
 # --------------------------------------------------------------------------------------------

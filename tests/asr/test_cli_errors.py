@@ -62,6 +62,21 @@ def test_too_short_file(capsys, tmp_path, seconds):
     assert_one_line_error(code, err, "short.wav")
 
 
+def test_a_bad_file_among_several_is_skipped(capsys, tmp_path, tiny_en_dir):
+    """Several files, one unreadable: the others are transcribed, one error line names the bad one, exit 2
+    (as openai-whisper's CLI skips a file it cannot read)."""
+    good_a, good_b, bad = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "broken.wav"
+    _write_wav(good_a, 1.0)
+    _write_wav(good_b, 1.5)
+    bad.write_bytes(b"RIFF" + bytes(200))
+    code, out, err = run_cli(capsys, "transcribe", str(good_a), str(bad), str(good_b), "--model", str(tiny_en_dir),
+                             "--json")
+    assert_one_line_error(code, err, "broken.wav")
+    import json
+
+    assert [json.loads(line)["timings"]["audio_s"] for line in out.strip().splitlines()] == [1.0, 1.5]
+
+
 def test_truncated_model(capsys, tmp_path, tiny_en_dir):
     model = tmp_path / "model"
     model.mkdir()
