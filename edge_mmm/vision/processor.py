@@ -170,7 +170,10 @@ def load_image(src: ImageLike) -> Image.Image:
         return pil_to_rgb(src)
     if isinstance(src, (str, Path, bytes)):
         if isinstance(src, (str, Path)) and not Path(src).is_file():
-            raise InputError(f"image {name}: no such file")
+            if str(src).startswith(("http://", "https://")):
+                raise InputError(f"image {name}: a URL; images are read from files only (download it first)")
+            raise InputError(f"image {name}: " + ("a directory, not an image file" if Path(src).is_dir()
+                                                  else "no such file"))
         try:
             img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
             _check_size(img.width, img.height, name)  # from the header, before decoding the pixels

@@ -133,5 +133,9 @@ def test_bad_images_raise_input_error_naming_the_file(tmp_path):
         load_image(png_header_only(tmp_path / "big.png", 9000, 9000))  # under PIL's bomb limit, over ours
     with pytest.raises(InputError, match="zero.png"):
         load_image(png_header_only(tmp_path / "zero.png", 0, 0))
-    with pytest.raises(InputError, match="missing.png"):
+    with pytest.raises(InputError, match="missing.png: no such file"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="a directory"):
+        load_image(tmp_path)
+    with pytest.raises(InputError, match="a URL"):
+        load_image("https://example.com/cat.jpg")
