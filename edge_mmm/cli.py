@@ -171,6 +171,9 @@ def transcribe(
     language: Optional[str] = typer.Option(None, "--language", help="Language code; detected if omitted."),
     task: str = typer.Option("transcribe", "--task", help="transcribe | translate"),
     timestamps: bool = typer.Option(True, "--timestamps/--no-timestamps", help="Predict segment timestamps."),
+    initial_prompt: Optional[str] = typer.Option(None, "--initial-prompt", help="Text the first 30 s window is "
+                                                 "conditioned on: names, spellings, style (openai-whisper's "
+                                                 "initial_prompt)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
                                          "torch device on this machine's profile (cuda: --backend torch)."),
@@ -209,7 +212,8 @@ def transcribe(
         backend = choice.asr_backend
         torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
         asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=torch_device)
-    opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps)
+    opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps,
+                             initial_prompt=initial_prompt)
     failed = 0
     for path in audio:
         try:

@@ -30,6 +30,9 @@ class TranscribeOptions:
     logprob_threshold: Optional[float] = -1.0
     no_speech_threshold: Optional[float] = 0.6
     condition_on_previous_text: bool = False
+    # text the first window is conditioned on (names, spellings, style), as openai-whisper's initial_prompt:
+    # its tokens precede the first window's; later windows see it only with condition_on_previous_text
+    initial_prompt: Optional[str] = None
     seed: int = 0
     # encoder positions (20 ms each) kept after the audio of a window shorter than 30 s, the rest cut
     # (whisper.cpp's audio_ctx); None: every window padded to 30 s. Backends without `short_mel` ignore it.
@@ -119,14 +122,15 @@ def window_frames(backend, segment_size: int, opts: TranscribeOptions) -> int:
 def _segments(backend, tok, mel, content_frames, opts, language, on_progress, draft=()) -> Iterator[Segment]:
     input_stride = N_FRAMES // backend.config.n_audio_ctx
     seek = 0
-    all_tokens: List[int] = []
+    all_tokens: List[int] = (tok.encode(" " + opts.initial_prompt.strip())
+                              if opts.initial_prompt is not None else [])
     prompt_reset = 0
     while seek < content_frames:
         time_offset = seek * HOP_LENGTH / SAMPLE_RATE
         segment_size = min(N_FRAMES, content_frames - seek)
         frames = window_frames(backend, segment_size, opts)
         segment = mel[:, seek : seek + segment_size]  # numpy: the onnxruntime path runs without torch
-        prompt = all_tokens[prompt_reset:] if opts.condition_on_previous_text else []
+        prompt = all_tokens[prompt_reset:]  # empty after the first window unless conditioning on previous text
         # a loop in a short window stops after what the audio could hold (~16 tokens a second is fast speech)
         cap = None if frames == N_FRAMES else 16 + -(-segment_size * 16 * HOP_LENGTH // SAMPLE_RATE)
         result = _decode_with_fallback(backend, tok, backend.encode(pad_or_trim(segment, frames)[None]),

@@ -369,7 +369,10 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         language = form.get("language") or None  # ISO-639-1, as OpenAI's API takes it; omitted: detected
         if language is not None and not isinstance(language, str):
             raise ApiError(400, "language must be a language code such as 'en'", param="language")
-        options = TranscribeOptions(language=language)
+        prompt = form.get("prompt") or None  # OpenAI's field: text to condition the first window on
+        if prompt is not None and not isinstance(prompt, str):
+            raise ApiError(400, "prompt must be text", param="prompt")
+        options = TranscribeOptions(language=language, initial_prompt=prompt)
         try:
             models.asr.tokenizer.sot_sequence(options.language, options.task)
         except InputError as exc:

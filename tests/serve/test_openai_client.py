@@ -79,6 +79,12 @@ def test_transcription_language_field(client, models, tmp_path):
         out = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language="en",
                                                  response_format="verbose_json")
     assert out.language == "en" and out.text == models.asr.transcribe(path).text
+    from edge_mmm.asr.transcribe import TranscribeOptions
+
+    hint = "Minutes of the weekly meeting."
+    with open(path, "rb") as f:  # OpenAI's `prompt`: our initial_prompt
+        prompted = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, prompt=hint)
+    assert prompted.text == models.asr.transcribe(path, TranscribeOptions(initial_prompt=hint)).text
     for code, needle in (("xx", "unknown language code 'xx'"), ("de", "English-only")):
         with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as info:
             client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language=code)
