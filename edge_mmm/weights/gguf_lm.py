@@ -197,10 +197,12 @@ def _finite(value) -> bool:
     """No NaN/inf in a float tensor, or in a packed weight's block scales and offsets (its codes are integers)."""
     import torch
 
+    from edge_mmm.weights.finite import all_finite
+
     if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value).all())
+        return all_finite(value)
     packed = value.packed
-    return bool(torch.isfinite(packed.scales).all()) and (packed.zeros is None or bool(torch.isfinite(packed.zeros).all()))
+    return all_finite(packed.scales) and (packed.zeros is None or all_finite(packed.zeros))
 
 
 def release_heap() -> None:

@@ -14,6 +14,7 @@ import torch
 
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.llama import LlamaConfig, RopeScaling, llama_param_shapes
+from edge_mmm.weights.finite import all_finite
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -91,7 +92,7 @@ def read_safetensors(files: List[Path]) -> Dict[str, torch.Tensor]:
             raise ModelFileError(f"{f} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
         for key in keys:
             value = out[key]
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise ModelFileError(f"{f}: tensor {key} holds NaN or infinite values (a corrupt file)")
     return out
 

@@ -129,9 +129,17 @@ def load_idefics3_weights(root: Path, cfg: Idefics3Config, dtype: torch.dtype = 
         raise ModelFileError(f"{root}: vision weights do not match config.json: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
     model = Idefics3ForConditionalGeneration(cfg, vision=vision, lm=lm)
+    quantize_vlm_lm(model, quantize, group_size)
+    return model.eval()
+
+
+def quantize_vlm_lm(model: Idefics3ForConditionalGeneration, quantize: Optional[str], group_size: int = 64) -> None:
+    """Weight-only quantization of the VLM's LM in place (its head stays float): 'int4' (asymmetric, groups of
+    `group_size`), 'int8' (symmetric, per channel) or None (nothing)."""
+    if quantize not in (None, "int4", "int8"):
+        raise ModelFileError(f"unknown quantization {quantize!r} (use int4 or int8)")
     if quantize is not None:
         from edge_mmm.quant.quantize import quantize_model
 
         bits = 4 if quantize == "int4" else 8
         quantize_model(model.lm, bits=bits, group_size=group_size if bits == 4 else None, symmetric=bits == 8)
-    return model.eval()

@@ -16,6 +16,7 @@ import torch
 
 from edge_mmm.errors import ModelFileError
 from edge_mmm.models.whisper import Whisper, WhisperConfig
+from edge_mmm.weights.finite import all_finite
 from edge_mmm.weights.ct2 import read_ct2_model
 from edge_mmm.weights.whisper_files import (WhisperFiles, _tokenizer_file, ct2_config, hf_config,  # noqa: F401
                                            locate_whisper_files, read_whisper_config, tokenizer_file_for)
@@ -44,7 +45,7 @@ class WhisperCheckpoint:
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise ModelFileError(f"{self.source}: tensor {name} has shape {tuple(tensor.shape)}, the config "
                                      f"implies {tuple(expected[name].shape)}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise ModelFileError(f"{self.source}: tensor {name} holds NaN or infinite values (a corrupt file)")
         model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in self.state_dict.items()}, assign=True)
         return model.to(dtype).eval()

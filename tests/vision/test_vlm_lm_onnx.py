@@ -32,6 +32,8 @@ def _msgs(img, q):
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_onnxruntime_lm_logits_match_torch(tiny, tmp_path, quantize):
     _, _, d = tiny
+    load_vlm(d, quantize=quantize, lm_backend="onnxruntime", onnx_cache_dir=tmp_path)  # builds the export
+    # a load from the cache, which skips quantizing the torch LM (the export holds the quantized weights)
     ort_vlm = load_vlm(d, quantize=quantize, lm_backend="onnxruntime", onnx_cache_dir=tmp_path)
     torch_vlm = load_vlm(d, quantize=quantize)
     assert isinstance(ort_vlm.backend, OrtVLMBackend)
