@@ -177,7 +177,11 @@ def transcribe(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
                                          "torch device on this machine's profile (cuda: --backend torch)."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per file on stdout (= --format json)."),
+    out_format: str = typer.Option("text", "--format", "-f", help="text (timed segments) | json | srt | vtt "
+                                   "(subtitles, one cue per segment, as openai-whisper writes them)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write each file's result to "
+                                              "DIR/<name>.txt|json|srt|vtt (atomically) instead of stdout."),
     max_audio_s: float = typer.Option(MAX_AUDIO_SECONDS, "--max-audio-s", min=1.0,
                                       help="Refuse a file that decodes to more audio than this (seconds)."),
     example: bool = typer.Option(False, "--example",
@@ -188,8 +192,10 @@ def transcribe(
     import tempfile
 
     from edge_mmm.asr.api import TranscribeOptions, load_asr
+    from edge_mmm.asr.subtitles import SUBTITLE_FORMATS
     from edge_mmm.audio.synth import EXAMPLE_SENTENCE, synthesize
     from edge_mmm.errors import InputError
+    from edge_mmm.weights.export_cache import write_text_atomic
 
     audio = list(audio or [])
     if example:
@@ -203,6 +209,8 @@ def transcribe(
     for p in audio:
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
+    out_format = "json" if json_out else out_format
+    targets = _transcript_targets(audio, out_format, output_dir)
 
     profile, torch_device = _device(device)
     if bundle:
@@ -215,16 +223,24 @@ def transcribe(
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps,
                              initial_prompt=initial_prompt)
     failed = 0
-    for path in audio:
+    for path, target in zip(audio, targets):
         try:
-            result = asr.transcribe(path, opts, progress=not json_out, max_seconds=max_audio_s)
+            result = asr.transcribe(path, opts, progress=out_format == "text" and target is None,
+                                    max_seconds=max_audio_s)
         except InputError as exc:  # this file only (unreadable, too long, silent): the others still run
             if len(audio) == 1:
                 raise
             sys.stderr.write(f"error: {exc}\n")
             failed += 1
             continue
-        if json_out:
+        if target is not None or out_format in SUBTITLE_FORMATS:
+            text = _transcript_as(result, out_format)
+            if target is None:
+                sys.stdout.write(text)
+            else:
+                write_text_atomic(target, text, umask_mode=True)
+                sys.stderr.write(f"{path} -> {target}\n")
+        elif out_format == "json":
             _emit_json(result.to_dict())
         else:
             from rich.console import Console
@@ -239,6 +255,40 @@ def transcribe(
                       f"rtf={t['rtf']:.3f} load={t['load_s']:.2f}s[/dim]", highlight=False)
     if failed:  # each failure was reported on its own line above
         raise typer.Exit(2)
+
+
+TRANSCRIPT_FORMATS = {"text": "txt", "json": "json", "srt": "srt", "vtt": "vtt"}  # --format -> file extension
+
+
+def _transcript_targets(audio: List[Path], out_format: str, output_dir: Optional[Path]) -> List[Optional[Path]]:
+    """Where each file's transcript goes: None (stdout), or DIR/<name>.<ext> with --output-dir."""
+    from edge_mmm.errors import InputError
+
+    if out_format not in TRANSCRIPT_FORMATS:
+        raise InputError(f"--format must be one of {', '.join(TRANSCRIPT_FORMATS)}, got {out_format!r}")
+    if output_dir is None:
+        if out_format in ("srt", "vtt") and len(audio) > 1:
+            raise InputError(f"--format {out_format} of several files needs --output-dir (one subtitle file each)")
+        return [None] * len(audio)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output-dir {output_dir} is a file, not a directory")
+    targets = [output_dir / f"{Path(p).stem}.{TRANSCRIPT_FORMATS[out_format]}" for p in audio]
+    clashes = sorted({t.name for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise InputError(f"several inputs would write {clashes[0]} in {output_dir}; transcribe them separately")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return targets
+
+
+def _transcript_as(result, out_format: str) -> str:
+    """A transcript as the text of a file in `out_format` (text: the plain transcript)."""
+    from edge_mmm.asr.subtitles import subtitles
+
+    if out_format == "json":
+        return json.dumps(result.to_dict(), ensure_ascii=False) + "\n"
+    if out_format == "text":
+        return result.text + "\n"
+    return subtitles(result.segments, out_format)
 
 
 # --------------------------------------------------------------------------------------------

@@ -364,8 +364,8 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "missing 'file' (the audio to transcribe)", param="file")
         response_format = form.get("response_format") or "json"
-        if response_format not in ("json", "text", "verbose_json"):
-            raise ApiError(400, "response_format must be json, text or verbose_json", param="response_format")
+        if response_format not in ("json", "text", "verbose_json", "srt", "vtt"):
+            raise ApiError(400, "response_format must be json, text, verbose_json, srt or vtt", param="response_format")
         language = form.get("language") or None  # ISO-639-1, as OpenAI's API takes it; omitted: detected
         if language is not None and not isinstance(language, str):
             raise ApiError(400, "language must be a language code such as 'en'", param="language")
@@ -401,6 +401,10 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
         text = "".join(seg.text for seg in segments).strip()
         if response_format == "text":
             return PlainTextResponse(text)
+        if response_format in ("srt", "vtt"):
+            from edge_mmm.asr.subtitles import subtitles
+
+            return PlainTextResponse(subtitles(segments, response_format))
         if response_format == "verbose_json":
             return {"task": "transcribe", "language": language, "duration": round(audio_s, 3), "text": text,
                     "segments": [{"start": seg.start, "end": seg.end, "text": seg.text} for seg in segments]}

@@ -43,16 +43,27 @@ def _settled(stamp: list, now: float) -> bool:
     return now - max(stamp[1], stamp[2]) / 1e9 > SETTLE_S
 
 
-def _write_json(path: Path, value) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
+def write_text_atomic(path: Path, text: str, umask_mode: bool = False) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one (a temp file beside it, renamed).
+    The file is private (0600, as mkstemp makes it) unless `umask_mode`: then it gets the mode an ordinary
+    new file would (0666 less the umask), as a command's output files should."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=1)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if umask_mode:
+            umask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_json(path: Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def source_digest(root: Path, path: Path) -> str:

@@ -66,6 +66,13 @@ def test_transcription_of_espeak_clip(client, models, tmp_path):
     with open(path, "rb") as f:
         text = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, response_format="text")
     assert text.strip() == out.text
+    from edge_mmm.asr.subtitles import to_srt, to_vtt
+
+    segments = models.asr.transcribe(path).segments
+    for fmt, writer in (("srt", to_srt), ("vtt", to_vtt)):
+        with open(path, "rb") as f:
+            subs = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, response_format=fmt)
+        assert subs == writer(segments), fmt
 
 
 def test_transcription_language_field(client, models, tmp_path):
