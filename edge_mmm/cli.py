@@ -209,6 +209,8 @@ def transcribe(
     for p in audio:
         if not Path(p).exists():
             raise InputError(f"audio file not found: {p}")
+    if json_out and out_format not in ("text", "json"):
+        raise InputError(f"--json and --format {out_format} disagree; pass one of them")
     out_format = "json" if json_out else out_format
     targets = _transcript_targets(audio, out_format, output_dir)
 
@@ -262,12 +264,13 @@ TRANSCRIPT_FORMATS = {"text": "txt", "json": "json", "srt": "srt", "vtt": "vtt"}
 
 def _transcript_targets(audio: List[Path], out_format: str, output_dir: Optional[Path]) -> List[Optional[Path]]:
     """Where each file's transcript goes: None (stdout), or DIR/<name>.<ext> with --output-dir."""
+    from edge_mmm.asr.subtitles import SUBTITLE_FORMATS
     from edge_mmm.errors import InputError
 
     if out_format not in TRANSCRIPT_FORMATS:
         raise InputError(f"--format must be one of {', '.join(TRANSCRIPT_FORMATS)}, got {out_format!r}")
     if output_dir is None:
-        if out_format in ("srt", "vtt") and len(audio) > 1:
+        if out_format in SUBTITLE_FORMATS and len(audio) > 1:
             raise InputError(f"--format {out_format} of several files needs --output-dir (one subtitle file each)")
         return [None] * len(audio)
     if output_dir.exists() and not output_dir.is_dir():

@@ -63,6 +63,7 @@ def test_output_dir_gets_one_file_each(capsys, clips, asr, tiny_en_dir, tmp_path
 
 @pytest.mark.parametrize("extra,needle", [(("-f", "srt"), "needs --output-dir"),
                                           (("-f", "xml"), "--format must be one of"),
+                                          (("-f", "srt", "--json"), "disagree"),
                                           (("-f", "vtt", "-o", "SAME"), "would write clip2.vtt")])
 def test_format_errors(capsys, clips, tiny_en_dir, tmp_path, extra, needle):
     second = clips[1]
