@@ -77,14 +77,17 @@ def decode_audio(source: Union[bytes, BinaryIO], name: str = "audio", sample_rat
 
 
 def check_audio(audio: np.ndarray, name: str = "audio", sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Validate a decoded waveform: 1-D, finite, and long enough to hold speech."""
+    """Validate a waveform: 1-D (or one row/column), finite, long enough to hold speech; float in [-1, 1], or
+    int16/int32 PCM scaled to it (full scale -> 1.0)."""
     audio = np.asarray(audio)
     if audio.ndim == 2 and 1 in audio.shape:
         audio = audio.reshape(-1)
     if audio.ndim != 1:
         raise InputError(f"{name}: expected mono audio (1-D array), got shape {tuple(audio.shape)}")
+    if audio.dtype in (np.int16, np.int32):  # integer PCM (a WAV's samples, sounddevice's int16 blocks)
+        audio = audio.astype(np.float32) / float(2 ** (8 * audio.dtype.itemsize - 1))
     if not np.issubdtype(audio.dtype, np.floating):
-        raise InputError(f"{name}: expected float samples in [-1, 1], got dtype {audio.dtype}")
+        raise InputError(f"{name}: expected float samples in [-1, 1] or int16/int32 PCM, got dtype {audio.dtype}")
     seconds = audio.shape[0] / sample_rate
     if audio.shape[0] == 0:
         raise InputError(f"{name}: contains no audio samples")
