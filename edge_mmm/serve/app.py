@@ -27,6 +27,7 @@ from edge_mmm.errors import EdgeMMMError, InputError, require
 from edge_mmm.serve.guard import (Admission, ApiError, GuardMiddleware, error_body, install_error_handlers,
                                    json_body)
 from edge_mmm.serve.settings import ServeSettings
+from edge_mmm.text.chat_template import text_messages
 from edge_mmm.text.generation import GenerationConfig
 
 ROLES = ("system", "user", "assistant")
@@ -201,12 +202,6 @@ def refuse_control_text(messages: List[Dict[str, Any]], vlm) -> None:
                                     f"model may not contain", param="messages", code="control_token")
 
 
-def _text_only(messages: List[Dict[str, Any]]) -> List[Dict[str, str]]:
-    """Text LMs take string contents: join the text parts."""
-    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-             else "".join(p["text"] for p in m["content"])} for m in messages]
-
-
 # --------------------------------------------------------------------------------------------------
 # the app
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +280,7 @@ def create_app(settings: ServeSettings, models: Optional[Models] = None):
             refuse_control_text(messages, models.vlm)
             model, model_id, prompt = models.vlm, models.vlm_id, messages
         else:
-            model, model_id, prompt = models.lm, models.lm_id, _text_only(messages)
+            model, model_id, prompt = models.lm, models.lm_id, text_messages(messages)
             ids = await run_in_threadpool(model.encode_prompt, prompt)  # tokenized outside the model lock
         owner = connection(request)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from edge_mmm.errors import InputError, ModelFileError
-from edge_mmm.text.chat_template import render_chat
+from edge_mmm.text.chat_template import render_chat, text_messages
 from edge_mmm.text.backends import TorchBackend
 from edge_mmm.text.generation import (Generation, GenerationConfig, LMBackend, TokenStream, cached_ids, check_prompt,
                                       common_prefix)
@@ -44,7 +44,7 @@ class LanguageModel:
         return self.backend.context_length
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.tokenizer.chat_template, messages, add_generation_prompt,
+        return render_chat(self.tokenizer.chat_template, text_messages(messages), add_generation_prompt,
                            self.tokenizer.special_tokens)
 
     def encode_prompt(self, prompt: Prompt) -> List[int]:

@@ -60,6 +60,29 @@ def compile_template(source: str):
         raise ModelFileError(f"the model's chat template does not parse: {exc}") from exc
 
 
+def text_messages(messages: Sequence[Message]) -> List[Dict[str, Any]]:
+    """Chat messages for a text LM: each a dict with a `role` and a `content` that is a string, or a list of
+    OpenAI-style text parts (`{"type": "text", "text": ...}`, joined); an image part, or any other content,
+    is an InputError naming the message."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise InputError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            kinds = [p.get("type") if isinstance(p, Mapping) else type(p).__name__ for p in content]
+            other = next((k for k in kinds if k != "text"), None)
+            if other is not None:
+                hint = "; images need a vision-language model (edge-mmm ask)" if other in ("image", "image_url") else ""
+                raise InputError(f"messages[{i}] has a {other!r} content part; a text LM takes text parts{hint}")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise InputError(f"messages[{i}].content must be a string or a list of text parts, got "
+                             f"{type(content).__name__}")
+        out.append({**m, "content": content})
+    return out
+
+
 def render_chat(template: Optional[str], messages: Sequence[Message], add_generation_prompt: bool = True,
                 special_tokens: Optional[Dict[str, str]] = None, tools: Optional[List[dict]] = None,
                 **kwargs) -> str:

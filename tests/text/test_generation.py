@@ -222,3 +222,19 @@ def test_prefill_prefix_ahead_gives_same_tokens(lm, model_dir):
     assert again.token_ids == ahead.token_ids and again.timings["prompt_reused"] < len(ids) - 3
     with pytest.raises(InputError):
         lm.prefill_prefix(list(range(96)))  # no room left for the prompt that extends it
+
+
+def test_openai_style_text_parts_and_bad_contents(lm):
+    """Content as OpenAI-style text parts is the joined text; other contents are an InputError naming the
+    message (they were a TypeError from inside the template)."""
+    lm.reset()
+    cfg = GenerationConfig(max_tokens=6)
+    plain = lm.generate([{"role": "user", "content": "Say hi."}], cfg)
+    lm.reset()
+    parts = lm.generate([{"role": "user", "content": [{"type": "text", "text": "Say "},
+                                                       {"type": "text", "text": "hi."}]}], cfg)
+    assert parts.token_ids == plain.token_ids and parts.prompt_tokens == plain.prompt_tokens
+    for content, needle in ((None, r"messages\[1\]\.content must be a string"), (7, "got int"),
+                            ([{"type": "image_url", "image_url": {"url": "x.png"}}], "vision-language model")):
+        with pytest.raises(InputError, match=needle):
+            lm.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}], cfg)
