@@ -83,6 +83,27 @@ def _field(body: dict, name: str, kind, default=None):
     return value
 
 
+def refuse_unsupported(body: dict) -> None:
+    """OpenAI request fields that would change the answer and that this server does not implement: a 400
+    naming the field, not an answer that silently ignores it. Their neutral values pass (clients send them)."""
+    if body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none", "auto"):
+        name = next(k for k in ("tools", "functions", "tool_choice") if body.get(k))
+        raise ApiError(400, "tool and function calling is not supported by this server", param=name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "response_format: only {'type': 'text'} is supported (no JSON mode or schemas)",
+                       param="response_format")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        name = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise ApiError(400, "logprobs are not returned by this server", param=name)
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = _field(body, name, float, 0.0)
+        if value != 0.0:
+            raise ApiError(400, f"'{name}' is not supported (only 0)", param=name)
+    if body.get("logit_bias"):
+        raise ApiError(400, "'logit_bias' is not supported", param="logit_bias")
+
+
 def generation_config(body: dict, cap: int) -> GenerationConfig:
     """Sampling fields of a chat request -> GenerationConfig; max_tokens is clamped to the server's cap."""
     max_tokens = _field(body, "max_completion_tokens", int)
@@ -99,6 +120,7 @@ def generation_config(body: dict, cap: int) -> GenerationConfig:
     n = _field(body, "n", int, 1)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
+    refuse_unsupported(body)
     cfg = GenerationConfig(max_tokens=min(max_tokens, cap), temperature=_field(body, "temperature", float, 1.0),
                            top_p=_field(body, "top_p", float, 1.0), seed=_field(body, "seed", int),
                            stop_strings=tuple(stop or ()))

@@ -104,3 +104,22 @@ def test_top_p_zero_is_the_most_likely_token(client, models):
     kw = dict(model=models.lm_id, messages=QUESTION, max_tokens=8)
     greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
     assert client.chat.completions.create(temperature=1.0, top_p=0, seed=5, **kw).choices[0].message.content == greedy
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+])
+def test_unsupported_fields_are_refused_not_ignored(client, models, extra, param):
+    """A field that would change the answer and is not implemented is a 400 naming it, never a silent answer;
+    its neutral value is accepted (clients send it)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=models.lm_id, messages=QUESTION, max_tokens=4, **extra)
+    assert info.value.body["param"] == param
+    neutral = client.chat.completions.create(model=models.lm_id, messages=QUESTION, max_tokens=4, temperature=0,
+                                             presence_penalty=0, frequency_penalty=0, logprobs=False,
+                                             response_format={"type": "text"}, tool_choice="none")
+    assert neutral.choices[0].message.content
