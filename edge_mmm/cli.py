@@ -187,8 +187,8 @@ def transcribe(
     example: bool = typer.Option(False, "--example",
                                  help="Transcribe a built-in example sentence synthesized with espeak-ng."),
 ) -> None:
-    """Transcribe speech in audio files with Whisper. Of several files, one that cannot be read is reported
-    on stderr and skipped; the others are transcribed and the exit code is 2."""
+    """Transcribe speech in audio files with Whisper. Of several files, one that is missing or cannot be read
+    is reported on stderr and skipped; the others are transcribed and the exit code is 2."""
     import tempfile
 
     from edge_mmm.asr.api import TranscribeOptions, load_asr
@@ -206,9 +206,9 @@ def transcribe(
         audio.append(clip)
     if not audio:
         raise InputError("no audio files given (pass AUDIO paths, or --example)")
-    for p in audio:
-        if not Path(p).exists():
-            raise InputError(f"audio file not found: {p}")
+    missing = [p for p in audio if not Path(p).exists()]
+    if len(missing) == len(audio):  # nothing to do: say so before loading a model (else: skipped below)
+        raise InputError(f"audio file not found: {missing[0]}")
     if json_out and out_format not in ("text", "json"):
         raise InputError(f"--json and --format {out_format} disagree; pass one of them")
     out_format = "json" if json_out else out_format

@@ -75,6 +75,10 @@ def test_a_bad_file_among_several_is_skipped(capsys, tmp_path, tiny_en_dir):
     import json
 
     assert [json.loads(line)["timings"]["audio_s"] for line in out.strip().splitlines()] == [1.0, 1.5]
+    code, out, err = run_cli(capsys, "transcribe", str(good_a), str(tmp_path / "typo.wav"), "--model",
+                             str(tiny_en_dir), "--json")  # a missing file among several is skipped the same way
+    assert_one_line_error(code, err, "typo.wav")
+    assert len(out.strip().splitlines()) == 1
 
 
 def test_truncated_model(capsys, tmp_path, tiny_en_dir):
