@@ -153,7 +153,8 @@ def _asr_path(model: Optional[str]):
 # --------------------------------------------------------------------------------------------
 @app.command()
 def transcribe(
-    audio: Optional[List[Path]] = typer.Argument(None, help="Audio files (wav, flac, mp3, ogg, m4a, ...)."),
+    audio: Optional[List[Path]] = typer.Argument(None, help="Audio files (wav, flac, mp3, ogg, m4a, ...); - reads "
+                                                 "one from standard input."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Whisper model: a directory (CTranslate2 model.bin, HF safetensors), an openai-whisper .pt "
@@ -193,6 +194,7 @@ def transcribe(
 
     from edge_mmm.asr.api import TranscribeOptions, load_asr
     from edge_mmm.asr.subtitles import SUBTITLE_FORMATS
+    from edge_mmm.audio.io import decode_audio
     from edge_mmm.audio.synth import EXAMPLE_SENTENCE, synthesize
     from edge_mmm.errors import InputError
     from edge_mmm.weights.export_cache import write_text_atomic
@@ -206,7 +208,9 @@ def transcribe(
         audio.append(clip)
     if not audio:
         raise InputError("no audio files given (pass AUDIO paths, or --example)")
-    missing = [p for p in audio if not Path(p).exists()]
+    if sum(str(p) == STDIN for p in audio) > 1:
+        raise InputError("standard input (-) can be read once")
+    missing = [p for p in audio if str(p) != STDIN and not Path(p).exists()]
     if len(missing) == len(audio):  # nothing to do: say so before loading a model (else: skipped below)
         raise InputError(f"audio file not found: {missing[0]}")
     if json_out and out_format not in ("text", "json"):
@@ -227,7 +231,9 @@ def transcribe(
     failed = 0
     for path, target in zip(audio, targets):
         try:
-            result = asr.transcribe(path, opts, progress=out_format == "text" and target is None,
+            source = (decode_audio(sys.stdin.buffer.read(), "standard input", max_seconds=max_audio_s)
+                      if str(path) == STDIN else path)
+            result = asr.transcribe(source, opts, progress=out_format == "text" and target is None,
                                     max_seconds=max_audio_s)
         except InputError as exc:  # this file only (unreadable, too long, silent): the others still run
             if len(audio) == 1:
@@ -260,6 +266,7 @@ def transcribe(
 
 
 TRANSCRIPT_FORMATS = {"text": "txt", "json": "json", "srt": "srt", "vtt": "vtt"}  # --format -> file extension
+STDIN = "-"  # the audio argument that reads standard input
 
 
 def _transcript_targets(audio: List[Path], out_format: str, output_dir: Optional[Path]) -> List[Optional[Path]]:
@@ -275,7 +282,8 @@ def _transcript_targets(audio: List[Path], out_format: str, output_dir: Optional
         return [None] * len(audio)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output-dir {output_dir} is a file, not a directory")
-    targets = [output_dir / f"{Path(p).stem}.{TRANSCRIPT_FORMATS[out_format]}" for p in audio]
+    targets = [output_dir / f"{'stdin' if str(p) == STDIN else Path(p).stem}.{TRANSCRIPT_FORMATS[out_format]}"
+               for p in audio]
     clashes = sorted({t.name for t in targets if targets.count(t) > 1})
     if clashes:
         raise InputError(f"several inputs would write {clashes[0]} in {output_dir}; transcribe them separately")

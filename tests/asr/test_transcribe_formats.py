@@ -74,3 +74,18 @@ def test_format_errors(capsys, clips, tiny_en_dir, tmp_path, extra, needle):
         extra = tuple(str(tmp_path / "out") if e == "SAME" else e for e in extra)
     code, _, err = _run(capsys, clips[0], second, "--model", tiny_en_dir, *extra)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_standard_input(capsys, clips, asr, tiny_en_dir, monkeypatch):
+    """`-` reads one audio file from standard input (`ffmpeg ... | edge-mmm transcribe -`)."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(clips[1].read_bytes())))
+    code, out, _ = _run(capsys, "-", "--model", tiny_en_dir, "--format", "json")
+    assert code == 0 and json.loads(out)["text"] == asr.transcribe(clips[1]).text
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"not audio at all" * 10)))
+    code, _, err = _run(capsys, "-", "--model", tiny_en_dir)
+    assert code == 2 and "standard input" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "-", "-", "--model", tiny_en_dir)
+    assert code == 2 and "read once" in err
