@@ -175,6 +175,9 @@ def transcribe(
     initial_prompt: Optional[str] = typer.Option(None, "--initial-prompt", help="Text the first 30 s window is "
                                                  "conditioned on: names, spellings, style (openai-whisper's "
                                                  "initial_prompt)."),
+    condition: bool = typer.Option(False, "--condition-on-previous-text/--independent-windows",
+                                   help="Feed each 30 s window the text of the previous one (openai-whisper's "
+                                        "default; more consistent, can loop on noise). Default: independent."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = all cores)."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help=DEVICE_HELP + " Also: cpu | cuda[:N], the "
                                          "torch device on this machine's profile (cuda: --backend torch)."),
@@ -227,7 +230,7 @@ def transcribe(
         torch_device = torch_device or (choice.torch_device if backend == "torch" else "cpu")
         asr = load_asr(model, backend=backend, threads=threads, precision=precision, device=torch_device)
     opts = TranscribeOptions(beam_size=beam_size, language=language, task=task, timestamps=timestamps,
-                             initial_prompt=initial_prompt)
+                             initial_prompt=initial_prompt, condition_on_previous_text=condition)
     failed = 0
     for path, target in zip(audio, targets):
         try:

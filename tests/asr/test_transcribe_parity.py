@@ -56,3 +56,27 @@ def test_initial_prompt_reaches_the_decoder(ours, speech_clips):
     plain = ours.transcribe(audio, TranscribeOptions(temperatures=(0.0,)))
     prompted = ours.transcribe(audio, TranscribeOptions(temperatures=(0.0,), initial_prompt=PROMPT))
     assert plain.segments[0].avg_logprob != prompted.segments[0].avg_logprob
+
+
+
+def test_cli_condition_flag(long_audio, tiny_en_dir, tmp_path, capsys):
+    """`edge-mmm transcribe --condition-on-previous-text` decodes as `condition_on_previous_text=True`."""
+    import json
+    import wave
+
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.cli import main
+
+    path = tmp_path / "long.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(long_audio, -1, 1) * 32767).astype(np.int16).tobytes())
+    audio = load_audio(path)
+    ours = load_asr(tiny_en_dir)  # the CLI's default backend, from the same export cache
+    for flag, condition in (("--condition-on-previous-text", True), ("--independent-windows", False)):
+        code = main(["transcribe", str(path), "--model", str(tiny_en_dir), "--json", flag])
+        out, _ = capsys.readouterr()
+        want = ours.transcribe(audio, TranscribeOptions(condition_on_previous_text=condition))
+        assert code == 0 and json.loads(out)["text"] == want.text, flag
