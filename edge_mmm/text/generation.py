@@ -105,12 +105,30 @@ def sample(logits, config: GenerationConfig, rng: Optional[np.random.Generator])
     if 0 < config.top_k < x.size:
         kth = np.partition(x, x.size - config.top_k)[x.size - config.top_k]
         x[x < kth] = -np.inf
-    if config.top_p < 1.0:
-        order = np.argsort(-x, kind="stable")
-        probs = _softmax(x[order])
-        x[order[np.cumsum(probs) - probs > config.top_p]] = -np.inf
-    cdf = np.cumsum(_softmax(x))
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), x.size - 1))
+    probs = _softmax(x)
+    tokens = _nucleus(probs, config.top_p) if config.top_p < 1.0 else None
+    if tokens is not None:
+        probs = probs[tokens]
+    cdf = np.cumsum(probs)
+    i = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+    return int(tokens[i]) if tokens is not None else i
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The most likely tokens, in order, while the probability before each is at most `top_p` (at least one).
+    Sorts only a candidate set (256, then 8x more) that holds more than `top_p` of the mass: a full sort of a
+    49k vocabulary cost ~3.5 ms a token, as long as a decode step."""
+    m, top = 256, None
+    while m < probs.size:
+        top = np.argpartition(-probs, m - 1)[:m]
+        if probs[top].sum() > top_p:  # every token outside the set is dropped
+            break
+        m, top = m * 8, None
+    if top is None:
+        top = np.arange(probs.size)
+    top = top[np.argsort(-probs[top], kind="stable")]
+    before = np.cumsum(probs[top]) - probs[top]
+    return top[before <= top_p]
 
 
 class TokenStream:

@@ -238,3 +238,17 @@ def test_openai_style_text_parts_and_bad_contents(lm):
                             ([{"type": "image_url", "image_url": {"url": "x.png"}}], "vision-language model")):
         with pytest.raises(InputError, match=needle):
             lm.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}], cfg)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat (the nucleus needs most of the vocabulary) .. peaked
+@pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 0.999])
+def test_nucleus_equals_a_full_sort(scale, top_p):
+    """The candidate-set nucleus keeps exactly the tokens a full sort keeps (distinct probabilities)."""
+    from edge_mmm.text.generation import _nucleus
+
+    x = np.random.default_rng(int(scale * 10)).standard_normal(49152) * scale
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    assert _nucleus(probs, top_p).tolist() == order[before <= top_p].tolist()
