@@ -203,6 +203,10 @@ class LiveAssistant:
         self._file_source: Optional[AudioFileSource] = None
         if isinstance(self._mic_target, Path):
             self._file_source = AudioFileSource(self._mic_target, self.ring, config.audio_file_speed)
+        elif self._mic_target not in (None, "default"):
+            from edge_mmm.runtime.inputs import check_microphone
+
+            check_microphone(self._mic_target)
         self._sources: List[Any] = []
         self._loaded_while_listening = models is None
         if models is None:

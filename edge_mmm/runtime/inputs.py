@@ -8,6 +8,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
+from edge_mmm.errors import InputError
+
 NO_INPUT_HINT = ("pass --camera SRC (V4L2 index such as 0, /dev/videoN, a GStreamer pipeline, an RTSP URL "
                  "or a video file) and --mic SRC (a device index or name, or an audio file played in real "
                  "time); `edge-mmm devices --list-inputs` lists what is present")
@@ -78,6 +80,22 @@ def list_microphones() -> Tuple[List[InputDevice], Optional[str]]:
     if not any(m.default for m in mics):
         mics[0].default = True
     return mics, None
+
+
+def check_microphone(device) -> None:
+    """InputError when PortAudio lists input devices and `device` (an index, or a name that sounddevice
+    matches by substrings) is not one of them: a typo fails at start instead of being retried forever. When
+    PortAudio lists no input at all (no sound server yet), nothing is said: the microphone thread retries."""
+    mics, _ = list_microphones()
+    if not mics:
+        return
+    import sounddevice as sd
+
+    try:
+        sd.query_devices(device, kind="input")
+    except (ValueError, sd.PortAudioError) as exc:
+        have = "; ".join(f"{m.id}: {m.name}" for m in mics)
+        raise InputError(f"--mic {device}: {exc} (input devices: {have})") from None
 
 
 def default_camera() -> Optional[str]:

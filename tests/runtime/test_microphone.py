@@ -147,3 +147,20 @@ def test_real_portaudio_capture_through_pulseaudio(pulse_null_sink, question_cli
     assert np.abs(audio).max() > 0.05, "captured only silence"
     text = asr_model.transcribe(audio).text
     assert normalized_wer(QUESTION, text) <= 0.2, text
+
+
+def test_a_microphone_name_that_matches_nothing_fails_at_start(pulse_null_sink, capsys):
+    """With PortAudio listing inputs, `--mic` naming none of them is a one-line error at start (it was retried
+    every 8 s forever); a name that matches ('pulse') starts."""
+    from edge_mmm.cli import main
+    from edge_mmm.errors import InputError
+    from edge_mmm.runtime.inputs import check_microphone
+
+    check_microphone("pulse")  # a real input on this PulseAudio server
+    with pytest.raises(InputError, match="no-such-mic-xyz.*input devices: .*pulse"):
+        check_microphone("no-such-mic-xyz")
+    with pytest.raises(InputError, match="input devices"):
+        check_microphone(97)
+    assert main(["run", "--camera", "none", "--mic", "no-such-mic-xyz", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-mic-xyz" in err and len(err.strip().splitlines()) == 1
