@@ -326,12 +326,11 @@ def export_on_first_use(model, files, cache_root: Optional[Path], precision: str
     return entry / name
 
 
-def export_lm_on_first_use(model, files, cache_root: Optional[Path], quantize: Optional[str],
-                           quantized: bool = True) -> Tuple[Path, dict]:
+def export_lm_on_first_use(model, files, cache_root: Optional[Path], quantize: Optional[str]) -> Tuple[Path, dict]:
     """The VLM's LM as the cached, verified ONNX graph that takes `inputs_embeds` (exporters/onnx_lm.py; the
     weights as `model.lm` holds them after `quantize`: MatMulNBits with fp32 activations, the head float),
     written on first use; with its io dict (layers, KV heads, head dim, vocabulary, max positions).
-    `quantized=False`: `model.lm` is still float and is quantized (in place) only if the export is built."""
+    `model.lm` is passed float: it is quantized (in place) only when the export is built, so a cache hit skips it."""
     import json
 
     from edge_mmm.exporters.versions import ONNX_LM
@@ -348,8 +347,7 @@ def export_lm_on_first_use(model, files, cache_root: Optional[Path], quantize: O
         from edge_mmm.exporters.onnx_lm import OnnxLMOptions, export_llama_onnx
         from edge_mmm.weights.idefics3 import quantize_vlm_lm
 
-        if not quantized:  # load_vlm defers the quantization to here: a cache hit never needs it
-            quantize_vlm_lm(model, quantize)
+        quantize_vlm_lm(model, quantize)
         export_llama_onnx(model.lm, tmp / "model.onnx",
                           OnnxLMOptions(accuracy_level=0, head_bits=None, inputs_embeds=True))
         (tmp / "lm_io.json").write_text(json.dumps(io))
@@ -366,7 +364,7 @@ def _onnx_lm_backend(model, files, cache_root: Optional[Path], quantize: Optiona
 
     if next(model.lm.parameters()).dtype != torch.float32:
         raise InputError("lm_backend='onnxruntime' runs the VLM's LM in float32 (load it with dtype=torch.float32)")
-    path, io = export_lm_on_first_use(model, files, cache_root, quantize, quantized=False)
+    path, io = export_lm_on_first_use(model, files, cache_root, quantize)
     table = model.lm.embed_tokens.weight.detach().numpy()  # float32: a view, no copy
     return OrtVLMBackend.load(path, io, table, model.config.image_token_id, context_length, threads)
 

@@ -79,8 +79,7 @@ def test_transcription_language_field(client, models, tmp_path):
     """OpenAI's `language` field: a code the model takes is used, one it cannot take is a 400 naming it."""
     from edge_mmm.audio.synth import SENTENCES, have_espeak, synthesize
 
-    if not have_espeak():
-        pytest.skip("espeak-ng/sox not installed")
+    assert have_espeak(), "espeak-ng and sox are missing: the README's first command installs them"
     path = synthesize(SENTENCES[3], tmp_path / "q.wav", lead_silence=0.3, trail_silence=0.3)
     with open(path, "rb") as f:
         out = client.audio.transcriptions.create(model="whisper-tiny.en", file=f, language="en",
