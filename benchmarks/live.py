@@ -1,7 +1,7 @@
 """Live runtime latency: end of speech -> first answer token, and where the time goes, over N spoken turns.
 
     python benchmarks/live.py [--turns 10] [--threads 2] [--max-tokens 24] [--vlm DIR] [--skip-vlm] [--skip-text]
-                              [--vlm-backend torch|onnxruntime] [--vision-precision fp32|int8]
+                              [--vlm-backend torch|onnxruntime] [--vision-precision auto|fp32|int8]
                               [--vlm-lm-backend torch|onnxruntime]
                               [--end-silence-ms 500] [--sentence-end-silence-ms MS] [--no-baseline] [--speak]
 
@@ -147,8 +147,8 @@ def main() -> None:
                     help="vision encoder runtime (load_vlm backend)")
     ap.add_argument("--vlm-lm-backend", default="torch", choices=["torch", "onnxruntime"],
                     help="where the VLM's language model runs (load_vlm lm_backend)")
-    ap.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"],
-                    help="onnxruntime vision encoder precision (int8: dynamic, opt-in)")
+    ap.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
+                    help="onnxruntime vision encoder precision (load_vlm's; auto: int8 where its check passes)")
     ap.add_argument("--end-silence-ms", type=int, default=500)
     ap.add_argument("--sentence-end-silence-ms", type=int, default=None,
                     help="LiveConfig.sentence_end_silence_ms: the opt-in early endpoint for finished sentences")

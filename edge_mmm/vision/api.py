@@ -35,12 +35,16 @@ DEFAULT_CONTEXT = 8192
 VISION_ONNX_VERSION = "vision-v2-mha"  # bump when the exported graph changes (v2: fused attention)
 # onnxruntime vision precisions: (exporter precision, cached file, export-cache version). Both graphs run
 # attention as onnxruntime's fused MultiHeadAttention (exporters/onnx_vision.py fuse_attention). int8 is the
-# fp32 graph with int8 weight matmuls (quantize_int8_dynamic); its own cache key, so an fp32 entry is never
-# taken for an int8 one. Bump the int8 suffix when the quantization recipe changes.
+# fp32 graph with int8 weight matmuls (quantize_int8_dynamic); auto is whichever of the two passed the int8
+# check on this checkpoint (export_vision_auto), with its record (VISION_AUTO_RECORD). Each has its own cache
+# key, so one entry is never taken for another. Bump the int8 suffixes when the quantization recipe changes,
+# the auto one also when its check does.
 VISION_PRECISIONS = {
+    "auto": ("auto", "vision_auto.onnx", f"{VISION_ONNX_VERSION}-auto-rr1-check1"),
     "fp32": ("fp32", "vision_fp32.onnx", VISION_ONNX_VERSION),
     "int8": ("int8-dynamic", "vision_int8_dynamic.onnx", f"{VISION_ONNX_VERSION}-int8-dynamic-rr1"),
 }
+VISION_AUTO_RECORD = "vision_auto.json"  # auto's choice: precision, the int8 check's cosines, tiles, reason
 Messages = Sequence[Mapping[str, Any]]
 
 
@@ -141,13 +145,16 @@ class VisionLanguageModel:
 
     def __init__(self, model, files, encoder, context_length: int = DEFAULT_CONTEXT,
                  cache: Optional[ImageEmbeddingCache] = None, load_s: float = 0.0, model_id: str = "",
-                 family: VLMFamily = IDEFICS3, lm_backend=None):
+                 family: VLMFamily = IDEFICS3, lm_backend=None, vision_precision: Optional[str] = None):
         self.model = model
         self.files = files
         self.family = family
         self.tokenizer = files.tokenizer
         self.processor = family.processor(files)
         self.encoder = encoder
+        # what the encoder runs: fp32 | int8 (onnxruntime export: what vision_precision="auto" chose), the torch
+        # module's dtype (fp32, ...); None when unknown (a given ONNX file, a bundle's graph)
+        self.vision_precision = vision_precision
         self.cache = cache if cache is not None else ImageEmbeddingCache()
         # the LM backend (`for_prompt` / `new_cache` / `prefill` / `decode`): torch, or OrtVLMBackend
         self.backend = lm_backend if lm_backend is not None else VLMBackend(
@@ -288,19 +295,25 @@ class VisionLanguageModel:
 
 
 def check_vision_precision(precision: str, backend: str) -> None:
-    """InputError unless `precision` is a vision precision this `backend` runs (int8: onnxruntime only)."""
+    """InputError unless `precision` is a vision precision this `backend` runs (int8: onnxruntime only; auto
+    is fp32 on torch)."""
     if precision not in VISION_PRECISIONS:
         raise InputError(f"unknown vision precision {precision!r}; choose one of: {', '.join(VISION_PRECISIONS)}")
-    if precision != "fp32" and backend != "onnxruntime":
+    if precision == "int8" and backend != "onnxruntime":
         raise InputError(f"vision precision {precision} runs on the onnxruntime vision backend, not {backend!r} "
                          f"(--vlm-backend / --backend onnxruntime)")
 
 
-def export_on_first_use(model, files, cache_root: Optional[Path], precision: str = "fp32") -> Path:
+def export_on_first_use(model, files, cache_root: Optional[Path], precision: str = "auto") -> Tuple[Path, str]:
     """The vision door into exporters: the cached, verified vision ONNX of this checkpoint in `precision`
-    (fp32 | int8, see VISION_PRECISIONS), written on first use. int8 is checked against eager fp32 when built
-    (mean cosine >= 0.999, else EdgeMMMError and nothing is cached); only the int8 file is kept."""
-    from edge_mmm.exporters.onnx_vision import export_vision
+    (auto | fp32 | int8, see VISION_PRECISIONS), written on first use, and the precision it runs (fp32 | int8).
+    The checks run photo-like tiles through this checkpoint's image processor. int8 is checked against eager
+    fp32 when built (mean cosine >= 0.999, else EdgeMMMError and nothing is cached); only the int8 file is
+    kept. auto builds int8 and keeps it when every photo-like tile reaches cosine 0.999, else fp32, once per
+    checkpoint: later loads read the choice from its record."""
+    import json
+
+    from edge_mmm.exporters.onnx_vision import export_vision, export_vision_auto
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
     from edge_mmm.weights.hf_lm import safetensors_files
 
@@ -310,20 +323,31 @@ def export_on_first_use(model, files, cache_root: Optional[Path], precision: str
     source = index if index.is_file() else safetensors_files(files.root)[0]
 
     def build(tmp: Path) -> None:
+        from edge_mmm.vision.processor import Idefics3ImageProcessor
+
+        normalize = Idefics3ImageProcessor(files.image_processor).normalize
+        if exporter_precision == "auto":
+            auto = export_vision_auto(model.vision, tmp, normalize)
+            record = {"precision": "int8" if auto.precision == "int8-dynamic" else "fp32",
+                      "int8_min_cosine": auto.int8.min_cosine, "int8_mean_cosine": auto.int8.cosine,
+                      "tiles": auto.int8.tiles, "reason": auto.reason}
+            (tmp / VISION_AUTO_RECORD).write_text(json.dumps(record, indent=1))
+            return
         if exporter_precision == "fp32":
-            export_vision(model.vision, tmp, "fp32", check=True, fused_attention=True)
+            export_vision(model.vision, tmp, "fp32", check=True, fused_attention=True, normalize=normalize)
             return
         import shutil
 
         work = tmp / "fp32"  # the fp32 graph the int8 one derives from, removed before the entry is sealed
         export_vision(model.vision, work, "fp32", check=False)
         export_vision(model.vision, tmp, exporter_precision, check=True, fp32_path=work / "vision_fp32.onnx",
-                      fused_attention=True)
+                      fused_attention=True, normalize=normalize)
         shutil.rmtree(work)
 
+    auto = precision == "auto"
     entry = cached_build(Path(cache_root) if cache_root else default_cache_root(), "vision-onnx", source,
-                         version, build, [name])
-    return entry / name
+                         version, build, [name, VISION_AUTO_RECORD] if auto else [name])
+    return entry / name, json.loads((entry / VISION_AUTO_RECORD).read_text())["precision"] if auto else precision
 
 
 def export_lm_on_first_use(model, files, cache_root: Optional[Path], quantize: Optional[str]) -> Tuple[Path, dict]:
@@ -369,23 +393,27 @@ def _onnx_lm_backend(model, files, cache_root: Optional[Path], quantize: Optiona
     return OrtVLMBackend.load(path, io, table, model.config.image_token_id, context_length, threads)
 
 
-def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int, precision: str = "fp32"):
+def _onnx_encoder(model, files, cache_root: Optional[Path], threads: int, precision: str):
+    """The onnxruntime encoder of the cached export in `precision`, and the precision it runs (fp32 | int8)."""
     from edge_mmm.vision.backends import OrtVisionEncoder
 
-    path = export_on_first_use(model, files, cache_root, precision)
-    return OrtVisionEncoder(path, patch_size=model.vision.patch_size, threads=threads)
+    path, runs = export_on_first_use(model, files, cache_root, precision)
+    return OrtVisionEncoder(path, patch_size=model.vision.patch_size, threads=threads), runs
 
 
 def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Optional[str] = None,
              context_length: int = DEFAULT_CONTEXT, dtype: torch.dtype = torch.float32, threads: int = 0,
              cache: Optional[ImageEmbeddingCache] = None, onnx_cache_dir: Optional[Path] = None,
              vision_onnx: Optional[Path] = None, tile_batch: Optional[int] = None,
-             vision_precision: str = "fp32", lm_backend: str = "torch") -> VisionLanguageModel:
+             vision_precision: str = "auto", lm_backend: str = "torch") -> VisionLanguageModel:
     """Load a SmolVLM/Idefics3 directory or cached HF repo id. `backend` picks the vision runtime
     (torch | onnxruntime: `vision_onnx`, or an export built once under `onnx_cache_dir`);
-    `vision_precision` (onnxruntime export only): fp32 (default) | int8 (int8 weight matmuls, attention fp32:
-    1.3-1.4x faster per tile on a 2-core AVX2 CPU at cosine 0.9994 vs fp32, measured with random weights
-    only, so opt-in); `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps
+    `vision_precision` (the onnxruntime export): auto (default: int8 when this checkpoint's int8 graph keeps
+    cosine >= 0.999 vs eager fp32 on every photo-like check tile, else fp32; decided and cached on first use;
+    on torch the module's own precision, with `vision_onnx` that file as it is) | fp32 | int8 (int8 weight
+    matmuls, attention fp32: 2.09x faster per 512-px tile on a 2-core AVX-512 VNNI CPU at cosine 0.9994 vs
+    fp32, random weights; refused below mean cosine 0.999). The returned model's `vision_precision` says what
+    runs. `quantize` (int4 | int8) applies weight-only quantization to the LM; `tile_batch` caps
     the image tiles per encoder call (a device profile's vision_batch; None: all tiles at once). `lm_backend`:
     where the LM runs, torch (default) or onnxruntime (the LM exported once with MatMulNBits for the quantized
     linears and fp32 activations, cached beside the vision export; same logits as torch within 1e-4 relative,
@@ -402,9 +430,9 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
     if quantize not in (None, "int4", "int8"):
         raise InputError(f"unknown LM quantization {quantize!r}; choose int4, int8 or none")
     check_vision_precision(vision_precision, backend)
-    if vision_precision != "fp32" and vision_onnx is not None:
+    if vision_precision != "auto" and vision_onnx is not None:
         raise InputError("vision_precision applies to the export built under onnx_cache_dir; vision_onnx names "
-                         "a file that has its own precision (leave vision_precision fp32)")
+                         "a file that has its own precision (leave vision_precision auto)")
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -419,17 +447,19 @@ def load_vlm(path_or_id: Union[str, Path], backend: str = "torch", quantize: Opt
         from edge_mmm.vision.backends import OrtVisionEncoder
 
         encoder = OrtVisionEncoder(Path(vision_onnx), patch_size=model.vision.patch_size, threads=threads)
+        runs = None  # the file's own precision
     elif backend == "onnxruntime":
-        encoder = _onnx_encoder(model, files, onnx_cache_dir, threads, vision_precision)
+        encoder, runs = _onnx_encoder(model, files, onnx_cache_dir, threads, vision_precision)
     else:
         encoder = TorchVisionEncoder(model.vision)
+        runs = "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
     encoder.max_tiles = tile_batch
     lm = None
     if lm_backend == "onnxruntime":
         lm = _onnx_lm_backend(model, files, onnx_cache_dir, quantize, context_length, threads)
     release_replaced_weights(model, vision=backend == "onnxruntime", lm=lm is not None)
     return VisionLanguageModel(model, files, encoder, context_length, cache, time.perf_counter() - t0,
-                               model_id=str(root), family=family, lm_backend=lm)
+                               model_id=str(root), family=family, lm_backend=lm, vision_precision=runs)
 
 
 def release_replaced_weights(model, vision: bool, lm: bool) -> None:

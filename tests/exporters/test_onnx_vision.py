@@ -1,7 +1,11 @@
-"""ONNX export of the vision part (SigLIP + connector) vs eager: FP32 max abs error < 1e-4; FP16 and INT8
-errors reported (FP16 < 1e-2, INT8 cosine > 0.9 on the tiny random model); INT8-DYNAMIC (the CPU int8 of
-`load_vlm(vision_precision="int8")`) cosine >= 0.999 with int8 weight matmuls and fp32 attention matmuls;
-the onnxruntime backend gives the same greedy answer as torch."""
+"""ONNX export of the vision part (SigLIP + connector) vs eager, on the check tiles (photo-like + random):
+FP32 max abs error < 1e-4; FP16 and INT8 errors reported (FP16 < 1e-2, INT8 cosine > 0.9 on the tiny random
+model); INT8-DYNAMIC (the CPU int8 of `load_vlm(vision_precision="int8")`) cosine >= 0.999 with int8 weight
+matmuls and fp32 attention matmuls; `vision_precision="auto"` (the default) keeps int8 when every photo-like
+tile passes, else fp32, decided once per checkpoint; the onnxruntime backend gives the same greedy answer as
+torch."""
+
+import json
 
 
 import numpy as np
@@ -18,7 +22,7 @@ from tiny_idefics3 import build_tiny_vlm  # noqa: E402
 from edge_mmm.exporters.int8_calibration import vision_calibration_inputs  # noqa: E402
 from edge_mmm.errors import InputError  # noqa: E402
 from edge_mmm.exporters.onnx_vision import (FP32_ATOL, INT8_DYNAMIC_MIN_COSINE, activation_matmuls,  # noqa: E402
-                                            export_vision, output_matmuls)
+                                            check_tiles, export_vision, natural_tiles, output_matmuls)
 from edge_mmm.vision.processor import Idefics3ImageProcessor  # noqa: E402
 from edge_mmm.text.generation import GenerationConfig  # noqa: E402
 from edge_mmm.vision.api import load_vlm  # noqa: E402
@@ -41,10 +45,35 @@ def exported(tmp_path_factory):
                for p in ("fp32", "fp16", "int8", "int8-dynamic")}
 
 
+def test_natural_tiles_are_deterministic_photo_like_and_in_range(exported):
+    """The check tiles: the same uint8 pixels for the same seed (other ones for another), spread over the
+    0-255 range with a photo's contrast, neighbouring pixels alike (white noise would differ by ~1.1x its
+    spread) and, at SigLIP's 512-px tile, the channels' gradients correlated; through the tiny checkpoint's
+    processor (mean = std = 0.5) they land in [-1, 1] exactly as through the default SigLIP normalization,
+    followed by the random-normal tiles."""
+    a = natural_tiles(5, 512)
+    assert a.dtype == np.uint8 and a.shape == (5, 512, 512, 3)
+    assert np.array_equal(a, natural_tiles(5, 512)) and not np.array_equal(a, natural_tiles(5, 512, seed=1))
+    for t in a.astype(np.float64):
+        assert t.max() - t.min() > 200 and 20 < t.std() < 100
+        assert np.mean(np.abs(np.diff(t, axis=1))) < 0.3 * np.mean(np.abs(t - t.mean()))
+        dx = np.diff(t, axis=1).reshape(-1, 3).T
+        assert np.corrcoef(dx[0], dx[1])[0, 1] > 0.3
+    d, _ = exported
+    model, files = load_idefics3(d)
+    processor = Idefics3ImageProcessor(files.image_processor)
+    pv, mask = check_tiles(model.vision, processor.normalize)
+    default, _ = check_tiles(model.vision)
+    assert pv.shape[0] == 8 and bool(mask.all()) and torch.equal(pv, default)
+    assert float(pv[:5].min()) >= -1.0 and float(pv[:5].max()) <= 1.0 and float(pv[:5].std()) > 0.2
+
+
 def test_export_fp32_fp16_int8(exported):
     _, ex = exported
     for p, r in ex.items():
-        print(f"{p}: max abs err {r.max_abs_err:.3g}, cosine {r.cosine:.6f}")
+        print(f"{p}: max abs err {r.max_abs_err:.3g}, cosine mean {r.cosine:.6f} lowest {r.min_cosine:.6f} "
+              f"({r.tiles} tiles)")
+    assert all(r.tiles == 8 for r in ex.values())
     assert ex["fp32"].max_abs_err < FP32_ATOL
     assert ex["fp16"].max_abs_err < 1e-2
     assert ex["int8"].cosine > 0.9
@@ -212,10 +241,90 @@ def test_vision_precision_int8_close_to_fp32_and_cached(exported, tmp_path, monk
     assert torch.equal(_encode_photo(again), a)
 
 
+def _auto_record(vlm) -> dict:
+    return json.loads((vlm.encoder.path.parent / "vision_auto.json").read_text())
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    """Wrap `module.name` so that each call appends to the returned list."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_vision_precision_auto_picks_int8_once_and_caches_the_choice(exported, tmp_path, monkeypatch):
+    """The default, auto, on the tiny model: int8 passes its check (lowest photo-like tile cosine ~0.99999), so
+    the int8 graph runs, its features within cosine 0.999 of eager; the choice sits in its own cache entry (the
+    graph + a record, nothing else); a second load is a cache hit that neither builds nor checks again."""
+    import onnx
+
+    import edge_mmm.exporters.onnx_vision as onnx_vision
+
+    d, _ = exported
+    builds = _counting(monkeypatch, onnx_vision, "export_vision_auto")
+    checks = _counting(monkeypatch, onnx_vision, "compare_with_eager")
+    vlm = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path)
+    assert vlm.vision_precision == "int8" and (len(builds), len(checks)) == (1, 1)
+    path = vlm.encoder.path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json", "vision_auto.json", "vision_auto.onnx"]
+    record = _auto_record(vlm)
+    print(f"auto record: {record}")
+    assert record["precision"] == "int8" and record["tiles"] == 5
+    assert INT8_DYNAMIC_MIN_COSINE <= record["int8_min_cosine"] <= record["int8_mean_cosine"] <= 1.0
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "MultiHeadAttention" in ops
+    a, ref = _encode_photo(vlm), _encode_photo(load_vlm(d))
+    cos = torch.nn.functional.cosine_similarity(a, ref, dim=-1)
+    print(f"auto (int8) vs eager on a photo: cosine mean {float(cos.mean()):.6f}, lowest {float(cos.min()):.6f}")
+    assert float(cos.min()) >= INT8_DYNAMIC_MIN_COSINE
+    again = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path)
+    assert (len(builds), len(checks)) == (1, 1), "the cached choice was rebuilt or re-checked"
+    assert again.encoder.path == path and again.vision_precision == "int8"
+
+
+def test_vision_precision_auto_falls_back_to_fp32(exported, tmp_path, monkeypatch):
+    """When the int8 graph misses the check (forced: the bar raised to cosine 1.0, which int8 cannot reach),
+    auto runs the fused fp32 graph: the record says fp32 with the int8 cosine measured, the encoder matches
+    eager within FP32_ATOL, and no int8 graph is left in the entry."""
+    import onnx
+
+    import edge_mmm.exporters.onnx_vision as onnx_vision
+
+    d, _ = exported
+    monkeypatch.setattr(onnx_vision, "INT8_DYNAMIC_MIN_COSINE", 1.0)
+    vlm = load_vlm(d, backend="onnxruntime", onnx_cache_dir=tmp_path)
+    record = _auto_record(vlm)
+    print(f"auto record (bar 1.0): {record}")
+    assert vlm.vision_precision == "fp32" and record["precision"] == "fp32" and record["tiles"] == 5
+    assert 0.999 <= record["int8_min_cosine"] < 1.0 and "missed" in record["reason"]
+    assert sorted(p.name for p in vlm.encoder.path.parent.iterdir()) == ["manifest.json", "vision_auto.json",
+                                                                          "vision_auto.onnx"]
+    ops = {n.op_type for n in onnx.load(str(vlm.encoder.path)).graph.node}
+    assert not ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "MultiHeadAttention" in ops
+    err = float((_encode_photo(vlm) - _encode_photo(load_vlm(d))).abs().max())
+    print(f"auto (fp32) vs eager on a photo: max abs err {err:.3g}")
+    assert err < FP32_ATOL
+
+
+def test_vision_precision_auto_elsewhere(exported):
+    """auto on the torch backend is the eager fp32 module; with a given ONNX file, that file as it is."""
+    d, ex = exported
+    torch_vlm = load_vlm(d)
+    assert torch_vlm.encoder.name == "torch" and torch_vlm.vision_precision == "fp32"
+    given = load_vlm(d, backend="onnxruntime", vision_onnx=ex["fp32"].path)
+    assert given.encoder.path == ex["fp32"].path and given.vision_precision is None
+
+
 @pytest.mark.parametrize("kwargs", [dict(backend="onnxruntime", vision_precision="fp16"),
                                     dict(backend="onnxruntime", vision_precision="int4"),
                                     dict(backend="torch", vision_precision="int8"),
-                                    dict(backend="onnxruntime", vision_precision="int8", vision_onnx="x.onnx")])
+                                    dict(backend="onnxruntime", vision_precision="int8", vision_onnx="x.onnx"),
+                                    dict(backend="onnxruntime", vision_precision="fp32", vision_onnx="x.onnx")])
 def test_vision_precision_bad_values_are_input_errors(exported, kwargs):
     d, _ = exported
     with pytest.raises(InputError, match="precision"):

@@ -93,7 +93,11 @@ def test_run_once_vlm_uses_frame_and_survives_camera_end(capsys, question_clip, 
     t = _turn(events)
     # the frame went to the encoder: while the question was spoken (speculation), or at the turn
     assert t["scene_changed"] and t["vision_s"] + t.get("spec_vision_s", 0) > 0 and t["image_tiles"] >= 1
-    assert not any("text-only" in n["message"] for n in _of(events, "notice"))
+    notices = [n["message"] for n in _of(events, "notice")]
+    assert not any("text-only" in n for n in notices)
+    # what the default vision precision, auto, runs: int8 on the CPU profile's onnxruntime (the tiny model passes
+    # the int8 check), fp32 where the profile picks torch
+    assert {"vision encoder: int8 on onnxruntime", "vision encoder: fp32 on torch"} & set(notices), notices
 
 
 def test_ctrl_c_stops_within_a_second(question_clip, video_file, tiny_vlm_dir):
@@ -182,16 +186,27 @@ def _capture_live_config(monkeypatch) -> dict:
 
 def test_run_vision_precision_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):
     """`run --vision-precision int8` with a VLM: the live config asks load_vlm for the int8 encoder on
-    onnxruntime (picked by the flag); with a torch --vlm-backend or a text-only model it is refused, exit 2."""
+    onnxruntime (picked by the flag); with a torch --vlm-backend or a text-only model it is refused, exit 2.
+    Without the flag it asks for auto; with --bundle auto (the bundle's own graphs) is taken, int8 refused."""
     seen = _capture_live_config(monkeypatch)
     base = ["run", "--camera", "none", "--mic", str(question_clip), "--model", str(tiny_vlm_dir)]
     assert main(base + ["--vision-precision", "int8"]) == 2
     assert "captured the live config" in capsys.readouterr().err
     assert seen["cfg"].vision_precision == "int8" and seen["cfg"].vlm_backend == "onnxruntime"
     seen.clear()
+    assert main(base) == 2 and seen["cfg"].vision_precision == "auto"
+    assert "captured the live config" in capsys.readouterr().err
+    seen.clear()
     assert main(base + ["--vision-precision", "int8", "--vlm-backend", "torch"]) == 2
     err = capsys.readouterr().err
     assert "precision" in err and "onnxruntime" in err and not seen
+    bundle = ["run", "--camera", "none", "--mic", str(question_clip), "--bundle", str(tiny_vlm_dir)]
+    assert main(bundle + ["--vision-precision", "auto"]) == 2
+    assert "captured the live config" in capsys.readouterr().err and seen["cfg"].bundle == tiny_vlm_dir
+    seen.clear()
+    assert main(bundle + ["--vision-precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--bundle" in err and len(err.strip().splitlines()) == 1 and not seen
 
 
 def test_run_onnx_activations_reaches_the_live_config(capsys, monkeypatch, tiny_vlm_dir, question_clip):

@@ -170,6 +170,22 @@ def test_ask_vision_precision_int8_builds_the_int8_export(env, capsys, tmp_path,
     assert len(built) == 1 and not list((tmp_path / "edge-mmm" / "vision-onnx").glob("*/vision_fp32.onnx"))
 
 
+def test_ask_json_says_which_precision_auto_chose(env, capsys, tmp_path, monkeypatch):
+    """The default, --vision-precision auto: on onnxruntime it builds and checks the int8 graph once (the tiny
+    model passes) and `--json` says int8 ran; `--backend torch` runs the eager fp32 module and says so."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    base = ["ask", "--model", str(env["model"]), "--image", str(env["photo"]), "What?", "--json", "--max-tokens", "2"]
+    code, out, err = _run(capsys, *base, "--backend", "onnxruntime")
+    assert code == 0, err
+    assert {k: json.loads(out)[k] for k in ("vision_backend", "vision_precision")} == {
+        "vision_backend": "onnxruntime", "vision_precision": "int8"}
+    record = list((tmp_path / "edge-mmm" / "vision-onnx").glob("*/vision_auto.json"))
+    assert len(record) == 1 and json.loads(record[0].read_text())["precision"] == "int8"
+    code, out, err = _run(capsys, *base, "--backend", "torch", "--vision-precision", "auto")
+    assert code == 0, err
+    assert (json.loads(out)["vision_backend"], json.loads(out)["vision_precision"]) == ("torch", "fp32")
+
+
 @pytest.mark.parametrize("flags, words", [(["--vision-precision", "int8", "--backend", "torch"], "onnxruntime"),
                                           (["--vision-precision", "fp16"], "fp16")])
 def test_ask_vision_precision_refused_before_loading(env, capsys, flags, words):
@@ -180,7 +196,7 @@ def test_ask_vision_precision_refused_before_loading(env, capsys, flags, words):
 def test_vision_precision_in_help(capsys):
     for cmd in ("ask", "run"):
         code, out, _ = _run(capsys, cmd, "--help")
-        assert code == 0 and "--vision-precision" in out and "int8" in out
+        assert code == 0 and "--vision-precision" in out and "int8" in out and "auto" in out
 
 
 def test_ask_vlm_lm_backend_onnxruntime_gives_the_torch_answer(env, capsys, tmp_path, monkeypatch):

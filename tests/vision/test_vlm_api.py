@@ -42,7 +42,8 @@ def test_greedy_generation_matches_transformers(tiny, photo):
     hf, proc, d = tiny
     img = Image.fromarray(getattr(skdata, photo)())
     ref, n_prompt = _hf_greedy(hf, proc, img, "Describe it.")
-    vlm = load_vlm(d)
+    vlm = load_vlm(d)  # vision_precision auto: on the torch backend, the eager fp32 module
+    assert vlm.encoder.name == "torch" and vlm.vision_precision == "fp32"
     msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Describe it."}]}]
     gen = vlm.generate(msgs, GenerationConfig(max_tokens=MAX_NEW))
     assert gen.prompt_tokens == n_prompt
