@@ -3,7 +3,7 @@
 Layout (every file listed in `manifest.json` with its sha256 and size):
     manifest.json
     asr/  encoder.onnx, decoder.onnx, whisper_config.json, tokenizer.json      (Whisper)
-          CPU profiles, fp32: + decoder_trunk.onnx(.data), decoder_table.bin, decoder_head.json (C projection)
+          CPU profiles, fp32: + decoder_pack.json, decoder_pack.bin (the C decoder's weights)
     vad/  silero_vad.onnx                                                       (with ASR, unless --no-vad)
     lm/   model.onnx (MatMulNBits + KV cache), lm_io.json, tokenizer.json, tokenizer_config.json,
           generation_config.json                                                (text LM)
@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Union
 from edge_mmm.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from edge_mmm.devices.planner import DevicePlan, PlanRequest, check_fits
 from edge_mmm.devices.profile import DeviceProfile
-from edge_mmm.errors import InputError, ModelFileError
+from edge_mmm.errors import InputError
 from edge_mmm.weights.export_cache import atomic_directory, sha256_file
 
 FORMATS = ("bundle", "triton-server")
@@ -236,12 +236,12 @@ def _export_asr(request: ExportRequest, dest: Path) -> dict:
         for name in (ENCODER_FILE, DECODER_FILE):
             _copy(onnx_dir / name, dest)
         if precision == "fp32":
-            # the decoder trunk + token table edge-mmm's C projection reads (asr/ort_graphs.py): where the kernel
-            # builds, the bundle's decoder runs as `load_asr`'s does (same logits, 38 MB less memory)
-            from edge_mmm.asr.ort_graphs import write_decoder_trunk
+            # the decoder pack edge-mmm's C kernel runs (runners/cpu_whisper.py): where the kernel builds, the
+            # bundle's decoder runs as `load_asr`'s does
+            from edge_mmm.runners.cpu_whisper import DECODER_PACK_BIN, DECODER_PACK_JSON
 
-            if not write_decoder_trunk(dest / DECODER_FILE):
-                raise ModelFileError(f"{onnx_dir / DECODER_FILE}: the decoder's projection is not tied to its table")
+            for name in (DECODER_PACK_JSON, DECODER_PACK_BIN):
+                _copy(onnx_dir / name, dest)
         fused = True
     else:
         # standard ops only: these graphs feed TensorRT (fp32 ONNX; the engine precision is in the manifest)
@@ -324,8 +324,17 @@ def _export_vlm(request: ExportRequest, dest: Path) -> dict:
     model, files = load_idefics3(root, quantize=quant)
     dest.mkdir(parents=True)
     precision = "int8" if quant == "int8" else "fp32"
+    calibration = None
+    if precision == "int8":  # static Q/DQ (TensorRT's input): calibrated on photo-like tiles, then checked
+        from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
+        from edge_mmm.exporters.onnx_vision import natural_tiles
+        from edge_mmm.vision.processor import Idefics3ImageProcessor
+
+        size = model.vision.vision_model.config.image_size
+        calibration = vision_calibration_inputs(list(natural_tiles(8, size, seed=7)),
+                                                Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
     with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
-        exp = export_vision(model.vision, Path(scratch), precision, check=True)
+        exp = export_vision(model.vision, Path(scratch), precision, check=True, calibration=calibration)
         _copy(exp.path, dest, "vision.onnx")
     for name in VLM_TEXT_FILES:
         if (root / name).is_file():

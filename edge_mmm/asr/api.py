@@ -145,6 +145,7 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
     import json
 
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
+    from edge_mmm.runners.cpu_whisper import DECODER_PACK_BIN, DECODER_PACK_JSON
     from edge_mmm.weights.export_cache import cached_build, default_cache_root
     from edge_mmm.weights.whisper_files import locate_whisper_files, tokenizer_file_for
 
@@ -163,7 +164,10 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
         WhisperTokenizer.from_file(tokenizer_file_for(files), cfg.n_vocab, cfg.is_multilingual, cfg.num_languages)
         sys.stderr.write(f"exporting Whisper to ONNX ({precision}; first use of these weights, cached for next time)\n")
         if precision == "fp32":
+            from edge_mmm.exporters.whisper_decoder_pack import write_decoder_pack
+
             export_whisper_onnx(model, tmp, check=False, ort_fused_attention=True, dynamic_frames=True)
+            write_decoder_pack(model.decoder, tmp)  # the decoder as edge-mmm's C kernel runs it
         else:
             export_whisper_onnx(model, tmp / "fp32", check=False, ort_fused_attention=True, dynamic_frames=True)
             quantize_whisper_onnx(tmp / "fp32", tmp)
@@ -171,8 +175,9 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
         (tmp / "whisper_config.json").write_text(json.dumps(asdict(ckpt.config)))
 
     version = EXPORTER_VERSION if precision == "fp32" else f"{EXPORTER_VERSION}-{precision}-rr"
+    pack = [DECODER_PACK_JSON, DECODER_PACK_BIN] if precision == "fp32" else []
     onnx_dir = cached_build(cache_dir or default_cache_root(), "whisper-onnx", files.source, version,
-                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json"],
+                            build, [ENCODER_FILE, DECODER_FILE, "whisper_config.json", *pack],
                             extra_sources=[files.location / "config.json"] if files.format == "hf" else [])
     cfg = WhisperConfig(**json.loads((onnx_dir / "whisper_config.json").read_text()))
     return cfg, tokenizer_file_for(files), onnx_dir
@@ -181,26 +186,22 @@ def export_on_first_use(path: Path, cache_dir: Optional[Path], precision: str):
 def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path], precision: str = "fp32") -> Path:
     """The graphs of an export as this onnxruntime optimized them (`cached_onnxruntime_graphs`: fusions done,
     weights in a flat file beside each graph; they open ~2x faster than the portable graphs), the decoder's
-    tied projection rewritten for the CPU (`asr.ort_graphs.rewrite_tied_projection`); for fp32, also the
-    decoder without its projection and the token table for edge-mmm's C head (`write_decoder_trunk`)."""
-    from edge_mmm.asr.ort_graphs import (DECODER_HEAD, DECODER_TABLE, DECODER_TRUNK, rewrite_tied_projection,
-                                         write_decoder_trunk)
+    tied projection rewritten for the CPU (`asr.ort_graphs.rewrite_tied_projection`); for fp32, the export's
+    decoder pack beside them (edge-mmm's C decoder, `runners.cpu_whisper`), linked where the file system can."""
+    from edge_mmm.asr.ort_graphs import rewrite_tied_projection
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
-    from edge_mmm.runners.ort_session import external_data_name
-    from edge_mmm.weights.export_cache import cached_onnxruntime_graphs
+    from edge_mmm.runners.cpu_whisper import DECODER_PACK_BIN, DECODER_PACK_JSON
+    from edge_mmm.weights.export_cache import cached_onnxruntime_graphs, link_or_copy
 
-    head = precision == "fp32"
+    pack = [DECODER_PACK_JSON, DECODER_PACK_BIN] if precision == "fp32" else []
 
     def rewrite(tmp: Path) -> None:
-        if head and not write_decoder_trunk(tmp / DECODER_FILE):
-            raise ModelFileError(f"{onnx_dir / DECODER_FILE}: the decoder's output projection is not tied to its "
-                                 "token table (not a graph edge-mmm exported); delete the cache entry to re-export")
         rewrite_tied_projection(tmp / DECODER_FILE)
+        for name in pack:
+            link_or_copy(onnx_dir / name, tmp / name)
 
-    extra = [DECODER_TRUNK, external_data_name(DECODER_TRUNK), DECODER_TABLE, DECODER_HEAD] if head else []
     return cached_onnxruntime_graphs([onnx_dir / ENCODER_FILE, onnx_dir / DECODER_FILE], "whisper-onnx-ort",
-                                     cache_dir, ORT_GRAPHS_VERSION, rewrite=rewrite,
-                                     extra_files=extra)
+                                     cache_dir, ORT_GRAPHS_VERSION, rewrite=rewrite, extra_files=pack)
 
 
-ORT_GRAPHS_VERSION = "tied3-head1"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes
+ORT_GRAPHS_VERSION = "tied3-cdec1"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes

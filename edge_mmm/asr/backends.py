@@ -9,6 +9,7 @@ All expose the same small interface used by `edge_mmm.asr.decoding`:
     new_state(audio, group) -> decoder state for `group` parallel hypotheses of that audio
     step(state, tokens[B, T]) -> float32 logits [B, T, n_vocab] (numpy), extending the KV cache
     reorder(state, order) -> keep/duplicate hypotheses (beam search)
+    truncate(state, n) -> keep the first n positions of the KV cache (a draft's rejected tail)
 
 torch is imported by the torch and TensorRT backends when they are built, never by this module: the
 onnxruntime path (numpy in, numpy out) runs without it and starts ~2 s sooner on a small CPU.
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from edge_mmm.asr.ort_graphs import DECODER_TRUNK
 from edge_mmm.errors import InputError, ModelFileError
 from edge_mmm.models.whisper_config import WhisperConfig, cross_names, onnx_files
 from edge_mmm.runners.ort_session import ort_session
@@ -110,6 +110,18 @@ class TorchWhisperBackend:
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
         _reorder_torch(state, order, self.device)
 
+    def truncate(self, state: DecoderState, n: int) -> None:
+        truncate_cache(state, n)
+
+
+def truncate_cache(state: DecoderState, n: int) -> None:
+    """Keep the first `n` positions of a state's self-attention cache ([L, B, T, D], numpy or torch)."""
+    def cut(x):
+        x = x[:, :, :n]
+        return x.contiguous() if hasattr(x, "contiguous") else np.ascontiguousarray(x)
+
+    state.self_k, state.self_v, state.offset = cut(state.self_k), cut(state.self_v), n
+
 
 def _reorder_torch(state: DecoderState, order: np.ndarray, device) -> None:
     import torch
@@ -119,29 +131,26 @@ def _reorder_torch(state: DecoderState, order: np.ndarray, device) -> None:
 
 
 class OnnxWhisperBackend:
-    """Whisper on onnxruntime. Where the graphs come with a decoder trunk and its token table
-    (`asr.ort_graphs.write_decoder_trunk`: the export cache's fp32 graphs, a CPU bundle's) and edge-mmm's C
-    kernel builds on this host, the decoder runs as the trunk on onnxruntime + the output projection in C over
-    the checkpoint's fp16 table (`head` is then the `runners.cpu_lm.CpuHead`); else as the one decoder graph."""
+    """Whisper's encoder on onnxruntime; its decoder on edge-mmm's C kernel where the graphs come with a decoder
+    pack (`runners.cpu_whisper`: the export cache's fp32 graphs, a CPU bundle's) and the kernel builds on this
+    host (`runners.cpu_lm.host_library`), else the decoder graph on onnxruntime (an int8 export, a host
+    without the kernel, `cpu_decoder=False`)."""
 
     name = "onnxruntime"
     device = None  # host numpy arrays in and out: the numpy front end, no torch
 
     def __init__(self, onnx_dir: Path, config: WhisperConfig, threads: int = 0, cache_dir: Optional[Path] = None,
-                 cpu_head: bool = True):
+                 cpu_decoder: bool = True):
         self.config = config
         files = onnx_files(onnx_dir)
         # the decoder runs right after the encoder, the LM right after a pass: idle workers must not spin on
         # the cores those need (2 cores: 15 decoder steps after the encoder 184 -> 132 ms; an LM prefill of 40
-        # tokens after a pass 155 -> 121 ms; the decoder's own steps lose ~3 ms a pass)
+        # tokens after a pass 155 -> 121 ms)
         self.encoder = ort_session(files["encoder"], "ONNX Whisper encoder", threads, inputs=["mel"],
                                    spin_after_run=False)
-        self.head = _cpu_head(Path(onnx_dir), config, threads, cache_dir) if cpu_head else None
-        if self.head is not None:
-            self.decoder = ort_session(Path(onnx_dir) / DECODER_TRUNK, "ONNX Whisper decoder trunk", threads,
-                                       inputs=["token_embeds", "offset", "self_k", "self_v"], spin_after_run=False)
-            self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
-        else:
+        self.cpu_decoder = _cpu_decoder(Path(onnx_dir), config, threads, cache_dir) if cpu_decoder else None
+        self.decoder = None
+        if self.cpu_decoder is None:
             self.decoder = ort_session(files["decoder"], "ONNX Whisper decoder", threads,
                                        inputs=["tokens", "offset", "self_k", "self_v"], spin_after_run=False)
         # an export with a named (dynamic) frame axis takes short inputs; an older, fixed one only 3000 frames
@@ -151,7 +160,8 @@ class OnnxWhisperBackend:
     @contextlib.contextmanager
     def interruptible(self):
         """Runs on this thread inside the block can be stopped by the yielded handle's `cancel()` (from
-        another thread: onnxruntime's RunOptions.terminate); a stopped run raises PassInterrupted."""
+        another thread: onnxruntime's RunOptions.terminate, checked by the C decoder before each step); a
+        stopped run raises PassInterrupted."""
         import onnxruntime as ort
 
         handle = PassHandle(ort.RunOptions())
@@ -161,10 +171,14 @@ class OnnxWhisperBackend:
         finally:
             self._pass.run_options = None
 
-    def _run(self, session, feeds):
+    def _stopped(self):
         options = getattr(self._pass, "run_options", None)
         if options is not None and options.terminate:
             raise PassInterrupted("the Whisper pass was interrupted")
+        return options
+
+    def _run(self, session, feeds):
+        options = self._stopped()
         try:
             return session.run(None, feeds, options)
         except Exception:  # onnxruntime's Fail type is not exported
@@ -181,53 +195,73 @@ class OnnxWhisperBackend:
         ck, cv = audio
         if group > 1:
             ck, cv = [np.repeat(k, group, axis=0) for k in ck], [np.repeat(v, group, axis=0) for v in cv]
+        if self.cpu_decoder is not None:  # the whole context, filled as the steps go (`offset` positions valid)
+            batch = ck[0].shape[0]
+            return DecoderState(ck, cv, self.cpu_decoder.empty_cache(batch), self.cpu_decoder.empty_cache(batch))
         cfg = self.config
         empty = np.zeros((cfg.n_text_layer, ck[0].shape[0], 0, cfg.n_text_state), np.float32)
         return DecoderState(ck, cv, empty, empty.copy())
 
     def step(self, state: DecoderState, tokens: np.ndarray) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        feeds = {"tokens": tokens, "offset": np.array(state.offset, np.int64),
-                 "self_k": state.self_k, "self_v": state.self_v}
-        k_names, v_names = cross_names(self.config.n_text_layer)
-        feeds.update(zip(k_names, state.cross_k))
-        feeds.update(zip(v_names, state.cross_v))
-        if self.head is None:
-            logits, state.self_k, state.self_v = self._run(self.decoder, feeds)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.n_vocab):
+            raise InputError(f"Whisper token ids must be in [0, {self.config.n_vocab}), "
+                             f"got {tokens.min()}..{tokens.max()}")
+        if self.cpu_decoder is not None:
+            self._stopped()
+            if state.offset + tokens.shape[1] > self.cpu_decoder.max_len:
+                raise InputError(f"Whisper's decoder holds {self.cpu_decoder.max_len} positions; "
+                                 f"{state.offset} + {tokens.shape[1]} asked")
+            logits = self.cpu_decoder.step(tokens, state.offset, state.self_k, state.self_v,
+                                           state.cross_k, state.cross_v)
         else:
-            table = self.head.table
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= table.shape[0]):
-                raise InputError(f"Whisper token ids must be in [0, {table.shape[0]}), "
-                                 f"got {tokens.min()}..{tokens.max()}")
-            feeds["token_embeds"] = table[tokens].astype(np.float32)
-            feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
-            hidden, state.self_k, state.self_v = self._run(self.decoder, feeds)
-            logits = self.head(hidden).reshape(*tokens.shape, table.shape[0])
+            feeds = {"tokens": tokens, "offset": np.array(state.offset, np.int64),
+                     "self_k": state.self_k, "self_v": state.self_v}
+            k_names, v_names = cross_names(self.config.n_text_layer)
+            feeds.update(zip(k_names, state.cross_k))
+            feeds.update(zip(v_names, state.cross_v))
+            logits, state.self_k, state.self_v = self._run(self.decoder, feeds)
         state.offset += tokens.shape[1]
         return logits
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
-        state.self_k, state.self_v = state.self_k[:, order], state.self_v[:, order]
+        if self.cpu_decoder is None:
+            state.self_k, state.self_v = state.self_k[:, order], state.self_v[:, order]
+            return
+        n = state.offset  # only the filled positions are copied
+        for name in ("self_k", "self_v"):
+            old = getattr(state, name)
+            new = np.empty_like(old)
+            new[:, :, :n] = old[:, order, :n]
+            setattr(state, name, new)
+
+    def truncate(self, state: DecoderState, n: int) -> None:
+        if self.cpu_decoder is None:
+            truncate_cache(state, n)
+        else:  # positions past `offset` are never read; the next step overwrites them
+            state.offset = n
 
 
-def _cpu_head(onnx_dir: Path, config: WhisperConfig, threads: int, cache_dir: Optional[Path]):
-    """The C output projection over the table beside a decoder trunk in `onnx_dir`, or None (no trunk there:
-    an int8 export, a GPU bundle's graphs; no kernel on this host: `runners.cpu_lm.host_library`)."""
-    from edge_mmm.asr.ort_graphs import read_decoder_head
-    from edge_mmm.runners.cpu_lm import CpuHead, host_library
+def _cpu_decoder(onnx_dir: Path, config: WhisperConfig, threads: int, cache_dir: Optional[Path]):
+    """The C decoder over the pack in `onnx_dir`, or None (no pack there: an int8 export, a GPU bundle's graphs;
+    no kernel on this host: `runners.cpu_lm.host_library`)."""
+    from edge_mmm.runners.cpu_lm import host_library
+    from edge_mmm.runners.cpu_whisper import CpuWhisperDecoder, read_decoder_pack
     from edge_mmm.weights.export_cache import default_cache_root
 
     try:
-        table = read_decoder_head(onnx_dir)
+        pack = read_decoder_pack(onnx_dir)
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"Whisper decoder head in {onnx_dir}: {exc}") from exc
-    if table is None:
+        raise ModelFileError(f"Whisper decoder pack in {onnx_dir}: {exc}") from exc
+    if pack is None:
         return None
-    if table.shape != (config.n_vocab, config.n_text_state):
-        raise ModelFileError(f"{onnx_dir}: the decoder's token table is {table.shape}, the config says "
-                             f"{(config.n_vocab, config.n_text_state)}")
+    sizes, arrays = pack
+    want = {"dim": config.n_text_state, "layers": config.n_text_layer, "heads": config.n_text_head,
+            "vocab": config.n_vocab, "n_ctx": config.n_text_ctx}
+    if any(sizes[k] != v for k, v in want.items()):
+        raise ModelFileError(f"{onnx_dir}: the decoder pack's sizes {sizes} disagree with the config {want}")
     lib = host_library(Path(cache_dir) if cache_dir else default_cache_root())
-    return None if lib is None else CpuHead(lib, table, threads)
+    return None if lib is None else CpuWhisperDecoder(lib, sizes, arrays, threads)
 
 
 def check_backend(name: str) -> str:
@@ -286,6 +320,9 @@ class TensorRTWhisperBackend:
 
     def reorder(self, state: DecoderState, order: np.ndarray) -> None:
         _reorder_torch(state, order, self.device)
+
+    def truncate(self, state: DecoderState, n: int) -> None:
+        truncate_cache(state, n)
 
 
 def tensorrt_backend(encoder_engine: Path, decoder_engine: Path, config: WhisperConfig, device: str = "cuda"):

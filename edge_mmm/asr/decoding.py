@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -210,7 +210,7 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
         if rows.shape[1] == 0 or tokens[0, -1] != draft[i]:
             # the draft ends here or greedy decoding left it: drop its cached positions past the agreed part
             if state.offset > tokens.shape[1] - 1:
-                _truncate(state, tokens.shape[1] - 1)
+                backend.truncate(state, tokens.shape[1] - 1)
             rows = None
         new = tokens[:, -1:]
         if completed or tokens.shape[1] >= n_ctx:
@@ -224,15 +224,6 @@ def decode_window(backend, tok: WhisperTokenizer, audio, opts: DecodingOptions,
     return DecodingResult(
         tokens=sampled, text=tok.decode(sampled), language=language,
         avg_logprob=logprob / (len(sampled) + 1), no_speech_prob=no_speech_prob, temperature=opts.temperature)
-
-
-def _truncate(state, n: int) -> None:
-    """Keep the first `n` positions of a decoder state's self-attention cache ([L, B, T, D], numpy or torch)."""
-    def cut(x):
-        x = x[:, :, :n]
-        return x.contiguous() if hasattr(x, "contiguous") else np.ascontiguousarray(x)
-
-    state.self_k, state.self_v, state.offset = cut(state.self_k), cut(state.self_v), n
 
 
 def _rank(candidates: List[Tuple[Tuple[int, ...], float]], sample_begin: int, eot: int,

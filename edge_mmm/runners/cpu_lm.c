@@ -9,6 +9,7 @@
  *   Head and embedding: int8 codes with one fp32 scale per block of 32 (GGUF Q8_0), exact.
  * Activations, norms, RoPE, attention and the KV cache are fp32, so the logits match the float model to
  * fp32 rounding (the order of the sums differs from torch's).
+ * Whisper's text decoder (`edge_whisper_step`, at the end of this file) shares the row kernels.
  * The KV cache is the caller's: per layer one K and one V array [kv_heads, max_len, head_dim].
  * Threads: OpenMP, one parallel region per call; rows of each matrix and (head, token) pairs of attention
  * are split over the threads.
@@ -57,7 +58,7 @@ const char *edge_lm_isa(void) {
 #endif
 }
 
-int edge_lm_abi(void) { return 3; }
+int edge_lm_abi(void) { return 4; }
 
 /* ---------------------------------------------------------------------------------------- row kernels */
 /* x . (row of W): each block's 32 weights are dequantized exactly as the float model's (d*q + m in fp32)
@@ -415,12 +416,13 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
 
 void edge_lm_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 
-/* ------------------------------------------------------------- a float output projection (Whisper's head) */
-/* out[r, v] = x[r, :] . table[v, :] for r < rows, v < vocab. Whisper's decoder ties its output projection to its
- * token table, which checkpoints store in fp16: converting each fp16 value to fp32 and multiplying in fp32 gives
- * the float model's logits (to the order of the sums) from half the bytes an fp32 table streams per token. An
- * fp32 table (`f16` 0) is read as it is. Chunks of HEAD_VB table rows are split over the threads; every row of
- * x runs over a chunk while it is in cache, eight table rows at a time, the fp16 values converted in registers.
+/* ------------------------------------------------- fp16 / fp32 rows times fp32 vectors (Whisper's decoder) */
+/* out[r, v] = x[r, :] . table[v, :]. Whisper's decoder ties its output projection to its token table, which
+ * checkpoints store in fp16: converting each fp16 value to fp32 and multiplying in fp32 gives the float model's
+ * logits (to the order of the sums) from half the bytes an fp32 table streams per token. An fp32 table (`f16` 0)
+ * is read as it is. Chunks of HEAD_VB table rows are split over the threads; every row of x runs over a chunk
+ * while it is in cache, eight table rows at a time, the fp16 values converted in registers. The decoder's weight
+ * matrices run through the same eight-row kernels (`fmat_apply`).
  * (Measured on 2 Zen 4 cores, tiny.en's table: 1 row 0.7-1.0 ms; 64 rows 12 ms, where onnxruntime's fp32 GEMM
  * takes 9 ms; converting each chunk once into an fp32 buffer and running register tiles of several rows over it
  * was slower at every row count, 16-19 ms at 64 rows: the buffer's reads cost more than the conversions.) */
@@ -518,62 +520,217 @@ HEAD_ROW8_VEC(head_row8_f32, float, HLOAD, F32_VALUE)
 HEAD_ROW8_SCALAR(head_row8_f32, float, F32_VALUE)
 #endif
 
-typedef struct {
-    const void *table;
-    int f16;
-    int64_t vocab, dim, rows, c0, c1; /* this job's chunks: [c0, c1) */
-    const float *x;
-    float *out;
-} HeadJob;
-
-static void *head_job(void *arg) {
-    const HeadJob *j = (const HeadJob *)arg;
-    const int64_t dim = j->dim;
-    for (int64_t c = j->c0; c < j->c1; c++) {
-        const int64_t v0 = c * HEAD_VB, nw = j->vocab - v0 < HEAD_VB ? j->vocab - v0 : HEAD_VB;
-        for (int64_t r = 0; r < j->rows; r++) {
-            const float *x = j->x + r * dim;
-            float *out = j->out + r * j->vocab + v0;
-            int64_t v = 0;
-            if (j->f16) {
-                const uint16_t *w = (const uint16_t *)j->table + v0 * dim;
-                for (; v + 8 <= nw; v += 8) head_row8_f16(x, w + v * dim, dim, out + v);
-                for (; v < nw; v++) out[v] = dot_f16(x, w + v * dim, dim);
-            } else {
-                const float *w = (const float *)j->table + v0 * dim;
-                for (; v + 8 <= nw; v += 8) head_row8_f32(x, w + v * dim, dim, out + v);
-                for (; v < nw; v++) out[v] = dot(x, w + v * dim, dim);
-            }
+/* table rows [c*HEAD_VB, (c+1)*HEAD_VB) times each of the `rows` rows of x into out[r, v] (a chunk of the table
+ * stays in cache while every row runs over it). */
+static void head_chunk(const void *table, int f16, int64_t vocab, int64_t dim, const float *x, int64_t rows,
+                       float *out, int64_t c) {
+    const int64_t v0 = c * HEAD_VB, nw = vocab - v0 < HEAD_VB ? vocab - v0 : HEAD_VB;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * vocab + v0;
+        int64_t v = 0;
+        if (f16) {
+            const uint16_t *w = (const uint16_t *)table + v0 * dim;
+            for (; v + 8 <= nw; v += 8) head_row8_f16(xr, w + v * dim, dim, o + v);
+            for (; v < nw; v++) o[v] = dot_f16(xr, w + v * dim, dim);
+        } else {
+            const float *w = (const float *)table + v0 * dim;
+            for (; v + 8 <= nw; v += 8) head_row8_f32(xr, w + v * dim, dim, o + v);
+            for (; v < nw; v++) o[v] = dot(xr, w + v * dim, dim);
         }
     }
-    return NULL;
 }
 
-/* 0 on success, 1 for bad sizes. The chunks are split over up to `threads` POSIX threads started for this call
- * and joined before it returns (~20 us each), not an OpenMP team: OpenMP's workers spin for a while after a
- * region, and here onnxruntime's decoder trunk runs right after on the same cores (on 2 cores the spinning made
- * a tiny.en transcription ~10% slower in all). At most MAX_HEAD_THREADS, and each gets at least
- * HEAD_MIN_CHUNKS chunks: on a many-core host, starting a thread per core would cost more than the work it
- * takes over (tiny.en's whole table is ~1 ms on 2 cores). */
-int edge_head(const void *table, int f16, int64_t vocab, int64_t dim, const float *x, int64_t rows, float *out,
-              int threads) {
-    if (vocab <= 0 || dim <= 0 || rows <= 0 || !table || !x || !out) return 1;
-    enum { MAX_HEAD_THREADS = 8, HEAD_MIN_CHUNKS = 128 };
-    const int64_t chunks = (vocab + HEAD_VB - 1) / HEAD_VB;
-    int64_t n = threads < 1 ? 1 : threads > MAX_HEAD_THREADS ? MAX_HEAD_THREADS : threads;
-    if (n > chunks / HEAD_MIN_CHUNKS) n = chunks / HEAD_MIN_CHUNKS > 0 ? chunks / HEAD_MIN_CHUNKS : 1;
-    HeadJob jobs[MAX_HEAD_THREADS];
-    pthread_t tids[MAX_HEAD_THREADS];
-    int started[MAX_HEAD_THREADS] = {0};
-    for (int64_t i = 0; i < n; i++)
-        jobs[i] = (HeadJob){table, f16, vocab, dim, rows, chunks * i / n, chunks * (i + 1) / n, x, out};
-    for (int64_t i = 1; i < n; i++) started[i] = pthread_create(&tids[i], NULL, head_job, &jobs[i]) == 0;
-    head_job(&jobs[0]);
-    for (int64_t i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(tids[i], NULL);
-        else
-            head_job(&jobs[i]); /* no thread to be had: this one does it */
+/* ------------------------------------------------------------------------------------ Whisper's decoder */
+/* One call of Whisper's text decoder (openai-whisper's TextDecoder, edge_mmm/models/whisper.py): B sequences of
+ * T new tokens at positions offset .. offset+T-1, their keys and values appended to the caller's self-attention
+ * cache, cross-attention over the encoder's keys and values of each layer, the logits of every new position
+ * from the tied token table. Checkpoints store Whisper in fp16 (openai-whisper, CTranslate2): each weight matrix
+ * is read as stored (fp16 or fp32, `FMat.f16`) and converted to fp32 in registers, so the products are the float
+ * model's, from half the bytes an fp32 copy streams per step; biases, norms, activations, attention and the
+ * caches are fp32. The logits match the float model to fp32 rounding (the order of the sums differs).
+ * Layouts (row-major): weights [n, k] (torch's Linear), self cache [layers, B, max_len, dim] (heads side by
+ * side in dim), cross K^T [B, heads, head_dim, A] and V [B, heads, A, head_dim] per layer (`TextDecoder.cross_kv`).
+ * Threads: one OpenMP region per call; output rows of each matrix, (sequence, head) pairs of attention and
+ * chunks of the table are split over the threads. */
+typedef struct {
+    const void *w;      /* [n, k] */
+    int64_t f16;        /* 1: w is fp16, 0: fp32 */
+    const float *bias;  /* [n] or NULL */
+    int64_t n, k;
+} FMat;
+
+typedef struct {
+    const float *attn_ln_w, *attn_ln_b;
+    FMat qkv, out;                       /* self attention: q|k|v rows (the key has no bias: zeros) */
+    const float *cross_ln_w, *cross_ln_b;
+    FMat cross_q, cross_out;
+    const float *mlp_ln_w, *mlp_ln_b;
+    FMat fc1, fc2;
+} WLayer;
+
+typedef struct {
+    int64_t dim, layers, heads, inter, vocab, n_ctx, table_f16;
+    float eps;
+    const void *table;                   /* [vocab, dim]: token embedding and output projection */
+    const float *pos;                    /* [n_ctx, dim] */
+    const float *ln_w, *ln_b;            /* the final layer norm */
+    const WLayer *layer;                 /* [layers] */
+} WModel;
+
+/* y[r, :] = W x[r, :] + bias for r < R; inside a parallel region, groups of 8 output rows over the threads. */
+static void fmat_apply(const FMat *W, const float *x, int64_t R, float *y) {
+    const int64_t n = W->n, k = W->k, groups = (n + 7) / 8;
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t j0 = g * 8, nw = n - j0 < 8 ? n - j0 : 8;
+        float acc[8];
+        for (int64_t r = 0; r < R; r++) {
+            const float *xr = x + r * k;
+            if (W->f16) {
+                const uint16_t *w = (const uint16_t *)W->w + j0 * k;
+                if (nw == 8) head_row8_f16(xr, w, k, acc);
+                else for (int64_t j = 0; j < nw; j++) acc[j] = dot_f16(xr, w + j * k, k);
+            } else {
+                const float *w = (const float *)W->w + j0 * k;
+                if (nw == 8) head_row8_f32(xr, w, k, acc);
+                else for (int64_t j = 0; j < nw; j++) acc[j] = dot(xr, w + j * k, k);
+            }
+            for (int64_t j = 0; j < nw; j++) y[r * n + j0 + j] = acc[j] + (W->bias ? W->bias[j0 + j] : 0.f);
+        }
     }
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float *out, int64_t n, float eps) {
+    float mean = 0.f, var = 0.f;
+    for (int64_t i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int64_t i = 0; i < n; i++) { const float d = x[i] - mean; var += d * d; }
+    const float inv = 1.0f / sqrtf(var / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* softmax of s[0..n) in place */
+static void softmax_inplace(float *s, int64_t n) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t u = 0; u < n; u++) if (s[u] > mx) mx = s[u];
+    for (int64_t u = 0; u < n; u++) { s[u] = expf(s[u] - mx); sum += s[u]; }
+    const float inv = 1.0f / sum;
+    for (int64_t u = 0; u < n; u++) s[u] *= inv;
+}
+
+/* 0 on success; 1 for bad sizes or a token outside the vocabulary; 2 when out of memory. */
+int edge_whisper_step(const WModel *M, const int64_t *tokens, int64_t B, int64_t T, int64_t offset,
+                      float *self_k, float *self_v, int64_t max_len, const float *const *cross_k,
+                      const float *const *cross_v, int64_t A, float *logits, int threads) {
+    if (B < 1 || T < 1 || A < 1 || offset < 0 || offset + T > max_len || offset + T > M->n_ctx) return 1;
+    const int64_t R = B * T, D = M->dim, NH = M->heads, HD = D / NH, I = M->inter, ctx = offset + T;
+    if (HD * NH != D) return 1;
+    for (int64_t r = 0; r < R; r++)
+        if (tokens[r] < 0 || tokens[r] >= M->vocab) return 1;
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+    const int64_t per_thread = T * (A > ctx ? A : ctx);  /* one (sequence, head)'s scores */
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)R * (size_t)(5 * D + I) + (size_t)nt * (size_t)per_thread));
+    if (!buf) return 2;
+    float *x = buf, *h = x + R * D, *q = h + R * D, *att = q + R * D, *tmp = att + R * D, *ff = tmp + R * D;
+    float *scores = ff + R * I;
+    float *qkv = (float *)malloc(sizeof(float) * (size_t)R * (size_t)(3 * D));
+    if (!qkv) { free(buf); return 2; }
+    const float scale = 1.0f / sqrtf((float)HD);
+
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t p = offset + r % T;
+        for (int64_t i = 0; i < D; i++) {
+            const float e = M->table_f16 ? half_to_float(((const uint16_t *)M->table)[tokens[r] * D + i])
+                                         : ((const float *)M->table)[tokens[r] * D + i];
+            x[r * D + i] = e + M->pos[p * D + i];
+        }
+    }
+
+    #pragma omp parallel num_threads(nt)
+    {
+        float *s = scores + (int64_t)omp_get_thread_num() * per_thread;
+        for (int64_t l = 0; l < M->layers; l++) {
+            const WLayer *L = &M->layer[l];
+            float *K = self_k + l * B * max_len * D, *V = self_v + l * B * max_len * D;
+            /* self attention */
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) layer_norm(x + r * D, L->attn_ln_w, L->attn_ln_b, h + r * D, D, M->eps);
+            fmat_apply(&L->qkv, h, R, qkv);
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) {
+                const int64_t b = r / T, p = offset + r % T;
+                memcpy(K + (b * max_len + p) * D, qkv + r * 3 * D + D, sizeof(float) * D);
+                memcpy(V + (b * max_len + p) * D, qkv + r * 3 * D + 2 * D, sizeof(float) * D);
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t job = 0; job < R * NH; job++) {
+                const int64_t hd = job % NH, r = job / NH, b = r / T, n_ctx = offset + r % T + 1;
+                const float *qr = qkv + r * 3 * D + hd * HD;
+                const float *Kb = K + b * max_len * D + hd * HD, *Vb = V + b * max_len * D + hd * HD;
+                for (int64_t u = 0; u < n_ctx; u++) s[u] = dot(qr, Kb + u * D, HD) * scale;
+                softmax_inplace(s, n_ctx);
+                float *o = att + r * D + hd * HD;
+                for (int64_t j = 0; j < HD; j++) o[j] = 0.f;
+                for (int64_t u = 0; u < n_ctx; u++) {
+                    const float pu = s[u], *v = Vb + u * D;
+                    for (int64_t j = 0; j < HD; j++) o[j] += pu * v[j];
+                }
+            }
+            fmat_apply(&L->out, att, R, tmp);
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) {
+                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
+                layer_norm(x + r * D, L->cross_ln_w, L->cross_ln_b, h + r * D, D, M->eps);
+            }
+            /* cross attention: each (sequence, head) reads its keys and values once for all T rows */
+            fmat_apply(&L->cross_q, h, R, q);
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t job = 0; job < B * NH; job++) {
+                const int64_t hd = job % NH, b = job / NH;
+                const float *Kt = cross_k[l] + (b * NH + hd) * HD * A;  /* [HD, A] */
+                const float *Vh = cross_v[l] + (b * NH + hd) * A * HD;  /* [A, HD] */
+                for (int64_t t = 0; t < T * A; t++) s[t] = 0.f;
+                for (int64_t j = 0; j < HD; j++) {
+                    const float *kr = Kt + j * A;
+                    for (int64_t t = 0; t < T; t++) {
+                        const float qj = q[(b * T + t) * D + hd * HD + j] * scale;
+                        float *st = s + t * A;
+                        for (int64_t a = 0; a < A; a++) st[a] += qj * kr[a];
+                    }
+                }
+                for (int64_t t = 0; t < T; t++) {
+                    float *st = s + t * A, *o = att + (b * T + t) * D + hd * HD;
+                    softmax_inplace(st, A);
+                    for (int64_t j = 0; j < HD; j++) o[j] = 0.f;
+                    for (int64_t a = 0; a < A; a++) {
+                        const float pa = st[a], *v = Vh + a * HD;
+                        for (int64_t j = 0; j < HD; j++) o[j] += pa * v[j];
+                    }
+                }
+            }
+            fmat_apply(&L->cross_out, att, R, tmp);
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) {
+                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
+                layer_norm(x + r * D, L->mlp_ln_w, L->mlp_ln_b, h + r * D, D, M->eps);
+            }
+            /* MLP: fc1, exact (erf) GELU, fc2 */
+            fmat_apply(&L->fc1, h, R, ff);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < R * I; i++) ff[i] = 0.5f * ff[i] * (1.0f + erff(ff[i] * 0.70710678118654752f));
+            fmat_apply(&L->fc2, ff, R, tmp);
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) layer_norm(x + r * D, M->ln_w, M->ln_b, h + r * D, D, M->eps);
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < (M->vocab + HEAD_VB - 1) / HEAD_VB; c++)
+            head_chunk(M->table, (int)M->table_f16, M->vocab, D, h, R, logits, c);
+    }
+    free(qkv);
+    free(buf);
     return 0;
 }

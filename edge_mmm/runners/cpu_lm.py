@@ -30,7 +30,7 @@ PACK_JSON = "cpu_lm.json"  # the weights' index (exporters/cpu_lm_pack.py writes
 PACK_BIN = "cpu_lm.bin"
 PACK_FORMAT = 1
 LIBRARY = "libedge_cpu_lm.so"
-ABI = 3
+ABI = 4
 
 
 class _Q4Mat(ctypes.Structure):
@@ -122,9 +122,10 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
                                  ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64,
                                  ctypes.c_void_p]
     lib.edge_lm_set_threads.argtypes = [ctypes.c_int]
-    lib.edge_head.restype = ctypes.c_int
-    lib.edge_head.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.edge_whisper_step.restype = ctypes.c_int
+    lib.edge_whisper_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib, lib.edge_lm_isa().decode()
 
 
@@ -145,7 +146,7 @@ def host_library(cache_root: Path) -> Optional[ctypes.CDLL]:
         lib, isa = None, "this CPU has no AVX2 + FMA"
     if lib is None and isa not in _notes:
         _notes.add(isa)
-        print(f"edge-mmm: the CPU kernel is off ({isa}); onnxruntime runs the LM and Whisper's output projection "
+        print(f"edge-mmm: the CPU kernel is off ({isa}); onnxruntime runs the LM and Whisper's decoder "
               "(slower)", file=sys.stderr)
     return lib
 
@@ -281,29 +282,3 @@ class CpuLM:
         if rc:
             raise ValueError(f"CPU forward failed (code {rc}): {ids.size} token(s) at position {pos}, cache {max_len}, "
                              f"vocabulary {self.config['vocab']}")
-
-
-class CpuHead:
-    """A float output projection over a token table `[vocab, dim]` (float16 or float32, C-contiguous): the C
-    kernel's `edge_head`. Whisper's decoder ties its projection to its fp16 token table; this computes its
-    logits in fp32 from the fp16 values (exact), streaming half the bytes of an fp32 copy per step."""
-
-    def __init__(self, lib: ctypes.CDLL, table: np.ndarray, threads: int = 0):
-        if table.ndim != 2 or table.dtype not in (np.float16, np.float32) or not table.flags.c_contiguous:
-            raise ValueError(f"the head's table must be a C-contiguous float16/float32 2-D array, got "
-                             f"{table.dtype} {table.shape}")
-        self.lib, self.table = lib, table
-        self.threads = int(threads) if threads and threads > 0 else default_threads()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x [rows, dim] float32 -> logits [rows, vocab] float32."""
-        vocab, dim = self.table.shape
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != dim or x.shape[0] == 0:
-            raise ValueError(f"the head takes [rows, {dim}] float32, got {x.shape}")
-        out = np.empty((x.shape[0], vocab), np.float32)
-        rc = self.lib.edge_head(self.table.ctypes.data, int(self.table.dtype == np.float16), vocab, dim,
-                                x.ctypes.data, x.shape[0], out.ctypes.data, self.threads)
-        if rc:
-            raise MemoryError(f"the CPU head failed (code {rc}) for {x.shape[0]} row(s) x {vocab}")
-        return out

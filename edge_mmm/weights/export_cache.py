@@ -62,6 +62,14 @@ def write_text_atomic(path: Path, text: str, umask_mode: bool = False) -> None:
             os.unlink(tmp)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no second copy on disk), or a copy where the file system cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _write_json(path: Path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=1))
 

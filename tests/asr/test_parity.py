@@ -31,36 +31,42 @@ def torch_backend(tiny_en_ckpt):
     return TorchWhisperBackend(tiny_en_ckpt.build())
 
 
-@pytest.fixture(scope="module", params=["decoder-graph", "c-head"])
+@pytest.fixture(scope="module", params=["decoder-graph", "c-decoder"])
 def onnx_backend(request, tiny_en_ckpt, tmp_path_factory):
     """What load_asr caches: the fused-attention export, saved as onnxruntime optimized it (weights beside);
-    "c-head": its decoder as the trunk graph + edge-mmm's C projection over the fp16 table (the default on
-    x86), "decoder-graph": the one decoder graph (bundles, hosts without the kernel)."""
-    from edge_mmm.asr.ort_graphs import write_decoder_trunk
+    "c-decoder": with the decoder pack beside it, so the decoder runs on edge-mmm's C kernel over the
+    checkpoint's fp16 weights (the default on x86), "decoder-graph": the decoder graph on onnxruntime (int8
+    exports, hosts without the kernel)."""
     from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
+    from edge_mmm.exporters.whisper_decoder_pack import write_decoder_pack
     from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
     from edge_mmm.runners.ort_session import save_optimized_onnx
 
     raw, out = tmp_path_factory.mktemp("onnx"), tmp_path_factory.mktemp("onnx-optimized")
     # what load_asr exports; the check runs a 10 s input through the dynamic frame axis
-    check = export_whisper_onnx(tiny_en_ckpt.build(), raw, ort_fused_attention=True, dynamic_frames=True)
+    model = tiny_en_ckpt.build()
+    check = export_whisper_onnx(model, raw, ort_fused_attention=True, dynamic_frames=True)
     print(f"ONNX export check: encoder max abs err {check.encoder_max_abs_err:.2e}, "
           f"decoder logits max abs err {check.decoder_max_abs_err:.2e}")
     assert check.encoder_max_abs_err < 1e-3 and check.decoder_max_abs_err < 1e-3
     for name in (ENCODER_FILE, DECODER_FILE):
         save_optimized_onnx(raw / name, out / name, name)
-    if request.param == "c-head":
-        assert write_decoder_trunk(out / DECODER_FILE)
+    if request.param == "c-decoder":
+        write_decoder_pack(model.decoder, out)
     backend = OnnxWhisperBackend(out, tiny_en_ckpt.config, threads=2, cache_dir=tmp_path_factory.mktemp("kernel"))
     assert backend.short_mel
-    if request.param == "c-head":
-        if backend.head is None:
+    if request.param == "c-decoder":
+        if backend.cpu_decoder is None:
             import platform
 
             if platform.machine() in ("x86_64", "AMD64"):  # the README installs the compiler it needs
                 pytest.fail("edge-mmm's C kernel must build on an x86-64 host")
             pytest.skip(f"edge-mmm's C kernel has no path for {platform.machine()}")
-        assert backend.head.table.dtype == np.float16  # the checkpoint's own fp16 values, exactly
+        # the checkpoint's own fp16 values, exactly
+        assert backend.cpu_decoder._arrays["blocks.0.fc1.w"].dtype == np.float16
+        assert backend.cpu_decoder._arrays["table"].dtype == np.float16
+    else:
+        assert backend.cpu_decoder is None
     return backend
 
 

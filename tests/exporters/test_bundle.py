@@ -113,19 +113,19 @@ def test_transcribe_bundle_matches_source(bundle_dir, clip, capsys):
                                                                              for s in ref.segments]
     asr = open_bundle(bundle_dir).load_asr()
     assert asr.transcribe(clip).text == ref.text
-    assert asr.backend.head is not None  # the decoder trunk + the C projection over the fp16 table
+    assert asr.backend.cpu_decoder is not None  # the C decoder over the pack's fp16 weights
 
 
-def test_bundle_asr_head_files_are_checked(bundle_dir, tmp_path):
-    """The C projection's table in a bundle is listed in the manifest; a head description whose sizes disagree
-    with the Whisper config (re-hashed, so the manifest check passes) is refused naming the part."""
+def test_bundle_asr_decoder_pack_is_checked(bundle_dir, tmp_path):
+    """The C decoder's pack in a bundle is listed in the manifest; a pack whose sizes disagree with the Whisper
+    config (re-hashed, so the manifest check passes) is refused naming the part."""
     files = set(json.loads((bundle_dir / "manifest.json").read_text())["files"])
-    assert {"asr/decoder_trunk.onnx", "asr/decoder_table.bin", "asr/decoder_head.json"} <= files
+    assert {"asr/decoder_pack.json", "asr/decoder_pack.bin"} <= files
     assert all((bundle_dir / f).stat().st_mode & 0o044 == 0o044 for f in files)  # a bundle is copied to devices
     forged = _linked_copy(bundle_dir, tmp_path / "forged")
-    meta = json.loads((forged / "asr" / "decoder_head.json").read_text())
-    meta["vocab"] //= 2
-    (forged / "asr" / "decoder_head.json").write_text(json.dumps(meta))
+    meta = json.loads((forged / "asr" / "decoder_pack.json").read_text())
+    meta["n_ctx"] //= 2
+    (forged / "asr" / "decoder_pack.json").write_text(json.dumps(meta))
     rehash(forged)
     with pytest.raises(ModelFileError, match="asr.*decoder"):
         open_bundle(forged).load_asr()
@@ -185,10 +185,27 @@ def test_vlm_bundle_matches_source(vlm_bundle, tiny_vlm_dir):
     b = open_bundle(vlm_bundle)
     assert set(b.models) == {"vlm"} and b.models["vlm"]["lm_weights"] == "int4"
     got = b.load_vlm().generate(msgs, cfg)
-    ref = load_vlm(tiny_vlm_dir, backend="onnxruntime", quantize="int4").generate(msgs, cfg)
+    # the bundle's vision graph is fp32, so is the reference's (not load_vlm's default, auto)
+    ref = load_vlm(tiny_vlm_dir, backend="onnxruntime", quantize="int4", vision_precision="fp32").generate(msgs, cfg)
     assert got.token_ids == ref.token_ids and len(got.token_ids) == 12
     with pytest.raises(ModelFileError, match="has no asr model"):
         b.load_asr()
+
+
+def test_vlm_bundle_int8(tiny_vlm_dir, tmp_path):
+    """--quant int8 with a VLM: the static int8 vision graph (TensorRT's input) is calibrated on photo-like tiles
+    (no images to ask the user for) and checked; the bundle loads and answers."""
+    from PIL import Image
+    from skimage import data
+
+    out = tmp_path / "bundle"
+    export_bundle(ExportRequest(CPU, vlm=tiny_vlm_dir, quant="int8"), out)
+    b = open_bundle(out)
+    meta = b.models["vlm"]
+    assert meta["precision"] == "int8" and meta["lm_weights"] == "int8" and meta["vision_cosine"] > 0.99
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(data.astronaut())},
+                                         {"type": "text", "text": "What is this?"}]}]
+    assert len(b.load_vlm().generate(msgs, GenerationConfig(max_tokens=4)).token_ids) == 4
 
 
 def test_vad_from_bundle(bundle_dir):
