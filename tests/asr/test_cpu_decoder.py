@@ -210,3 +210,57 @@ def test_a_bad_pack_is_a_model_file_error(tmp_path):
     other = WhisperConfig(**{**CFG.__dict__, "n_text_ctx": 32})
     write_decoder_pack(Whisper(other).decoder, graphs)
     refused("disagree with the config")
+
+
+def test_kernel_calls_run_on_one_thread(tmp_path):
+    """Every C kernel call (Whisper's decoder here, the LM's forward too) runs on `kernel_thread`, whichever
+    thread makes it: one OpenMP pool in the process (two made libgomp stop spinning, docs/speech.md); an error
+    reaches the caller; calls from several threads all complete, with the same results."""
+    import threading
+
+    from edge_mmm.runners import cpu_lm
+
+    lib, isa = compile_library(tmp_path / "lib")
+    if lib is None:
+        _kernel_missing(isa)
+    model = _model(True)
+    write_decoder_pack(model.decoder, tmp_path)
+    dec = CpuWhisperDecoder(lib, *read_decoder_pack(tmp_path), threads=2)
+    with torch.no_grad():
+        ck, cv = model.decoder.cross_kv(torch.randn(1, 30, CFG.n_text_state))
+    ck, cv = [a.numpy() for a in ck], [a.numpy() for a in cv]
+    seen = []
+    real_call = cpu_lm.kernel_thread.call
+
+    def step(tokens):
+        k, v = dec.empty_cache(1), dec.empty_cache(1)
+        return dec.step(np.array([tokens]), 0, k, v, ck, cv)
+
+    ref = step([1, 2, 3])
+    results = {}
+
+    def worker(i):
+        results[i] = step([1, 2, 3])
+
+    lib_step = lib.edge_whisper_step
+
+    def spy(*args):
+        seen.append(threading.get_ident())
+        return lib_step(*args)
+
+    dec.lib = type("Lib", (), {"edge_whisper_step": staticmethod(spy)})()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(np.array_equal(r, ref) for r in results.values())
+    assert len(seen) == 4 and len(set(seen)) == 1 and seen[0] not in {t.ident for t in threads}
+    assert seen[0] == cpu_lm.kernel_thread._ident
+
+    def boom():
+        raise RuntimeError("from the kernel thread")
+
+    with pytest.raises(RuntimeError, match="from the kernel thread"):
+        real_call(boom)
+    assert real_call(lambda: threading.get_ident()) == seen[0]
