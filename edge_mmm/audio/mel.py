@@ -4,6 +4,7 @@ for tensors on any device (`log_mel_spectrogram`: the reference of our Triton ke
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -61,6 +62,33 @@ def _hann(n: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
+_blas = {"controller": None, "lock": threading.Lock()}
+
+
+def _blas_on_this_thread():
+    """A context in which numpy's BLAS (OpenBLAS in numpy's wheels) computes on the calling thread only. With
+    its worker threads, OpenBLAS leaves them busy-waiting after the call (up to ~0.1 s), on the cores Whisper's
+    encoder runs on next: a tiny.en window took 156 instead of 114 ms on 2 cores (docs/speech.md). The filter
+    bank product is ~1 ms on one thread. threadpoolctl sets the count for the process, so the limit is taken
+    under a lock (two callers cannot restore each other's value)."""
+    import contextlib
+
+    if _blas["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # a dependency; without it the product only runs slower
+            _blas["controller"] = False
+        else:
+            _blas["controller"] = ThreadpoolController()
+    controller = _blas["controller"]
+    if not controller:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_blas["lock"])
+    stack.enter_context(controller.limit(limits=1, user_api="blas"))
+    return stack
+
+
 def log_mel_spectrogram_np(audio, n_mels: int = 80, padding: int = 0) -> np.ndarray:
     """Log-mel [n_mels, frames] float32 of a 16 kHz mono waveform, with `padding` zero samples appended
     first: torch.stft(center=True, reflect padding, periodic Hann) re-done with numpy's FFT."""
@@ -83,7 +111,8 @@ def log_mel_spectrogram_np(audio, n_mels: int = 80, padding: int = 0) -> np.ndar
     spec = np.fft.rfft(frames * _hann(N_FFT), axis=-1)
     magnitudes = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
     mel_spec = np.zeros((n_mels, n_frames), np.float32)
-    mel_spec[:, :live] = mel_filters(n_mels) @ magnitudes.T
+    with _blas_on_this_thread():
+        mel_spec[:, :live] = mel_filters(n_mels) @ magnitudes.T
     return _finish(mel_spec, np).astype(np.float32)
 
 
