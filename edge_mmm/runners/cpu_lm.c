@@ -619,6 +619,25 @@ static void softmax_inplace(float *s, int64_t n) {
     for (int64_t u = 0; u < n; u++) s[u] *= inv;
 }
 
+/* o[0..hd) = sum_u p[u] * v[u * stride .. +hd) for u < n: attention's weighted sum of value rows */
+static void weighted_rows(const float *p, const float *v, int64_t n, int64_t stride, int64_t hd, float *o) {
+    for (int64_t j = 0; j < hd; j++) o[j] = 0.f;
+    for (int64_t u = 0; u < n; u++) {
+        const float pu = p[u], *vu = v + u * stride;
+        for (int64_t j = 0; j < hd; j++) o[j] += pu * vu[j];
+    }
+}
+
+/* x[r] += add[r], then h[r] = layer_norm(x[r]) for the R rows (inside a parallel region: rows over the threads) */
+static void add_then_norm(float *x, const float *add, const float *w, const float *b, float *h, int64_t R,
+                          int64_t D, float eps) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t i = 0; i < D; i++) x[r * D + i] += add[r * D + i];
+        layer_norm(x + r * D, w, b, h + r * D, D, eps);
+    }
+}
+
 /* 0 on success; 1 for bad sizes or a token outside the vocabulary; 2 when out of memory. */
 int edge_whisper_step(const WModel *M, const int64_t *tokens, int64_t B, int64_t T, int64_t offset,
                       float *self_k, float *self_v, int64_t max_len, const float *const *cross_k,
@@ -670,19 +689,10 @@ int edge_whisper_step(const WModel *M, const int64_t *tokens, int64_t B, int64_t
                 const float *Kb = K + b * max_len * D + hd * HD, *Vb = V + b * max_len * D + hd * HD;
                 for (int64_t u = 0; u < n_ctx; u++) s[u] = dot(qr, Kb + u * D, HD) * scale;
                 softmax_inplace(s, n_ctx);
-                float *o = att + r * D + hd * HD;
-                for (int64_t j = 0; j < HD; j++) o[j] = 0.f;
-                for (int64_t u = 0; u < n_ctx; u++) {
-                    const float pu = s[u], *v = Vb + u * D;
-                    for (int64_t j = 0; j < HD; j++) o[j] += pu * v[j];
-                }
+                weighted_rows(s, Vb, n_ctx, D, HD, att + r * D + hd * HD);
             }
             fmat_apply(&L->out, att, R, tmp);
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) {
-                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
-                layer_norm(x + r * D, L->cross_ln_w, L->cross_ln_b, h + r * D, D, M->eps);
-            }
+            add_then_norm(x, tmp, L->cross_ln_w, L->cross_ln_b, h, R, D, M->eps);
             /* cross attention: each (sequence, head) reads its keys and values once for all T rows */
             fmat_apply(&L->cross_q, h, R, q);
             #pragma omp for schedule(dynamic, 1)
@@ -700,21 +710,12 @@ int edge_whisper_step(const WModel *M, const int64_t *tokens, int64_t B, int64_t
                     }
                 }
                 for (int64_t t = 0; t < T; t++) {
-                    float *st = s + t * A, *o = att + (b * T + t) * D + hd * HD;
-                    softmax_inplace(st, A);
-                    for (int64_t j = 0; j < HD; j++) o[j] = 0.f;
-                    for (int64_t a = 0; a < A; a++) {
-                        const float pa = st[a], *v = Vh + a * HD;
-                        for (int64_t j = 0; j < HD; j++) o[j] += pa * v[j];
-                    }
+                    softmax_inplace(s + t * A, A);
+                    weighted_rows(s + t * A, Vh, A, HD, HD, att + (b * T + t) * D + hd * HD);
                 }
             }
             fmat_apply(&L->cross_out, att, R, tmp);
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) {
-                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
-                layer_norm(x + r * D, L->mlp_ln_w, L->mlp_ln_b, h + r * D, D, M->eps);
-            }
+            add_then_norm(x, tmp, L->mlp_ln_w, L->mlp_ln_b, h, R, D, M->eps);
             /* MLP: fc1, exact (erf) GELU, fc2 */
             fmat_apply(&L->fc1, h, R, ff);
             #pragma omp for schedule(static)
