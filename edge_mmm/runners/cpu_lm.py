@@ -142,11 +142,15 @@ class _KernelThread:
     would only fight over the same cores). ~30 us per call (a decode step is 1.5-4 ms)."""
 
     def __init__(self):
+        self._start = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
         import queue
 
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._start = threading.Lock()
         self._ident: Optional[int] = None
+        self._pid = os.getpid()
         self._local = threading.local()
 
     def _serve(self) -> None:
@@ -164,6 +168,8 @@ class _KernelThread:
         if threading.get_ident() == self._ident:
             return fn(*args)
         with self._start:
+            if self._pid != os.getpid():  # a forked child: the thread stayed in the parent
+                self._reset()
             if self._ident is None:
                 threading.Thread(target=self._serve, name="edge-mmm-cpu-kernel", daemon=True).start()
                 while self._ident is None:

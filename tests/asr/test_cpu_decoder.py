@@ -264,3 +264,22 @@ def test_kernel_calls_run_on_one_thread(tmp_path):
     with pytest.raises(RuntimeError, match="from the kernel thread"):
         real_call(boom)
     assert real_call(lambda: threading.get_ident()) == seen[0]
+
+
+def test_kernel_thread_in_a_forked_child():
+    """A child forked after the kernel thread started gets its own (the parent's thread does not exist there)."""
+    import multiprocessing
+
+    from edge_mmm.runners import cpu_lm
+
+    parent = cpu_lm.kernel_thread.call(lambda: __import__("threading").get_ident())
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_call_in_child).get(timeout=30) == 42
+    assert cpu_lm.kernel_thread.call(lambda: __import__("threading").get_ident()) == parent
+
+
+def _call_in_child():
+    from edge_mmm.runners import cpu_lm
+
+    return cpu_lm.kernel_thread.call(lambda: 42)
