@@ -1,5 +1,6 @@
 """Multilingual checkpoints (no real weights here): a tiny random multilingual Whisper, run by openai-whisper
-and by us from the same state dict. Language probabilities (abs 1e-5) and greedy tokens must agree."""
+and by us from the same state dict, on torch and on onnxruntime with the C decoder (its pack in fp32: random
+weights are not fp16 values). Language probabilities (abs 1e-5) and greedy tokens must agree."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ CFG = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=
                     n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=4, n_text_layer=2)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=["torch", "onnxruntime-c-decoder"])
+def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     ours = Whisper(CFG).eval()
     with torch.no_grad():
@@ -40,7 +41,23 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     path.write_text(json.dumps(tok_json))
     tok = WhisperTokenizer.from_file(path, CFG.n_vocab, CFG.is_multilingual, CFG.num_languages)
-    return TorchWhisperBackend(ours), ref.eval(), tok
+    if request.param == "torch":
+        return TorchWhisperBackend(ours), ref.eval(), tok
+    from edge_mmm.asr.backends import OnnxWhisperBackend
+    from edge_mmm.exporters.onnx_whisper import export_whisper_onnx
+    from edge_mmm.exporters.whisper_decoder_pack import write_decoder_pack
+
+    out = tmp_path_factory.mktemp("onnx")
+    export_whisper_onnx(ours, out, check=False, ort_fused_attention=True, dynamic_frames=True)
+    write_decoder_pack(ours.decoder, out)
+    backend = OnnxWhisperBackend(out, CFG, threads=2, cache_dir=tmp_path_factory.mktemp("kernel"))
+    if backend.cpu_decoder is None:
+        import platform
+
+        if platform.machine() in ("x86_64", "AMD64"):  # the README installs the compiler it needs
+            pytest.fail("edge-mmm's C kernel must build on an x86-64 host")
+        pytest.skip(f"edge-mmm's C kernel has no path for {platform.machine()}")
+    return backend, ref.eval(), tok
 
 
 def test_special_ids_match_openai(pair):
