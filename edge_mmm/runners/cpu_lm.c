@@ -11,15 +11,17 @@
  * fp32 rounding (the order of the sums differs from torch's).
  * Whisper's text decoder (`edge_whisper_step`, at the end of this file) shares the row kernels.
  * The KV cache is the caller's: per layer one K and one V array [kv_heads, max_len, head_dim].
- * Threads: OpenMP, one parallel region per call; rows of each matrix and (head, token) pairs of attention
- * are split over the threads.
+ * Threads: our own team (`team_run`, below), one region per call; rows of each matrix and (head, token) pairs of
+ * attention are split over the threads.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <unistd.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -58,7 +60,7 @@ const char *edge_lm_isa(void) {
 #endif
 }
 
-int edge_lm_abi(void) { return 4; }
+int edge_lm_abi(void) { return 5; }
 
 /* ---------------------------------------------------------------------------------------- row kernels */
 /* x . (row of W): each block's 32 weights are dequantized exactly as the float model's (d*q + m in fp32)
@@ -269,13 +271,130 @@ static void q4_tile(const uint8_t *c, const float *d, const float *m, const floa
 }
 #endif
 
+/* ------------------------------------------------------------------------------------- the thread team */
+/* A region runs fn(arg, tid, nth) on nth threads: the caller (tid 0) and persistent workers, started on first
+ * use. Not OpenMP: libgomp keeps a worker pool per host thread that opens a parallel region and counts all of
+ * them; with two pools (our kernel called from two threads, or torch, which ships the same libgomp.so.1, on one
+ * and our kernel on another) it has more threads than cores and stops spinning at its barriers, and a decode step
+ * ran 2-2.5x slower. Here one team serves the process: regions from several threads run one at a time
+ * (`team_call`), workers spin briefly between regions (a decode loop's next step finds them awake), then sleep on
+ * a condition variable, so an idle kernel takes no core from onnxruntime or anything else. */
+#define TEAM_MAX 64
+#define TEAM_SPIN 20000 /* pause iterations a worker spins for the next region before it sleeps (~0.1-0.5 ms) */
+typedef void (*TeamFn)(void *arg, int tid, int nth);
+static pthread_mutex_t team_call = PTHREAD_MUTEX_INITIALIZER, team_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t team_cv = PTHREAD_COND_INITIALIZER;
+static TeamFn team_fn;
+static void *team_arg;
+static int team_nth, team_workers, team_forked_hook;
+static _Atomic int64_t team_gen, bar_gen;
+static _Atomic int team_done, team_sleepers, bar_count;
+static int64_t team_start_gen[TEAM_MAX];
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *team_worker(void *p) {
+    const int tid = (int)(intptr_t)p;
+    int64_t seen = team_start_gen[tid];
+    for (;;) {
+        int64_t g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&team_gen, memory_order_acquire)) == seen) {
+            if (++spins < TEAM_SPIN) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&team_mu);
+            atomic_fetch_add(&team_sleepers, 1);
+            while (atomic_load(&team_gen) == seen) pthread_cond_wait(&team_cv, &team_mu);
+            atomic_fetch_sub(&team_sleepers, 1);
+            pthread_mutex_unlock(&team_mu);
+            spins = 0;
+        }
+        seen = g;
+        if (tid < team_nth) team_fn(team_arg, tid, team_nth);
+        atomic_fetch_add_explicit(&team_done, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* a child forked while the team existed has none of its threads: it starts its own */
+static void team_after_fork(void) {
+    pthread_mutex_init(&team_call, NULL);
+    pthread_mutex_init(&team_mu, NULL);
+    pthread_cond_init(&team_cv, NULL);
+    team_workers = 0;
+    atomic_store(&team_sleepers, 0);
+}
+
+/* all nth threads meet here (inside a region) */
+static void team_barrier(int nth) {
+    if (nth <= 1) return;
+    const int64_t g = atomic_load_explicit(&bar_gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&bar_count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&bar_count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&bar_gen, 1, memory_order_release);
+    } else {
+        for (int spins = 0; atomic_load_explicit(&bar_gen, memory_order_acquire) == g; spins++) {
+            if (spins < 4096) cpu_relax();
+            else sched_yield(); /* a team member lost its core (another process, onnxruntime's threads) */
+        }
+    }
+}
+
+static void team_run(TeamFn fn, void *arg, int nth) {
+    if (nth < 1) nth = 1;
+    if (nth > TEAM_MAX) nth = TEAM_MAX;
+    pthread_mutex_lock(&team_call);
+    if (!team_forked_hook) team_forked_hook = pthread_atfork(NULL, NULL, team_after_fork) == 0 ? 1 : -1;
+    while (team_workers < nth - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        const int tid = team_workers + 1;
+        team_start_gen[tid] = atomic_load(&team_gen);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&t, &attr, team_worker, (void *)(intptr_t)tid);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* no more threads to be had: the region runs on those there are */
+        team_workers = tid;
+    }
+    if (nth > team_workers + 1) nth = team_workers + 1;
+    team_fn = fn;
+    team_arg = arg;
+    team_nth = nth;
+    atomic_store(&team_done, 0);
+    atomic_store(&bar_count, 0);
+    pthread_mutex_lock(&team_mu);
+    atomic_fetch_add_explicit(&team_gen, 1, memory_order_release);
+    if (atomic_load(&team_sleepers)) pthread_cond_broadcast(&team_cv);
+    pthread_mutex_unlock(&team_mu);
+    fn(arg, 0, nth);
+    while (atomic_load_explicit(&team_done, memory_order_acquire) < team_workers) cpu_relax();
+    pthread_mutex_unlock(&team_call);
+}
+
+/* work sharing inside a region (`tid`, `nth` in scope), each loop followed by team_barrier(nth): a static split of
+ * [0, n), or items handed out one at a time from a counter the caller zeroed */
+#define TEAM_FOR(i, n) for (int64_t i = (int64_t)(n) * tid / nth, i##_end = (int64_t)(n) * (tid + 1) / nth; i < i##_end; i++)
+#define TEAM_DYNAMIC_FOR(i, n, counter) \
+    for (int64_t i; (i = atomic_fetch_add_explicit((counter), 1, memory_order_relaxed)) < (int64_t)(n);)
+
+static int default_team_threads(void) {
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 /* ---------------------------------------------------------------------------------- parallel pieces */
-/* Inside a parallel region: Y[t, :] = W X[t, :] (+ bias) for T tokens. Each thread takes a contiguous range of
+/* Inside a team region: Y[t, :] = W X[t, :] (+ bias) for T tokens. Each thread takes a contiguous range of
  * W's rows and walks the tokens in tiles, so a tile of X stays in cache while the rows stream by. */
-static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y) {
+static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y, int tid, int nth) {
     const int64_t k = w->k, nb = k / 32, n = w->n;
-    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t r0 = n * me / nth, r1 = n * (me + 1) / nth;
+    const int64_t r0 = n * tid / nth, r1 = n * (tid + 1) / nth;
     int64_t t0 = 0;
 #ifdef PAIR_TOKENS
     for (; t0 + PAIR_TOKENS <= T; t0 += PAIR_TOKENS) {
@@ -303,7 +422,7 @@ static void q4_gemm(const Q4Mat *w, const float *x, int64_t T, float *y) {
                 for (int j = 0; j < nt; j++) yr[j * n] += w->bias[r];
         }
     }
-    #pragma omp barrier
+    team_barrier(nth);
 }
 
 static void rms_norm(const float *x, const float *g, float *out, int64_t n, float eps) {
@@ -322,6 +441,88 @@ static void rope(float *v, const float *cs, const float *sn, int64_t half) {
 }
 
 /* ---------------------------------------------------------------------------------------- the forward */
+typedef struct {
+    const Model *M;
+    const int64_t *tokens;
+    int64_t T, pos, max_len, ctx;
+    float *const *kcache, *const *vcache;
+    float *logits, *x, *h, *tmp, *qkv, *att, *gu, *scores;
+    _Atomic int64_t *jobs; /* one zeroed counter per layer: the attention's (head, token) pairs */
+} LMRegion;
+
+static void lm_region(void *arg, int tid, int nth) {
+    const LMRegion *a = (const LMRegion *)arg;
+    const Model *M = a->M;
+    const int64_t T = a->T, pos = a->pos, max_len = a->max_len, ctx = a->ctx;
+    const int64_t H = M->hidden, D = M->head_dim, NH = M->heads, KV = M->kv_heads, I = M->inter;
+    const int64_t qd = NH * D, kvd = KV * D, nqkv = qd + 2 * kvd, half = D / 2, group = NH / KV, hb = H / 32;
+    float *x = a->x, *h = a->h, *tmp = a->tmp, *qkv = a->qkv, *att = a->att, *gu = a->gu;
+    float *const *kcache = a->kcache, *const *vcache = a->vcache;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int64_t l = 0; l < M->layers; l++) {
+        const Layer *L = &M->layer[l];
+        TEAM_FOR(t, T) rms_norm(x + t * H, L->attn_norm, h + t * H, H, M->eps);
+        team_barrier(nth);
+        q4_gemm(&L->qkv, h, T, qkv, tid, nth);
+        TEAM_FOR(t, T) {
+            const int64_t p = pos + t;
+            const float *cs = M->rope_cos + p * half, *sn = M->rope_sin + p * half;
+            float *row = qkv + t * nqkv;
+            for (int64_t hd = 0; hd < NH; hd++) rope(row + hd * D, cs, sn, half);
+            for (int64_t hd = 0; hd < KV; hd++) {
+                float *k = row + qd + hd * D;
+                rope(k, cs, sn, half);
+                memcpy(kcache[l] + (hd * max_len + p) * D, k, sizeof(float) * D);
+                memcpy(vcache[l] + (hd * max_len + p) * D, row + qd + kvd + hd * D, sizeof(float) * D);
+            }
+        }
+        team_barrier(nth);
+        TEAM_DYNAMIC_FOR(job, NH * T, &a->jobs[l]) {
+            const int64_t hd = job % NH, t = job / NH, n_ctx = pos + t + 1;
+            const float *q = qkv + t * nqkv + hd * D;
+            const float *K = kcache[l] + (hd / group) * max_len * D, *V = vcache[l] + (hd / group) * max_len * D;
+            float *s = a->scores + (int64_t)tid * ctx, mx = -INFINITY, sum = 0.f;
+            for (int64_t u = 0; u < n_ctx; u++) {
+                s[u] = dot(q, K + u * D, D) * scale;
+                if (s[u] > mx) mx = s[u];
+            }
+            for (int64_t u = 0; u < n_ctx; u++) { s[u] = expf(s[u] - mx); sum += s[u]; }
+            float *o = att + t * qd + hd * D;
+            for (int64_t j = 0; j < D; j++) o[j] = 0.f;
+            for (int64_t u = 0; u < n_ctx; u++) {
+                const float pu = s[u] / sum, *v = V + u * D;
+                for (int64_t j = 0; j < D; j++) o[j] += pu * v[j];
+            }
+        }
+        team_barrier(nth);
+        q4_gemm(&L->o, att, T, tmp, tid, nth);
+        TEAM_FOR(t, T) {
+            for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
+            rms_norm(x + t * H, L->ffn_norm, h + t * H, H, M->eps);
+        }
+        team_barrier(nth);
+        q4_gemm(&L->gate_up, h, T, gu, tid, nth);
+        TEAM_FOR(t, T) {
+            float *g = gu + t * 2 * I;
+            for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
+        }
+        team_barrier(nth);
+        /* down reads the activations with a stride of 2I: compact them to [T, I] first */
+        if (tid == 0)
+            for (int64_t t = 1; t < T; t++) memmove(gu + t * I, gu + t * 2 * I, sizeof(float) * I);
+        team_barrier(nth);
+        q4_gemm(&L->down, gu, T, tmp, tid, nth);
+        TEAM_FOR(t, T)
+            for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
+        team_barrier(nth);
+    }
+    if (tid == 0) rms_norm(x + (T - 1) * H, M->final_norm, h, H, M->eps);
+    team_barrier(nth);
+    TEAM_FOR(r, M->vocab) a->logits[r] = q8_row(M->head_codes + r * H, M->head_scales + r * hb, h, hb);
+}
+
+static int lm_threads = 0; /* edge_lm_set_threads; 0: the CPUs online */
+
 /* Runs the `T` tokens at positions pos .. pos+T-1 (prefill when T > 1, a decode step when T == 1), appends
  * their keys and values to the cache and writes the vocab logits of the last one. 0 on success. */
 int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, float *const *kcache,
@@ -330,91 +531,28 @@ int edge_forward(const Model *M, const int64_t *tokens, int64_t T, int64_t pos, 
     for (int64_t t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= M->vocab) return 1;
     const int64_t H = M->hidden, D = M->head_dim, NH = M->heads, KV = M->kv_heads, I = M->inter;
-    const int64_t qd = NH * D, kvd = KV * D, nqkv = qd + 2 * kvd, half = D / 2, group = NH / KV;
+    const int64_t qd = NH * D, kvd = KV * D, nqkv = qd + 2 * kvd;
     const int64_t ctx = pos + T;
     const size_t per_token = (size_t)(3 * H + nqkv + qd + 2 * I);
-    const int threads = omp_get_max_threads();
+    const int threads = lm_threads > 0 ? lm_threads : default_team_threads();
     float *buf = (float *)malloc(sizeof(float) * (per_token * (size_t)T + (size_t)threads * (size_t)ctx));
-    if (!buf) return 2;
-    float *x = buf, *h = x + H * T, *tmp = h + H * T, *qkv = tmp + H * T, *att = qkv + nqkv * T;
-    float *gu = att + qd * T, *scores = gu + 2 * I * T;
-    const float scale = 1.0f / sqrtf((float)D);
+    _Atomic int64_t *jobs = (_Atomic int64_t *)calloc((size_t)M->layers, sizeof(_Atomic int64_t));
+    if (!buf || !jobs) { free(buf); free(jobs); return 2; }
+    LMRegion a = {M, tokens, T, pos, max_len, ctx, kcache, vcache, logits};
+    a.x = buf; a.h = a.x + H * T; a.tmp = a.h + H * T; a.qkv = a.tmp + H * T; a.att = a.qkv + nqkv * T;
+    a.gu = a.att + qd * T; a.scores = a.gu + 2 * I * T; a.jobs = jobs;
     const int64_t hb = H / 32;
-
     for (int64_t t = 0; t < T; t++)
         for (int64_t b = 0; b < hb; b++)
             for (int i = 0; i < 32; i++)
-                x[t * H + b * 32 + i] = M->emb_scales[tokens[t] * hb + b] * (float)M->emb_codes[tokens[t] * H + b * 32 + i];
-
-    #pragma omp parallel
-    {
-        for (int64_t l = 0; l < M->layers; l++) {
-            const Layer *L = &M->layer[l];
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) rms_norm(x + t * H, L->attn_norm, h + t * H, H, M->eps);
-            q4_gemm(&L->qkv, h, T, qkv);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) {
-                const int64_t p = pos + t;
-                const float *cs = M->rope_cos + p * half, *sn = M->rope_sin + p * half;
-                float *row = qkv + t * nqkv;
-                for (int64_t hd = 0; hd < NH; hd++) rope(row + hd * D, cs, sn, half);
-                for (int64_t hd = 0; hd < KV; hd++) {
-                    float *k = row + qd + hd * D;
-                    rope(k, cs, sn, half);
-                    memcpy(kcache[l] + (hd * max_len + p) * D, k, sizeof(float) * D);
-                    memcpy(vcache[l] + (hd * max_len + p) * D, row + qd + kvd + hd * D, sizeof(float) * D);
-                }
-            }
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t job = 0; job < NH * T; job++) {
-                const int64_t hd = job % NH, t = job / NH, n_ctx = pos + t + 1;
-                const float *q = qkv + t * nqkv + hd * D;
-                const float *K = kcache[l] + (hd / group) * max_len * D, *V = vcache[l] + (hd / group) * max_len * D;
-                float *s = scores + (int64_t)omp_get_thread_num() * ctx, mx = -INFINITY, sum = 0.f;
-                for (int64_t u = 0; u < n_ctx; u++) {
-                    s[u] = dot(q, K + u * D, D) * scale;
-                    if (s[u] > mx) mx = s[u];
-                }
-                for (int64_t u = 0; u < n_ctx; u++) { s[u] = expf(s[u] - mx); sum += s[u]; }
-                float *o = att + t * qd + hd * D;
-                for (int64_t j = 0; j < D; j++) o[j] = 0.f;
-                for (int64_t u = 0; u < n_ctx; u++) {
-                    const float pu = s[u] / sum, *v = V + u * D;
-                    for (int64_t j = 0; j < D; j++) o[j] += pu * v[j];
-                }
-            }
-            q4_gemm(&L->o, att, T, tmp);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) {
-                for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
-                rms_norm(x + t * H, L->ffn_norm, h + t * H, H, M->eps);
-            }
-            q4_gemm(&L->gate_up, h, T, gu);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) {
-                float *g = gu + t * 2 * I;
-                for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[I + i];
-            }
-            /* down reads the activations with a stride of 2I: compact them to [T, I] first */
-            #pragma omp single
-            for (int64_t t = 1; t < T; t++) memmove(gu + t * I, gu + t * 2 * I, sizeof(float) * I);
-            q4_gemm(&L->down, gu, T, tmp);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t i = 0; i < H; i++) x[t * H + i] += tmp[t * H + i];
-        }
-        #pragma omp single
-        rms_norm(x + (T - 1) * H, M->final_norm, h, H, M->eps);
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < M->vocab; r++)
-            logits[r] = q8_row(M->head_codes + r * H, M->head_scales + r * hb, h, hb);
-    }
+                a.x[t * H + b * 32 + i] = M->emb_scales[tokens[t] * hb + b] * (float)M->emb_codes[tokens[t] * H + b * 32 + i];
+    team_run(lm_region, &a, threads);
+    free(jobs);
     free(buf);
     return 0;
 }
 
-void edge_lm_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
+void edge_lm_set_threads(int n) { if (n > 0) lm_threads = n; }
 
 /* ------------------------------------------------- fp16 / fp32 rows times fp32 vectors (Whisper's decoder) */
 /* out[r, v] = x[r, :] . table[v, :]. Whisper's decoder ties its output projection to its token table, which
@@ -551,8 +689,8 @@ static void head_chunk(const void *table, int f16, int64_t vocab, int64_t dim, c
  * caches are fp32. The logits match the float model to fp32 rounding (the order of the sums differs).
  * Layouts (row-major): weights [n, k] (torch's Linear), self cache [layers, B, max_len, dim] (heads side by
  * side in dim), cross K^T [B, heads, head_dim, A] and V [B, heads, A, head_dim] per layer (`TextDecoder.cross_kv`).
- * Threads: one OpenMP region per call; output rows of each matrix, (sequence, head) pairs of attention and
- * chunks of the table are split over the threads. */
+ * Threads: one team region per call (`team_run`); output rows of each matrix, (sequence, head) pairs of
+ * attention and chunks of the table are split over the threads. */
 typedef struct {
     const void *w;      /* [n, k] */
     int64_t f16;        /* 1: w is fp16, 0: fp32 */
@@ -578,11 +716,10 @@ typedef struct {
     const WLayer *layer;                 /* [layers] */
 } WModel;
 
-/* y[r, :] = W x[r, :] + bias for r < R; inside a parallel region, groups of 8 output rows over the threads. */
-static void fmat_apply(const FMat *W, const float *x, int64_t R, float *y) {
+/* y[r, :] = W x[r, :] + bias for r < R; inside a team region, groups of 8 output rows over the threads. */
+static void fmat_apply(const FMat *W, const float *x, int64_t R, float *y, int tid, int nth) {
     const int64_t n = W->n, k = W->k, groups = (n + 7) / 8;
-    #pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
+    TEAM_FOR(g, groups) {
         const int64_t j0 = g * 8, nw = n - j0 < 8 ? n - j0 : 8;
         float acc[8];
         for (int64_t r = 0; r < R; r++) {
@@ -599,6 +736,7 @@ static void fmat_apply(const FMat *W, const float *x, int64_t R, float *y) {
             for (int64_t j = 0; j < nw; j++) y[r * n + j0 + j] = acc[j] + (W->bias ? W->bias[j0 + j] : 0.f);
         }
     }
+    team_barrier(nth);
 }
 
 static void layer_norm(const float *x, const float *w, const float *b, float *out, int64_t n, float eps) {
@@ -628,14 +766,92 @@ static void weighted_rows(const float *p, const float *v, int64_t n, int64_t str
     }
 }
 
-/* x[r] += add[r], then h[r] = layer_norm(x[r]) for the R rows (inside a parallel region: rows over the threads) */
+/* x[r] += add[r], then h[r] = layer_norm(x[r]) for the R rows (inside a team region: rows over the threads) */
 static void add_then_norm(float *x, const float *add, const float *w, const float *b, float *h, int64_t R,
-                          int64_t D, float eps) {
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; r++) {
+                          int64_t D, float eps, int tid, int nth) {
+    TEAM_FOR(r, R) {
         for (int64_t i = 0; i < D; i++) x[r * D + i] += add[r * D + i];
         layer_norm(x + r * D, w, b, h + r * D, D, eps);
     }
+    team_barrier(nth);
+}
+
+typedef struct {
+    const WModel *M;
+    const int64_t *tokens;
+    int64_t B, T, offset, max_len, A, per_thread;
+    float *self_k, *self_v, *logits, *x, *h, *q, *att, *tmp, *ff, *scores, *qkv;
+    const float *const *cross_k, *const *cross_v;
+    _Atomic int64_t *jobs; /* two zeroed counters per layer: self- and cross-attention's work items */
+} WhisperRegion;
+
+static void whisper_region(void *arg, int tid, int nth) {
+    const WhisperRegion *a = (const WhisperRegion *)arg;
+    const WModel *M = a->M;
+    const int64_t B = a->B, T = a->T, offset = a->offset, max_len = a->max_len, A = a->A;
+    const int64_t R = B * T, D = M->dim, NH = M->heads, HD = D / NH, I = M->inter;
+    float *x = a->x, *h = a->h, *q = a->q, *att = a->att, *tmp = a->tmp, *ff = a->ff, *qkv = a->qkv;
+    float *s = a->scores + (int64_t)tid * a->per_thread;
+    const float scale = 1.0f / sqrtf((float)HD);
+    for (int64_t l = 0; l < M->layers; l++) {
+        const WLayer *L = &M->layer[l];
+        float *K = a->self_k + l * B * max_len * D, *V = a->self_v + l * B * max_len * D;
+        /* self attention */
+        TEAM_FOR(r, R) layer_norm(x + r * D, L->attn_ln_w, L->attn_ln_b, h + r * D, D, M->eps);
+        team_barrier(nth);
+        fmat_apply(&L->qkv, h, R, qkv, tid, nth);
+        TEAM_FOR(r, R) {
+            const int64_t b = r / T, p = offset + r % T;
+            memcpy(K + (b * max_len + p) * D, qkv + r * 3 * D + D, sizeof(float) * D);
+            memcpy(V + (b * max_len + p) * D, qkv + r * 3 * D + 2 * D, sizeof(float) * D);
+        }
+        team_barrier(nth);
+        TEAM_DYNAMIC_FOR(job, R * NH, &a->jobs[2 * l]) {
+            const int64_t hd = job % NH, r = job / NH, b = r / T, n_ctx = offset + r % T + 1;
+            const float *qr = qkv + r * 3 * D + hd * HD;
+            const float *Kb = K + b * max_len * D + hd * HD, *Vb = V + b * max_len * D + hd * HD;
+            for (int64_t u = 0; u < n_ctx; u++) s[u] = dot(qr, Kb + u * D, HD) * scale;
+            softmax_inplace(s, n_ctx);
+            weighted_rows(s, Vb, n_ctx, D, HD, att + r * D + hd * HD);
+        }
+        team_barrier(nth);
+        fmat_apply(&L->out, att, R, tmp, tid, nth);
+        add_then_norm(x, tmp, L->cross_ln_w, L->cross_ln_b, h, R, D, M->eps, tid, nth);
+        /* cross attention: each (sequence, head) reads its keys and values once for all T rows */
+        fmat_apply(&L->cross_q, h, R, q, tid, nth);
+        TEAM_DYNAMIC_FOR(job, B * NH, &a->jobs[2 * l + 1]) {
+            const int64_t hd = job % NH, b = job / NH;
+            const float *Kt = a->cross_k[l] + (b * NH + hd) * HD * A;  /* [HD, A] */
+            const float *Vh = a->cross_v[l] + (b * NH + hd) * A * HD;  /* [A, HD] */
+            for (int64_t t = 0; t < T * A; t++) s[t] = 0.f;
+            for (int64_t j = 0; j < HD; j++) {
+                const float *kr = Kt + j * A;
+                for (int64_t t = 0; t < T; t++) {
+                    const float qj = q[(b * T + t) * D + hd * HD + j] * scale;
+                    float *st = s + t * A;
+                    for (int64_t u = 0; u < A; u++) st[u] += qj * kr[u];
+                }
+            }
+            for (int64_t t = 0; t < T; t++) {
+                softmax_inplace(s + t * A, A);
+                weighted_rows(s + t * A, Vh, A, HD, HD, att + (b * T + t) * D + hd * HD);
+            }
+        }
+        team_barrier(nth);
+        fmat_apply(&L->cross_out, att, R, tmp, tid, nth);
+        add_then_norm(x, tmp, L->mlp_ln_w, L->mlp_ln_b, h, R, D, M->eps, tid, nth);
+        /* MLP: fc1, exact (erf) GELU, fc2 */
+        fmat_apply(&L->fc1, h, R, ff, tid, nth);
+        TEAM_FOR(i, R * I) ff[i] = 0.5f * ff[i] * (1.0f + erff(ff[i] * 0.70710678118654752f));
+        team_barrier(nth);
+        fmat_apply(&L->fc2, ff, R, tmp, tid, nth);
+        TEAM_FOR(r, R)
+            for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
+        team_barrier(nth);
+    }
+    TEAM_FOR(r, R) layer_norm(x + r * D, M->ln_w, M->ln_b, h + r * D, D, M->eps);
+    team_barrier(nth);
+    TEAM_FOR(c, (M->vocab + HEAD_VB - 1) / HEAD_VB) head_chunk(M->table, (int)M->table_f16, M->vocab, D, h, R, a->logits, c);
 }
 
 /* 0 on success; 1 for bad sizes or a token outside the vocabulary; 2 when out of memory. */
@@ -647,91 +863,25 @@ int edge_whisper_step(const WModel *M, const int64_t *tokens, int64_t B, int64_t
     if (HD * NH != D) return 1;
     for (int64_t r = 0; r < R; r++)
         if (tokens[r] < 0 || tokens[r] >= M->vocab) return 1;
-    const int nt = threads > 0 ? threads : omp_get_max_threads();
+    const int nt = threads > 0 ? threads : default_team_threads();
     const int64_t per_thread = T * (A > ctx ? A : ctx);  /* one (sequence, head)'s scores */
-    float *buf = (float *)malloc(sizeof(float) * ((size_t)R * (size_t)(5 * D + I) + (size_t)nt * (size_t)per_thread));
-    if (!buf) return 2;
-    float *x = buf, *h = x + R * D, *q = h + R * D, *att = q + R * D, *tmp = att + R * D, *ff = tmp + R * D;
-    float *scores = ff + R * I;
-    float *qkv = (float *)malloc(sizeof(float) * (size_t)R * (size_t)(3 * D));
-    if (!qkv) { free(buf); return 2; }
-    const float scale = 1.0f / sqrtf((float)HD);
-
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)R * (size_t)(8 * D + I) + (size_t)nt * (size_t)per_thread));
+    _Atomic int64_t *jobs = (_Atomic int64_t *)calloc((size_t)(2 * M->layers), sizeof(_Atomic int64_t));
+    if (!buf || !jobs) { free(buf); free(jobs); return 2; }
+    WhisperRegion a = {M, tokens, B, T, offset, max_len, A, per_thread, self_k, self_v, logits};
+    a.x = buf; a.h = a.x + R * D; a.q = a.h + R * D; a.att = a.q + R * D; a.tmp = a.att + R * D;
+    a.qkv = a.tmp + R * D; a.ff = a.qkv + R * 3 * D; a.scores = a.ff + R * I;
+    a.cross_k = cross_k; a.cross_v = cross_v; a.jobs = jobs;
     for (int64_t r = 0; r < R; r++) {
         const int64_t p = offset + r % T;
         for (int64_t i = 0; i < D; i++) {
             const float e = M->table_f16 ? half_to_float(((const uint16_t *)M->table)[tokens[r] * D + i])
                                          : ((const float *)M->table)[tokens[r] * D + i];
-            x[r * D + i] = e + M->pos[p * D + i];
+            a.x[r * D + i] = e + M->pos[p * D + i];
         }
     }
-
-    #pragma omp parallel num_threads(nt)
-    {
-        float *s = scores + (int64_t)omp_get_thread_num() * per_thread;
-        for (int64_t l = 0; l < M->layers; l++) {
-            const WLayer *L = &M->layer[l];
-            float *K = self_k + l * B * max_len * D, *V = self_v + l * B * max_len * D;
-            /* self attention */
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) layer_norm(x + r * D, L->attn_ln_w, L->attn_ln_b, h + r * D, D, M->eps);
-            fmat_apply(&L->qkv, h, R, qkv);
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) {
-                const int64_t b = r / T, p = offset + r % T;
-                memcpy(K + (b * max_len + p) * D, qkv + r * 3 * D + D, sizeof(float) * D);
-                memcpy(V + (b * max_len + p) * D, qkv + r * 3 * D + 2 * D, sizeof(float) * D);
-            }
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t job = 0; job < R * NH; job++) {
-                const int64_t hd = job % NH, r = job / NH, b = r / T, n_ctx = offset + r % T + 1;
-                const float *qr = qkv + r * 3 * D + hd * HD;
-                const float *Kb = K + b * max_len * D + hd * HD, *Vb = V + b * max_len * D + hd * HD;
-                for (int64_t u = 0; u < n_ctx; u++) s[u] = dot(qr, Kb + u * D, HD) * scale;
-                softmax_inplace(s, n_ctx);
-                weighted_rows(s, Vb, n_ctx, D, HD, att + r * D + hd * HD);
-            }
-            fmat_apply(&L->out, att, R, tmp);
-            add_then_norm(x, tmp, L->cross_ln_w, L->cross_ln_b, h, R, D, M->eps);
-            /* cross attention: each (sequence, head) reads its keys and values once for all T rows */
-            fmat_apply(&L->cross_q, h, R, q);
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t job = 0; job < B * NH; job++) {
-                const int64_t hd = job % NH, b = job / NH;
-                const float *Kt = cross_k[l] + (b * NH + hd) * HD * A;  /* [HD, A] */
-                const float *Vh = cross_v[l] + (b * NH + hd) * A * HD;  /* [A, HD] */
-                for (int64_t t = 0; t < T * A; t++) s[t] = 0.f;
-                for (int64_t j = 0; j < HD; j++) {
-                    const float *kr = Kt + j * A;
-                    for (int64_t t = 0; t < T; t++) {
-                        const float qj = q[(b * T + t) * D + hd * HD + j] * scale;
-                        float *st = s + t * A;
-                        for (int64_t a = 0; a < A; a++) st[a] += qj * kr[a];
-                    }
-                }
-                for (int64_t t = 0; t < T; t++) {
-                    softmax_inplace(s + t * A, A);
-                    weighted_rows(s + t * A, Vh, A, HD, HD, att + (b * T + t) * D + hd * HD);
-                }
-            }
-            fmat_apply(&L->cross_out, att, R, tmp);
-            add_then_norm(x, tmp, L->mlp_ln_w, L->mlp_ln_b, h, R, D, M->eps);
-            /* MLP: fc1, exact (erf) GELU, fc2 */
-            fmat_apply(&L->fc1, h, R, ff);
-            #pragma omp for schedule(static)
-            for (int64_t i = 0; i < R * I; i++) ff[i] = 0.5f * ff[i] * (1.0f + erff(ff[i] * 0.70710678118654752f));
-            fmat_apply(&L->fc2, ff, R, tmp);
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++)
-                for (int64_t i = 0; i < D; i++) x[r * D + i] += tmp[r * D + i];
-        }
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) layer_norm(x + r * D, M->ln_w, M->ln_b, h + r * D, D, M->eps);
-        #pragma omp for schedule(static)
-        for (int64_t c = 0; c < (M->vocab + HEAD_VB - 1) / HEAD_VB; c++)
-            head_chunk(M->table, (int)M->table_f16, M->vocab, D, h, R, logits, c);
-    }
-    free(qkv);
+    team_run(whisper_region, &a, nt);
+    free(jobs);
     free(buf);
     return 0;
 }

@@ -20,8 +20,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +30,7 @@ PACK_JSON = "cpu_lm.json"  # the weights' index (exporters/cpu_lm_pack.py writes
 PACK_BIN = "cpu_lm.bin"
 PACK_FORMAT = 1
 LIBRARY = "libedge_cpu_lm.so"
-ABI = 4
+ABI = 5
 
 
 class _Q4Mat(ctypes.Structure):
@@ -98,7 +96,7 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
         except OSError as e:
             return None, f"cannot write the kernel build into {entry.parent}: {e}"
         try:
-            cmd = [*cc, "-O3", *arch, "-fopenmp", "-std=c11", "-shared", "-fPIC", "-o", str(tmp / LIBRARY),
+            cmd = [*cc, "-O3", *arch, "-pthread", "-std=c11", "-shared", "-fPIC", "-o", str(tmp / LIBRARY),
                    str(SOURCE), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
@@ -129,66 +127,6 @@ def compile_library(cache_dir: Path, arch: Optional[Sequence[str]] = None) -> Tu
                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib, lib.edge_lm_isa().decode()
-
-
-class _KernelThread:
-    """The one thread that runs every call into the C kernel (the LM's forward, Whisper's decoder step).
-
-    The kernel parallelizes with OpenMP, and libgomp keeps a pool of worker threads for each host thread that
-    opens a parallel region. Two such threads (the live runtime's LM on its turn thread, Whisper on its speech
-    thread) make more OpenMP threads than cores, and libgomp then stops spinning at its barriers: measured on 2
-    cores, an LM decode fell from 315 to 130 tok/s while a thread that had run Whisper's decoder was alive.
-    Calls made here share one pool; calls from several threads are served one at a time (on a small CPU they
-    would only fight over the same cores). ~30 us per call (a decode step is 1.5-4 ms)."""
-
-    def __init__(self):
-        self._start = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        import queue
-
-        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._ident: Optional[int] = None
-        self._pid = os.getpid()
-        self._local = threading.local()
-
-    def _serve(self) -> None:
-        self._ident = threading.get_ident()
-        while True:
-            fn, args, box, done = self._jobs.get()
-            try:
-                box.append((True, fn(*args)))
-            except BaseException as exc:  # handed to the caller
-                box.append((False, exc))
-            done.release()
-
-    def call(self, fn, *args):
-        """fn(*args) on the kernel thread; its result, or its exception raised here."""
-        if threading.get_ident() == self._ident:
-            return fn(*args)
-        with self._start:
-            if self._pid != os.getpid():  # a forked child: the thread stayed in the parent
-                self._reset()
-            if self._ident is None:
-                threading.Thread(target=self._serve, name="edge-mmm-cpu-kernel", daemon=True).start()
-                while self._ident is None:
-                    time.sleep(0.0005)
-        done = getattr(self._local, "done", None)
-        if done is None:
-            done = self._local.done = threading.Lock()
-        done.acquire()
-        box: list = []
-        self._jobs.put((fn, args, box, done))
-        done.acquire()  # released by the kernel thread once the call returned
-        done.release()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-
-kernel_thread = _KernelThread()
 
 
 CACHE_KIND = "cpu-lm"  # the builds' folder in the cache root
@@ -320,8 +258,7 @@ class CpuLM:
                              ptr("emb.codes"), ptr("emb.scales"), ptr(f"{head}.codes"), ptr(f"{head}.scales"),
                              ptr("final_norm"), self._layers)
         self._kv = None
-        # the thread count is per OpenMP host thread: set on the one that runs the forward passes
-        kernel_thread.call(lib.edge_lm_set_threads, int(threads) if threads and threads > 0 else default_threads())
+        lib.edge_lm_set_threads(int(threads) if threads and threads > 0 else default_threads())
 
     def forward(self, tokens: Sequence[int], pos: int, k_arrays: Sequence[np.ndarray], v_arrays: Sequence[np.ndarray],
                 logits: np.ndarray) -> None:
@@ -340,8 +277,8 @@ class CpuLM:
         ids = np.ascontiguousarray(tokens, dtype=np.int64)
         if logits.dtype != np.float32 or logits.shape != (self.config["vocab"],) or not logits.flags.c_contiguous:
             raise ValueError(f"logits must be a C-contiguous float32 [{self.config['vocab']}] array")
-        rc = kernel_thread.call(self.lib.edge_forward, ctypes.byref(self._model), ids.ctypes.data, ids.size,
-                                int(pos), ks, vs, max_len, logits.ctypes.data)
+        rc = self.lib.edge_forward(ctypes.byref(self._model), ids.ctypes.data, ids.size, int(pos), ks, vs, max_len,
+                                   logits.ctypes.data)
         if rc:
             raise ValueError(f"CPU forward failed (code {rc}): {ids.size} token(s) at position {pos}, cache {max_len}, "
                              f"vocabulary {self.config['vocab']}")

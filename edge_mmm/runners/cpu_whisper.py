@@ -8,8 +8,8 @@ so the logits are the float model's to fp32 rounding.
 
 `CpuWhisperDecoder.step(tokens, offset, self_k, self_v, cross_k, cross_v)` runs B sequences of T new tokens,
 writes their keys and values into the caller's cache `[layers, B, max_len, dim]` at offset .. offset+T-1 and
-returns the logits `[B, T, vocab]` of every new position. Calls run on the kernel's one thread
-(`runners.cpu_lm.kernel_thread`).
+returns the logits `[B, T, vocab]` of every new position. Calls from several threads run one at a time (the
+kernel's one thread team, cpu_lm.c `team_run`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edge_mmm.runners.cpu_lm import default_threads, kernel_thread
+from edge_mmm.runners.cpu_lm import default_threads
 
 DECODER_PACK_JSON = "decoder_pack.json"
 DECODER_PACK_BIN = "decoder_pack.bin"
@@ -169,9 +169,9 @@ class CpuWhisperDecoder:
         logits = np.empty((b, t, s["vocab"]), np.float32)
         k_ptrs = (ctypes.c_void_p * len(ks))(*[a.ctypes.data for a in ks])
         v_ptrs = (ctypes.c_void_p * len(vs))(*[a.ctypes.data for a in vs])
-        rc = kernel_thread.call(self.lib.edge_whisper_step, ctypes.byref(self._model), tokens.ctypes.data, b, t,
-                                int(offset), self_k.ctypes.data, self_v.ctypes.data, s["n_ctx"], k_ptrs, v_ptrs,
-                                audio, logits.ctypes.data, self.threads)
+        rc = self.lib.edge_whisper_step(ctypes.byref(self._model), tokens.ctypes.data, b, t, int(offset),
+                                        self_k.ctypes.data, self_v.ctypes.data, s["n_ctx"], k_ptrs, v_ptrs, audio,
+                                        logits.ctypes.data, self.threads)
         if rc == 2:
             raise MemoryError(f"the C Whisper decoder could not allocate its buffers for {b} x {t} tokens")
         if rc:
