@@ -79,7 +79,7 @@ def read_decoder_pack(directory: Path) -> Optional[tuple]:
     if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT:
         raise ValueError(f"{meta_path}: not a Whisper decoder pack of format {PACK_FORMAT}")
     sizes = {k: meta.get(k) for k in SIZES}
-    if not all(isinstance(v, int) and 0 < v <= 1 << 20 for v in sizes.values()) or sizes["dim"] % 8:
+    if not all(isinstance(v, int) and 0 < v <= 1 << 20 for v in sizes.values()) or sizes["dim"] % sizes["heads"]:
         raise ValueError(f"{meta_path}: bad sizes {sizes}")
     if not isinstance(meta.get("eps"), float) or not 0 < meta["eps"] < 1:
         raise ValueError(f"{meta_path}: bad eps {meta.get('eps')!r}")

@@ -59,14 +59,17 @@ def _model(fp16: bool, seed: int = 3, cfg: WhisperConfig = CFG) -> Whisper:
 @pytest.mark.parametrize("fp16", [True, False], ids=["fp16-weights", "fp32-weights"])
 def test_c_decoder_matches_the_torch_decoder(variant, fp16, tmp_path):
     """A prompt of 3, single steps, 5 rows at once, for 1 and 3 hypotheses; a head size that is not a multiple of
-    the vector width (d=72, 6 heads of 12) and a vocabulary ending in a partial chunk on the second config."""
+    the vector width (d=72, 6 heads of 12) and a vocabulary ending in a partial chunk on the second config; a width
+    that is not one either (d=36, 6 heads of 6) and 7 audio positions on the third."""
     lib, isa = compile_library(tmp_path / "lib", VARIANTS[variant])
     if lib is None:
         _kernel_missing(isa)
     assert variant == "native" or isa == variant
     odd = WhisperConfig(n_mels=80, n_audio_ctx=30, n_audio_state=72, n_audio_head=6, n_audio_layer=1,
                         n_vocab=1003, n_text_ctx=24, n_text_state=72, n_text_head=6, n_text_layer=3)
-    for cfg in (CFG, odd):
+    narrow = WhisperConfig(n_mels=80, n_audio_ctx=7, n_audio_state=36, n_audio_head=6, n_audio_layer=1,
+                           n_vocab=517, n_text_ctx=16, n_text_state=36, n_text_head=6, n_text_layer=1)
+    for cfg in (CFG, odd, narrow):
         model = _model(fp16, cfg=cfg)
         out = tmp_path / f"pack-{cfg.n_text_state}"
         out.mkdir()
