@@ -315,26 +315,27 @@ def save_text_tokenizer(tokenizer, dest: Path) -> None:
 def _export_vlm(request: ExportRequest, dest: Path) -> dict:
     import tempfile
 
-    from edge_mmm.exporters.onnx_vision import export_vision
-    from edge_mmm.weights.quantized import save_quantized
+    from edge_mmm.exporters.onnx_vision import export_vision, natural_tiles
     from edge_mmm.vision.idefics3 import load_idefics3
+    from edge_mmm.vision.processor import Idefics3ImageProcessor
+    from edge_mmm.weights.quantized import save_quantized
 
     root = Path(request.vlm)
     quant = request.quant
     model, files = load_idefics3(root, quantize=quant)
     dest.mkdir(parents=True)
     precision = "int8" if quant == "int8" else "fp32"
+    processor = Idefics3ImageProcessor(files.image_processor)  # the checks' tiles go through the model's own
     calibration = None
     if precision == "int8":  # static Q/DQ (TensorRT's input): calibrated on photo-like tiles, then checked
         from edge_mmm.exporters.int8_calibration import vision_calibration_inputs
-        from edge_mmm.exporters.onnx_vision import natural_tiles
-        from edge_mmm.vision.processor import Idefics3ImageProcessor
 
         size = model.vision.vision_model.config.image_size
-        calibration = vision_calibration_inputs(list(natural_tiles(8, size, seed=7)),
-                                                Idefics3ImageProcessor(files.image_processor), model.vision.patch_size)
+        calibration = vision_calibration_inputs(list(natural_tiles(8, size, seed=7)), processor,
+                                                model.vision.patch_size)
     with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
-        exp = export_vision(model.vision, Path(scratch), precision, check=True, calibration=calibration)
+        exp = export_vision(model.vision, Path(scratch), precision, check=True, calibration=calibration,
+                            normalize=processor.normalize)
         _copy(exp.path, dest, "vision.onnx")
     for name in VLM_TEXT_FILES:
         if (root / name).is_file():

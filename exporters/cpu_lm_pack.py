@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge_mmm.runners.array_pack import write_array_pack
 from edge_mmm.runners.cpu_lm import PACK_BIN, PACK_FORMAT, PACK_JSON
 from edge_mmm.models.llama import Llama
 from edge_mmm.quant.linear import QuantLinear
@@ -117,17 +118,6 @@ def write_cpu_lm_pack(model: Llama, dest: Path, unused_because: Optional[str] = 
         (dest / PACK_JSON).write_text(json.dumps({"format": PACK_FORMAT, "supported": False, "reason": str(e)}))
         (dest / PACK_BIN).write_bytes(b"")
         return str(e)
-    index: Dict[str, List] = {}
-    offset = 0
-    with open(dest / PACK_BIN, "wb") as f:
-        for name, a in arrays.items():
-            a = np.ascontiguousarray(a)
-            pad = -offset % 64
-            f.write(b"\0" * pad)
-            offset += pad
-            index[name] = [a.dtype.str, list(a.shape), offset]
-            f.write(a.tobytes())
-            offset += a.nbytes
-    (dest / PACK_JSON).write_text(json.dumps({"format": PACK_FORMAT, "supported": True, "config": config,
-                                              "arrays": index}, indent=1))
+    write_array_pack(dest / PACK_JSON, dest / PACK_BIN, {"format": PACK_FORMAT, "supported": True, "config": config},
+                     arrays)
     return None

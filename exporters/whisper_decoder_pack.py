@@ -3,13 +3,11 @@
 Each weight matrix and the tied token table is stored in fp16 when every value is one (the checkpoints'
 own precision: openai-whisper and CTranslate2 files hold fp16), else in fp32; biases, layer norms and the
 positional table in fp32. The self-attention q|k|v weights are one [3*dim, dim] matrix (the key's missing
-bias stored as zeros). Arrays start at 64-byte offsets. Written to temp files, then renamed.
+bias stored as zeros). The file pair is `runners.array_pack`'s, written inside the export cache's temp entry.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Dict
 
@@ -17,7 +15,8 @@ import numpy as np
 import torch
 
 from edge_mmm.models.whisper import TextDecoder
-from edge_mmm.runners.cpu_whisper import (DECODER_PACK_BIN, DECODER_PACK_JSON, PACK_FORMAT, expected_arrays)
+from edge_mmm.runners.array_pack import write_array_pack
+from edge_mmm.runners.cpu_whisper import DECODER_PACK_BIN, DECODER_PACK_JSON, PACK_FORMAT
 
 
 def _as_stored(t: torch.Tensor, weight: bool) -> np.ndarray:
@@ -30,7 +29,7 @@ def _as_stored(t: torch.Tensor, weight: bool) -> np.ndarray:
 
 
 def decoder_arrays(decoder: TextDecoder) -> Dict[str, np.ndarray]:
-    """name -> array of the pack (see `runners.cpu_whisper.expected_arrays`)."""
+    """name -> array of the pack (`runners.cpu_whisper.expected_arrays` lists them; its reader checks them)."""
     out = {"table": _as_stored(decoder.token_embedding.weight, True),
            "pos": _as_stored(decoder.positional_embedding, False),
            "ln.w": _as_stored(decoder.ln.weight, False), "ln.b": _as_stored(decoder.ln.bias, False)}
@@ -62,22 +61,6 @@ def write_decoder_pack(decoder: TextDecoder, out_dir: Path) -> None:
     eps = {float(m.eps) for m in decoder.modules() if isinstance(m, torch.nn.LayerNorm)}
     if len(eps) != 1:
         raise ValueError(f"the decoder's layer norms use several eps values {sorted(eps)}; the C kernel takes one")
-    arrays = decoder_arrays(decoder)
-    expected = expected_arrays(sizes)
-    assert set(arrays) == set(expected) and all(arrays[n].shape == expected[n][1] for n in arrays)
     out_dir = Path(out_dir)
-    listing, offset = {}, 0
-    tmp_bin = out_dir / f".{DECODER_PACK_BIN}.tmp"
-    with open(tmp_bin, "wb") as f:
-        for name, a in arrays.items():
-            pad = -offset % 64
-            f.write(b"\0" * pad)
-            offset += pad
-            listing[name] = [a.dtype.name, offset]
-            data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-            f.write(data)
-            offset += len(data)
-    os.replace(tmp_bin, out_dir / DECODER_PACK_BIN)
-    tmp_json = out_dir / f".{DECODER_PACK_JSON}.tmp"
-    tmp_json.write_text(json.dumps({"format": PACK_FORMAT, **sizes, "eps": eps.pop(), "arrays": listing}, indent=1))
-    os.replace(tmp_json, out_dir / DECODER_PACK_JSON)
+    write_array_pack(out_dir / DECODER_PACK_JSON, out_dir / DECODER_PACK_BIN,
+                     {"format": PACK_FORMAT, **sizes, "eps": eps.pop()}, decoder_arrays(decoder))

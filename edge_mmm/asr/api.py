@@ -204,4 +204,4 @@ def onnxruntime_graphs(onnx_dir: Path, cache_dir: Optional[Path], precision: str
                                      cache_dir, ORT_GRAPHS_VERSION, rewrite=rewrite, extra_files=pack)
 
 
-ORT_GRAPHS_VERSION = "tied3-cdec1"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes
+ORT_GRAPHS_VERSION = "tied3-cdec2"  # part of the whisper-onnx-ort cache key: bump when `onnxruntime_graphs` changes

@@ -4,6 +4,7 @@ for tensors on any device (`log_mel_spectrogram`: the reference of our Triton ke
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from functools import lru_cache
 
@@ -62,31 +63,25 @@ def _hann(n: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
-_blas = {"controller": None, "lock": threading.Lock()}
+_BLAS_LOCK = threading.Lock()
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
 def _blas_on_this_thread():
-    """A context in which numpy's BLAS (OpenBLAS in numpy's wheels) computes on the calling thread only. With
-    its worker threads, OpenBLAS leaves them busy-waiting after the call (up to ~0.1 s), on the cores Whisper's
-    encoder runs on next: a tiny.en window took 156 instead of 114 ms on 2 cores (docs/speech.md). The filter
-    bank product is ~1 ms on one thread. threadpoolctl sets the count for the process, so the limit is taken
-    under a lock (two callers cannot restore each other's value)."""
-    import contextlib
-
-    if _blas["controller"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # a dependency; without it the product only runs slower
-            _blas["controller"] = False
-        else:
-            _blas["controller"] = ThreadpoolController()
-    controller = _blas["controller"]
-    if not controller:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(_blas["lock"])
-    stack.enter_context(controller.limit(limits=1, user_api="blas"))
-    return stack
+    """numpy's BLAS (OpenBLAS in numpy's wheels) on the calling thread only, inside the block. With its worker
+    threads, OpenBLAS leaves them busy-waiting after the call (up to ~0.1 s), on the cores Whisper's encoder runs
+    on next: a tiny.en window took 156 instead of 112 ms on 2 cores (docs/speech.md). The filter-bank product is
+    ~1.7 ms on one thread. threadpoolctl sets the count for the process, so the limit is held under a lock (two
+    callers cannot restore each other's value)."""
+    with _BLAS_LOCK, _blas_controller().limit(limits=1, user_api="blas"):
+        yield
 
 
 def log_mel_spectrogram_np(audio, n_mels: int = 80, padding: int = 0) -> np.ndarray:

@@ -41,7 +41,7 @@ PRESETS = {
 
 # The exported graphs' file and tensor names: exporters/onnx_whisper.py writes them, the onnxruntime and
 # TensorRT backends (edge_mmm.asr.backends) read them.
-EXPORTER_VERSION = "whisper-onnx-7"  # bump when the graphs or the files beside them change: invalidates cached exports
+EXPORTER_VERSION = "whisper-onnx-8"  # bump when the graphs or the files beside them change: invalidates cached exports
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 

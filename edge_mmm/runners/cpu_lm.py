@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import platform
 import shlex
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from edge_mmm.runners.array_pack import read_array_pack
 
 SOURCE = Path(__file__).with_name("cpu_lm.c")
 PACK_JSON = "cpu_lm.json"  # the weights' index (exporters/cpu_lm_pack.py writes both)
@@ -170,20 +171,12 @@ def default_threads() -> int:
 
 
 def read_pack(json_path: Path, bin_path: Path) -> Tuple[Optional[dict], Dict[str, np.ndarray], str]:
-    """(config or None, arrays, reason): the pack exporters/cpu_lm_pack.py wrote (arrays read into memory)."""
-    meta = json.loads(Path(json_path).read_text())
-    if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT:
+    """(config or None, arrays, reason): the pack exporters/cpu_lm_pack.py wrote (`runners.array_pack`)."""
+    meta, arrays = read_array_pack(json_path, bin_path)
+    if meta.get("format") != PACK_FORMAT:
         raise ValueError(f"{json_path}: not a CPU kernel pack of format {PACK_FORMAT}")
     if not meta.get("supported"):
         return None, {}, meta.get("reason", "not supported")
-    blob = np.fromfile(bin_path, dtype=np.uint8)
-    arrays = {}
-    for name, (dtype, shape, offset) in meta["arrays"].items():
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape))
-        if not isinstance(offset, int) or offset < 0 or offset % dt.alignment or offset + count * dt.itemsize > blob.size:
-            raise ValueError(f"{bin_path}: array {name} runs past the end of the file")
-        arrays[name] = blob[offset:offset + count * dt.itemsize].view(dt).reshape(shape)
     check_pack(meta["config"], arrays, str(json_path))
     return meta["config"], arrays, ""
 

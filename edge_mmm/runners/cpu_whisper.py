@@ -1,7 +1,8 @@
 """Whisper's text decoder on edge-mmm's C kernel (`edge_whisper_step` in cpu_lm.c). Torch-free.
 
 The weights come from a pack beside the onnxruntime graphs (exporters/whisper_decoder_pack.py writes it from the
-float model): `DECODER_PACK_JSON` lists every array (dtype, shape, byte offset) in `DECODER_PACK_BIN`. Weight
+float model; the file pair of `runners.array_pack`): `DECODER_PACK_JSON` holds the sizes and indexes the arrays
+in `DECODER_PACK_BIN`. Weight
 matrices and the tied token table are stored as the checkpoint holds them, fp16 where every value is one (the
 openai-whisper and CTranslate2 files), else fp32; the kernel converts fp16 in registers and computes in fp32,
 so the logits are the float model's to fp32 rounding.
@@ -15,17 +16,17 @@ kernel's one thread team, cpu_lm.c `team_run`).
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from edge_mmm.runners.array_pack import read_array_pack
 from edge_mmm.runners.cpu_lm import default_threads
 
 DECODER_PACK_JSON = "decoder_pack.json"
 DECODER_PACK_BIN = "decoder_pack.bin"
-PACK_FORMAT = 1
+PACK_FORMAT = 2  # 2: the shared array-pack index (runners.array_pack)
 LAYER_MATRICES = ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")
 LAYER_NORMS = ("attn_ln", "cross_ln", "mlp_ln")
 SIZES = ("dim", "layers", "heads", "inter", "vocab", "n_ctx")
@@ -52,7 +53,7 @@ class _WModel(ctypes.Structure):
 def expected_arrays(sizes: Dict[str, int]) -> Dict[str, tuple]:
     """name -> (allowed dtypes, shape) of every array a pack of these sizes holds."""
     d, i, v = sizes["dim"], sizes["inter"], sizes["vocab"]
-    weights, floats = ("float16", "float32"), ("float32",)
+    weights, floats = ("<f2", "<f4"), ("<f4",)
     out = {"table": (weights, (v, d)), "pos": (floats, (sizes["n_ctx"], d)),
            "ln.w": (floats, (d,)), "ln.b": (floats, (d,))}
     shapes = {"qkv": (3 * d, d), "out": (d, d), "cross_q": (d, d), "cross_out": (d, d), "fc1": (i, d), "fc2": (d, i)}
@@ -67,41 +68,27 @@ def expected_arrays(sizes: Dict[str, int]) -> Dict[str, tuple]:
 
 
 def read_decoder_pack(directory: Path) -> Optional[tuple]:
-    """(sizes and eps, name -> array) of the pack in `directory`, or None when it holds none; ValueError naming
-    the file when the pack is malformed. The arrays map the file read-only (pages load as the kernel reads)."""
-    meta_path, bin_path = Path(directory) / DECODER_PACK_JSON, Path(directory) / DECODER_PACK_BIN
+    """(sizes and eps, name -> array) of the pack in `directory` (`runners.array_pack`), or None when it holds
+    none; ValueError naming the file when the pack is malformed or not what the kernel reads (the C code trusts
+    these shapes: a pack from an untrusted bundle must not make it read out of bounds)."""
+    meta_path = Path(directory) / DECODER_PACK_JSON
     if not meta_path.is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{meta_path}: not JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != PACK_FORMAT:
+    meta, arrays = read_array_pack(meta_path, Path(directory) / DECODER_PACK_BIN)
+    if meta.get("format") != PACK_FORMAT:
         raise ValueError(f"{meta_path}: not a Whisper decoder pack of format {PACK_FORMAT}")
     sizes = {k: meta.get(k) for k in SIZES}
     if not all(isinstance(v, int) and 0 < v <= 1 << 20 for v in sizes.values()) or sizes["dim"] % sizes["heads"]:
         raise ValueError(f"{meta_path}: bad sizes {sizes}")
     if not isinstance(meta.get("eps"), float) or not 0 < meta["eps"] < 1:
         raise ValueError(f"{meta_path}: bad eps {meta.get('eps')!r}")
-    listed = meta.get("arrays")
     expected = expected_arrays(sizes)
-    if not isinstance(listed, dict) or set(listed) != set(expected):
+    if set(arrays) != set(expected):
         raise ValueError(f"{meta_path}: the arrays listed are not those of a {sizes['layers']}-layer decoder")
-    size = bin_path.stat().st_size if bin_path.is_file() else -1
-    if size < 0:
-        raise ValueError(f"{bin_path}: missing")
-    data = np.memmap(bin_path, dtype=np.uint8, mode="r")
-    arrays = {}
     for name, (dtypes, shape) in expected.items():
-        entry = listed[name]
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in dtypes and isinstance(entry[1], int)):
-            raise ValueError(f"{meta_path}: array {name}: expected [dtype in {dtypes}, offset], got {entry!r}")
-        dtype = np.dtype(entry[0]).newbyteorder("<")
-        start, nbytes = entry[1], int(np.prod(shape)) * dtype.itemsize
-        if start < 0 or start % 64 or start + nbytes > size:
-            raise ValueError(f"{bin_path}: array {name} at byte {start} ({nbytes} bytes) is outside the file "
-                             f"({size} bytes) or unaligned")
-        arrays[name] = data[start:start + nbytes].view(dtype).reshape(shape)
+        a = arrays[name]
+        if a.dtype.str not in dtypes or a.shape != shape:
+            raise ValueError(f"{meta_path}: array {name} is {a.dtype.str} {a.shape}, expected {dtypes} {shape}")
     return {**sizes, "eps": meta["eps"]}, arrays
 
 

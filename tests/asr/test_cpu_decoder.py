@@ -26,19 +26,13 @@ from edge_mmm.models.whisper_config import DECODER_FILE, ENCODER_FILE
 from edge_mmm.runners.cpu_lm import compile_library
 from edge_mmm.runners.cpu_whisper import (DECODER_PACK_BIN, DECODER_PACK_JSON, CpuWhisperDecoder,
                                           read_decoder_pack)
+from kernel_host import kernel_missing
 
 X86 = platform.machine() == "x86_64" and "avx2" in Path("/proc/cpuinfo").read_text()
 VARIANTS = {"native": None, **({"avx2": ["-march=haswell"], "generic": ["-march=x86-64"]} if X86 else {})}
 
 CFG = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=1,
                     n_vocab=51864, n_text_ctx=64, n_text_state=64, n_text_head=4, n_text_layer=2)
-
-
-def _kernel_missing(why: str) -> None:
-    """Fail on x86-64, where the README installs the C compiler the kernel needs; skip elsewhere (no C path)."""
-    if platform.machine() in ("x86_64", "AMD64"):
-        pytest.fail(f"the C kernel must build on an x86-64 host: {why}")
-    pytest.skip(f"the C kernel has no path for {platform.machine()}: {why}")
 
 
 def _model(fp16: bool, seed: int = 3, cfg: WhisperConfig = CFG) -> Whisper:
@@ -63,7 +57,7 @@ def test_c_decoder_matches_the_torch_decoder(variant, fp16, tmp_path):
     that is not one either (d=36, 6 heads of 6) and 7 audio positions on the third."""
     lib, isa = compile_library(tmp_path / "lib", VARIANTS[variant])
     if lib is None:
-        _kernel_missing(isa)
+        kernel_missing(isa)
     assert variant == "native" or isa == variant
     odd = WhisperConfig(n_mels=80, n_audio_ctx=30, n_audio_state=72, n_audio_head=6, n_audio_layer=1,
                         n_vocab=1003, n_text_ctx=24, n_text_state=72, n_text_head=6, n_text_layer=3)
@@ -102,7 +96,7 @@ def test_c_decoder_matches_the_torch_decoder(variant, fp16, tmp_path):
 def test_c_decoder_refuses_bad_calls(tmp_path):
     lib, isa = compile_library(tmp_path / "lib")
     if lib is None:
-        _kernel_missing(isa)
+        kernel_missing(isa)
     write_decoder_pack(_model(True).decoder, tmp_path)
     dec = CpuWhisperDecoder(lib, *read_decoder_pack(tmp_path), threads=2)
     ck = [np.zeros((1, 4, 16, 10), np.float32)] * 2
@@ -148,7 +142,7 @@ def test_backend_on_the_c_decoder_equals_the_decoder_graph(tmp_path, fp16):
     graphs = _graphs(tmp_path, fp16)
     c = OnnxWhisperBackend(graphs, CFG, threads=2, cache_dir=tmp_path / "kernel")
     if c.cpu_decoder is None:
-        _kernel_missing("OnnxWhisperBackend fell back to the decoder graph")
+        kernel_missing("OnnxWhisperBackend fell back to the decoder graph")
     graph = OnnxWhisperBackend(graphs, CFG, threads=2, cpu_decoder=False)
     assert graph.cpu_decoder is None and graph.decoder is not None and c.decoder is None
     mel = np.random.default_rng(0).standard_normal((1, 80, 400)).astype(np.float32)
@@ -197,7 +191,7 @@ def test_a_bad_pack_is_a_model_file_error(tmp_path):
 
     full = data.read_bytes()
     data.write_bytes(full[:-2])
-    refused("outside the file")
+    refused("past the end of the file")
     data.write_bytes(full)
     meta_path.write_text("{")
     refused("not JSON")
@@ -206,7 +200,12 @@ def test_a_bad_pack_is_a_model_file_error(tmp_path):
     meta_path.write_text(json.dumps({**meta, "arrays": {k: v for k, v in meta["arrays"].items() if k != "pos"}}))
     refused("arrays listed")
     meta_path.write_text(json.dumps({**meta, "arrays": {**meta["arrays"], "pos": ["int8", 0]}}))
-    refused("array pos")
+    refused("array pos: not")
+    pos = meta["arrays"]["pos"]
+    meta_path.write_text(json.dumps({**meta, "arrays": {**meta["arrays"], "pos": ["|i1", pos[1], pos[2]]}}))
+    refused("array pos is")
+    meta_path.write_text(json.dumps({**meta, "arrays": {**meta["arrays"], "pos": ["<f4", [3, 3], pos[2]]}}))
+    refused("array pos is")
     meta_path.write_text(json.dumps({**meta, "layers": 3}))
     refused("arrays listed")
     # a consistent pack of another model
@@ -218,7 +217,7 @@ def test_a_bad_pack_is_a_model_file_error(tmp_path):
 def _small_decoder(tmp_path):
     lib, isa = compile_library(tmp_path / "lib")
     if lib is None:
-        _kernel_missing(isa)
+        kernel_missing(isa)
     model = _model(True)
     write_decoder_pack(model.decoder, tmp_path)
     dec = CpuWhisperDecoder(lib, *read_decoder_pack(tmp_path), threads=2)
@@ -287,7 +286,7 @@ print('libgomp' in maps)
 """
     lib, isa = compile_library(tmp_path / "lib")
     if lib is None:
-        _kernel_missing(isa)
+        kernel_missing(isa)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
