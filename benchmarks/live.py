@@ -151,7 +151,8 @@ def main() -> None:
                     help="onnxruntime vision encoder precision (load_vlm's; auto: int8 where its check passes)")
     ap.add_argument("--end-silence-ms", type=int, default=500)
     ap.add_argument("--sentence-end-silence-ms", type=int, default=None,
-                    help="LiveConfig.sentence_end_silence_ms: the opt-in early endpoint for finished sentences")
+                    help="LiveConfig.sentence_end_silence_ms: the early endpoint for finished sentences "
+                         "(default: LiveConfig's, 300; 0: off)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the sequential (speculate=False) rows")
     ap.add_argument("--no-interrupt-partials", action="store_true",
                     help="let a partial Whisper pass running at a pause finish (LiveConfig.interrupt_partial_after_s=None)")
@@ -166,7 +167,8 @@ def main() -> None:
     from edge_mmm.text.api import load_lm
 
     cfg = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
-                     sentence_end_silence_ms=args.sentence_end_silence_ms,
+                     sentence_end_silence_ms=(LiveConfig.sentence_end_silence_ms if args.sentence_end_silence_ms is None
+                                              else args.sentence_end_silence_ms or None),
                      interrupt_partial_after_s=None if args.no_interrupt_partials else LiveConfig.interrupt_partial_after_s)
     sequential = LiveConfig(max_tokens=args.max_tokens, threads=args.threads, end_silence_ms=args.end_silence_ms,
                             speculate=False)

@@ -794,10 +794,11 @@ def run(
                                           "profile's, up to the model's)."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     end_silence_ms: int = typer.Option(500, "--end-silence-ms", min=60, help="Silence that ends a question."),
-    sentence_end_silence_ms: Optional[int] = typer.Option(
-        None, "--sentence-end-silence-ms", min=60, help="Opt-in early endpoint: end a question after this much "
-        "silence (instead of --end-silence-ms) when its transcript reads as a finished sentence (ends in ? ! or a "
-        "closing .). Faster answers; a speaker who pauses after a full sentence and goes on is answered early."),
+    sentence_end_silence_ms: int = typer.Option(
+        300, "--sentence-end-silence-ms", min=0, help="Early endpoint: end a question after this much silence "
+        "(instead of --end-silence-ms) when its transcript reads as a finished sentence (ends in ? ! or a closing "
+        "., not on 'the', 'and', ...). Speaking on within --end-silence-ms continues the question: the early "
+        "answer stops and the whole question is answered. 0 turns it off."),
     file_speed: float = typer.Option(1.0, "--file-speed", min=0.01, help="Play an audio-file --mic at this "
                                      "multiple of real time."),
     log: Optional[Path] = typer.Option(None, "--log", help="Append timings, transcripts, answers and faults "
@@ -878,7 +879,7 @@ def run(
                               f"{NO_INPUT_HINT}")
     cfg = LiveConfig(camera=camera, mic=mic, bundle=bundle, threads=threads, **settings,
                      max_tokens=max_tokens, temperature=temperature, system_prompt=system,
-                     end_silence_ms=end_silence_ms, sentence_end_silence_ms=sentence_end_silence_ms,
+                     end_silence_ms=end_silence_ms, sentence_end_silence_ms=sentence_end_silence_ms or None,
                      audio_file_speed=file_speed, log_path=log, once=once)
     if echo_cancel and not speak:
         raise InputError("--echo-cancel cancels the spoken answer's echo: it needs --speak")

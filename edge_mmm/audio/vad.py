@@ -139,6 +139,12 @@ class VADIterator:
         `min_silence_ms`), else None."""
         return self._temp_end if self.started and self._temp_end else None
 
+    @property
+    def pending_start(self) -> Optional[int]:
+        """Speech heard but not yet reported (shorter than `min_speech_ms` so far): its first voiced sample,
+        else None. A start event for it, if one comes, is dated there (less the padding)."""
+        return self._start if self.triggered and not self.started else None
+
     def feed(self, audio: np.ndarray) -> List[VadEvent]:
         """Push samples (any length); return the events completed by them, in order."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)

@@ -8,6 +8,11 @@ Threads (all named `edge-mmm-*`, all joined by `stop()`):
   asr       speech events -> streaming Whisper (`UtteranceRecognizer`, LocalAgreement-2) -> transcript events:
             partials while the user speaks, a speculative final pass at the first silent frame (dropped if
             the speech resumes), the final transcript at the VAD end, which becomes a turn
+Early endpoint (`sentence_end_silence_ms`, on by default): a pause whose speculative transcript reads as a
+finished sentence ends the question after 300 ms of silence instead of `end_silence_ms`. Speech that starts
+again before the full wait would have ended the question continues it: the answer in progress stops (a
+barge-in) and the whole question, both parts, is answered in its place, so no pause shorter than
+`end_silence_ms` splits a question.
   turns     speculative work while the user speaks (frame encoding, prefix and question prefill: see
             `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
 Listeners get `Event`s through `subscribe()` (bounded queues, oldest dropped) and the JSONL log.
@@ -36,7 +41,7 @@ from edge_mmm.runtime.endpoint import ends_sentence
 from edge_mmm.runtime.events import Event, EventBus
 from edge_mmm.runtime.frames import FrameStore
 from edge_mmm.runtime.retry import Backoff
-from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm
+from edge_mmm.runtime.turns import TurnConfig, TurnManager, TurnRequest, is_vlm, join_question
 from edge_mmm.text.generation import GenerationConfig
 from edge_mmm.vision.families import model_kind
 
@@ -68,11 +73,11 @@ class LiveConfig:
     system_prompt: Optional[str] = None
     max_history_turns: int = 6
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
-    # opt-in early endpoint: a pause whose speculative transcript reads as a finished sentence (`?`, `!`, a
-    # closing `.`: runtime/endpoint.py) ends the turn after this much silence instead of `end_silence_ms`
-    # (None: off). A speaker who pauses after a complete sentence and goes on is then answered early; talking
-    # on barges in and the rest becomes the next question
-    sentence_end_silence_ms: Optional[int] = None
+    # early endpoint: a pause whose speculative transcript reads as a finished sentence (`?`, `!`, a closing
+    # `.`: runtime/endpoint.py) ends the turn after this much silence instead of `end_silence_ms` (None: off;
+    # a value >= end_silence_ms changes nothing). Speech starting again within `end_silence_ms` of the pause
+    # continues the question: the early answer is withdrawn and the whole question answered
+    sentence_end_silence_ms: Optional[int] = 300
     speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
     # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
     # cores (on 2 cores the two side by side each take ~2x as long, and the encoder outlasted the question)
@@ -98,9 +103,8 @@ class LiveConfig:
             raise InputError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.end_silence_ms < 60:
             raise InputError(f"end_silence_ms must be >= 60, got {self.end_silence_ms}")
-        if self.sentence_end_silence_ms is not None and not 60 <= self.sentence_end_silence_ms <= self.end_silence_ms:
-            raise InputError(f"sentence_end_silence_ms must be between 60 and end_silence_ms ({self.end_silence_ms}),"
-                             f" got {self.sentence_end_silence_ms}")
+        if self.sentence_end_silence_ms is not None and self.sentence_end_silence_ms < 60:
+            raise InputError(f"sentence_end_silence_ms must be >= 60 (or None: off), got {self.sentence_end_silence_ms}")
         if self.context_length < 2:
             raise InputError(f"context_length must be >= 2, got {self.context_length}")
         if self.interrupt_partial_after_s is not None and self.interrupt_partial_after_s < 0:
@@ -183,6 +187,14 @@ class _Heard:
     cap_to_vad: Optional[float] = None  # capture of the newest sample -> VAD
 
 
+@dataclass
+class _EarlyEnd:
+    """An utterance the early endpoint ended, while speech may still continue it."""
+
+    utterance: int
+    until: int  # ring sample: speech voiced before it continues the utterance (where the full wait would end it)
+
+
 class LiveAssistant:
     """See the module docstring. `start()`, then listen with `subscribe()`; `stop()` joins every thread."""
 
@@ -256,6 +268,11 @@ class LiveAssistant:
         self._recognizer = None  # the asr thread's UtteranceRecognizer (the vad thread may stop its partial pass)
         # asr -> vad: the pause (its first silent segmenter sample) whose speculative text ends a sentence
         self._sentence_end_at: Optional[int] = None
+        self._early_lock = threading.Lock()
+        self._early_end: Optional[_EarlyEnd] = None  # vad thread: the continuation window now open
+        self._continues: Dict[int, int] = {}  # vad -> asr: utterance -> the early-ended utterance it continues
+        self._said: Dict[int, tuple] = {}  # asr thread: utterance -> (final question text, speech start time)
+        self._finish_after: Optional[int] = None  # --once: finish when this utterance's window closes unused
         self._threads: List[threading.Thread] = []
         self._started = False
 
@@ -404,15 +421,31 @@ class LiveAssistant:
                 except queue.Empty:
                     pass
 
-    def _on_speech_start(self, utterance: int, t: Optional[float]) -> None:
+    def _on_speech_start(self, utterance: int, t: Optional[float], continues: Optional[int] = None) -> None:
         if self.voice is not None:
             self.voice.barge_in()
+        if continues is not None:
+            self._drop_queued(continues)  # asked again, whole, when this utterance ends
         if self._answering:
             self._cancel.set()
-            self._notice("turns", "barge-in: new speech cancelled the answer in progress")
+            self._notice("turns", "the question goes on: its early answer is withdrawn" if continues is not None
+                         else "barge-in: new speech cancelled the answer in progress")
         if self.config.speculate:
             self._speaking = utterance
-            self._job("start", utterance, t if t is not None else time.monotonic())
+            self._job("start", utterance, t if t is not None else time.monotonic(), continues)
+
+    def _drop_queued(self, utterance: int) -> None:
+        """Take the questions of `utterance` out of the turn queue."""
+        kept = []
+        while True:
+            try:
+                req = self._turn_q.get_nowait()
+            except queue.Empty:
+                break
+            if req.utterance != utterance or req.source != "speech":
+                kept.append(req)
+        for req in kept:  # the queue was just emptied: they fit
+            self._turn_q.put_nowait(req)
 
     def _job(self, *job) -> None:
         with self._spec_lock:
@@ -424,8 +457,9 @@ class LiveAssistant:
         timing: Dict[str, Any] = {"stage": "speculative", "step": kind, "utterance": utt}
         t0 = time.perf_counter()
         if kind == "start":
+            said = self._said.get(job[3]) if job[3] is not None else None
             with self._vision_first():
-                spec = self.turns.speculate(utt, job[2])
+                spec = self.turns.speculate(utt, job[2], (job[3], said[0]) if said is not None else None)
             timing.update(vision_s=round(spec.vision_s, 6), encodes=spec.encodes, prefill_s=round(spec.prefill_s, 6),
                           prefix_tokens=spec.prefix_tokens, scene_changed=spec.scene_changed)
         elif kind == "scene":
@@ -492,6 +526,16 @@ class LiveAssistant:
             finally:
                 self._answering = False
             if self.config.once and not self._cancel.is_set() and timings.get("ttft_s") is not None:
+                self._finish_once(req)
+
+    def _finish_once(self, req: TurnRequest) -> None:
+        """--once: an answered question ends the run, unless the speaker may still go on with it (the early
+        endpoint's window is open: the vad thread finishes when it closes unused) or already did."""
+        with self._early_lock:
+            ee = self._early_end
+            if ee is not None and ee.utterance == req.utterance:
+                self._finish_after = req.utterance
+            elif req.source != "speech" or req.utterance not in self._continues.values():
                 self.finished.set()
 
     def _vad_loop(self) -> None:
@@ -515,12 +559,14 @@ class LiveAssistant:
                     seg.reset()
                     base = pos
                     self._sentence_end_at = None
+                    self._close_continuation(None)
                     self._hear([None], base, None)
                 events = seg.feed(chunk)
                 t_cap = self.ring.capture_time(pos + chunk.size - 1)
                 self._pass_on(events, base, time.monotonic() - t_cap if t_cap is not None else None)
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             self._end_finished_sentence(seg, base)
+            self._close_continuation(seg, base)
             if eos:
                 self._input_end(seg, base)
             self._vad_busy = False
@@ -538,6 +584,7 @@ class LiveAssistant:
         pause began: `SpeechSegmenter.flush`), stop a partial pass still running (the final pass covers its
         audio and more), and say that the file ended."""
         self._hear(seg.flush(), base, None)
+        self._close_continuation(None)
         if self._recognizer is not None:
             self._recognizer.interrupt_partial(always=True)
         if self._file_source is not None:
@@ -553,7 +600,27 @@ class LiveAssistant:
         if at is None or short is None or pause is None or pause[0] != at or pause[1] < short / 1000:
             return
         self._sentence_end_at = None
-        self._pass_on(seg.end_at_pause(), base, None)
+        events = seg.end_at_pause()
+        if any(ev.kind == "end" for ev in events):
+            with self._early_lock:
+                self._early_end = _EarlyEnd(self._vad_utterance,
+                                            base + at + self.config.end_silence_ms * SAMPLE_RATE // 1000)
+        self._pass_on(events, base, None)
+
+    def _close_continuation(self, seg, base: int = 0) -> None:
+        """Close the early-ended utterance's window once no speech that began inside it can still be reported
+        (`seg` None: close it now); --once then finishes if it waited for that."""
+        ee = self._early_end
+        if ee is None:
+            return
+        if seg is not None:
+            pending = seg.vad.pending_start
+            if base + seg.n_samples < ee.until or (pending is not None and base + pending < ee.until):
+                return
+        with self._early_lock:
+            self._early_end = None
+            if self._finish_after == ee.utterance:
+                self.finished.set()
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
         """Once per pause that has lasted `interrupt_partial_after_s`: stop the partial Whisper pass that is
@@ -581,7 +648,8 @@ class LiveAssistant:
         for ev in events:
             if ev is not None and ev.kind == "start":
                 self._vad_utterance += 1
-                self._on_speech_start(self._vad_utterance, self.ring.capture_time(base + ev.sample))
+                continues = self._continuation(base + ev.sample)
+                self._on_speech_start(self._vad_utterance, self.ring.capture_time(base + ev.sample), continues)
             items.append(_Heard(ev, base, self._vad_utterance, t, cap_to_vad))
         with self._heard_cv:
             for item in items:
@@ -596,6 +664,24 @@ class LiveAssistant:
                 self._heard_samples = 0
                 self._report_lost(lost)
             self._heard_cv.notify()
+
+    def _continuation(self, start: int) -> Optional[int]:
+        """At an utterance start (ring sample, padded): the early-ended utterance it continues, or None. Its
+        first voiced sample is `speech_pad_ms` after `start`."""
+        with self._early_lock:
+            ee, self._early_end = self._early_end, None
+            if ee is None:
+                return None
+            pad = self._vad_options().speech_pad_ms * SAMPLE_RATE // 1000
+            if start + pad >= ee.until:
+                if self._finish_after == ee.utterance:
+                    self.finished.set()
+                return None
+            self._finish_after = None
+            self._continues[self._vad_utterance] = ee.utterance
+            for old in [u for u in self._continues if u < self._vad_utterance - 16]:
+                del self._continues[old]
+            return ee.utterance
 
     def _asr_loop(self) -> None:
         from edge_mmm.asr.streaming import UtteranceRecognizer
@@ -657,12 +743,19 @@ class LiveAssistant:
         if self._speaking == utt:
             self._speaking = None
         text = ev.committed.strip()
+        continues = self._continues.get(utt)
+        opening = self._said.get(continues) if continues is not None else None
+        if opening is None:
+            continues = None
         start = heard.base + int(round(ev.start_s * SAMPLE_RATE))
         # time the turn from the speech end itself, not from the end of the end-silence wait
         end = (heard.base + int(round(ev.end_s * SAMPLE_RATE)) if ev.end_s is not None
                else start + int(round(ev.audio_s * SAMPLE_RATE)))
         speech_end_t = self.ring.capture_time(end - 1)
         speech_start_t = self.ring.capture_time(start)
+        if opening is not None:  # the question goes on from an early-ended one: ask both parts as one
+            text = join_question(opening[0], text)
+            speech_start_t = opening[1] if opening[1] is not None else speech_start_t
         asr: Dict[str, Any] = {"asr_final_s": round(ev.asr_s, 6), "audio_s": round(ev.audio_s, 3),
                                "asr_reused": ev.reused, "asr_wait_s": round(t_final - heard.t, 6)}
         if heard.cap_to_vad is not None:
@@ -675,5 +768,9 @@ class LiveAssistant:
         if not text:
             self._notice("asr", f"utterance {utt}: no words recognized")
             return
-        self._bus_final(text, source="speech", utterance=utt, audio_s=round(ev.audio_s, 3))
-        self._submit(TurnRequest(text, "speech", utt, speech_start_t, speech_end_t, asr))
+        self._said[utt] = (text, speech_start_t)
+        for old in [u for u in self._said if u < utt - 16]:
+            del self._said[old]
+        extra = {"continues": continues} if continues is not None else {}
+        self._bus_final(text, source="speech", utterance=utt, audio_s=round(ev.audio_s, 3), **extra)
+        self._submit(TurnRequest(text, "speech", utt, speech_start_t, speech_end_t, asr, continues=continues))

@@ -11,7 +11,9 @@ overflows it is cut to the newest half (so the KV cache of the prefix survives b
 that still overflows the context drops its oldest exchanges until it fits.
 
 `answer()` runs in the turn thread and checks `cancel` between tokens (barge-in): the answer stops at
-once, and what was said so far stays in the history.
+once, and what was said so far stays in the history. A question that continues an earlier one (the speaker
+went on after the early endpoint had ended the question: `TurnRequest.continues`) withdraws that question's
+exchange from the history, answered or cut off, and is asked whole in its place.
 
 Work while the user speaks (`Speculation`, all on the turn thread, so the model still serves one caller):
 at speech start the frame is chosen (the frame policy over the frames so far) and encoded, and the prompt's
@@ -29,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from edge_mmm.errors import ContextOverflowError, InputError
 from edge_mmm.runtime.events import EventBus
@@ -65,6 +67,14 @@ class TurnRequest:
     speech_end_t: Optional[float] = None
     asr: Dict[str, float] = field(default_factory=dict)  # ASR timings of the final transcript
     submitted_t: float = field(default_factory=time.monotonic)
+    # the utterance this question continues (its text starts this one's): that utterance's exchange, if it is
+    # the history's last, is withdrawn before this question is answered
+    continues: Optional[int] = None
+
+
+def join_question(first: str, rest: str) -> str:
+    """The question an early-ended utterance and the speech that continued it make together."""
+    return f"{first.strip()} {rest.strip()}".strip()
 
 
 @dataclass
@@ -86,6 +96,8 @@ class Speculation:
     question_tokens: int = 0
     discarded: int = 0  # speculative transcripts dropped because the speech resumed
     checked_t: float = 0.0
+    opening: str = ""  # the text of the question this utterance continues (its prompt starts with it)
+    withdraw: bool = False  # that question's exchange is the history's last: the turn withdraws it
 
 
 def is_vlm(model) -> bool:
@@ -104,6 +116,7 @@ class TurnManager:
         self.config = config or TurnConfig()
         self.scene = SceneTracker(self.config.scene_threshold)
         self.history: List[Dict[str, Any]] = []  # alternating user / assistant messages
+        self.exchange_utterance: Optional[int] = None  # the spoken utterance of the history's last exchange
         self.turns = 0
         self.speculation: Optional[Speculation] = None
         self._lock = threading.Lock()  # one generation at a time on the shared model
@@ -112,6 +125,7 @@ class TurnManager:
         """Forget the conversation (and the model's KV cache of it)."""
         with self._lock:
             self.history = []
+            self.exchange_utterance = None
             self.speculation = None
             self.scene.reset()
             self.model.reset()
@@ -141,9 +155,17 @@ class TurnManager:
             if isinstance(m["content"], list):
                 m["content"] = [p for p in m["content"] if p.get("type") != "image"]
 
-    def _history_has_image(self) -> bool:
+    def _history_has_image(self, history: Optional[List[Dict[str, Any]]] = None) -> bool:
         return any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
-                   for m in self.history)
+                   for m in (self.history if history is None else history))
+
+    def _withdraw(self, utterance: Optional[int]) -> bool:
+        """Drop the history's last exchange if it is `utterance`'s (a question the speaker then went on with)."""
+        if utterance is None or utterance != self.exchange_utterance or len(self.history) < 2:
+            return False
+        self.history = self.history[:-2]
+        self.exchange_utterance = None
+        return True
 
     def _pick_image(self, req: TurnRequest, timings: Dict[str, Any]):
         """(image for this user message or None, frame seq) per the frame and scene policies."""
@@ -161,10 +183,16 @@ class TurnManager:
         return image, frame.seq
 
     # ------------------------------------------------------------------ speculation (while the user speaks)
-    def speculate(self, utterance: int, speech_start_t: float) -> Speculation:
-        """At speech start: choose and encode the frame and prefill the prompt up to the question."""
+    def speculate(self, utterance: int, speech_start_t: float, continues: Optional[Tuple[int, str]] = None
+                  ) -> Speculation:
+        """At speech start: choose and encode the frame and prefill the prompt up to the question.
+        `continues`: (utterance, text) of the question this speech goes on with (its exchange is left out
+        and its text opens this question)."""
         with self._lock:
             spec = self.speculation = Speculation(utterance, speech_start_t)
+            if continues is not None:
+                spec.opening = continues[1]
+                spec.withdraw = continues[0] == self.exchange_utterance and len(self.history) >= 2
             self._speculate_scene(spec)
             self._prefill(spec, None)
             return spec
@@ -198,7 +226,7 @@ class TurnManager:
         if spec is None or spec.utterance != utterance or not question.strip():
             return False
         with self._lock:
-            self._prefill(spec, question.strip())
+            self._prefill(spec, join_question(spec.opening, question))
         return True
 
     def discard_question(self, utterance: int) -> bool:
@@ -220,18 +248,22 @@ class TurnManager:
             return
         image, changed, diff = self.scene.peek(frame.image)
         spec.frame, spec.thumb, spec.scene_changed, spec.scene_diff = frame.image, thumbnail(frame.image), changed, diff
-        spec.image = None if not changed and self._history_has_image() else image
+        spec.image = None if not changed and self._history_has_image(self._base_history(spec)) else image
         if spec.image is not None:
             _, _, timings, _ = self.model.image_features([spec.image])
             if not timings.get("image_cache_hit"):
                 spec.encodes += 1
             spec.vision_s += timings.get("vision_s", 0.0)
 
+    def _base_history(self, spec: Speculation) -> List[Dict[str, Any]]:
+        return self.history[:-2] if spec.withdraw else self.history
+
     def _spec_history(self, spec: Speculation) -> List[Dict[str, Any]]:
+        history = self._base_history(spec)
         if spec.image is None:
-            return self.history
+            return history
         return [dict(m, content=[p for p in m["content"] if p.get("type") != "image"])
-                if isinstance(m["content"], list) else m for m in self.history]
+                if isinstance(m["content"], list) else m for m in history]
 
     def _prefill(self, spec: Speculation, question: Optional[str]) -> None:
         """Prefill the prompt of `question` (all but its last token), or with None the part of the prompt
@@ -240,7 +272,7 @@ class TurnManager:
         t0 = time.perf_counter()
         try:
             if question is None:
-                probes = [self._prompt_ids(history, q, spec.image) for q in _PROBES]
+                probes = [self._prompt_ids(history, join_question(spec.opening, q), spec.image) for q in _PROBES]
                 n = common_prefix(probes[0][1], probes[1][1])
                 prompt, ids = probes[0]
             else:
@@ -321,6 +353,9 @@ class TurnManager:
         timings: Dict[str, Any] = {"stage": "turn", "turn": turn, "source": req.source,
                                    "queue_s": round(t0 - req.submitted_t, 6)}
         timings.update(req.asr)
+        if req.continues is not None:
+            timings["continues"] = req.continues
+            timings["withdrew"] = self._withdraw(req.continues)
         image = None
         spec = None
         if req.source == "speech":  # a typed question leaves the speculation of a spoken one alone
@@ -367,6 +402,7 @@ class TurnManager:
             timings["eos_to_first_token_s"] = round(t_first - req.speech_end_t, 6)
         finish = "cancelled" if cancelled else (result.finish_reason if result is not None else "stop")
         self.history += [user, self._assistant_message(text.strip())]
+        self.exchange_utterance = req.utterance if req.source == "speech" else None
         n = self.config.max_history_turns
         if len(self.history) > 2 * n:
             # cut to half the window at once: every cut changes the prompt's start and so voids the KV

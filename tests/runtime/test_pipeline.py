@@ -192,11 +192,54 @@ def test_a_finished_sentence_ends_the_turn_after_the_shorter_silence(vlm_models,
         assert turn["endpoint_s"] > 1.9
 
 
-def test_sentence_end_silence_must_fit_the_end_silence():
-    with pytest.raises(InputError, match="sentence_end_silence_ms"):
-        LiveConfig(end_silence_ms=500, sentence_end_silence_ms=600)
+@pytest.mark.usefixtures("fresh_vlm")
+@pytest.mark.parametrize("end_silence_ms", [2000, 800])
+def test_speaking_on_after_an_early_endpoint_continues_the_question(vlm_models, paused_question, end_silence_ms):
+    """The early endpoint ends 'heard N?' 0.3 s into the 1.2 s pause and it is answered; the speech goes on
+    1.2 s after the pause began. Within the 2 s end-silence wait that continues the question: one question,
+    both parts, is answered in the first one's place (its exchange withdrawn), and --once waits for it. With
+    a 0.8 s wait the pause had ended the question anyway: two questions, and --once finished after the first."""
+    from edge_mmm.runtime.assistant import LiveModels
+
+    models = LiveModels(_FinishedSentenceASR(), vlm_models.lm, vlm_models.vad_path)
+    a = LiveAssistant(LiveConfig(max_tokens=4, end_silence_ms=end_silence_ms, once=True), models)
+    q = a.subscribe(maxsize=10_000)
+    finished_at_second_start = []
+
+    def second_turn(evs):
+        for e in evs[-1:]:
+            if e.type == "timing" and e.data.get("stage") == "speculative" and e.data["utterance"] == 2 \
+                    and e.data["step"] == "start":
+                finished_at_second_start.append(a.finished.is_set())
+        return sum(e.type == "timing" and e.data.get("stage") == "turn" for e in evs) >= 2
+
+    a.start()
+    with _speaking(a, paused_question):
+        evs = _events(q, second_turn, timeout=120)
+        assert a.finished.wait(5)
+    finals = [e.data for e in evs if e.type == "transcript.final"]
+    turns = [e.data for e in evs if e.type == "timing" and e.data.get("stage") == "turn"]
+    first, second = finals
+    assert first["text"].startswith("heard") and first["text"].endswith("?") and first["audio_s"] < 2.5
+    assert 0.25 < turns[0]["endpoint_s"] < 0.8  # the early endpoint ended the first part
+    user_questions = [m["content"][-1]["text"] for m in a.turns.history if m["role"] == "user"]
+    if end_silence_ms == 2000:
+        assert second["continues"] == first["utterance"] and second["text"].startswith(first["text"] + " heard")
+        assert turns[1]["continues"] == first["utterance"] and turns[1]["withdrew"]
+        assert user_questions == [second["text"]]  # the first part's exchange is gone, the whole question stands
+        assert finished_at_second_start == [False]  # --once waited: the question could still go on
+    else:
+        assert "continues" not in second and not second["text"].startswith(first["text"])
+        assert "continues" not in turns[1]
+        assert user_questions == [first["text"], second["text"]]
+        assert finished_at_second_start == [True]  # the window had closed: --once was done with the first
+
+
+def test_sentence_end_silence_is_checked():
     with pytest.raises(InputError, match="sentence_end_silence_ms"):
         LiveConfig(sentence_end_silence_ms=10)
+    assert LiveConfig().sentence_end_silence_ms == 300  # on by default
+    LiveConfig(end_silence_ms=200)  # a longer early endpoint than the wait changes nothing
 
 
 def test_recognizer_drops_the_speculative_final_when_speech_resumes():
@@ -388,7 +431,7 @@ def test_the_end_of_the_input_closes_the_utterance_and_stops_a_running_partial()
     a._hear = lambda events, base, cap: heard.append((events, base))
     a._recognizer = types.SimpleNamespace(interrupt_partial=lambda always=False: stopped.append(always) or True)
     a._file_source = types.SimpleNamespace(path="q.wav")
-    a._vad_utterance, a._input_ended, notices = 1, False, []
+    a._vad_utterance, a._input_ended, a._early_end, notices = 1, False, None, []
     a._notice = lambda source, message: notices.append((source, message))
     end = [SpeechEvent("end", 32000, speech_end=31520)]
     a._input_end(types.SimpleNamespace(flush=lambda: end), 7)
