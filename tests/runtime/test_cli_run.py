@@ -254,3 +254,18 @@ def test_the_executable_flushes_its_output_before_its_fast_exit():
                          timeout=120, env=env)  # its table is printed without a flush of its own
     assert out.returncode == 0, out.stderr
     assert "orin-nano-8gb" in out.stdout and out.stdout.endswith("\n")
+
+
+def test_run_early_endpoint_reaches_the_live_config(capsys, monkeypatch, question_clip):
+    """The early endpoint is on by default (300 ms), `--sentence-end-silence-ms 0` turns it off, another value
+    sets it, and a value under 60 ms is refused with one line, exit 2."""
+    seen = _capture_live_config(monkeypatch)
+    base = ["run", "--camera", "none", "--mic", str(question_clip)]
+    for extra, want in (([], 300), (["--sentence-end-silence-ms", "0"], None), (["--sentence-end-silence-ms", "200"], 200)):
+        seen.clear()
+        assert main(base + extra) == 2 and "captured the live config" in capsys.readouterr().err
+        assert seen["cfg"].sentence_end_silence_ms == want, extra
+    seen.clear()
+    assert main(base + ["--sentence-end-silence-ms", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "sentence_end_silence_ms" in err and len(err.strip().splitlines()) == 1 and not seen

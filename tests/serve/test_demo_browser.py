@@ -269,3 +269,68 @@ def test_browser_camera_and_microphone(live_models, question_clip, tmp_path):
     assert "camera" in note and "microphone" in note, note
     print(f"\nbrowser sources: frames received {assistant.frames.received}; transcript {transcript!r}; "
           f"answer {answer!r}; {note}")
+
+
+@pytest.fixture(scope="module")
+def continued_question(tmp_path_factory) -> Path:
+    """QUESTION, ~0.7 s of silence (espeak-ng's own tail + 0.4 s), then "And what about Germany?"."""
+    import wave
+
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    d = tmp_path_factory.mktemp("continued")
+    first = load_audio(synthesize(QUESTION, d / "a.wav", lead_silence=0.8))
+    rest = load_audio(synthesize("And what about Germany?", d / "b.wav", trail_silence=1.5))
+    x = np.concatenate([first, np.zeros(int(0.4 * 16000), np.float32), rest])
+    with wave.open(str(d / "q.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return d / "q.wav"
+
+
+def test_demo_page_withdraws_a_question_the_speaker_went_on_with(live_models, continued_question, tmp_path):
+    """The early endpoint answers "What is the capital of France?" ~0.3 s into the pause; the speaker goes on
+    before the (here 1 s) end-silence wait would have ended the question: the page greys the first exchange
+    out as withdrawn and binds the next answer to the whole question, not to the withdrawn one."""
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    from edge_mmm.runtime.assistant import LiveConfig
+
+    config = LiveConfig(mic=str(continued_question), max_tokens=24, end_silence_ms=1000)
+    with demo_server(config, live_models) as (url, assistant, events):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.set_default_timeout(PAGE_TIMEOUT_MS)
+                console_errors = []
+                page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+                page.goto(url + "/")
+                page.wait_for_function("() => document.getElementById('status').textContent === 'live'")
+                assistant.start()
+                page.wait_for_selector("#turns .turn:nth-child(2) .answer:not(.streaming)")
+                page.wait_for_function("() => document.querySelector('#turns .turn:nth-child(2) .answer')"
+                                       ".textContent.trim().length > 0")
+                shown = page.eval_on_selector_all("#turns .turn", """turns => turns.map(t => [
+                    t.className, t.querySelector('.question').textContent, t.querySelector('.answer').textContent,
+                    getComputedStyle(t.querySelector('.answer'), '::after').content])""")
+                page.screenshot(path=str(_artifact_dir(tmp_path) / "demo_page_withdrawn.png"), full_page=True)
+            finally:
+                browser.close()
+    evs = _drain(events)
+    finals = [e.data for e in evs if e.type == "transcript.final"]
+    done = [e.data for e in evs if e.type == "answer.done"]
+    assert not console_errors, console_errors
+    assert len(finals) == 2 and finals[1]["continues"] == finals[0]["utterance"], finals
+    assert len(shown) == 2, shown
+    (first_class, first_q, _, first_note), (second_class, second_q, second_a, _) = shown
+    assert "withdrawn" in first_class and "withdrawn" in first_note and first_q == finals[0]["text"]
+    assert "withdrawn" not in second_class and second_q == finals[1]["text"]
+    assert {"capital", "france", "germany"} <= _words(second_q), second_q
+    assert second_a.strip() == done[-1]["text"].strip() and done[-1]["question"] == finals[1]["text"]

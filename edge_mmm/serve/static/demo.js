@@ -47,7 +47,7 @@ const NOT_LATENCY = new Set(["turn", "utterance", "took_s"]);
 const SPECULATIVE = new Set(["speculative", "speculative_asr"]);
 
 const $ = (id) => document.getElementById(id);
-const state = { key: "", pending: [], turns: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0, audioBlocks: 0, audioSamples: 0, audioPeak: 0, speechStops: 0 } };
+const state = { key: "", pending: [], turns: new Map(), spoken: new Map(), sources: null, connected: false, stats: { events: 0, deltas: 0, lagMsMax: 0, lagMsSum: 0, audioBlocks: 0, audioSamples: 0, audioPeak: 0, speechStops: 0 } };
 window.edgeMmmDemo = state.stats; // read by the browser test and handy in the console
 
 // ---------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 // ---------------------------------------------------------------------------------------------
 // conversation: one turn = question (spoken or typed) + streamed answer
 // ---------------------------------------------------------------------------------------------
-function newTurn(question, how) {
+function newTurn(question, how, utterance) {
   const div = document.createElement("div");
   div.className = "turn";
   const q = document.createElement("p");
@@ -111,7 +111,21 @@ function newTurn(question, how) {
   div.append(q, a);
   $("turns").append(div);
   div.scrollIntoView({ block: "end" });
-  return { answer: a, done: false };
+  const turn = { div, answer: a, done: false };
+  if (typeof utterance === "number") state.spoken.set(utterance, turn);
+  return turn;
+}
+
+// the speaker went on after an early endpoint: the earlier question (answered, cut off, or still waiting)
+// is withdrawn and asked whole as the next one
+function withdraw(utterance) {
+  const turn = state.spoken.get(utterance);
+  if (!turn) return;
+  state.spoken.delete(utterance);
+  const waiting = state.pending.indexOf(turn);
+  if (waiting >= 0) state.pending.splice(waiting, 1); // never answered: no answer may bind to it
+  turn.div.classList.add("withdrawn");
+  turn.answer.classList.remove("streaming");
 }
 
 // questions are answered in order: the first answer event of turn N binds to the oldest waiting question
@@ -147,7 +161,9 @@ function onPartial(data) {
 function onFinal(data) {
   if (data.source !== "text") $("partial").replaceChildren();
   const text = textOf(data).trim();
-  if (text) state.pending.push(newTurn(text, data.source === "text" ? "typed" : "spoken"));
+  if (typeof data.continues === "number") withdraw(data.continues);
+  if (text) state.pending.push(newTurn(text, data.source === "text" ? "typed" : "spoken", data.utterance));
+  while (state.spoken.size > 32) state.spoken.delete(state.spoken.keys().next().value);
 }
 
 function onDelta(data) {
