@@ -33,3 +33,25 @@ def silence_flac(out: Path, seconds: int) -> Path:
     subprocess.run(["sox", "-D", "-n", "-r", "8000", "-c", "1", "-b", "16", str(out), "trim", "0", str(seconds)],
                    check=True, capture_output=True)
     return out
+
+
+def continued_question(out: Path, first: str = "What is the capital of France?",
+                       rest: str = "And what about Germany?", gap_s: float = 0.4) -> Path:
+    """Two spoken parts (espeak-ng) as one 16 kHz WAV: `first` after 0.8 s of silence, espeak-ng's own ~0.3 s
+    tail + `gap_s` of silence, then `rest` and 1.5 s of silence: a question the speaker goes on with."""
+    import wave
+
+    from edge_mmm.audio.io import load_audio
+    from edge_mmm.audio.synth import have_espeak, synthesize
+
+    if not have_espeak():
+        pytest.skip("espeak-ng/sox not installed")
+    a = load_audio(synthesize(first, out.with_suffix(".a.wav"), lead_silence=0.8))
+    b = load_audio(synthesize(rest, out.with_suffix(".b.wav"), trail_silence=1.5))
+    x = np.concatenate([a, np.zeros(int(gap_s * 16000), np.float32), b])
+    with wave.open(str(out), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return out

@@ -424,6 +424,8 @@ class LiveAssistant:
     def _on_speech_start(self, utterance: int, t: Optional[float], continues: Optional[int] = None) -> None:
         if self.voice is not None:
             self.voice.barge_in()
+            if continues is not None:
+                self.voice.drop()  # the early answer's text and its hold go (the whole question's answer follows)
         if continues is not None:
             self._drop_queued(continues)  # asked again, whole, when this utterance ends
         if self._answering:
@@ -605,6 +607,8 @@ class LiveAssistant:
             with self._early_lock:
                 self._early_end = _EarlyEnd(self._vad_utterance,
                                             base + at + self.config.end_silence_ms * SAMPLE_RATE // 1000)
+            if self.voice is not None:  # answer aloud only once the question cannot go on: the half-duplex
+                self.voice.hold()       # gate would mute a speaker who goes on over the answer's first words
         self._pass_on(events, base, None)
 
     def _close_continuation(self, seg, base: int = 0) -> None:
@@ -621,6 +625,8 @@ class LiveAssistant:
             self._early_end = None
             if self._finish_after == ee.utterance:
                 self.finished.set()
+        if self.voice is not None:
+            self.voice.release()
 
     def _interrupt_partial_at_pause(self, seg, done: Optional[int]) -> Optional[int]:
         """Once per pause that has lasted `interrupt_partial_after_s`: stop the partial Whisper pass that is
@@ -676,6 +682,8 @@ class LiveAssistant:
             if start + pad >= ee.until:
                 if self._finish_after == ee.utterance:
                     self.finished.set()
+                if self.voice is not None:
+                    self.voice.release()
                 return None
             self._finish_after = None
             self._continues[self._vad_utterance] = ee.utterance

@@ -47,8 +47,22 @@ class SpokenAnswers:
     def barge_in(self) -> None:
         """The user started talking: stop speaking at once."""
         if self.speaker.is_playing():
+            heard = not self.speaker.held  # a held answer was never heard: nothing to announce
             self.speaker.stop()
-            self.bus.publish("notice", source="speaker", message="barge-in: new speech stopped the spoken answer")
+            if heard:
+                self.bus.publish("notice", source="speaker", message="barge-in: new speech stopped the spoken answer")
+
+    def hold(self) -> None:
+        """The question may still go on (the early endpoint's window): play nothing yet."""
+        self.speaker.hold()
+
+    def release(self) -> None:
+        self.speaker.release()
+
+    def drop(self) -> None:
+        """Forget what is queued or held, silently, and end the hold (the question went on)."""
+        self.speaker.stop()
+        self.speaker.release()
 
     def set_enabled(self, on: bool) -> None:
         self.enabled = on

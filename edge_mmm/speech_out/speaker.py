@@ -4,6 +4,7 @@
     speaker.start()
     speaker.say("Hello there. How", tag=1); speaker.say(" are you?", tag=1); speaker.end(tag=1)
     speaker.stop()          # barge-in: drops queued sentences, kills the synthesis, silences the sink
+    speaker.hold(); speaker.release()   # synthesize, but play nothing until released (a stop() drops what waits)
     speaker.close()
 
 `first_audio` yields (tag, monotonic time the tag's first sample was played), measured by the sink.
@@ -56,6 +57,8 @@ class Speaker:
         self._epoch = 0  # bumped by stop(): sentences and samples of an older epoch are dropped
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._released = threading.Event()  # clear while held: synthesized sentences wait before the buffer
+        self._released.set()
         self.thread: Optional[threading.Thread] = None
         self.spoken: List[Tuple[Any, str]] = []  # (tag, sentence) handed to the buffer, newest last (64)
         self.stops: List[Tuple[float, int]] = []  # (time of stop(), samples it dropped unplayed), newest last (16)
@@ -77,6 +80,18 @@ class Speaker:
         with self._lock:
             for sentence in self._splitter.flush():
                 self._queue.put((self._epoch, tag, sentence))
+
+    def hold(self) -> None:
+        """Play nothing new until `release()`: sentences are still synthesized, then wait (a `stop()` drops
+        them; the hold stays)."""
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    @property
+    def held(self) -> bool:
+        return not self._released.is_set()
 
     def stop(self) -> float:
         """Silence now: forget queued text, cancel the synthesis, empty the buffer. Returns the stop time."""
@@ -152,6 +167,9 @@ class Speaker:
         except Exception as exc:  # noqa: BLE001 - a failed sentence is reported; speech goes on
             self.on_error(f"text-to-speech failed on {sentence[:40]!r}: {exc.__class__.__name__}: {exc}")
             return
+        while not self._released.wait(POLL_S / 4):  # held: wait for release, or a stop that drops these samples
+            if epoch != self._epoch or self._closing.is_set():
+                return
         with self._lock:  # a stop() during synthesis bumped the epoch: these samples are stale
             if epoch == self._epoch and samples.size:
                 self.buffer.push(samples * self.config.volume, tag)

@@ -316,3 +316,31 @@ def test_cli_run_echo_cancel_needs_speak_and_builds_the_canceller(capsys, monkey
     rc = main(["run", "--camera", "none", "--mic", "default", "--speak", "--echo-cancel"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "edge-mmm[aec]" in err[0], err
+
+
+def test_an_early_answer_is_not_spoken_while_the_question_may_go_on(text_models, tmp_path):
+    """--speak with the early endpoint: "What is the capital of France?" is answered (text) 0.3 s into the
+    pause, but its audio is held while the question may still go on (a 1 s end-silence wait here); the speaker
+    goes on 0.7 s into the pause, so that answer is dropped unheard and only the whole question's is spoken."""
+    from edge_mmm.audio.io import load_audio
+    from media_samples import continued_question
+
+    sink = RecordingSink()
+    speaker = Speaker(EspeakTts(), sink)
+    a = LiveAssistant(LiveConfig(max_tokens=40, end_silence_ms=1000), text_models, speaker=speaker)
+    q = a.subscribe(maxsize=10_000)
+    a.start()
+    try:
+        _feed_realtime(a, load_audio(continued_question(tmp_path / "q.wav")))
+        evs = _collect(q, lambda evs: len(_stage(evs, "turn")) >= 2 and _stage(evs, "speech_out"))
+        assert speaker.wait_done(60.0)
+    finally:
+        assert a.stop(timeout=3.0)
+    finals = [e.data for e in evs if e.type == "transcript.final"]
+    turns, out = _stage(evs, "turn"), _stage(evs, "speech_out")
+    assert len(finals) == 2 and finals[1]["continues"] == finals[0]["utterance"]
+    assert turns[0]["endpoint_s"] < 0.5 and turns[1]["withdrew"]  # the first part was answered early (text)
+    assert [o["turn"] for o in out] == [turns[1]["turn"]]  # but only the whole question's answer was heard
+    assert {tag for tag, _ in speaker.spoken} == {turns[1]["turn"]}
+    # played once the question could no longer go on: after the 1 s window, not 0.3 s
+    assert out[0]["eos_to_first_audio_s"] >= 0.95

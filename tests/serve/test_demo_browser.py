@@ -274,23 +274,9 @@ def test_browser_camera_and_microphone(live_models, question_clip, tmp_path):
 @pytest.fixture(scope="module")
 def continued_question(tmp_path_factory) -> Path:
     """QUESTION, ~0.7 s of silence (espeak-ng's own tail + 0.4 s), then "And what about Germany?"."""
-    import wave
+    from media_samples import continued_question
 
-    from edge_mmm.audio.io import load_audio
-    from edge_mmm.audio.synth import have_espeak, synthesize
-
-    if not have_espeak():
-        pytest.skip("espeak-ng/sox not installed")
-    d = tmp_path_factory.mktemp("continued")
-    first = load_audio(synthesize(QUESTION, d / "a.wav", lead_silence=0.8))
-    rest = load_audio(synthesize("And what about Germany?", d / "b.wav", trail_silence=1.5))
-    x = np.concatenate([first, np.zeros(int(0.4 * 16000), np.float32), rest])
-    with wave.open(str(d / "q.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-    return d / "q.wav"
+    return continued_question(tmp_path_factory.mktemp("continued") / "q.wav", first=QUESTION)
 
 
 def test_demo_page_withdraws_a_question_the_speaker_went_on_with(live_models, continued_question, tmp_path):

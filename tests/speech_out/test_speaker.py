@@ -120,3 +120,30 @@ def test_any_engine_plugs_in_and_a_failing_sentence_is_reported_not_fatal():
     audio = sp.sink.audio()
     assert audio.size == pytest.approx(5 * 1200, abs=2 * 160)  # 5 words; each clip padded to whole 20 ms blocks
     assert [s for _, s in sp.spoken] == ["One two.", "Three four five."]
+
+
+def test_a_held_speaker_synthesizes_but_plays_nothing_until_released(speaker):
+    speaker.hold()
+    speaker.say("Held sentence.", tag=4)
+    speaker.end(tag=4)
+    time.sleep(1.0)  # espeak-ng takes ~50 ms for this: it is synthesized and waits
+    assert speaker.held and speaker.is_playing() and speaker.sink.audio().size == 0 and not speaker.firsts
+    t_release = time.monotonic()
+    speaker.release()
+    assert _wait(lambda: speaker.firsts) and speaker.firsts[0][0] == 4
+    assert speaker.firsts[0][1] - t_release < 0.2  # it was ready: played as soon as released
+    assert speaker.wait_done(20.0)
+    # a stop() during a hold drops what waits; the hold stays until released
+    speaker.hold()
+    speaker.say("Never heard.", tag=5)
+    speaker.end(tag=5)
+    time.sleep(0.5)
+    n = speaker.sink.audio().size
+    speaker.stop()
+    assert speaker.held and _wait(lambda: not speaker.is_playing(), 1.0)
+    speaker.say("Heard next.", tag=6)
+    speaker.end(tag=6)
+    time.sleep(0.5)
+    assert speaker.sink.audio().size == n
+    speaker.release()
+    assert speaker.wait_done(20.0) and [t for t, _ in speaker.firsts] == [4, 6] and speaker.sink.audio().size > n
