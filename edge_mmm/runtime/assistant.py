@@ -75,8 +75,9 @@ class LiveConfig:
     end_silence_ms: int = 500  # silence that ends a turn (VAD min_silence_ms)
     # early endpoint: a pause whose speculative transcript reads as a finished sentence (`?`, `!`, a closing
     # `.`: runtime/endpoint.py) ends the turn after this much silence instead of `end_silence_ms` (None: off;
-    # a value >= end_silence_ms changes nothing). Speech starting again within `end_silence_ms` of the pause
-    # continues the question: the early answer is withdrawn and the whole question answered
+    # a value >= end_silence_ms changes nothing; it reads the pause's speculative pass, so `speculate=False`
+    # has none). Speech starting again within `end_silence_ms` of the pause continues the question: the early
+    # answer is withdrawn and the whole question answered
     sentence_end_silence_ms: Optional[int] = 300
     speculate: bool = True  # work while the user speaks: frame encoding, prefills, the final pass at a pause
     # False: while a frame is encoded during speech (VLM), Whisper's partial passes wait, so the encoder has the
