@@ -73,8 +73,13 @@ class TurnRequest:
 
 
 def join_question(first: str, rest: str) -> str:
-    """The question an early-ended utterance and the speech that continued it make together."""
-    return f"{first.strip()} {rest.strip()}".strip()
+    """The question an early-ended utterance and the speech that continued it make together. Whisper writes the
+    continuation as a new transcript, often with a lower-case first word: after a finished sentence it is
+    capitalized ("France? and what" -> "France? And what")."""
+    first, rest = first.strip(), rest.strip()
+    if first[-1:] in (".", "?", "!") and rest[:1].islower():
+        rest = rest[0].upper() + rest[1:]
+    return f"{first} {rest}".strip()
 
 
 @dataclass

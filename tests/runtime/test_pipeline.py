@@ -224,7 +224,7 @@ def test_speaking_on_after_an_early_endpoint_continues_the_question(vlm_models, 
     assert 0.25 < turns[0]["endpoint_s"] < 0.8  # the early endpoint ended the first part
     user_questions = [m["content"][-1]["text"] for m in a.turns.history if m["role"] == "user"]
     if end_silence_ms == 2000:
-        assert second["continues"] == first["utterance"] and second["text"].startswith(first["text"] + " heard")
+        assert second["continues"] == first["utterance"] and second["text"].startswith(first["text"] + " Heard")
         assert turns[1]["continues"] == first["utterance"] and turns[1]["withdrew"]
         assert user_questions == [second["text"]]  # the first part's exchange is gone, the whole question stands
         assert finished_at_second_start == [False]  # --once waited: the question could still go on
@@ -233,6 +233,15 @@ def test_speaking_on_after_an_early_endpoint_continues_the_question(vlm_models, 
         assert "continues" not in turns[1]
         assert user_questions == [first["text"], second["text"]]
         assert finished_at_second_start == [True]  # the window had closed: --once was done with the first
+
+
+def test_join_question():
+    from edge_mmm.runtime.turns import join_question
+
+    assert join_question("What is the capital of France?", "and what about Germany?") == \
+        "What is the capital of France? And what about Germany?"
+    assert join_question("Look at the", "red car.") == "Look at the red car."  # no sentence end: as written
+    assert join_question(" Hi. ", "") == "Hi." and join_question("", "what?") == "what?"
 
 
 def test_sentence_end_silence_is_checked():
