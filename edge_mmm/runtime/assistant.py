@@ -565,14 +565,18 @@ class LiveAssistant:
                     self._close_continuation(None)
                     self._hear([None], base, None)
                 events = seg.feed(chunk)
-                t_cap = self.ring.capture_time(pos + chunk.size - 1)
-                self._pass_on(events, base, time.monotonic() - t_cap if t_cap is not None else None)
+                self._pass_on(events, base, self._capture_to_vad(pos + chunk.size))
                 interrupted = self._interrupt_partial_at_pause(seg, interrupted)
             self._end_finished_sentence(seg, base)
             self._close_continuation(seg, base)
             if eos:
                 self._input_end(seg, base)
             self._vad_busy = False
+
+    def _capture_to_vad(self, end: int) -> Optional[float]:
+        """Seconds from the capture of ring sample end-1 (the newest the VAD has seen) to now."""
+        t_cap = self.ring.capture_time(end - 1) if end > 0 else None
+        return time.monotonic() - t_cap if t_cap is not None else None
 
     def _pass_on(self, events, base: int, cap_to_vad: Optional[float]) -> None:
         """Hand the segmenter's events to the asr thread; speech resuming stops the pause's speculative pass
@@ -604,13 +608,14 @@ class LiveAssistant:
             return
         self._sentence_end_at = None
         events = seg.end_at_pause()
+        cap_to_vad = self._capture_to_vad(base + seg.n_samples)
         if any(ev.kind == "end" for ev in events):
             with self._early_lock:
                 self._early_end = _EarlyEnd(self._vad_utterance,
                                             base + at + self.config.end_silence_ms * SAMPLE_RATE // 1000)
             if self.voice is not None:  # answer aloud only once the question cannot go on: the half-duplex
                 self.voice.hold()       # gate would mute a speaker who goes on over the answer's first words
-        self._pass_on(events, base, None)
+        self._pass_on(events, base, cap_to_vad)
 
     def _close_continuation(self, seg, base: int = 0) -> None:
         """Close the early-ended utterance's window once no speech that began inside it can still be reported
