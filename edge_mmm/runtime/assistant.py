@@ -8,14 +8,15 @@ Threads (all named `edge-mmm-*`, all joined by `stop()`):
   asr       speech events -> streaming Whisper (`UtteranceRecognizer`, LocalAgreement-2) -> transcript events:
             partials while the user speaks, a speculative final pass at the first silent frame (dropped if
             the speech resumes), the final transcript at the VAD end, which becomes a turn
+  turns     speculative work while the user speaks (frame encoding, prefix and question prefill: see
+            `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
+Listeners get `Event`s through `subscribe()` (bounded queues, oldest dropped) and the JSONL log.
+
 Early endpoint (`sentence_end_silence_ms`, on by default): a pause whose speculative transcript reads as a
 finished sentence ends the question after 300 ms of silence instead of `end_silence_ms`. Speech that starts
 again before the full wait would have ended the question continues it: the answer in progress stops (a
 barge-in) and the whole question, both parts, is answered in its place, so no pause shorter than
-`end_silence_ms` splits a question.
-  turns     speculative work while the user speaks (frame encoding, prefix and question prefill: see
-            `runtime.turns`), then turn queue -> TurnManager -> answer events + a timing record per turn
-Listeners get `Event`s through `subscribe()` (bounded queues, oldest dropped) and the JSONL log.
+`end_silence_ms` splits a question. A spoken answer is held until that window has closed.
 
 The models are shared objects with one conversation state (the LM's KV cache): one assistant uses them
 at a time. Tests and the demo page load them once (`load_live_models`) and pass them in.
@@ -629,8 +630,13 @@ class LiveAssistant:
                 return
         with self._early_lock:
             self._early_end = None
-            if self._finish_after == ee.utterance:
-                self.finished.set()
+            self._window_closed(ee)
+
+    def _window_closed(self, ee: _EarlyEnd) -> None:
+        """The early-ended utterance can no longer be continued (under `_early_lock`): --once finishes if it
+        waited for that, and a held spoken answer plays."""
+        if self._finish_after == ee.utterance:
+            self.finished.set()
         if self.voice is not None:
             self.voice.release()
 
@@ -686,10 +692,7 @@ class LiveAssistant:
                 return None
             pad = self._vad_options().speech_pad_ms * SAMPLE_RATE // 1000
             if start + pad >= ee.until:
-                if self._finish_after == ee.utterance:
-                    self.finished.set()
-                if self.voice is not None:
-                    self.voice.release()
+                self._window_closed(ee)
                 return None
             self._finish_after = None
             self._continues[self._vad_utterance] = ee.utterance

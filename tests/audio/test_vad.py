@@ -141,3 +141,26 @@ def test_end_pause_ends_where_the_full_wait_would(two_utterances, model):
     assert [e.kind for e in early] == ["start", "end", "start", "end"]
     fresh = VADIterator(VadOptions(), model)
     assert fresh.end_pause() == []  # no speech, no pause
+
+
+def test_pending_start_is_the_speech_not_yet_reported(two_utterances, model):
+    """`pending_start` (the live assistant's continuation window waits on it): from the first voiced chunk until
+    the start event it is that chunk's sample, which the start event then reports less the padding; None in
+    silence and once the start is out."""
+    audio, _ = two_utterances
+    it = VADIterator(VadOptions(), model)
+    pad = SAMPLE_RATE * it.options.speech_pad_ms // 1000
+    seen = []
+    for i in range(0, audio.size, VAD_CHUNK):
+        pending_before = it.pending_start
+        events = it.feed(audio[i:i + VAD_CHUNK])
+        if it.pending_start is not None:
+            seen.append(it.pending_start)
+        for ev in events:
+            if ev.kind == "start":
+                assert pending_before is not None and ev.sample == max(0, pending_before - pad)
+                assert it.pending_start is None
+                seen.append(("start", ev.sample))
+    starts = [s for s in seen if isinstance(s, tuple)]
+    assert len(starts) == 2 and len(seen) > 2  # both sentences were pending for a while before their start
+    assert VADIterator(VadOptions(), model).pending_start is None
