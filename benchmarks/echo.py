@@ -9,7 +9,12 @@ user's first word to the first voiced block, voiced blocks before the user spoke
 speech), what AEC took off the microphone while the answer played (the user included; a run with no user
 gives the echo alone), and Whisper tiny.en's WER on the user's question after the barge-in.
 
-    python benchmarks/echo.py [--levels -18,-12,-6,0,6] [--echo-gain 0.5] [--echo-delay-ms 45]
+A second table, with no user: the output stalls for `--dropouts` ms 2 s into the answer (an underrun), so the
+echo comes later than AEC3 expects until it re-converges; per dropout, the speech starts (VADIterator, the
+runtime's barge-in trigger) on what AEC3 + the gate let through, with and without the leak check
+(`EchoCancelConfig.leak_correlation`; 1.0 turns it off).
+
+    python benchmarks/echo.py [--levels -18,-12,-6,0,6] [--echo-gain 0.5] [--echo-delay-ms 45] [--dropouts 40,80,160,300]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from edge_mmm.audio.constants import SAMPLE_RATE as RATE  # noqa: E402
 MIC_BLOCK = 512
 SINK_BLOCK_S = 0.02
 OUT_LATENCY_S = 0.03
+DROPOUT_AT_S = 2.0  # where the output stalls (--dropouts), in the played stream
 
 
 def to_16k(x: np.ndarray, rate: int) -> np.ndarray:
@@ -38,8 +44,9 @@ def to_16k(x: np.ndarray, rate: int) -> np.ndarray:
     return np.interp(np.arange(n) * rate / RATE, np.arange(x.size), x).astype(np.float32)
 
 
-def converse(mode: str, answer: np.ndarray, tts_rate: int, user: np.ndarray, user_gain: float, args) -> dict:
-    from edge_mmm.audio.vad import SileroVad
+def converse(mode: str, answer: np.ndarray, tts_rate: int, user: np.ndarray, user_gain: float, args,
+             dropout_s: float = 0.0, leak_correlation: float = 0.6) -> dict:
+    from edge_mmm.audio.vad import SileroVad, VADIterator
     from edge_mmm.speech_out.echo import EchoGate, EchoGateConfig
     from edge_mmm.speech_out.playback import PlaybackBuffer
 
@@ -47,19 +54,20 @@ def converse(mode: str, answer: np.ndarray, tts_rate: int, user: np.ndarray, use
     buffer.push(answer, tag=1)
     gate_cfg = EchoGateConfig(echo_gain=args.echo_gain)
     if mode == "aec":
-        from edge_mmm.speech_out.aec import EchoCanceller
+        from edge_mmm.speech_out.aec import EchoCancelConfig, EchoCanceller
 
-        gate = EchoCanceller(buffer, gate_cfg)
+        gate = EchoCanceller(buffer, gate_cfg, EchoCancelConfig(leak_correlation=leak_correlation))
     else:
         gate = EchoGate(buffer, gate_cfg)
     total = int((args.user_at + user.size / RATE + 1.0) * RATE)
+    stall = (int(DROPOUT_AT_S * RATE), int(dropout_s * RATE))
     near = np.random.default_rng(0).standard_normal(total).astype(np.float32) * 3e-4
     u0 = int(args.user_at * RATE)
     near[u0:u0 + user.size] += user_gain * user[:total - u0]
     lag = int(round((OUT_LATENCY_S + args.echo_delay_ms / 1000) * RATE))
     sink_n = int(round(tts_rate * SINK_BLOCK_S))
-    played, pulls, vad = [], 0, SileroVad()
-    out, voiced = np.zeros(total, np.float32), []
+    played, pulls, vad, segmenter = [], 0, SileroVad(), VADIterator()
+    out, voiced, starts = np.zeros(total, np.float32), [], []
     for j in range(0, total - MIC_BLOCK + 1, MIC_BLOCK):
         t = (j + MIC_BLOCK) / RATE
         while pulls * SINK_BLOCK_S <= t:  # the sink drains the buffer in real time
@@ -67,15 +75,20 @@ def converse(mode: str, answer: np.ndarray, tts_rate: int, user: np.ndarray, use
             pulls += 1
         heard = to_16k(np.concatenate(played), tts_rate)
         src = np.arange(j, j + MIC_BLOCK) - lag
-        echo = np.where((src >= 0) & (src < heard.size), heard[np.clip(src, 0, max(heard.size - 1, 0))], 0.0)
+        stalled = (src >= stall[0]) & (src < stall[0] + stall[1])  # the output stalls: silence, then late
+        src = np.where(src >= stall[0] + stall[1], src - stall[1], src)
+        echo = np.where((src >= 0) & (src < heard.size) & ~stalled, heard[np.clip(src, 0, max(heard.size - 1, 0))],
+                        0.0)
         block = gate((args.echo_gain * echo + near[j:j + MIC_BLOCK]).astype(np.float32), t)
         out[j:j + MIC_BLOCK] = block
+        starts += [ev.sample / RATE for ev in segmenter.feed(block) if ev.kind == "start"]
         if vad(block) >= 0.5:
             voiced.append(t)
             if len(voiced) == 1:
                 buffer.clear()  # barge-in
     after = [v for v in voiced if v >= args.user_at]
-    return {"out": out, "false_voiced": len(voiced) - len(after),
+    return {"out": out, "false_voiced": len(voiced) - len(after), "starts": starts,
+            "leaks_recognised": gate.gate.echo_frames if mode == "aec" else None,
             "detect_s": round(after[0] - args.user_at, 3) if after else None,
             "aec_db": round(gate.suppression_db(), 1) if mode == "aec" else None}
 
@@ -87,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--echo-delay-ms", type=float, default=45.0, help="played -> heard by the mic")
     ap.add_argument("--user-at", type=float, default=3.5, help="seconds into the answer the user starts")
     ap.add_argument("--voice", default="en-us+m3", help="espeak-ng voice of the user")
+    ap.add_argument("--dropouts", default="40,80,160,300",
+                    help=f"output stalls (ms) {DROPOUT_AT_S:g} s into the answer, no user ('' skips)")
     args = ap.parse_args(argv)
 
     from edge_mmm.asr.api import load_asr
@@ -118,12 +133,27 @@ def main(argv=None) -> int:
                          "question_wer": round(wer(" ".join(norm(QUESTION)), " ".join(norm(heard)) or "-"), 3),
                          "heard": heard.strip()[:60]})
             print(rows[-1], flush=True)
+    dropouts = []
+    for ms in [float(v) for v in args.dropouts.split(",") if v.strip()]:
+        row = {"dropout_ms": ms}
+        for name, rho in (("checked", 0.6), ("unchecked", 1.0)):
+            r = converse("aec", answer, tts.sample_rate, user, 0.0, args, dropout_s=ms / 1000, leak_correlation=rho)
+            row[f"speech_starts_{name}"] = len(r["starts"])
+            row[f"first_start_s_{name}"] = round(r["starts"][0], 2) if r["starts"] else None
+            if name == "checked":
+                row["leaked_frames_recognised"] = r["leaks_recognised"]
+        dropouts.append(row)
+        print(row, flush=True)
     print()
     print_table(rows, list(rows[0]))
     print(f"AEC3 on the answer alone (no user): {alone} dB")
-    out = write_json("echo.json", {"aec_db_answer_alone": alone, "echo_gain": args.echo_gain, "echo_delay_ms": args.echo_delay_ms,
-                                   "user_at_s": args.user_at, "answer": ANSWER, "question": QUESTION,
-                                   "rows": rows, "machine": machine_info()})
+    if dropouts:
+        print(f"\nthe output stalls {DROPOUT_AT_S:g} s into the answer (no user): speech starts = false barge-ins")
+        print_table(dropouts, list(dropouts[0]))
+    out = write_json("echo.json", {"aec_db_answer_alone": alone, "echo_gain": args.echo_gain,
+                                   "echo_delay_ms": args.echo_delay_ms, "user_at_s": args.user_at,
+                                   "answer": ANSWER, "question": QUESTION, "rows": rows,
+                                   "dropout_at_s": DROPOUT_AT_S, "dropouts": dropouts, "machine": machine_info()})
     print(f"wrote {out}")
     return 0
 

@@ -8,6 +8,11 @@ input delay. Whatever AEC leaves still goes through the half-duplex `EchoGate`, 
 `residual_db` lower than the gate alone would (measured: AEC3 takes 35-40 dB off a delayed loopback), so the
 user can talk over an answer at normal level instead of louder than the playback.
 
+That credit holds only while AEC3 knows the echo's delay: after an output stall (the echo now comes later than
+the reference says) AEC3 takes about a second to find it again, and what leaks meanwhile is the answer itself.
+So a frame loud enough to pass the gate is also cross-correlated with the recent reference; a frame that is
+mostly a delayed copy of it (`leak_correlation`) is silenced too, and the answer does not barge in on itself.
+
 AEC3 works on 10 ms frames; the cleaned audio comes out at most one frame (10 ms) later than it went in.
 """
 
@@ -36,10 +41,16 @@ class EchoCancelConfig:
     # the reference is handed to AEC3 this long before its reported play time: AEC3 can only cancel an echo
     # whose reference it already has, and a sink's reported play time is off by +-20 ms on a PulseAudio loopback
     render_lead_ms: int = 100
+    # a frame loud enough to pass the gate that still correlates this much with the reference (normalised,
+    # best lag) is the answer leaking through while AEC3 re-converges (a playback dropout moved the echo)
+    leak_correlation: float = 0.6
+    max_echo_delay_ms: int = 500  # lags searched for that correlation: up to this long after the play time
 
     def __post_init__(self):
-        if not 0 <= self.residual_db <= 60 or not 0 <= self.render_lead_ms <= 500:
-            raise InputError(f"bad echo cancel settings: {self} (residual_db 0-60, render_lead_ms 0-500)")
+        if (not 0 <= self.residual_db <= 60 or not 0 <= self.render_lead_ms <= 500
+                or not 0 < self.leak_correlation <= 1 or not 0 < self.max_echo_delay_ms <= 2000):
+            raise InputError(f"bad echo cancel settings: {self} (residual_db 0-60, render_lead_ms 0-500, "
+                             f"leak_correlation in (0, 1], max_echo_delay_ms 1-2000)")
 
 
 def _to_i16(x: np.ndarray) -> np.ndarray:
@@ -62,9 +73,12 @@ class EchoCanceller:
         self._render = np.zeros(0, np.int16)  # resampled reference not yet a whole frame
         self._capture = np.zeros(0, np.int16)  # microphone samples not yet a whole frame
         self._out = np.zeros(0, np.float32)  # cleaned samples not yet returned
+        # the reference just fed to AEC3, at 16 kHz: what an echo in the microphone now can be a copy of
+        self._recent = np.zeros(SAMPLE_RATE * (config.render_lead_ms + config.max_echo_delay_ms) // 1000,
+                                np.float32)
         self.gate = EchoGate(buffer, EchoGateConfig(gate.tail_s, gate.window_s,
                                                     gate.echo_gain * 10 ** (-config.residual_db / 20),
-                                                    gate.barge_in_db))
+                                                    gate.barge_in_db), is_echo=self._leaked)
         self.frames = 0  # capture frames processed
         self.echo_in = 0.0  # sum of squares of the microphone while the answer played (or its tail)
         self.echo_out = 0.0  # the same after AEC (before the gate)
@@ -88,12 +102,27 @@ class EchoCanceller:
             while self._played and self._played[0][0] <= t:
                 ready.append(self._played.popleft()[1])
         if ready:
-            self._render = np.concatenate([self._render] + [_to_i16(self._resample(block)) for block in ready])
+            fed = np.concatenate([self._resample(block) for block in ready])
+            self._recent = np.concatenate([self._recent, fed])[-self._recent.size:]
+            self._render = np.concatenate([self._render, _to_i16(fed)])
         n = self._render.size // FRAME * FRAME
         for i in range(0, n, FRAME):
             self._apm.process_reverse_stream(self._rtc.AudioFrame(self._render[i:i + FRAME].tobytes(), SAMPLE_RATE,
                                                                   1, FRAME))
         self._render = self._render[n:]
+
+    def _leaked(self, frame: np.ndarray) -> bool:
+        """True when `frame` (after AEC) is mostly a delayed copy of the reference: its normalised
+        cross-correlation with the recent reference, at the best lag, is `leak_correlation` or more."""
+        ref, n = self._recent, frame.size
+        if n == 0 or ref.size < n:
+            return False
+        size = 1 << int(np.ceil(np.log2(ref.size + n)))
+        corr = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(frame, size)), size)[:ref.size - n + 1]
+        energy = np.concatenate([[0.0], np.cumsum(ref.astype(np.float64) ** 2)])
+        window_energy = energy[n:] - energy[:-n]
+        norm = np.sqrt(np.maximum(window_energy, 1e-12) * max(float(np.dot(frame, frame)), 1e-12))
+        return bool(np.max(np.abs(corr) / norm) >= self.config.leak_correlation)
 
     def __call__(self, samples: np.ndarray, t: float) -> np.ndarray:
         x = np.asarray(samples, np.float32).reshape(-1)

@@ -10,6 +10,7 @@ played level (`PlaybackBuffer.level`), so it works with any sink; its cost is th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -34,10 +35,13 @@ class EchoGateConfig:
 class EchoGate:
     """`gate(samples, t)` -> the samples with echo-level frames silenced; `t`: capture time of the last one."""
 
-    def __init__(self, buffer: PlaybackBuffer, config: EchoGateConfig = EchoGateConfig()):
+    def __init__(self, buffer: PlaybackBuffer, config: EchoGateConfig = EchoGateConfig(),
+                 is_echo: Optional[Callable[[np.ndarray], bool]] = None):
         self.buffer = buffer
         self.config = config
+        self.is_echo = is_echo  # a second test for a frame above the threshold: True silences it too
         self.gated_frames = 0  # frames replaced by silence
+        self.echo_frames = 0  # of those, frames above the threshold that `is_echo` recognised
         self.passed_frames = 0  # frames that passed during playback (barge-in candidates)
         self.loudest_gated = 0.0  # RMS of the loudest frame silenced: what the echo reached
 
@@ -58,6 +62,10 @@ class EchoGate:
                 frame[:] = 0.0
                 self.gated_frames += 1
                 self.loudest_gated = max(self.loudest_gated, rms)
+            elif self.is_echo is not None and self.is_echo(frame):
+                frame[:] = 0.0
+                self.gated_frames += 1
+                self.echo_frames += 1
             else:
                 self.passed_frames += 1
         return out

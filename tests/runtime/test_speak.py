@@ -46,6 +46,17 @@ def _collect(q, until, timeout=90.0):
     raise AssertionError(f"timed out; got {[(e.type, e.data.get('stage')) for e in out]}")
 
 
+def _drain(q, seconds):
+    """Every event published within the next `seconds`."""
+    out, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            out.append(q.get(timeout=0.05))
+        except queue.Empty:
+            continue
+    return out
+
+
 def _stage(evs, stage):
     return [e.data for e in evs if e.type == "timing" and e.data.get("stage") == stage]
 
@@ -275,23 +286,31 @@ def test_loopback_echo_cancel_lets_the_user_talk_over_the_answer_at_a_lower_leve
                 evs.append(q.get_nowait())
             except queue.Empty:
                 break
-        assert not [e for e in evs if e.type == "notice" and "barge-in" in e.data["message"]]
+        aec = speaker.echo_gate
+        assert not [e for e in evs if e.type == "notice" and "barge-in" in e.data["message"]], (
+            f"the answer alone barged in: AEC took {aec.suppression_db():.1f} dB off; the gate silenced "
+            f"{aec.gate.gated_frames} frames ({aec.gate.echo_frames} as leaks), passed {aec.gate.passed_frames}")
         subprocess.run(["paplay", f"--device={pulse_null_sink}", str(question_clip)], check=True, timeout=30)
         evs += _collect(q, lambda evs: any(e.type == "transcript.final" and e.data.get("source") == "speech"
                                            for e in evs))
+        # a pause after words that read as a finished sentence ends the question early; what follows within
+        # end_silence_ms continues it (a second final, both parts joined): wait until that can no longer come
+        evs += _drain(q, a.config.end_silence_ms / 1000 + 2.0)
     finally:
         assert a.stop(timeout=3.0)
     aec = speaker.echo_gate
     print(f"loopback + AEC: {aec.frames} frames, AEC took {aec.suppression_db():.1f} dB off while the answer played; "
-          f"gate after it: {aec.gate.gated_frames} gated, {aec.gate.passed_frames} passed")
+          f"gate after it: {aec.gate.gated_frames} gated ({aec.gate.echo_frames} as leaks), "
+          f"{aec.gate.passed_frames} passed")
     # the quieter voice barged in: the spoken answer was stopped (its text may have been complete by then)
     assert any(e.type == "notice" and "stopped the spoken answer" in e.data["message"] for e in evs)
     assert any(dropped > rate for _, dropped in speaker.stops)  # seconds of the answer were dropped unplayed
     # the user's words, not the answer's: AEC3 damps the user while both talk (on this loopback the VAD hears
     # them ~0.5-1 s in), so the start of the question may be lost; what follows the stop is clean
-    finals = [e.data["text"] for e in evs if e.type == "transcript.final" and e.data["source"] == "speech"]
-    print(f"transcribed: {finals}")
-    assert len(finals) == 1 and "building" in finals[0].lower() and "dragon" not in finals[0].lower(), finals
+    finals = [e.data for e in evs if e.type == "transcript.final" and e.data["source"] == "speech"]
+    asked = [f["text"] for f in finals if not any(g.get("continues") == f["utterance"] for g in finals)]
+    print(f"transcribed: {[f['text'] for f in finals]}")
+    assert len(asked) == 1 and "building" in asked[0].lower() and "dragon" not in asked[0].lower(), finals
 
 
 def test_cli_run_echo_cancel_needs_speak_and_builds_the_canceller(capsys, monkeypatch):

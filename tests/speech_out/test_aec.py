@@ -48,8 +48,12 @@ class _Room:
     """A virtual-clock room: the sink pulls the buffer every 20 ms; the microphone hears what was played
     ECHO_DELAY_S after it was heard, times `echo_gain`, plus the user (and a little noise)."""
 
-    def __init__(self, buffer, rate, echo_gain, user=None, user_gain=0.0, user_at_s=0.0, seconds=10.0):
+    def __init__(self, buffer, rate, echo_gain, user=None, user_gain=0.0, user_at_s=0.0, seconds=10.0,
+                 dropout_at_s=None, dropout_s=0.0):
         self.buffer, self.rate, self.echo_gain = buffer, rate, echo_gain
+        # a playback dropout: the output stalls for `dropout_s` at `dropout_at_s` (of the played stream), so
+        # everything played after it is heard that much later than the sink's reported play time
+        self.dropout = (int(dropout_at_s * SAMPLE_RATE), int(dropout_s * SAMPLE_RATE)) if dropout_at_s else None
         self.pull_n = int(round(rate * PULL_S))
         self.pulls, self.played = 0, []
         self.near = np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32) * 3e-4
@@ -67,7 +71,13 @@ class _Room:
         played16 = _resample(np.concatenate(self.played), self.rate, SAMPLE_RATE)
         lag = int(round((LATENCY_S + ECHO_DELAY_S) * SAMPLE_RATE))
         idx = np.arange(j, j + MIC_BLOCK) - lag
-        echo = np.where((idx >= 0) & (idx < played16.size), played16[np.clip(idx, 0, played16.size - 1)], 0.0)
+        stalled = np.zeros(idx.size, bool)
+        if self.dropout is not None:
+            at, length = self.dropout
+            stalled = (idx >= at) & (idx < at + length)
+            idx = np.where(idx >= at + length, idx - length, idx)
+        echo = np.where((idx >= 0) & (idx < played16.size) & ~stalled, played16[np.clip(idx, 0, played16.size - 1)],
+                        0.0)
         return (self.echo_gain * echo + self.near[j:j + MIC_BLOCK]).astype(np.float32), t
 
 
@@ -154,6 +164,8 @@ def test_bad_settings_are_refused():
         EchoCancelConfig(residual_db=-1)
     with pytest.raises(InputError, match="echo cancel"):
         EchoCancelConfig(render_lead_ms=900)
+    with pytest.raises(InputError, match="leak_correlation"):
+        EchoCancelConfig(leak_correlation=0.0)
 
 
 def test_without_livekit_the_canceller_names_the_extra(monkeypatch):
@@ -162,3 +174,34 @@ def test_without_livekit_the_canceller_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "livekit.rtc", None)  # what `import livekit.rtc` meets when it is absent
     with pytest.raises(MissingExtraError, match=r"edge-mmm\[aec\]"):
         EchoCanceller(PlaybackBuffer(22050))
+
+
+@pytest.mark.parametrize("dropout_s", [0.08, 0.3])
+def test_a_playback_dropout_does_not_barge_in_while_aec3_reconverges(voices, dropout_s):
+    """The output stalls for `dropout_s` 2 s into the answer: from then on the echo comes that much later than
+    AEC3 expects, and AEC3 takes about a second to find the new delay. What leaks meanwhile is loud enough to
+    pass the gate (it expects AEC3's 30 dB), but it is the answer itself: a delayed copy of the reference, which
+    the leak check recognises (normalised cross-correlation >= 0.6), so the VAD never starts an utterance. The
+    same room without the check (`leak_correlation=1.0`) does start one: a false barge-in."""
+    from edge_mmm.audio.vad import VADIterator
+
+    rate, answer, _ = voices
+    seconds = 6.0
+
+    def speech_starts(config):
+        buffer = PlaybackBuffer(rate)
+        buffer.push(answer, tag=1)
+        aec = EchoCanceller(buffer, EchoGateConfig(echo_gain=0.5), config)
+        room = _Room(buffer, rate, 0.5, seconds=seconds, dropout_at_s=2.0, dropout_s=dropout_s)
+        vad = VADIterator()
+        starts = []
+        for j in range(0, int(seconds * SAMPLE_RATE) - MIC_BLOCK + 1, MIC_BLOCK):
+            x, t = room.mic_block(j)
+            starts += [ev.sample / SAMPLE_RATE for ev in vad.feed(aec(x, t)) if ev.kind == "start"]
+        return starts, aec.gate.echo_frames
+
+    starts, recognised = speech_starts(EchoCancelConfig())
+    print(f"dropout {dropout_s * 1000:.0f} ms: {recognised} leaked frames recognised, speech starts {starts}")
+    assert starts == [] and recognised > 0
+    unchecked, _ = speech_starts(EchoCancelConfig(leak_correlation=1.0))
+    assert unchecked and all(s > 2.0 for s in unchecked), unchecked  # the leak, after the dropout
