@@ -156,26 +156,49 @@ class RecordingSink(PacedSink):
 
 
 class SoundDeviceSink:
-    """A PortAudio output stream (sounddevice, imported when opened) whose callback drains the buffer."""
+    """A PortAudio output stream (sounddevice, imported when opened) whose callback drains the buffer.
 
-    def __init__(self, device=None, block_s: float = 0.02):
+    A block is due when the one before it has played: the callback keeps that time (`_due`). A stream that
+    asks for blocks more than `max_run_ahead_s` before they are due is not playing them: after an underrun
+    the ALSA `pulse` plugin called the callback for 7.9 s of audio within 0.5 s and never played it (the
+    microphone of a loopback heard the answer go on 7.9 s later in its text). Such blocks get silence and the
+    answer stays in the buffer (counted in `run_ahead_blocks`), so no part of it is skipped unheard and the
+    echo canceller is not handed seconds of reference that were never heard."""
+
+    def __init__(self, device=None, block_s: float = 0.02, max_run_ahead_s: float = 0.3):
+        if max_run_ahead_s <= 0:
+            raise InputError(f"max_run_ahead_s must be > 0, got {max_run_ahead_s}")
         self.device = device
         self.block_s = block_s
+        self.max_run_ahead_s = max_run_ahead_s
         self.stream = None
         self.underflows = 0
+        self.run_ahead_blocks = 0  # blocks asked for too early: given silence, nothing taken from the buffer
         self.thread = None  # PortAudio owns the callback thread
+        self._due: Optional[float] = None  # when the next block's first sample is due to be heard
+
+    def fill(self, buffer: PlaybackBuffer, outdata: np.ndarray, frames: int, heard_t: float) -> None:
+        """Fill `outdata` (frames x 1) with the next block, reported to be heard from `heard_t` (monotonic)."""
+        if self._due is not None and self._due - heard_t > self.max_run_ahead_s:
+            outdata[:, 0] = 0.0
+            self.run_ahead_blocks += 1
+            return
+        block, _ = buffer.pull(frames, heard_t)
+        outdata[:, 0] = block
+        # back-to-back callbacks are normal (the device takes two blocks at once): the second is due after the
+        # first; a stall (an underrun) restarts the count from the reported time
+        self._due = (heard_t if self._due is None else max(heard_t, self._due)) + frames / buffer.sample_rate
 
     def start(self, buffer: PlaybackBuffer) -> None:
         sd = require("sounddevice", "audio", "spoken answers through PortAudio")
+        self._due = None
 
         def callback(outdata, frames, time_info, status):
             if status and status.output_underflow:
                 self.underflows += 1
-            now = time.monotonic()
             # the DAC time of this block's first sample, in the stream's clock, mapped onto ours
             ahead = time_info.outputBufferDacTime - time_info.currentTime if time_info.currentTime else 0.0
-            block, _ = buffer.pull(frames, now + max(0.0, min(ahead, 1.0)))
-            outdata[:, 0] = block
+            self.fill(buffer, outdata, frames, time.monotonic() + max(0.0, min(ahead, 1.0)))
 
         try:
             self.stream = sd.OutputStream(device=self.device, channels=1, samplerate=buffer.sample_rate,

@@ -147,3 +147,45 @@ def test_a_held_speaker_synthesizes_but_plays_nothing_until_released(speaker):
     assert speaker.sink.audio().size == n
     speaker.release()
     assert speaker.wait_done(20.0) and [t for t, _ in speaker.firsts] == [4, 6] and speaker.sink.audio().size > n
+
+
+def test_a_sink_asked_for_blocks_long_before_they_are_due_plays_silence_and_keeps_the_answer():
+    """SoundDeviceSink.fill, as PortAudio's callback calls it: blocks every 20 ms play the answer in order;
+    after an underrun, a burst of callbacks all reported to be heard at once (the ALSA `pulse` plugin asked
+    for 7.9 s of audio within 0.5 s and played none of it) gets silence once it runs 0.3 s ahead, and the
+    answer goes on from there when the stream plays again: at most 0.3 s of it went into the burst."""
+    from edge_mmm.errors import InputError
+    from edge_mmm.speech_out.playback import SoundDeviceSink
+
+    rate, frames = 22050, 441
+    answer = np.arange(1, 10 * rate + 1, dtype=np.float32) / (10 * rate)  # sample value = its position
+    buf = PlaybackBuffer(rate)
+    buf.push(answer, tag=1)
+    sink = SoundDeviceSink(block_s=frames / rate)
+    out = np.zeros((frames, 1), np.float32)
+    played = []
+    t = 0.0
+    for _ in range(50):  # one second in real time, one block per 20 ms
+        sink.fill(buf, out, frames, t)
+        played.append(out[:, 0].copy())
+        t += frames / rate
+    for _ in range(400):  # the burst: 8 s of blocks asked for within no time
+        sink.fill(buf, out, frames, t)
+        played.append(out[:, 0].copy())
+    taken = np.concatenate(played)
+    audible = taken[taken > 0]
+    assert np.array_equal(audible, answer[:audible.size])  # in order, nothing skipped
+    assert 1.0 <= audible.size / rate <= 1.0 + 0.3 + frames / rate  # the burst got at most 0.3 s of it
+    assert sink.run_ahead_blocks >= 400 - int(0.3 * rate / frames) - 1
+    before = audible.size
+    t += 0.5  # the stream plays again, in real time
+    sink.fill(buf, out, frames, t)
+    assert np.array_equal(out[:, 0], answer[before:before + frames])  # the answer goes on where it stopped
+    pairs = SoundDeviceSink(block_s=frames / rate)
+    buf2 = PlaybackBuffer(rate)
+    buf2.push(answer, tag=1)
+    for k in range(100):  # two blocks per 40 ms callback pair (normal for a device): never run-ahead
+        pairs.fill(buf2, out, frames, (k // 2) * 2 * frames / rate)
+    assert pairs.run_ahead_blocks == 0
+    with pytest.raises(InputError, match="max_run_ahead_s"):
+        SoundDeviceSink(max_run_ahead_s=0)
