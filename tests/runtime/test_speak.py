@@ -34,7 +34,8 @@ def text_models(asr_model, smollm2):
     return LiveModels(asr_model, load_lm(backend="onnxruntime"))
 
 
-def _collect(q, until, timeout=90.0):
+def _collect(q, until, timeout=90.0, must=True):
+    """Events until `until(events)` holds (an AssertionError after `timeout` s, unless not `must`)."""
     out, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -43,18 +44,14 @@ def _collect(q, until, timeout=90.0):
             continue
         if until(out):
             return out
+    if not must:
+        return out
     raise AssertionError(f"timed out; got {[(e.type, e.data.get('stage')) for e in out]}")
 
 
 def _drain(q, seconds):
     """Every event published within the next `seconds`."""
-    out, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            out.append(q.get(timeout=0.05))
-        except queue.Empty:
-            continue
-    return out
+    return _collect(q, lambda evs: False, seconds, must=False)
 
 
 def _stage(evs, stage):
