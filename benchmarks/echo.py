@@ -14,7 +14,8 @@ echo comes later than AEC3 expects until it re-converges; per dropout, the speec
 runtime's barge-in trigger) on what AEC3 + the gate let through, with and without the leak check
 (`EchoCancelConfig.leak_correlation`; 1.0 turns it off).
 
-    python benchmarks/echo.py [--levels -18,-12,-6,0,6] [--echo-gain 0.5] [--echo-delay-ms 45] [--dropouts 40,80,160,300]
+    python benchmarks/echo.py [--levels -18,-12,-6,0,6] [--echo-gain 0.5] [--echo-delay-ms 45]
+                              [--dropouts 40,80,160,300]
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The weights come from a pack beside the onnxruntime graphs (exporters/whisper_decoder_pack.py writes it from the
 float model; the file pair of `runners.array_pack`): `DECODER_PACK_JSON` holds the sizes and indexes the arrays
 in `DECODER_PACK_BIN`. Weight matrices and the tied token table are stored as the checkpoint holds them, fp16
-where every value is one (the openai-whisper and CTranslate2 files), else fp32; the kernel converts fp16 in registers and computes in fp32,
-so the logits are the float model's to fp32 rounding.
+where every value is one (the openai-whisper and CTranslate2 files), else fp32; the kernel converts fp16 in
+registers and computes in fp32, so the logits are the float model's to fp32 rounding.
 
 `CpuWhisperDecoder.step(tokens, offset, self_k, self_v, cross_k, cross_v)` runs B sequences of T new tokens,
 writes their keys and values into the caller's cache `[layers, B, max_len, dim]` at offset .. offset+T-1 and

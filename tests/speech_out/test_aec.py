@@ -166,6 +166,8 @@ def test_bad_settings_are_refused():
         EchoCancelConfig(render_lead_ms=900)
     with pytest.raises(InputError, match="leak_correlation"):
         EchoCancelConfig(leak_correlation=0.0)
+    with pytest.raises(InputError, match="max_echo_delay_ms"):
+        EchoCancelConfig(max_echo_delay_ms=0)
 
 
 def test_without_livekit_the_canceller_names_the_extra(monkeypatch):
